@@ -1,0 +1,428 @@
+"""The image-to-video pipeline: a drop-in for diffusers' StableVideoDiffusionPipeline.
+
+Same call signature, same defaults, same random-number draw order (augmentation noise, then initial latents), so a
+seed gives the same video in both. Two places where diffusers is wrong and we are not (see README):
+- a decode chunk never spans two videos (diffusers flattens the batch before chunking);
+- tensor images are resized for CLIP like PIL images (diffusers feeds tensors to CLIP at their own size), and with
+  several images and num_videos_per_prompt > 1 every video is paired with its own image's latents.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from img2vid import checkpoint, sampling
+from img2vid.configs import PipelineConfig, preset
+from img2vid.image_encoder import ImageEncoder, preprocess
+from img2vid.images import InputError, load_image
+from img2vid.offload import SequentialOffload, move_module
+from img2vid.unet import UNet
+from img2vid.vae import VAE
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+Generator = torch.Generator | list[torch.Generator] | None
+ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
+
+COMPONENTS = ("image_encoder", "unet", "vae")  # also the model-offload order
+
+
+@dataclass
+class PipelineOutput:
+    """frames: list (videos) of lists of PIL images, or (B, F, H, W, 3) np.float32 for "np", or (B, F, 3, H, W) for
+    "pt", or the final (B, F, 4, H/8, W/8) latents for "latent"."""
+
+    frames: Any
+
+
+def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise drawn exactly as diffusers' randn_tensor draws it (so seeds carry over): on the generator's
+    device (a CPU generator draws on the CPU, then moves), one draw per batch item when given a list of generators."""
+    gens = generator if isinstance(generator, list) else [generator]
+    if len(gens) == 1 and isinstance(generator, list):
+        generator = gens[0]
+    gen_device = gens[0].device if gens[0] is not None else device
+    draw_device = torch.device("cpu") if gen_device.type == "cpu" else device
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        parts = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generator]
+        return torch.cat(parts).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
+    """Any accepted input -> a list of RGB PIL images or (3, H, W) float tensors in [0, 1]."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise InputError("image list is empty")
+        return [x for item in image for x in _as_images(item)]
+    if isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise InputError(f"image tensors must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        if not t.is_floating_point():
+            t = t.float() / 255.0
+        return list(t.float().cpu().unbind(0))  # B x (3, H, W)
+    if isinstance(image, np.ndarray) and image.dtype != np.uint8 and image.ndim == 4:
+        return _as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2))  # (B,H,W,3)->(B,3,H,W)
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating) and image.ndim == 3:
+        if image.shape[-1] == 3:
+            return _as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))  # (H,W,3)->(3,H,W)
+    return [load_image(image)]
+
+
+def _to_tensor(img: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]; PIL goes through uint8 / 255 as diffusers' pil_to_numpy does."""
+    if isinstance(img, torch.Tensor):
+        return img
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H,W,3)->(3,H,W)
+
+
+def _resize_for_vae(img: PIL.Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, height, width) in [-1, 1]. PIL: Lanczos stretch, as diffusers. Tensors: antialiased bilinear (diffusers
+    uses nearest, which aliases; the two agree whenever no resize is needed)."""
+    if isinstance(img, PIL.Image.Image):
+        img = img.resize((width, height), resample=PIL.Image.LANCZOS)
+        return _to_tensor(img) * 2.0 - 1.0
+    if tuple(img.shape[-2:]) != (height, width):
+        img = F.interpolate(img[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    return img * 2.0 - 1.0
+
+
+class Pipeline:
+    """Stable Video Diffusion image-to-video. Build with from_pretrained / from_single_file / from_config."""
+
+    def __init__(self, config: PipelineConfig, unet: UNet, vae: VAE, image_encoder: ImageEncoder) -> None:
+        self.config = config
+        self.unet = unet
+        self.vae = vae
+        self.image_encoder = image_encoder
+        self._device = torch.device("cpu")  # where inference runs
+        self._offload: str | None = None  # None | "model" | "sequential"
+        self._sequential: dict[str, SequentialOffload] = {}
+        self._progress_disabled = False
+        for m in (unet, vae, image_encoder):
+            m.eval().requires_grad_(False)
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: PipelineConfig | str, torch_dtype: torch.dtype = torch.float32, seed: int | None = 0
+    ) -> Pipeline:
+        """Random weights (tests, benchmarks, `img2vid selftest`). The output is noise, not a video."""
+        config = preset(config) if isinstance(config, str) else config
+        if seed is not None:
+            torch.manual_seed(seed)
+        unet, vae, enc = UNet(config.unet), VAE(config.vae), ImageEncoder(config.image_encoder)
+        return cls(config, unet.to(torch_dtype), vae.to(torch_dtype), enc.to(torch_dtype))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        device: str | torch.device = "cpu",
+        local_files_only: bool = False,
+        allow_pickle: bool = False,
+    ) -> Pipeline:
+        """A diffusers-format folder or hub id (through huggingface_hub's cache), or a single checkpoint file."""
+        path = Path(pretrained_model_name_or_path)
+        if path.is_file():
+            return cls.from_single_file(path, torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+        dtype = torch_dtype or torch.float32
+        folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only)
+        config = checkpoint.read_pipeline_config(folder)
+        sds = {
+            c: checkpoint.load_component(folder, c, variant, torch.device(device), dtype, allow_pickle=allow_pickle)
+            for c in COMPONENTS
+        }
+        return cls._build(config, sds, device)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        config: PipelineConfig | str | None = None,
+        device: str | torch.device = "cpu",
+        allow_pickle: bool = False,
+    ) -> Pipeline:
+        """Stability's original checkpoints (svd*.safetensors, sgm layout) or our own single files."""
+        config = preset(config) if isinstance(config, str) else config
+        config, sds = checkpoint.load_single_file(
+            Path(path), torch.device(device), torch_dtype or torch.float32, config, allow_pickle=allow_pickle
+        )
+        return cls._build(config, sds, device)
+
+    @classmethod
+    def _build(cls, config: PipelineConfig, sds: dict[str, dict[str, torch.Tensor]], device: Any) -> Pipeline:
+        unet = checkpoint.build(UNet, config.unet, sds["unet"], "unet")
+        vae = checkpoint.build(VAE, config.vae, sds["vae"], "vae")
+        enc = checkpoint.build(ImageEncoder, config.image_encoder, sds["image_encoder"], "image_encoder")
+        pipe = cls(config, unet, vae, enc)
+        pipe._device = torch.device(device)
+        return pipe
+
+    def save_pretrained(self, path: str | os.PathLike, variant: str | None = None) -> Path:
+        return checkpoint.save_folder(Path(path), self.config, self._state_dicts(), variant=variant)
+
+    def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        return checkpoint.save_single_file(Path(path), self.config, self._state_dicts(), dtype=dtype)
+
+    def _state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {c: _orig(getattr(self, c)).state_dict() for c in COMPONENTS}
+
+    # ---- placement ---------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(_orig(self.unet).parameters()).dtype
+
+    def to(self, *args: Any) -> Pipeline:
+        """pipe.to("cuda"), pipe.to(torch.float16) or pipe.to("cuda", torch.float16)."""
+        device = next((torch.device(a) for a in args if isinstance(a, (str, torch.device))), None)
+        dtype = next((a for a in args if isinstance(a, torch.dtype)), None)
+        for c in COMPONENTS:
+            m = _orig(getattr(self, c))
+            if dtype is not None:
+                m.to(dtype)
+            if device is not None and self._offload is None:
+                m.to(device)
+        if device is not None:
+            self._device = device
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        """Components wait on the CPU and visit the GPU one at a time (image encoder -> UNet -> VAE)."""
+        self._device = _accelerator(gpu_id, device)
+        self._offload = "model"
+        for c in COMPONENTS:
+            move_module(_orig(getattr(self, c)), torch.device("cpu"))
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        """Every layer's weights wait on the CPU and are streamed to the GPU just for their forward."""
+        self._device = _accelerator(gpu_id, device)
+        self._offload = "sequential"
+        for c in COMPONENTS:
+            m = _orig(getattr(self, c))
+            move_module(m, torch.device("cpu"))
+            self._sequential[c] = SequentialOffload(m, self._device)
+
+    def _stage(self, name: str) -> None:
+        """Model offload: bring `name` onto the device and send the others home."""
+        if self._offload != "model":
+            return
+        for c in COMPONENTS:
+            move_module(_orig(getattr(self, c)), self._device if c == name else torch.device("cpu"))
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self._progress_disabled = disable
+
+    # ---- the call ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput | list[ImageInput],
+        height: int = 576,
+        width: int = 1024,
+        num_frames: int | None = None,
+        num_inference_steps: int = 25,
+        sigmas: list[float] | None = None,
+        min_guidance_scale: float = 1.0,
+        max_guidance_scale: float = 3.0,
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        decode_chunk_size: int | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        return_dict: bool = True,
+        progress: ProgressFn | None = None,
+    ) -> PipelineOutput | Any:
+        num_frames = num_frames if num_frames is not None else self.config.num_frames
+        decode_chunk_size = decode_chunk_size if decode_chunk_size is not None else num_frames
+        self._check(height, width, num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+        images = _as_images(image)
+        n_img, nv = len(images), num_videos_per_prompt
+        batch = n_img * nv
+        device, dtype = self._device, self.dtype
+        cfg = max_guidance_scale > 1
+        progress = progress or self._default_progress()
+
+        # 1. CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (batch, 1, D)
+        self._stage("image_encoder")
+        pixels = torch.cat([preprocess(_to_tensor(im)[None], self.config.image_encoder) for im in images])
+        emb = self.image_encoder(pixels.to(device, dtype))[:, None].repeat_interleave(nv, dim=0)
+
+        # 2. VAE latents of the noise-augmented WxH image. The noise is drawn before the initial latents.
+        vae_in = torch.stack([_resize_for_vae(im, height, width) for im in images]).to(device)  # (n_img, 3, H, W)
+        vae_in = vae_in + noise_aug_strength * randn(vae_in.shape, generator, device, vae_in.dtype)
+        self._stage("vae")
+        image_latents = self._encode(vae_in).to(dtype).repeat_interleave(nv, dim=0)  # (batch, 4, h, w)
+        # (batch, 4, h, w) -> (batch, F, 4, h, w): every frame is conditioned on the same image
+        image_latents = image_latents[:, None].expand(-1, num_frames, -1, -1, -1)
+
+        time_ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=dtype).repeat(batch, 1)
+        time_ids = time_ids.to(device)
+        if cfg:  # batch order [uncond, cond]; uncond zeroes both the CLIP embedding and the image latents
+            emb = torch.cat([torch.zeros_like(emb), emb])
+            image_latents = torch.cat([torch.zeros_like(image_latents), image_latents])
+            time_ids = torch.cat([time_ids, time_ids])
+
+        # 3. Schedule and initial latents (B, F, 4, h, w).
+        sc = self.config.scheduler
+        sig = sampling.custom_sigmas(sigmas) if sigmas is not None else None
+        if sig is None:
+            sig = sampling.karras_sigmas(num_inference_steps, sc.sigma_min, sc.sigma_max, sc.rho)
+        sig = sig.to(device)
+        lat_ch = self.config.unet.out_channels
+        vsf = 2 ** (len(self.config.vae.block_out_channels) - 1)
+        shape = (batch, num_frames, lat_ch, height // vsf, width // vsf)
+        if latents is None:
+            latents = randn(shape, generator, device, dtype)
+        elif tuple(latents.shape) != shape:
+            raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device, dtype) * sampling.init_noise_sigma(sig)
+        g = sampling.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames).to(device, dtype)
+        g = g.view(1, num_frames, 1, 1, 1)  # (F,) -> (1, F, 1, 1, 1): per-frame guidance
+
+        # 4. Denoise.
+        self._stage("unet")
+        n_steps = sig.numel() - 1
+        timesteps = sampling.c_noise(sig[:-1])
+        for i in range(n_steps):
+            sigma, t = sig[i], timesteps[i]
+            x = torch.cat([latents, latents]) if cfg else latents
+            x = torch.cat([sampling.scale_input(x, sigma), image_latents], dim=2)  # (2B, F, 8, h, w)
+            v = self.unet(x, t, emb, time_ids)
+            if cfg:
+                v_uncond, v_cond = v.chunk(2)
+                v = sampling.apply_guidance(v_uncond, v_cond, g)
+            latents = sampling.euler_step(latents, v, sigma, sig[i + 1])
+            if callback_on_step_end is not None:
+                names = callback_on_step_end_tensor_inputs or ["latents"]
+                local = {"latents": latents}
+                out = callback_on_step_end(self, i, t, {k: local[k] for k in names if k in local}) or {}
+                latents = out.get("latents", latents)
+            progress("denoise", i + 1, n_steps)
+
+        if output_type == "latent":
+            frames: Any = latents
+        else:
+            self._stage("vae")
+            video = self.decode_latents(latents, decode_chunk_size, progress)  # (B, F, 3, H, W) in [-1, 1]
+            frames = _postprocess(video, output_type)
+        self._stage("none")
+        return PipelineOutput(frames=frames) if return_dict else frames
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mode of (N, 3, H, W) pixels. float16 VAEs whose config says force_upcast encode in float32
+        (the encoder's activations overflow in half precision)."""
+        vae = _orig(self.vae)
+        dtype = next(vae.parameters()).dtype
+        if dtype == torch.float16 and self.config.vae.force_upcast:
+            if "vae" in self._sequential:  # weights are streamed: cast the streamed copies, not the stored ones
+                self._sequential["vae"].compute_dtype = torch.float32
+                try:
+                    return vae.encode(pixels.float())
+                finally:
+                    self._sequential["vae"].compute_dtype = None
+            vae.float()
+            try:
+                return vae.encode(pixels.float())
+            finally:
+                vae.to(dtype)
+        return vae.encode(pixels.to(dtype))
+
+    def decode_latents(
+        self, latents: torch.Tensor, decode_chunk_size: int, progress: ProgressFn | None = None
+    ) -> torch.Tensor:
+        """(B, F, 4, h, w) -> (B, F, 3, H, W) float32, each video decoded on its own in chunks of its frames (the
+        temporal decoder mixes frames inside a chunk, so a chunk must never hold two videos)."""
+        b, f = latents.shape[:2]
+        z = latents / self.config.vae.scaling_factor
+        dtype = next(_orig(self.vae).parameters()).dtype
+        chunks = [(v, s) for v in range(b) for s in range(0, f, decode_chunk_size)]
+        out = []
+        for k, (v, s) in enumerate(chunks):
+            part = z[v, s : s + decode_chunk_size].to(dtype)  # (n, 4, h, w)
+            out.append(self.vae.decode(part, num_frames=part.shape[0]).float())
+            if progress is not None:
+                progress("decode", k + 1, len(chunks))
+        frames = torch.cat(out)  # (B*F, 3, H, W)
+        return frames.view(b, f, *frames.shape[1:])  # -> (B, F, 3, H, W)
+
+    def _check(self, height: int, width: int, frames: int, steps: int, chunk: int, nv: int) -> None:
+        mult = 2 ** (len(self.config.vae.block_out_channels) - 1) * 2 ** (len(self.config.unet.block_out_channels) - 1)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % mult:
+                lo, hi = max(mult, (v // mult) * mult), (v // mult + 1) * mult
+                raise InputError(f"{name} {v} is not a positive multiple of {mult}; nearest valid: {lo} or {hi}")
+        for name, v in (("num_frames", frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
+            if not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(nv, int) or nv < 1:
+            raise InputError(f"num_videos_per_prompt must be a positive integer, got {nv!r}")
+
+    def _default_progress(self) -> ProgressFn:
+        if self._progress_disabled:
+            return lambda stage, done, total: None
+        from tqdm.auto import tqdm
+
+        bars: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = tqdm(total=total, desc=stage, leave=False)
+            bars[stage].update(done - bars[stage].n)
+            if done >= total:
+                bars.pop(stage).close()
+
+        return update
+
+
+def _postprocess(video: torch.Tensor, output_type: str) -> Any:
+    """(B, F, 3, H, W) in [-1, 1] -> diffusers' output forms."""
+    video = (video / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return video
+    arr = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3)
+    if output_type == "np":
+        return arr
+    u8 = (arr * 255).round().astype(np.uint8)
+    return [[PIL.Image.fromarray(fr) for fr in vid] for vid in u8]
+
+
+def _orig(m: torch.nn.Module) -> torch.nn.Module:
+    """The module behind a torch.compile wrapper (which users may assign to pipe.unet)."""
+    return getattr(m, "_orig_mod", m)
+
+
+def _accelerator(gpu_id: int | None, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", gpu_id or 0)
+    # No accelerator: offload degenerates to running on the CPU (kept so scripts written for GPUs still run).
+    return torch.device("cpu")
