@@ -1,0 +1,310 @@
+"""The SVD autoencoder: a 2D image encoder plus a video (temporal) or per-frame 2D decoder.
+
+Parameter names are exactly those of diffusers' `AutoencoderKLTemporalDecoder` (`VAEConfig.temporal_decoder`) or
+`AutoencoderKL` (the `*_image_decoder` checkpoints), so their safetensors files load with a strict `load_state_dict`.
+No buffers anywhere: the model can be built on the meta device and filled with `load_state_dict(..., assign=True)`.
+
+Layout notes (the decode of 25 frames at 576x1024 is the pipeline's memory peak):
+- Frames travel flattened as (N = videos*frames, C, H, W). The temporal layers see them as (B, C, F, H, W) through a
+  transpose *view*; with channels_last activations that view is channels_last_3d, so the (3,1,1) Conv3d needs no copy.
+- Everything is plain conv / group_norm / silu / SDPA with static shapes: no host syncs, torch.compile-friendly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from img2vid.configs import VAEConfig
+from img2vid.layers import attention
+
+# diffusers hard-codes these; sgm's VideoDecoder uses the same values.
+_EPS = 1e-6  # every spatial GroupNorm of encoder and decoders
+_TEMPORAL_EPS = 1e-5  # the GroupNorms of the decoder's temporal (3,1,1) resnets
+_TIME_KERNEL = (3, 1, 1)  # (frames, height, width): mixes each pixel with its neighbours in time only
+_TIME_PADDING = (1, 0, 0)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers `ResnetBlock2D` without a time embedding: x + conv(silu(norm(conv(silu(norm(x))))))."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=_EPS)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=_EPS)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # Only a change of width needs a projected skip path (the reference's rule).
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class TemporalResnetBlock(nn.Module):
+    """diffusers `TemporalResnetBlock` (no time embedding): Conv3d with a (3,1,1) kernel over (B, C, F, H, W).
+
+    `forward` returns only the residual branch; `SpatioTemporalResBlock` adds it back together with the blend.
+    GroupNorm over the 5D tensor takes its statistics across all frames of a video, as the reference does."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels, eps=_TEMPORAL_EPS)
+        self.conv1 = nn.Conv3d(channels, channels, _TIME_KERNEL, padding=_TIME_PADDING)
+        self.norm2 = nn.GroupNorm(groups, channels, eps=_TEMPORAL_EPS)
+        self.conv2 = nn.Conv3d(channels, channels, _TIME_KERNEL, padding=_TIME_PADDING)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.conv2(F.silu(self.norm2(h)))
+
+
+class AlphaBlender(nn.Module):
+    """Holds the learned spatial/temporal mixing logit (diffusers `AlphaBlender`, merge_strategy "learned").
+
+    With `switch_spatial_to_temporal_mix=True` (what the VAE uses) the reference computes
+    `(1 - sigmoid(m)) * spatial + sigmoid(m) * temporal`, i.e. sigmoid(m) is the weight of the TEMPORAL path. The
+    "learned" strategy ignores image_only_indicator, so the blend is the same for videos and single images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix_factor = nn.Parameter(torch.zeros(1))  # the reference initialises it to merge_factor = 0.0
+
+    def temporal_weight(self, dtype: torch.dtype) -> Tensor:
+        # Computed in the parameter's dtype, then cast, like the reference. A (1,) tensor: no host sync.
+        return torch.sigmoid(self.mix_factor).to(dtype)
+
+
+class SpatioTemporalResBlock(nn.Module):
+    """diffusers `SpatioTemporalResBlock` as used by the temporal decoder: a 2D resnet on every frame, then a
+    temporal resnet over each video's frames, blended with the 2D result by the learned weight."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.spatial_res_block = ResnetBlock2D(in_channels, out_channels, groups)
+        self.temporal_res_block = TemporalResnetBlock(out_channels, groups)
+        self.time_mixer = AlphaBlender()
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        x = self.spatial_res_block(x)
+        # (B*F, C, H, W) -> (B, F, C, H, W) -> (B, C, F, H, W): views only, whatever the memory format.
+        x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
+        h = self.temporal_res_block(x5)
+        # Reference: (1 - s) * x + s * (x + h) with s = sigmoid(mix_factor); algebraically x + s * h, which is one
+        # fused kernel and keeps the layout of x (the first operand), so the way back below is a view again.
+        out = torch.addcmul(x5, h, self.time_mixer.temporal_weight(x.dtype))
+        # (B, C, F, H, W) -> (B, F, C, H, W) -> (B*F, C, H, W)
+        return out.transpose(1, 2).flatten(0, 1)
+
+
+class Attention(nn.Module):
+    """The single-head self-attention of the mid blocks (diffusers `Attention` with group norm and residual)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list only to keep the name `to_out.0`
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        # (N, C, H, W) -> (N, C, H*W) -> (N, H*W, C); a free view for channels_last activations.
+        t = self.group_norm(x).flatten(2).transpose(1, 2)
+        # One head as wide as the block (head_dim = C): SDPA's default scale 1/sqrt(C) is the reference's.
+        o = self.to_out[0](attention(self.to_q(t), self.to_k(t), self.to_v(t), heads=1))
+        # (N, H*W, C) -> (N, C, H*W) -> (N, C, H, W)
+        return x + o.transpose(1, 2).unflatten(2, (h, w))
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv after padding only right and bottom by one (diffusers `Downsample2D`, padding=0)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (diffusers `Upsample2D`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # CUDA's channels_last nearest kernel silently writes zeros past 2**32 output elements (pytorch#141831);
+        # the NCHW kernel is fine, so very large inputs switch layout. Shape-only test: no sync.
+        if 2 * x.numel() > 2**31 and not x.is_contiguous():
+            x = x.contiguous()
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, downsample: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet, attention, resnet. The 2D blocks (diffusers `UNetMidBlock2D`) hold exactly two resnets.
+
+    The temporal decoder's `MidBlockTemporalDecoder` builds `layers_per_block` resnets but one attention and runs
+    resnets[0], attention, resnets[1] only (a zip over the single attention): with layers_per_block = 1 its attention
+    is never run, with more than 2 the extra resnets are dead weights. SVD (layers_per_block 2) is unaffected; the
+    same quirk is kept so that every diffusers config gives the same numbers."""
+
+    def __init__(self, channels: int, groups: int, num_resnets: int, temporal: bool) -> None:
+        super().__init__()
+        self.temporal = temporal
+        if temporal:
+            resnets: list[nn.Module] = [SpatioTemporalResBlock(channels, channels, groups) for _ in range(num_resnets)]
+        else:
+            resnets = [ResnetBlock2D(channels, channels, groups) for _ in range(num_resnets)]
+        # The reference registers attentions before resnets; only the state-dict names matter, not this order.
+        self.attentions = nn.ModuleList([Attention(channels, groups)])
+        self.resnets = nn.ModuleList(resnets)
+
+    def _resnet(self, i: int, x: Tensor, num_frames: int) -> Tensor:
+        return self.resnets[i](x, num_frames) if self.temporal else self.resnets[i](x)
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        x = self._resnet(0, x, num_frames)
+        if len(self.resnets) > 1:
+            x = self.attentions[0](x)
+            x = self._resnet(1, x, num_frames)
+        return x
+
+
+class UpDecoderBlock(nn.Module):
+    """diffusers `UpDecoderBlock2D` (2D resnets) or `UpBlockTemporalDecoder` (spatio-temporal resnets)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool, temporal: bool
+    ) -> None:
+        super().__init__()
+        self.temporal = temporal
+        block = SpatioTemporalResBlock if temporal else ResnetBlock2D
+        self.resnets = nn.ModuleList(
+            block(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, num_frames) if self.temporal else resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    """diffusers `Encoder` with DownEncoderBlock2D blocks; outputs 2 * latent_channels moments (mean, logvar)."""
+
+    def __init__(self, c: VAEConfig) -> None:
+        super().__init__()
+        ch = c.block_out_channels
+        g = c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], c.layers_per_block, g, downsample=i < len(ch) - 1)
+            for i in range(len(ch))
+        )
+        self.mid_block = MidBlock(ch[-1], g, num_resnets=2, temporal=False)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x, num_frames=1)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """diffusers `TemporalDecoder` (temporal=True) or the 2D `Decoder` with UpDecoderBlock2D blocks."""
+
+    def __init__(self, c: VAEConfig, temporal: bool) -> None:
+        super().__init__()
+        rev = tuple(reversed(c.block_out_channels))
+        g = c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.latent_channels, rev[0], 3, padding=1)
+        # 2D: one mid layer (two resnets); temporal: layers_per_block resnets (see MidBlock).
+        mid_resnets = c.layers_per_block if temporal else 2
+        self.mid_block = MidBlock(rev[0], g, mid_resnets, temporal)
+        self.up_blocks = nn.ModuleList(
+            UpDecoderBlock(
+                rev[max(i - 1, 0)], rev[i], c.layers_per_block + 1, g, upsample=i < len(rev) - 1, temporal=temporal
+            )
+            for i in range(len(rev))
+        )
+        self.conv_norm_out = nn.GroupNorm(g, rev[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(rev[-1], c.out_channels, 3, padding=1)
+        # The video decoder's last layer also mixes the RGB output over time.
+        self.time_conv_out = (
+            nn.Conv3d(c.out_channels, c.out_channels, _TIME_KERNEL, padding=_TIME_PADDING) if temporal else None
+        )
+
+    def forward(self, z: Tensor, num_frames: int) -> Tensor:
+        x = self.mid_block(self.conv_in(z), num_frames)
+        for block in self.up_blocks:
+            x = block(x, num_frames)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        if self.time_conv_out is not None:
+            # (B*F, C, H, W) -> (B, F, C, H, W) -> (B, C, F, H, W)
+            x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
+            # (B, C, F, H, W) -> (B, F, C, H, W) -> (B*F, C, H, W); only 3 channels, so a copy here is cheap.
+            x = self.time_conv_out(x5).transpose(1, 2).flatten(0, 1)
+        return x
+
+
+class VAE(nn.Module):
+    """The autoencoder. `encode` gives the posterior mode, `decode` takes unscaled latents (the caller owns the
+    scaling_factor). Runs in whatever dtype/device the module is in; the pipeline decides about upcasting."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        latent = config.latent_channels
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+        self.decoder = Decoder(config, temporal=config.temporal_decoder)
+        self.post_quant_conv = None if config.temporal_decoder else nn.Conv2d(latent, latent, 1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(N, in_channels, H, W) in [-1, 1] -> the posterior mean (N, latent_channels, H/8, W/8) for SVD's four
+        blocks (each downsample halves, rounding down), NOT multiplied by scaling_factor."""
+        h = self.encoder(x)
+        latent = self.config.latent_channels
+        # The mode is the first half of quant_conv's output; a 1x1 conv with just those output rows computes it
+        # without materialising the log-variance (same arithmetic per channel as the full conv).
+        return F.conv2d(h, self.quant_conv.weight[:latent], self.quant_conv.bias[:latent])
+
+    def decode(self, z: Tensor, num_frames: int) -> Tensor:
+        """(N, latent_channels, h, w) unscaled latents, N = videos * num_frames, frames of a video consecutive ->
+        (N, out_channels, 8h, 8w) for four blocks, in about [-1, 1]. The temporal decoder mixes each video's
+        num_frames frames; the 2D decoder treats every frame alone and ignores num_frames."""
+        if self.post_quant_conv is not None:
+            return self.decoder(self.post_quant_conv(z), num_frames=1)
+        if num_frames < 1 or z.shape[0] % num_frames != 0:
+            raise ValueError(f"batch of {z.shape[0]} latents is not a whole number of {num_frames}-frame videos")
+        return self.decoder(z, num_frames)

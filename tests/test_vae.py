@@ -1,0 +1,203 @@
+"""Parity of our VAE with diffusers' AutoencoderKLTemporalDecoder / AutoencoderKL (oracles, test-only), float32 CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
+
+from img2vid.configs import VAEConfig, vae_from_diffusers
+from img2vid.vae import VAE
+
+# Reference constructor kwargs. Temporal: the brief's two shapes plus layers_per_block 3 (the mid block's zip quirk)
+# with another latent width; 2D: different norm_num_groups too.
+TEMPORAL_CONFIGS = [
+    dict(block_out_channels=(32, 64), layers_per_block=1),
+    dict(block_out_channels=(32, 32, 64), layers_per_block=2, latent_channels=4),
+    dict(block_out_channels=(32, 64), layers_per_block=3, latent_channels=6),
+]
+IMAGE_CONFIGS = [
+    dict(block_out_channels=(32, 64), layers_per_block=1),
+    dict(block_out_channels=(32, 32, 64), layers_per_block=2, latent_channels=4, norm_num_groups=8),
+]
+
+
+def _kwargs(cls: type, cfg: dict) -> dict:
+    n = len(cfg["block_out_channels"])
+    blocks = {"down_block_types": ("DownEncoderBlock2D",) * n}
+    if cls is AutoencoderKL:
+        blocks["up_block_types"] = ("UpDecoderBlock2D",) * n
+    return {**blocks, **cfg}
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).double().norm() / ref.double().norm()).item()
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Random offsets on every parameter: zero-inits (mix_factor, biases) would hide mapping bugs. The mixing logits
+    get large values so that a reversed spatial/temporal blend could not pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mix_factor"):
+                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def reference(cls: type, cfg: dict, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = cls(**_kwargs(cls, cfg))
+    perturb_(model, seed + 100)
+    return model.eval()
+
+
+def ours_from(ref: torch.nn.Module, config: VAEConfig) -> VAE:
+    with torch.device("meta"):
+        model = VAE(config)
+    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    return model.eval()
+
+
+def config_of(ref: torch.nn.Module) -> VAEConfig:
+    # to_json_string is what a config.json on disk holds (with `_class_name`), unlike the in-memory `model.config`.
+    return vae_from_diffusers(json.loads(ref.to_json_string()))
+
+
+def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("cfg", TEMPORAL_CONFIGS, ids=lambda c: f"{c['block_out_channels']}-l{c['layers_per_block']}")
+def test_temporal_parity(cfg: dict) -> None:
+    ref = reference(AutoencoderKLTemporalDecoder, cfg, seed=len(cfg["block_out_channels"]) + cfg["layers_per_block"])
+    config = config_of(ref)
+    assert config.temporal_decoder
+    ours = ours_from(ref, config)
+    down = 2 ** (len(cfg["block_out_channels"]) - 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 5 * down, 9 * down, generator=g) * 2 - 1  # non-square
+    frames = 3
+    z = torch.randn(2 * frames, config.latent_channels, 5, 7, generator=g)  # two videos of 3 frames
+    with torch.no_grad():
+        enc_ref = ref.encode(x).latent_dist.mode()
+        enc = ours.encode(x)
+        dec_ref = ref.decode(z, num_frames=frames).sample
+        dec = ours.decode(z, num_frames=frames)
+    assert enc.shape == enc_ref.shape == (3, config.latent_channels, 5, 9)
+    assert rel_err(enc, enc_ref) < 1e-4
+    assert dec.shape == dec_ref.shape == (2 * frames, 3, 5 * down, 7 * down)
+    assert rel_err(dec, dec_ref) < 1e-4
+
+    # The temporal layers really mix frames, and only within a video: decoding the videos one by one is the same,
+    # decoding them as single frames is not.
+    with torch.no_grad():
+        per_video = torch.cat([ours.decode(z[:frames], frames), ours.decode(z[frames:], frames)])
+        per_frame = ours.decode(z, num_frames=1)
+    assert rel_err(per_video, dec) < 1e-5
+    assert rel_err(per_frame, dec) > 1e-3
+
+
+@pytest.mark.parametrize("cfg", IMAGE_CONFIGS, ids=lambda c: f"{c['block_out_channels']}-l{c['layers_per_block']}")
+def test_image_decoder_parity(cfg: dict) -> None:
+    ref = reference(AutoencoderKL, cfg, seed=7 + cfg["layers_per_block"])
+    config = config_of(ref)
+    assert not config.temporal_decoder
+    ours = ours_from(ref, config)
+    down = 2 ** (len(cfg["block_out_channels"]) - 1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 3 * down, 5 * down, generator=g) * 2 - 1
+    z = torch.randn(4, config.latent_channels, 6, 4, generator=g)
+    with torch.no_grad():
+        enc_ref = ref.encode(x).latent_dist.mode()
+        enc = ours.encode(x)
+        dec_ref = ref.decode(z).sample
+        dec = ours.decode(z, num_frames=2)  # ignored by the 2D decoder
+    assert enc.shape == enc_ref.shape == (2, config.latent_channels, 3, 5)
+    assert rel_err(enc, enc_ref) < 1e-4
+    assert dec.shape == dec_ref.shape
+    assert rel_err(dec, dec_ref) < 1e-4
+
+
+def test_channels_last_same_numbers() -> None:
+    """channels_last activations (the fast GPU layout) go through the transposed 5D views unchanged."""
+    cfg = TEMPORAL_CONFIGS[1]
+    ref = reference(AutoencoderKLTemporalDecoder, cfg, seed=3)
+    ours = ours_from(ref, config_of(ref))
+    z = torch.randn(4, 4, 6, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = ours.decode(z, num_frames=2)
+        # Module.to(memory_format=channels_last) refuses Conv3d weights, so convert the 2D ones alone.
+        for p in ours.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        fast = ours.decode(z.contiguous(memory_format=torch.channels_last), num_frames=2)
+    assert rel_err(fast, plain) < 1e-5
+
+
+def test_decode_rejects_partial_video() -> None:
+    with torch.device("meta"):
+        model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=1))
+    with pytest.raises(ValueError, match="whole number"):
+        model.decode(torch.zeros(5, 4, 4, 4, device="meta"), num_frames=2)
+
+
+@pytest.mark.parametrize("cls", [AutoencoderKLTemporalDecoder, AutoencoderKL])
+def test_strict_loading(cls: type) -> None:
+    ref = reference(cls, IMAGE_CONFIGS[0], seed=0)
+    sd = ref.state_dict()
+    config = config_of(ref)
+    missing = dict(sd)
+    missing.pop(next(k for k in sd if "attentions.0.to_k.bias" in k))
+    with torch.device("meta"):
+        model = VAE(config)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(missing, strict=True, assign=True)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        model.load_state_dict({**sd, "decoder.extra.weight": torch.zeros(1)}, strict=True, assign=True)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        VAE(config).load_state_dict({**sd, "quant_conv.bias": torch.zeros(3)}, strict=True)
+
+
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [(AutoencoderKLTemporalDecoder, c) for c in TEMPORAL_CONFIGS] + [(AutoencoderKL, c) for c in IMAGE_CONFIGS],
+)
+def test_config_from_diffusers_builds_same_names(cls: type, cfg: dict) -> None:
+    with torch.device("meta"):
+        ref = cls(**_kwargs(cls, cfg))
+        # The in-memory config of the temporal class carries no `_class_name`; temporal is the default.
+        config = vae_from_diffusers(dict(ref.config)) if cls is AutoencoderKLTemporalDecoder else config_of(ref)
+        ours = VAE(config)
+    assert config.temporal_decoder == (cls is AutoencoderKLTemporalDecoder)
+    assert shapes(ours.state_dict()) == shapes(ref.state_dict())
+
+
+def test_full_svd_vae_on_meta() -> None:
+    config = VAEConfig()
+    with torch.device("meta"):
+        ours = VAE(config)
+        ref = AutoencoderKLTemporalDecoder(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+        )
+    assert shapes(ours.state_dict()) == shapes(ref.state_dict())
+    assert all(p.is_meta for p in ours.parameters())
+    assert not list(ours.buffers())  # nothing to fill besides the checkpoint's tensors
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours.encoder) == 34_163_592
+    assert count(ours.decoder) == 63_579_183
+    assert count(ours.quant_conv) == 72
+
+
+def test_import_does_not_pull_oracles() -> None:
+    code = "import sys, img2vid.vae; assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
