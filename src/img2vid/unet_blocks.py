@@ -1,0 +1,308 @@
+"""Layers of the spatio-temporal UNet: resnets, transformers and their temporal twins.
+
+Every module's attribute names are the ones diffusers uses (`UNetSpatioTemporalConditionModel`), so its state dict
+loads with no renaming. Activations flow between blocks as (B*F, C, H, W) "frame batches"; a temporal layer views
+them as videos only for the ops that actually mix frames.
+
+Time conditioning: the UNet computes silu(time embedding) once, one row per frame, and every resnet takes that
+already-activated `temb` (diffusers applies the same silu inside each resnet; the values are identical).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from img2vid.layers import attention, timestep_embedding
+
+
+class TimeEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear over a sinusoidal embedding (diffusers `TimestepEmbedding`)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden_dim)
+        self.linear_2 = nn.Linear(hidden_dim, out_dim or hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The sinusoids are float32; like diffusers, run the MLP in the weights' dtype.
+        return self.linear_2(F.silu(self.linear_1(x.to(self.linear_1.weight.dtype))))
+
+
+class TimeMixer(nn.Module):
+    """Learned blend of a spatial and a temporal branch (diffusers `AlphaBlender`, "learned_with_images").
+
+    For video the `image_only_indicator` is all zeros, so the blend factor is simply sigmoid(mix_factor).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix_factor = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, spatial: Tensor, temporal: Tensor) -> Tensor:
+        alpha = torch.sigmoid(self.mix_factor).to(spatial.dtype)
+        # Same expression (and so the same half-precision rounding) as the reference, not a lerp.
+        return alpha * spatial + (1.0 - alpha) * temporal
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resnets
+
+
+class SpatialResBlock(nn.Module):
+    """Per-frame resnet (diffusers `ResnetBlock2D` with default options)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, eps: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        """x: (B*F, C_in, H, W); temb: (B*F, T), already through silu."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(temb)[:, :, None, None]  # (B*F, C) -> (B*F, C, 1, 1)
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class TemporalResBlock(nn.Module):
+    """Resnet over the frame axis with (3, 1, 1) kernels (diffusers `TemporalResnetBlock`).
+
+    Its GroupNorms see a whole video at once (statistics over C/G x F x H x W), as trained.
+    """
+
+    def __init__(self, ch: int, temb_ch: int, eps: float, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, ch, eps=eps)
+        self.conv1 = nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0))
+        self.time_emb_proj = nn.Linear(temb_ch, ch)
+        self.norm2 = nn.GroupNorm(groups, ch, eps=eps)
+        self.conv2 = nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        """x: (B, C, F, H, W); temb: (B, F, T), already through silu."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(temb).permute(0, 2, 1)[:, :, :, None, None]  # (B, F, C) -> (B, C, F, 1, 1)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
+
+class SpatioTemporalResBlock(nn.Module):
+    """Spatial resnet, then its temporal twin, blended by a learned factor (diffusers `SpatioTemporalResBlock`)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, eps: float, groups: int) -> None:
+        super().__init__()
+        self.spatial_res_block = SpatialResBlock(in_ch, out_ch, temb_ch, eps, groups)
+        self.temporal_res_block = TemporalResBlock(out_ch, temb_ch, eps, groups)
+        self.time_mixer = TimeMixer()
+
+    def forward(self, x: Tensor, temb: Tensor, num_frames: int) -> Tensor:
+        x = self.spatial_res_block(x, temb)
+        bf, c, h, w = x.shape
+        b = bf // num_frames
+        # A view, not a copy: for a channels_last x this is exactly channels_last_3d, which Conv3d wants.
+        video = x.reshape(b, num_frames, c, h, w).permute(0, 2, 1, 3, 4)  # (B*F, C, H, W) -> (B, C, F, H, W)
+        temporal = self.temporal_res_block(video, temb.reshape(b, num_frames, -1))  # temb (B*F, T) -> (B, F, T)
+        mixed = self.time_mixer(video, temporal)
+        return mixed.permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)  # (B, C, F, H, W) -> (B*F, C, H, W)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (diffusers `Downsample2D(use_conv=True, padding=1)`)."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to the skip connection's size, then a 3x3 conv (diffusers `Upsample2D`).
+
+    Interpolating to an explicit size equals scale_factor=2 when sizes are even and, like diffusers' forwarded
+    `upsample_size`, matches the skip connection when a latent side is not a multiple of the total downsampling.
+    """
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transformers
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v and a biased output projection (diffusers `Attention` defaults)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # index 1 (dropout) holds no weights
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x: (N, L, query_dim); context: (N, S, context_dim) or None for self-attention.
+
+        Returns (N, L, query_dim), or (N, 1, query_dim) when the context is a single token: softmax over one key is
+        exactly 1, so every query receives that token's value. SVD's CLIP context is one token, so this skips the
+        query/key projections and the output projection of every query (the caller broadcasts).
+        """
+        if context is None:
+            context = x
+        elif context.shape[1] == 1:
+            return self.to_out[0](self.to_v(context))
+        return self.to_out[0](attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with a 4x hidden width (diffusers `FeedForward(activation_fn="geglu")`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        # The reference keeps a dropout at index 1; an Identity holds its place so `net.2` keeps its name.
+        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Identity(), nn.Linear(dim * 4, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[0](x))
+
+
+def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, dim: int) -> Tensor:
+    """The feed-forward, optionally in slices along `dim` to bound its 8x-wide intermediate. It is a per-token op,
+    so slicing changes no numbers (diffusers' `_chunked_feed_forward`; a remainder slice is allowed here)."""
+    if chunk_size is None:
+        return ff(x)
+    return torch.cat([ff(part) for part in x.split(chunk_size, dim=dim)], dim=dim)
+
+
+def _cross_attend(x: Tensor, norm: nn.LayerNorm, attn: Attention, context: Tensor) -> Tensor:
+    """x + attn(norm(x), context) where x: (N*M, L, C) holds N videos and context: (N, S, D) one per video.
+
+    Queries never interact in attention, so all tokens of one video form a single query sequence against that
+    video's context instead of copying the context to every frame / pixel (which diffusers does).
+    """
+    nm, seq, c = x.shape
+    grouped = x.reshape(context.shape[0], -1, c)  # (N*M, L, C) -> (N, M*L, C)
+    grouped = grouped + attn(norm(grouped), context)  # the update is (N, M*L, C) or, for one context token, (N, 1, C)
+    return grouped.reshape(nm, seq, c)  # (N, M*L, C) -> (N*M, L, C)
+
+
+class SpatialTransformerBlock(nn.Module):
+    """Self-attention over a frame's pixels, cross-attention to the image embedding, GEGLU feed-forward
+    (diffusers `BasicTransformerBlock`)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads, dim // heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+        self.chunk_size: int | None = None
+        self.chunk_dim = 0
+
+    def set_chunk_feed_forward(self, chunk_size: int | None, dim: int) -> None:
+        self.chunk_size, self.chunk_dim = chunk_size, dim
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """x: (B*F, H*W, C); context: (B, S, D)."""
+        x = x + self.attn1(self.norm1(x))
+        x = _cross_attend(x, self.norm2, self.attn2, context)
+        return x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, self.chunk_dim)
+
+
+class TemporalTransformerBlock(nn.Module):
+    """The same three sub-layers over each pixel's sequence of frames, preceded by an extra residual feed-forward
+    (diffusers `TemporalBasicTransformerBlock`; its `time_mix_inner_dim` always equals `dim` here)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.ff_in = FeedForward(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads, dim // heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+        self.chunk_size: int | None = None
+
+    def set_chunk_feed_forward(self, chunk_size: int | None, dim: int) -> None:
+        # Like diffusers, always slice over frames (dim 1 of (B*H*W, F, C)): `dim` is ignored.
+        self.chunk_size = chunk_size
+
+    def forward(self, x: Tensor, context: Tensor, num_frames: int) -> Tensor:
+        """x: (B*F, H*W, C); context: (B, S, D) (the reference also uses each video's first-frame context)."""
+        bf, n, c = x.shape
+        b = bf // num_frames
+        x = x.reshape(b, num_frames, n, c).permute(0, 2, 1, 3).reshape(b * n, num_frames, c)  # -> (B*H*W, F, C)
+        x = x + _feed_forward(self.ff_in, self.norm_in(x), self.chunk_size, 1)
+        x = x + self.attn1(self.norm1(x))
+        x = _cross_attend(x, self.norm2, self.attn2, context)
+        x = x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, 1)
+        return x.reshape(b, n, num_frames, c).permute(0, 2, 1, 3).reshape(bf, n, c)  # -> (B*F, H*W, C)
+
+
+class SpatioTemporalTransformer(nn.Module):
+    """Spatial transformer blocks, each followed by a temporal twin with a frame-index embedding, blended by a
+    learned factor (diffusers `TransformerSpatioTemporalModel`)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, depth: int, groups: int) -> None:
+        super().__init__()
+        if ch % heads:
+            raise ValueError(f"{ch} channels do not split into {heads} attention heads")
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.transformer_blocks = nn.ModuleList([SpatialTransformerBlock(ch, heads, context_dim) for _ in range(depth)])
+        self.temporal_transformer_blocks = nn.ModuleList(
+            [TemporalTransformerBlock(ch, heads, context_dim) for _ in range(depth)]
+        )
+        self.time_pos_embed = TimeEmbedding(ch, ch * 4, ch)
+        self.time_mixer = TimeMixer()
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x: Tensor, context: Tensor, num_frames: int) -> Tensor:
+        """x: (B*F, C, H, W); context: (B, S, D)."""
+        bf, c, h, w = x.shape
+        residual = x
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (B*F, C, H, W) -> (B*F, H*W, C)
+        tokens = self.proj_in(tokens)
+
+        # Frame-position embedding: sinusoids of the frame index 0..F-1 through an MLP, one row per frame.
+        frame_index = torch.arange(num_frames, device=x.device)
+        pos = self.time_pos_embed(timestep_embedding(frame_index, c))  # (F, C)
+        pos = pos.repeat(bf // num_frames, 1)[:, None, :]  # (F, C) -> (B*F, 1, C)
+
+        for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks, strict=True):
+            tokens = spatial(tokens, context)
+            tokens = self.time_mixer(tokens, temporal(tokens + pos, context, num_frames))
+
+        out = self.proj_out(tokens).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, H*W, C) -> (B*F, C, H, W)
+        # residual first: the sum then takes the residual's memory format (NCHW or channels_last), with no copy.
+        return residual + out
