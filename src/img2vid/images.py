@@ -1,0 +1,331 @@
+"""Images in: load anything image-like as an RGB PIL image, and size it for SVD.
+
+Every user-facing problem raises `InputError` with a one-line message naming the input, so the CLI can print it and
+exit 2 instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["InputError", "load_image", "resize_image", "fit_size", "check_size", "to_uint8", "is_tensor", "SIZE_MODES"]
+
+SIZE_MODES = ("stretch", "crop", "pad", "fit")
+URL_TIMEOUT_S = 30.0
+# Pillow's names for 16-bit and 32-bit integer sample modes (all big/little/native endian variants of I;16).
+_INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+class InputError(ValueError):
+    """A user-facing problem with an input; str(e) is ONE clear line (the CLI prints it and exits 2)."""
+
+
+def is_tensor(value: object) -> bool:
+    """isinstance(value, torch.Tensor) without importing torch: if torch is not loaded, nothing can be a tensor."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
+
+
+def _is_url(source: object) -> bool:
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def _fetch_url(url: str, timeout: float = URL_TIMEOUT_S) -> bytes:
+    """Download `url` with the stdlib (no `requests` dependency); any failure becomes a one-line InputError."""
+    request = urllib.request.Request(url, headers={"User-Agent": "img2vid"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        raise InputError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise InputError(f"could not download {url}: {e.reason}") from None
+    except (TimeoutError, OSError, ValueError) as e:
+        raise InputError(f"could not download {url}: {e}") from None
+
+
+def _open_decoded(fp: io.BytesIO, name: str) -> PIL.Image.Image:
+    """Open and fully decode an image file; Pillow is lazy, so `.load()` is what surfaces truncated data."""
+    try:
+        image = PIL.Image.open(fp)
+    except PIL.UnidentifiedImageError:
+        raise InputError(f"{name} is not an image (or not a format Pillow can read)") from None
+    except PIL.Image.DecompressionBombError as e:
+        raise InputError(f"{name} is too large to decode safely: {e}") from None
+    except PermissionError:
+        raise InputError(f"{name} cannot be read (permission denied)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{name} cannot be read as an image: {e}") from None
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError(f"{name} is truncated or corrupt: {e}") from None
+    return image
+
+
+def _open_source(source: str | os.PathLike) -> tuple[PIL.Image.Image, str]:
+    if _is_url(source):
+        url = str(source)
+        data = _fetch_url(url)
+        if not data:
+            raise InputError(f"{url} returned an empty response, not an image")
+        return _open_decoded(io.BytesIO(data), url), url
+    path = Path(source).expanduser()
+    name = str(path)
+    if not path.exists():
+        raise InputError(f"image file not found: {name}")
+    if path.is_dir():
+        raise InputError(f"{name} is a directory, not an image file")
+    try:
+        # Read it whole: images are small, and no file handle stays open behind a lazily decoded image.
+        data = path.read_bytes()
+    except PermissionError:
+        raise InputError(f"{name} cannot be read (permission denied)") from None
+    except OSError as e:
+        raise InputError(f"{name} cannot be read: {e.strerror or e}") from None
+    if not data:
+        raise InputError(f"{name} is an empty file, not an image")
+    return _open_decoded(io.BytesIO(data), name), name
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Blend (H, W, 3) uint8 colour over the background with (H, W) uint8 alpha (straight, not premultiplied)."""
+    a = alpha.astype(np.float32)[..., None] / 255.0  # (H, W) -> (H, W, 1)
+    bg = np.asarray(background, dtype=np.float32)
+    out = rgb.astype(np.float32) * a + bg * (1.0 - a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _check_background(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    values = tuple(background)
+    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in values):
+        raise InputError(f"background must be three integers in 0..255, got {background!r}")
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
+def to_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
+    """Samples of any supported dtype -> uint8 with the full range mapped (16-bit scaled, never clipped)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.dtype == np.uint16:
+        # 65535 / 257 = 255 exactly, so the full 16-bit range lands on the full 8-bit range.
+        return np.rint(array.astype(np.float32) / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+        lo, hi = float(values.min()), float(values.max())
+        # A little slack for decoder overshoot; a real range error ([-1, 1] or [0, 255] data) is reported.
+        if lo < -0.01 or hi > 1.01:
+            raise InputError(f"{name} float values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise InputError(f"{name} has unsupported dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
+
+
+def _from_array(array: np.ndarray, background: tuple[int, int, int], name: str = "image array") -> PIL.Image.Image:
+    """(H, W), (H, W, 1|2|3|4) arrays -> RGB image; 2 and 4 channels carry alpha and are composited."""
+    if array.ndim == 2:
+        array = array[..., None]  # (H, W) -> (H, W, 1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        raise InputError(f"{name} has unsupported shape {tuple(array.shape)}; expected HxW or HxWx1/2/3/4")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {tuple(array.shape)})")
+    pixels = to_uint8(array, name)
+    channels = pixels.shape[-1]
+    if channels in (1, 2):
+        rgb = np.repeat(pixels[..., :1], 3, axis=-1)  # (H, W, 1) -> (H, W, 3)
+    else:
+        rgb = pixels[..., :3]
+    if channels in (2, 4):
+        rgb = _composite(rgb, pixels[..., -1], background)
+    return PIL.Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+
+
+def _from_tensor(tensor: torch.Tensor, background: tuple[int, int, int]) -> PIL.Image.Image:
+    """3xHxW (torch layout) or HxWx3 tensors; a leading batch of one is accepted."""
+    import torch  # already loaded: the caller holds a tensor
+
+    t = tensor.detach().to("cpu")
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]  # (1, C, H, W) -> (C, H, W)
+    if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+        # Channels first is torch's convention, so it also wins the ambiguous cases (e.g. 3x3x3).
+        t = t.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()  # numpy has no bfloat16
+    if t.dtype not in (torch.uint8, torch.bool) and not t.dtype.is_floating_point:
+        raise InputError(f"image tensor has unsupported dtype {t.dtype}; use uint8 or float in [0, 1]")
+    return _from_array(t.numpy(), background, name="image tensor")
+
+
+def _to_rgb(image: PIL.Image.Image, background: tuple[int, int, int], name: str) -> PIL.Image.Image:
+    """Any Pillow mode -> RGB: alpha composited on the background, 16/32-bit samples scaled down, not clipped."""
+    if image.width == 0 or image.height == 0:
+        raise InputError(f"{name} has zero size ({image.width}x{image.height})")
+    mode = image.mode
+    if mode in _INT16_MODES or mode == "I":
+        # Pillow opens 16-bit grayscale PNG/TIFF as I;16 or I; its own convert("L") clips at 255, turning most
+        # of the picture white, so scale 0..65535 -> 0..255 ourselves.
+        samples = np.asarray(image, dtype=np.float32)
+        scaled = np.clip(samples, 0.0, 65535.0) / 65535.0
+        return _from_array(scaled, background, name)
+    if mode == "F":
+        return _from_array(np.asarray(image, dtype=np.float32), background, name)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4); handles palette / colour-key transparency too
+        return PIL.Image.fromarray(_composite(rgba[..., :3], rgba[..., 3], background), mode="RGB")
+    if mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+    except (ValueError, OSError) as e:
+        raise InputError(f"{name} has colour mode {mode!r} that cannot be converted to RGB: {e}") from None
+
+
+def load_image(
+    source: str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> PIL.Image.Image:
+    """Load a path, http(s) URL, PIL image, numpy array or torch tensor as an RGB PIL image.
+
+    Files are fully decoded (truncation is an error, not a grey band), EXIF orientation is applied, transparency is
+    composited on `background`, and 16-bit samples are scaled to 8 bits. Arrays: HxW or HxWx1/2/3/4 in uint8, uint16
+    or float [0, 1]; tensors: 3xHxW or HxWx3 in uint8 or float [0, 1].
+    """
+    bg = _check_background(background)
+    # is_tensor keeps torch out of this module's imports, so the CLI can import InputError cheaply.
+    if is_tensor(source):
+        return _from_tensor(source, bg)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, bg)
+    if isinstance(source, PIL.Image.Image):
+        image, name = source, "image"
+    elif isinstance(source, (str, os.PathLike)):
+        image, name = _open_source(source)
+    else:
+        raise InputError(f"cannot load an image from {type(source).__name__}; give a path, URL, PIL image or array")
+    if image.width == 0 or image.height == 0:
+        raise InputError(f"{name} has zero size ({image.width}x{image.height})")
+    # Phones store portrait photos sideways plus an orientation tag; without this the video comes out rotated.
+    image = PIL.ImageOps.exif_transpose(image)
+    return _to_rgb(image, bg, name)
+
+
+def _check_target(width: int, height: int) -> None:
+    for label, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise InputError(f"{label} must be a positive integer, got {value!r}")
+
+
+def _crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[float, float, float, float]:
+    """The centred source box with the target's aspect ratio (fractional: PIL resamples it without a copy)."""
+    src_aspect, dst_aspect = src_w / src_h, dst_w / dst_h
+    if src_aspect > dst_aspect:  # too wide: trim left and right
+        box_w = src_h * dst_aspect
+        left = (src_w - box_w) / 2
+        return (left, 0.0, left + box_w, float(src_h))
+    box_h = src_w / dst_aspect  # too tall (or equal): trim top and bottom
+    top = (src_h - box_h) / 2
+    return (0.0, top, float(src_w), top + box_h)
+
+
+def resize_image(
+    image: PIL.Image.Image,
+    width: int,
+    height: int,
+    mode: str = "stretch",
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> PIL.Image.Image:
+    """Size an image for the VAE branch.
+
+    stretch: plain Lanczos resize to width x height (what diffusers does; distorts other aspect ratios).
+    crop:    centre crop to the target aspect ratio, then resize (fills the frame, loses the edges).
+    pad:     fit inside and letterbox with `background`, centred (keeps everything, adds bars).
+    fit:     ignore the exact target shape, keep the image's aspect: `fit_size` picks multiples of 64 with about
+             width * height pixels, then a (tiny) centre crop absorbs the rounding.
+    """
+    _check_target(width, height)
+    if mode not in SIZE_MODES:
+        raise InputError(f"unknown resize mode {mode!r}; choose one of {', '.join(SIZE_MODES)}")
+    if image.mode != "RGB":
+        image = load_image(image, background)
+    src_w, src_h = image.size
+    if mode == "fit":
+        width, height = fit_size(src_w, src_h, target_pixels=width * height)
+        mode = "crop"
+    if mode == "stretch" or (src_w, src_h) == (width, height):
+        return image.resize((width, height), PIL.Image.LANCZOS)
+    if mode == "crop":
+        return image.resize((width, height), PIL.Image.LANCZOS, box=_crop_box(src_w, src_h, width, height))
+    scale = min(width / src_w, height / src_h)
+    inner_w = min(width, max(1, round(src_w * scale)))
+    inner_h = min(height, max(1, round(src_h * scale)))
+    canvas = PIL.Image.new("RGB", (width, height), _check_background(background))
+    canvas.paste(image.resize((inner_w, inner_h), PIL.Image.LANCZOS), ((width - inner_w) // 2, (height - inner_h) // 2))
+    return canvas
+
+
+def fit_size(width: int, height: int, target_pixels: int = 576 * 1024, multiple: int = 64) -> tuple[int, int]:
+    """A (width, height) pair of multiples of `multiple` with about `target_pixels` pixels and the input's aspect.
+
+    Of the four floor/ceil roundings around the exact solution, the one with the closest aspect ratio wins (ties:
+    closest pixel count), so 1024x576 -> 1024x576, 576x1024 -> 576x1024, a square -> 768x768.
+    """
+    _check_target(width, height)
+    if target_pixels <= 0 or multiple <= 0:
+        raise InputError(f"target_pixels and multiple must be positive, got {target_pixels} and {multiple}")
+    aspect = width / height
+    ideal_h = math.sqrt(target_pixels / aspect)
+    ideal_w = ideal_h * aspect
+
+    def around(x: float) -> set[int]:
+        return {max(multiple, math.floor(x / multiple) * multiple), max(multiple, math.ceil(x / multiple) * multiple)}
+
+    candidates = [(w, h) for w in around(ideal_w) for h in around(ideal_h)]
+    return min(
+        candidates,
+        key=lambda wh: (round(abs(math.log(wh[0] / wh[1] / aspect)), 9), abs(math.log(wh[0] * wh[1] / target_pixels))),
+    )
+
+
+def _nearest_multiples(value: int, multiple: int) -> str:
+    below = (value // multiple) * multiple
+    above = below + multiple
+    return f"{above}" if below <= 0 else f"{below} or {above}"
+
+
+def check_size(width: int, height: int, multiple: int = 64) -> None:
+    """Raise InputError unless both sides are positive multiples of `multiple`.
+
+    SVD's VAE divides by 8 and the UNet halves the latent three more times, so 64 keeps every skip connection the
+    same size as its upsampled partner.
+    """
+    problems = []
+    for label, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            problems.append(f"{label} must be an integer, got {value!r}")
+        elif value <= 0:
+            problems.append(f"{label} {value} must be positive; nearest valid: {multiple}")
+        elif value % multiple:
+            problems.append(
+                f"{label} {value} is not a multiple of {multiple}; nearest valid: {_nearest_multiples(value, multiple)}"
+            )
+    if problems:
+        raise InputError(". ".join(problems))

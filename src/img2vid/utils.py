@@ -1,0 +1,109 @@
+"""Drop-in stand-ins for `diffusers.utils.load_image` / `export_to_video`, so diffusers example code runs unchanged.
+
+They keep diffusers' signatures and semantics (noted where diffusers' behaviour is surprising) but use our own IO:
+stdlib urllib instead of `requests`, PyAV instead of imageio/ffmpeg.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+from img2vid.images import InputError, _fetch_url, _is_url, _open_decoded
+from img2vid.video import FORMATS, export_video
+
+__all__ = ["load_image", "export_to_video"]
+
+# imageio-ffmpeg leaves x264 at its own default when quality is None.
+_X264_DEFAULT_CRF = 23
+
+
+def load_image(
+    image: str | os.PathLike | PIL.Image.Image,
+    convert_method: Callable[[PIL.Image.Image], PIL.Image.Image] | None = None,
+) -> PIL.Image.Image:
+    """diffusers' `load_image`: a path, http(s) URL or PIL image -> EXIF-transposed, then `convert_method(image)`
+    or `image.convert("RGB")`.
+
+    Like diffusers, transparency is DROPPED by convert("RGB") (hidden colours show through), not composited; use
+    `img2vid.images.load_image` for compositing, 16-bit scaling and one-line errors. Unlike diffusers, files are
+    fully decoded here, so a truncated file fails now rather than later.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        if _is_url(image):
+            image = _open_decoded(io.BytesIO(_fetch_url(str(image))), str(image))
+        elif os.path.isfile(image):
+            image = _open_decoded(io.BytesIO(Path(image).read_bytes()), os.fspath(image))
+        else:
+            raise InputError(
+                f"Incorrect path or URL. URLs must start with `http://` or `https://`, and {image} is not a valid path."
+            )
+    elif not isinstance(image, PIL.Image.Image):
+        raise InputError(
+            "Incorrect format used for the image. Should be a URL linking to an image, a local path, or a PIL image."
+        )
+    image = PIL.ImageOps.exif_transpose(image)
+    return convert_method(image) if convert_method is not None else image.convert("RGB")
+
+
+def _diffusers_uint8(frame: np.ndarray | PIL.Image.Image) -> np.ndarray:
+    if isinstance(frame, PIL.Image.Image):
+        return np.asarray(frame.convert("RGB"))
+    if frame.dtype == np.uint8:
+        return frame
+    # diffusers truncates (frame * 255).astype(uint8); we keep the truncation so files match its output, but clip
+    # first so slight overshoot cannot wrap around to black.
+    return (np.clip(frame, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _to_macro_blocks(frames: list[np.ndarray], block: int) -> list[np.ndarray]:
+    """imageio scales frames UP to the next multiple of the macroblock size (ffmpeg's scale filter, bicubic)."""
+    height, width = frames[0].shape[:2]
+    new_w, new_h = -(-width // block) * block, -(-height // block) * block
+    if (new_w, new_h) == (width, height):
+        return frames
+    warnings.warn(
+        f"resizing frames from {width}x{height} to {new_w}x{new_h} to be divisible by macro_block_size={block}",
+        stacklevel=3,
+    )
+    return [np.asarray(PIL.Image.fromarray(f).resize((new_w, new_h), PIL.Image.BICUBIC)) for f in frames]
+
+
+def export_to_video(
+    video_frames: list[np.ndarray] | list[PIL.Image.Image],
+    output_video_path: str | None = None,
+    fps: int = 10,
+    quality: float = 5.0,
+    bitrate: int | None = None,
+    macro_block_size: int | None = 16,
+) -> str:
+    """diffusers' `export_to_video`: frames (float arrays in [0, 1] or PIL images) -> an H.264 yuv420p mp4.
+
+    quality 0..10 maps to x264 crf int((1 - quality / 10) * 51) as imageio-ffmpeg does (5 -> crf 25); a bitrate
+    (bit/s) replaces it. Sizes not divisible by macro_block_size are scaled up to the next multiple (None or 1:
+    off). Without a path a temporary .mp4 is created. Returns the path.
+    """
+    if not video_frames:
+        raise InputError("export_to_video got no frames")
+    if quality is not None and not 0 <= quality <= 10:
+        raise InputError(f"quality must be in 0..10, got {quality}")
+    frames = [_diffusers_uint8(f) for f in video_frames]
+    if macro_block_size is not None and macro_block_size > 1:
+        frames = _to_macro_blocks(frames, macro_block_size)
+    if output_video_path is None:
+        fd, output_video_path = tempfile.mkstemp(suffix=".mp4")
+        os.close(fd)
+    suffix = Path(output_video_path).suffix.lower().lstrip(".")
+    # imageio picks the format from the extension too; anything we do not know becomes mp4.
+    fmt = suffix if suffix in FORMATS and suffix != "png" else "mp4"
+    crf = None if bitrate is not None else (int((1 - quality / 10) * 51) if quality is not None else _X264_DEFAULT_CRF)
+    export_video(frames, output_video_path, fps=fps, format=fmt, crf=crf, bitrate=bitrate)
+    return output_video_path

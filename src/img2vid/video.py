@@ -1,0 +1,410 @@
+"""Videos out: frames -> mp4 (H.264) / webm (VP9) / gif / animated webp / a folder of PNGs, written atomically.
+
+Choices worth knowing:
+- mp4/webm are yuv420p, which needs an even width and height: odd sizes are padded by repeating the last row/column
+  (one pixel, invisible) rather than refused, so any frame size exports. SVD sizes (multiples of 64) are untouched.
+- Colour: RGB -> YUV uses BT.709 (limited range) and the stream is tagged so, because players assume BT.709 for
+  untagged content at these sizes; an untagged BT.601 conversion shifts saturated colours visibly.
+- Metadata (seed, model, parameters) is a sidecar `<path>.json` (png folder: `metadata.json` inside) and, where the
+  format has a place for it, a copy in the file: mp4/webm container `comment`, gif comment, webp EXIF
+  ImageDescription, an iTXt chunk "img2vid" in every PNG frame. The sidecar wins when both exist.
+- Nothing ever appears under the final name half-written: everything goes to a hidden temp in the same directory
+  and is renamed over the target; on any exception (Ctrl-C included) the temp is removed, an older file survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import av
+import numpy as np
+import PIL.Image
+import PIL.PngImagePlugin
+
+from img2vid.images import InputError, is_tensor, to_uint8
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FORMATS", "LOOP_MODES", "to_uint8_frames", "apply_loop", "export_video", "read_video", "read_metadata"]
+
+FORMATS = ("mp4", "webm", "gif", "webp", "png")  # "png" = a folder of PNG frames
+LOOP_MODES = ("none", "loop", "pingpong")
+DEFAULT_CRF = 18  # x264/VP9 constant quality: 18 is visually lossless for x264, lower = bigger and better
+WEBP_QUALITY = 90
+_CODECS = {"mp4": "libx264", "webm": "libvpx-vp9"}
+_BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709 share the value 1 in ffmpeg's enums
+_LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("tv" range, what players expect from yuv420p)
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+_PNG_META_KEY = "img2vid"
+_PNG_FPS_KEY = "img2vid-fps"
+_FOLDER_META = "metadata.json"
+
+
+def _stack_uint8(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 5 and array.shape[0] == 1:
+        array = array[0]  # (1, F, H, W, C) -> (F, H, W, C): one video of a pipeline batch
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise InputError(f"frames have unsupported shape {tuple(array.shape)}; expected (F, H, W, 3)")
+    if 0 in array.shape:
+        raise InputError(f"frames are empty (shape {tuple(array.shape)})")
+    pixels = to_uint8(array, "frames")
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)  # (F, H, W, 1) -> (F, H, W, 3)
+    return np.ascontiguousarray(pixels)
+
+
+def to_uint8_frames(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
+    """list[PIL.Image] / (F, H, W, 3) array (float [0, 1] or uint8) / (F, 3, H, W) or (F, H, W, 3) tensor
+    -> (F, H, W, 3) uint8. Floats are rounded (like diffusers' PIL output), not truncated."""
+    if is_tensor(frames):
+        import torch  # already loaded: the caller holds a tensor
+
+        t = frames.detach().to("cpu")
+        if t.ndim == 5 and t.shape[0] == 1:
+            t = t[0]  # (1, F, ...) -> (F, ...)
+        if t.ndim == 4 and t.shape[1] in (1, 3) and (t.shape[-1] not in (1, 3) or t.shape[1] == t.shape[-1]):
+            t = t.permute(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C): torch layout, also for ambiguous shapes
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()  # numpy has no bfloat16
+        return _stack_uint8(t.numpy())
+    if isinstance(frames, np.ndarray):
+        return _stack_uint8(frames)
+    if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence) or len(frames) == 0:
+        raise InputError(f"expected a non-empty list of frames, an array or a tensor, got {type(frames).__name__}")
+    if all(isinstance(f, PIL.Image.Image) for f in frames):
+        arrays = [np.asarray(f.convert("RGB")) for f in frames]
+    elif all(is_tensor(f) for f in frames):
+        return to_uint8_frames(np.stack([to_uint8_frames(f[None])[0] for f in frames]))
+    elif all(isinstance(f, np.ndarray) for f in frames):
+        arrays = list(frames)
+    else:
+        raise InputError("frames must all be PIL images, all numpy arrays or all tensors")
+    if len({a.shape for a in arrays}) != 1:
+        raise InputError(f"frames differ in size: {sorted({a.shape for a in arrays})}")
+    return _stack_uint8(np.stack(arrays))  # F x (H, W, C) -> (F, H, W, C)
+
+
+def apply_loop(frames: np.ndarray, loop: str) -> np.ndarray:
+    """none / loop: unchanged (players loop the file); pingpong: 0..F-1 then F-2..1, so that looping playback
+    never shows the turning frames twice in a row."""
+    if loop not in LOOP_MODES:
+        raise InputError(f"unknown loop mode {loop!r}; choose one of {', '.join(LOOP_MODES)}")
+    if loop != "pingpong":
+        return frames
+    return np.concatenate([frames, frames[-2:0:-1]], axis=0)  # (F, ...) -> (2F - 2, ...) for F >= 2
+
+
+def _infer_format(path: Path, format: str | None) -> str:
+    fmt = (format or path.suffix.lstrip(".")).lower()
+    if fmt not in FORMATS:
+        shown = format if format else (path.suffix or "no extension")
+        raise InputError(f"cannot write {path}: unknown video format {shown!r}; use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _fps_fraction(fps: float | Fraction) -> Fraction:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction, np.integer, np.floating)):
+        raise InputError(f"fps must be a number, got {fps!r}")
+    if not math.isfinite(float(fps)) or fps <= 0:
+        raise InputError(f"fps must be positive, got {fps}")
+    if isinstance(fps, Fraction):
+        return fps
+    # 1001 recovers NTSC rates from their float spelling (29.97002997 -> 30000/1001) and keeps 12.5 exact.
+    return Fraction(float(fps)).limit_denominator(1001)
+
+
+def _json_default(value: object) -> object:
+    """Make common non-JSON values storable (numpy scalars/arrays, paths, fractions, dtypes) instead of failing."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) or is_tensor(value):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def _metadata_json(metadata: dict | None) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InputError(f"metadata must be a dict, got {type(metadata).__name__}")
+    # ASCII-only so the same string fits everywhere, including EXIF's ASCII ImageDescription.
+    return json.dumps(metadata, ensure_ascii=True, default=_json_default)
+
+
+def _pad_even(frames: np.ndarray) -> np.ndarray:
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if not (pad_h or pad_w):
+        return frames
+    return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")  # (F, H, W, 3) -> even H, W
+
+
+def _write_av(
+    frames: np.ndarray, path: Path, fmt: str, rate: Fraction, crf: int, bitrate: int | None, comment: str | None
+) -> None:
+    frames = _pad_even(frames)
+    # +faststart moves the moov index before the media data so browsers can start playing while downloading.
+    options = {"movflags": "+faststart"} if fmt == "mp4" else {}
+    with av.open(str(path), mode="w", format=fmt, options=options) as container:
+        if comment is not None:
+            container.metadata["comment"] = comment
+        stream = container.add_stream(_CODECS[fmt], rate=rate)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"  # the only 4:2:0 flavour every browser decodes
+        ctx = stream.codec_context
+        ctx.colorspace, ctx.color_primaries, ctx.color_trc = _BT709, _BT709, _BT709
+        ctx.color_range = _LIMITED_RANGE
+        if bitrate is not None:
+            stream.bit_rate = int(bitrate)
+            codec_options = {}
+        else:
+            codec_options = {"crf": str(int(crf))}
+            if fmt == "webm":
+                codec_options["b:v"] = "0"  # VP9 only honours crf as constant quality with the bitrate cap off
+        if fmt == "webm":
+            codec_options.update({"row-mt": "1", "cpu-used": "2"})
+        stream.options = codec_options
+        for index, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame = frame.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flush the encoder's delayed frames
+
+
+def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comment: str | None) -> None:
+    images = [PIL.Image.fromarray(f) for f in frames]
+    if fmt == "gif":
+        # GIF delays are whole centiseconds (Pillow truncates ms / 10), and browsers slow delays under 2 cs down to
+        # 10 cs, so round to the nearest valid value ourselves: fps 7 plays at 100 / 14 = 7.14.
+        centis = max(2, round(100 / rate))
+        extra = {"duration": centis * 10, "optimize": False}
+        if comment is not None:
+            extra["comment"] = comment
+    else:
+        extra = {"duration": max(1, round(1000 / rate)), "quality": WEBP_QUALITY, "method": 4}
+        if comment is not None:
+            exif = PIL.Image.Exif()
+            exif[_EXIF_IMAGE_DESCRIPTION] = comment
+            extra["exif"] = exif.tobytes()
+    # loop=0: play forever, as a generated clip is meant to.
+    images[0].save(path, format=fmt.upper(), save_all=True, append_images=images[1:], loop=0, **extra)
+
+
+def _write_png_folder(frames: np.ndarray, folder: Path, rate: Fraction, comment: str | None) -> None:
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(_PNG_FPS_KEY, str(rate))  # a folder has no container to carry the frame rate
+    if comment is not None:
+        info.add_itxt(_PNG_META_KEY, comment)
+        (folder / _FOLDER_META).write_text(comment + "\n", encoding="utf-8")
+    for index, pixels in enumerate(frames):
+        PIL.Image.fromarray(pixels).save(folder / f"frame_{index:05d}.png", pnginfo=info)
+
+
+def _temp_name(final: Path, tail: str) -> Path:
+    return final.parent / f".{final.name}.{secrets.token_hex(4)}{tail}"
+
+
+@contextlib.contextmanager
+def _staged_file(final: Path) -> Iterator[Path]:
+    """A hidden temp file next to `final` (same extension, so muxers pick the same format), removed on failure."""
+    tmp = _temp_name(final, f".tmp{final.suffix}")
+    # O_EXCL reserves the name; mode 0o666 lets the umask decide permissions as for any ordinary new file.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _is_frame_folder(folder: Path) -> bool:
+    """Only a folder this module wrote may be replaced: never delete a user's unrelated directory."""
+    return all(p.name == _FOLDER_META or (p.name.startswith("frame_") and p.suffix == ".png") for p in folder.iterdir())
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # rename() cannot replace a non-empty directory: move the old one aside, swap, then delete it.
+    old = _temp_name(final, ".old")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_target(final: Path, fmt: str) -> None:
+    if fmt == "png":
+        if final.exists() and not final.is_dir():
+            raise InputError(f"cannot write PNG frames to {final}: it exists and is not a directory")
+        if final.is_dir() and not _is_frame_folder(final):
+            raise InputError(f"refusing to replace {final}: it holds files other than PNG frames")
+    elif final.is_dir():
+        raise InputError(f"cannot write {final}: it is a directory")
+
+
+def export_video(
+    frames: Sequence | np.ndarray | torch.Tensor,
+    path: str | os.PathLike,
+    fps: float | Fraction,
+    format: str | None = None,
+    crf: int | None = None,
+    loop: str = "none",
+    metadata: dict | None = None,
+    bitrate: int | None = None,
+) -> Path:
+    """Write frames as mp4 / webm / gif / webp / png-folder (format from the extension unless given).
+
+    crf: constant quality for mp4/webm (default 18; ignored by gif/webp/png). bitrate: a fixed bitrate in bit/s for
+    mp4/webm instead of crf. loop: none / loop / pingpong (see `apply_loop`). metadata: a JSON-able dict stored in a
+    sidecar and in the file (see module doc); without it a stale sidecar of an earlier export is removed.
+    """
+    final = Path(path).expanduser()
+    fmt = _infer_format(final, format)
+    rate = _fps_fraction(fps)
+    pixels = apply_loop(to_uint8_frames(frames), loop)
+    comment = _metadata_json(metadata)
+    if crf is not None and not (isinstance(crf, (int, np.integer)) and 0 <= crf <= 63):
+        raise InputError(f"crf must be an integer in 0..63, got {crf!r}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _check_target(final, fmt)
+    if fmt == "png":
+        tmp = _temp_name(final, ".tmp")
+        tmp.mkdir()
+        try:
+            _write_png_folder(pixels, tmp, rate, comment)
+            _replace_folder(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+    sidecar = final.with_name(final.name + ".json")
+    with _staged_file(final) as tmp_video:
+        if fmt in _CODECS:
+            _write_av(pixels, tmp_video, fmt, rate, DEFAULT_CRF if crf is None else crf, bitrate, comment)
+        else:
+            _write_pillow(pixels, tmp_video, fmt, rate, comment)
+        if comment is None:
+            os.replace(tmp_video, final)
+            sidecar.unlink(missing_ok=True)  # an older export's parameters would now describe the wrong video
+            return final
+        with _staged_file(sidecar) as tmp_sidecar:
+            tmp_sidecar.write_text(comment + "\n", encoding="utf-8")
+            os.replace(tmp_video, final)
+            os.replace(tmp_sidecar, sidecar)
+    return final
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("frame_*.png"))
+    if not files:
+        raise InputError(f"{folder} holds no frame_*.png files")
+    return files
+
+
+def _read_png_folder(folder: Path) -> tuple[np.ndarray, float]:
+    files = _frame_files(folder)
+    frames = []
+    for file in files:
+        with PIL.Image.open(file) as image:
+            frames.append(np.asarray(image.convert("RGB")))
+    with PIL.Image.open(files[0]) as first:
+        rate = first.info.get(_PNG_FPS_KEY)
+    fps = float(Fraction(rate)) if rate else float(read_metadata(folder).get("fps", 0.0))
+    return np.stack(frames), fps  # F x (H, W, 3) -> (F, H, W, 3)
+
+
+def _read_pillow(path: Path) -> tuple[np.ndarray, float]:
+    frames, durations = [], []
+    with PIL.Image.open(path) as image:
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            frames.append(np.asarray(image.convert("RGB")))
+            durations.append(float(image.info.get("duration", 0) or 0))
+    mean_ms = sum(durations) / len(durations)
+    return np.stack(frames), (1000.0 / mean_ms if mean_ms > 0 else 0.0)  # F x (H, W, 3) -> (F, H, W, 3)
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Decode a file written by `export_video` (or any PyAV-readable video) -> ((F, H, W, 3) uint8, fps)."""
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise InputError(f"video not found: {source}")
+    if source.is_dir():
+        return _read_png_folder(source)
+    if source.suffix.lower() in (".gif", ".webp"):
+        return _read_pillow(source)
+    try:
+        with av.open(str(source)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            # to_ndarray converts with the stream's tagged matrix (BT.709 for our files).
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except (av.FFmpegError, IndexError) as e:
+        raise InputError(f"cannot decode {source}: {e}") from None
+    if not frames:
+        raise InputError(f"{source} has no video frames")
+    return np.stack(frames), float(rate or 0.0)  # F x (H, W, 3) -> (F, H, W, 3)
+
+
+def _parse(text: str | bytes | None) -> dict:
+    """Container copies may have been written by other tools: anything that is not a JSON object is ignored."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _container_metadata(source: Path) -> dict:
+    if source.is_dir():
+        with PIL.Image.open(_frame_files(source)[0]) as image:
+            return _parse(image.info.get(_PNG_META_KEY))
+    suffix = source.suffix.lower()
+    if suffix == ".gif":
+        with PIL.Image.open(source) as image:
+            return _parse(image.info.get("comment"))
+    if suffix == ".webp":
+        with PIL.Image.open(source) as image:
+            return _parse(image.getexif().get(_EXIF_IMAGE_DESCRIPTION))
+    try:
+        with av.open(str(source)) as container:
+            tags = {key.lower(): value for key, value in container.metadata.items()}  # matroska upper-cases tags
+    except av.FFmpegError:
+        return {}
+    return _parse(tags.get("comment"))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata dict stored by `export_video`: the sidecar JSON, else the copy inside the file, else {}."""
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise InputError(f"video not found: {source}")
+    sidecar = source / _FOLDER_META if source.is_dir() else source.with_name(source.name + ".json")
+    if sidecar.is_file():
+        try:
+            value = json.loads(sidecar.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise InputError(f"{sidecar} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise InputError(f"{sidecar} does not hold a JSON object")
+        return value
+    return _container_metadata(source)

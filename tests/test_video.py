@@ -1,0 +1,334 @@
+"""Videos out: each format written and decoded back, metadata round trips, loops, atomic writes, diffusers compat."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from img2vid.images import InputError
+from img2vid.utils import export_to_video
+from img2vid.video import FORMATS, apply_loop, export_video, read_metadata, read_video, to_uint8_frames
+
+F, H, W = 8, 64, 96
+# Mean absolute error allowed after a decode, per format (0-255 scale): lossy codecs on smooth frames.
+TOLERANCE = {"mp4": 3.0, "webm": 3.0, "gif": 6.0, "webp": 4.0, "png": 0.0}
+META = {"seed": 42, "model": "stabilityai/stable-video-diffusion-img2vid-xt", "steps": 25, "fps": 7, "note": "é→✓"}
+
+
+def _frames(count: int = F, height: int = H, width: int = W) -> np.ndarray:
+    """Smooth moving gradients: (count, height, width, 3) uint8, every frame different."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = [
+        np.stack([(xx * 2 + t * 8) % 256, (yy * 3 + t * 5) % 256, np.full_like(xx, 200 - t * 10)], axis=-1)
+        for t in range(count)
+    ]
+    return np.stack(out).astype(np.uint8)
+
+
+def _target(tmp_path: Path, fmt: str, stem: str = "clip") -> Path:
+    return tmp_path / (f"{stem}_frames" if fmt == "png" else f"{stem}.{fmt}")
+
+
+def _listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ---------------------------------------------------------------- frames in
+
+
+def test_to_uint8_frames_inputs() -> None:
+    frames = _frames()
+    as_float = frames.astype(np.float32) / 255
+    assert np.array_equal(to_uint8_frames(frames), frames)
+    assert np.array_equal(to_uint8_frames(as_float), frames)  # rounding, so uint8 -> float -> uint8 is exact
+    assert np.array_equal(to_uint8_frames([PIL.Image.fromarray(f) for f in frames]), frames)
+    assert np.array_equal(to_uint8_frames(list(as_float)), frames)
+    tensor = torch.from_numpy(as_float)
+    assert np.array_equal(to_uint8_frames(tensor), frames)  # (F, H, W, 3)
+    assert np.array_equal(to_uint8_frames(tensor.permute(0, 3, 1, 2)), frames)  # (F, 3, H, W)
+    assert np.array_equal(to_uint8_frames(tensor.permute(0, 3, 1, 2)[None]), frames)  # (1, F, 3, H, W)
+    assert np.array_equal(to_uint8_frames(list(tensor.permute(0, 3, 1, 2))), frames)  # F x (3, H, W)
+    assert np.abs(to_uint8_frames(tensor.to(torch.bfloat16)).astype(int) - frames).max() <= 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], np.zeros((4, 8, 8, 5), np.uint8), np.full((2, 8, 8, 3), 2.0), [np.zeros((8, 8, 3)), np.zeros((8, 9, 3))]],
+)
+def test_to_uint8_frames_errors(bad: object) -> None:
+    with pytest.raises(InputError):
+        to_uint8_frames(bad)  # type: ignore[arg-type]
+
+
+def test_apply_loop_orders() -> None:
+    frames = np.arange(5)[:, None, None, None]
+    assert apply_loop(frames, "none") is frames and apply_loop(frames, "loop") is frames
+    assert apply_loop(frames, "pingpong")[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 3, 2, 1]
+    assert apply_loop(frames[:2], "pingpong")[:, 0, 0, 0].tolist() == [0, 1]
+    assert apply_loop(frames[:1], "pingpong")[:, 0, 0, 0].tolist() == [0]
+    with pytest.raises(InputError):
+        apply_loop(frames, "bounce")
+
+
+# ---------------------------------------------------------------- each format round trip
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip(tmp_path: Path, fmt: str) -> None:
+    frames = _frames()
+    path = export_video(frames, _target(tmp_path, fmt), fps=7, format=fmt if fmt == "png" else None, metadata=META)
+    decoded, fps = read_video(path)
+    assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+    error = np.abs(decoded.astype(np.float32) - frames).mean()
+    assert error <= TOLERANCE[fmt], error
+    # GIF stores whole centiseconds: 100/14 cs; the others keep 7 (webp: 143 ms a frame).
+    assert fps == pytest.approx(7.0, rel=0.03)
+    assert read_metadata(path) == META
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_metadata_inside_the_file(tmp_path: Path, fmt: str) -> None:
+    path = export_video(_frames(), _target(tmp_path, fmt), fps=8, format=fmt, metadata=META)
+    sidecar = path / "metadata.json" if fmt == "png" else path.with_name(path.name + ".json")
+    assert json.loads(sidecar.read_text(encoding="utf-8")) == META
+    sidecar.unlink()  # what survives a copy of the file alone
+    assert read_metadata(path) == META
+
+
+def test_metadata_values_made_json_safe(tmp_path: Path) -> None:
+    meta = {"seed": np.int64(7), "scale": np.float32(0.5), "path": Path("/x/y"), "fps": Fraction(30000, 1001)}
+    path = export_video(_frames(), tmp_path / "a.mp4", fps=7, metadata=meta)
+    assert read_metadata(path) == {"seed": 7, "scale": 0.5, "path": "/x/y", "fps": "30000/1001"}
+
+
+def test_without_metadata_stale_sidecar_removed(tmp_path: Path) -> None:
+    path = export_video(_frames(), tmp_path / "a.mp4", fps=7, metadata={"seed": 1})
+    export_video(_frames(), path, fps=7)
+    assert not path.with_name("a.mp4.json").exists() and read_metadata(path) == {}
+
+
+def test_pingpong_export(tmp_path: Path) -> None:
+    frames = _frames()
+    path = export_video(frames, tmp_path / "pp", fps=7, format="png", loop="pingpong")
+    decoded, _ = read_video(path)
+    order = list(range(F)) + list(range(F - 2, 0, -1))
+    assert np.array_equal(decoded, frames[order])
+
+
+# ---------------------------------------------------------------- codec specifics
+
+
+def _top_level_boxes(path: Path) -> list[str]:
+    data, boxes, offset = path.read_bytes(), [], 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        if size == 1:  # 64-bit size follows
+            size = struct.unpack(">Q", data[offset + 8 : offset + 16])[0]
+        boxes.append(kind.decode("latin-1"))
+        offset += size if size else len(data)
+    return boxes
+
+
+def test_mp4_is_browser_friendly(tmp_path: Path) -> None:
+    path = export_video(_frames(), tmp_path / "a.mp4", fps=7)
+    with av.open(str(path)) as container:
+        ctx = container.streams.video[0].codec_context
+        assert ctx.name == "h264" and ctx.pix_fmt == "yuv420p"
+        assert ctx.colorspace == 1 and ctx.color_range == 1  # BT.709, limited range, tagged
+    boxes = _top_level_boxes(path)
+    assert "moov" in boxes and "mdat" in boxes and boxes.index("moov") < boxes.index("mdat")  # +faststart
+
+
+def test_webm_is_vp9(tmp_path: Path) -> None:
+    path = export_video(_frames(), tmp_path / "a.webm", fps=7)
+    with av.open(str(path)) as container:
+        assert container.format.name.startswith("matroska") and container.streams.video[0].codec_context.name == "vp9"
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm"])
+def test_saturated_colours_survive(tmp_path: Path, fmt: str) -> None:
+    """A BT.601/709 mix-up shifts pure colours by ~20 levels; flat blocks keep chroma subsampling out of it."""
+    frames = np.zeros((4, 64, 96, 3), dtype=np.uint8)
+    frames[:, :, :32], frames[:, :, 32:64], frames[:, :, 64:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    decoded, _ = read_video(export_video(frames, tmp_path / f"c.{fmt}", fps=7))
+    for x in (16, 48, 80):
+        assert np.abs(decoded[:, 8:-8, x - 8 : x + 8].astype(int) - frames[:, 8:-8, x - 8 : x + 8]).max() <= 6
+
+
+def test_fractional_fps(tmp_path: Path) -> None:
+    ntsc = Fraction(30000, 1001)
+    _, fps = read_video(export_video(_frames(), tmp_path / "a.mp4", fps=ntsc))
+    assert fps == pytest.approx(float(ntsc))
+    _, fps = read_video(export_video(_frames(), tmp_path / "b.mp4", fps=30000 / 1001))
+    assert fps == pytest.approx(float(ntsc))
+    _, fps = read_video(export_video(_frames(), tmp_path / "c.webm", fps=12.5))
+    assert fps == pytest.approx(12.5)
+
+
+def test_odd_size_padded_for_yuv420(tmp_path: Path) -> None:
+    frames = _frames(height=63, width=95)
+    decoded, _ = read_video(export_video(frames, tmp_path / "odd.mp4", fps=7))
+    assert decoded.shape == (F, 64, 96, 3)
+    assert np.abs(decoded[:, :63, :95].astype(np.float32) - frames).mean() <= TOLERANCE["mp4"]
+
+
+def test_crf_controls_quality(tmp_path: Path) -> None:
+    frames = _frames()
+    errors = []
+    for crf in (0, 40):
+        decoded, _ = read_video(export_video(frames, tmp_path / f"q{crf}.mp4", fps=7, crf=crf))
+        errors.append(np.abs(decoded.astype(np.float32) - frames).mean())
+    assert errors[0] < errors[1]
+
+
+def test_export_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown video format"):
+        export_video(_frames(), tmp_path / "a.avi", fps=7)
+    with pytest.raises(InputError, match="unknown video format"):
+        export_video(_frames(), tmp_path / "noext", fps=7)
+    with pytest.raises(InputError, match="fps must be positive"):
+        export_video(_frames(), tmp_path / "a.mp4", fps=0)
+    with pytest.raises(InputError, match="crf"):
+        export_video(_frames(), tmp_path / "a.mp4", fps=7, crf=99)
+    (tmp_path / "d.mp4").mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        export_video(_frames(), tmp_path / "d.mp4", fps=7)
+    user_folder = tmp_path / "mine"
+    user_folder.mkdir()
+    (user_folder / "thesis.tex").write_text("precious")
+    with pytest.raises(InputError, match="refusing to replace"):
+        export_video(_frames(), user_folder, fps=7, format="png")
+    assert (user_folder / "thesis.tex").read_text() == "precious"
+    with pytest.raises(InputError, match="not found"):
+        read_video(tmp_path / "missing.mp4")
+
+
+def test_png_folder_replaced_whole(tmp_path: Path) -> None:
+    path = export_video(_frames(10), tmp_path / "f", fps=7, format="png", metadata={"seed": 1})
+    export_video(_frames(3), path, fps=5, format="png")
+    decoded, fps = read_video(path)
+    assert decoded.shape[0] == 3 and fps == 5 and _listing(path) == {f"frame_{i:05d}.png" for i in range(3)}
+    assert _listing(tmp_path) == {"f"}
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+class _Boom(KeyboardInterrupt):
+    """A Ctrl-C lookalike: must not be swallowed, must still clean up."""
+
+
+def _partial_output(folder: Path) -> bool:
+    """Whether a hidden temp next to the target already holds encoded data (so the failure really is midway)."""
+    for entry in folder.glob(".*"):
+        if (entry.is_file() and entry.stat().st_size > 0) or (entry.is_dir() and len(list(entry.iterdir())) >= 3):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_interrupted_write_leaves_old_file(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = _target(tmp_path, fmt)
+    export_video(_frames(), target, fps=7, format=fmt, metadata={"version": "old"})
+    old_frames, _ = read_video(target)
+    before = _listing(tmp_path)
+    # More frames than x264's / VP9's lookahead, and noise (big packets) to get past the muxer's IO buffer:
+    # encoded data reaches the disk before the failure.
+    many = np.random.default_rng(0).integers(0, 256, (64, H, W, 3), dtype=np.uint8)
+
+    if fmt in ("mp4", "webm"):
+        real = av.VideoFrame.from_ndarray
+
+        calls = {"n": 0}
+
+        def failing(*args: object, **kwargs: object) -> av.VideoFrame:
+            calls["n"] += 1
+            # mp4: the muxer has written a header and some packets; webm keeps its one cluster in memory until
+            # the end, so there it is "late, with most packets muxed".
+            if _partial_output(tmp_path) or calls["n"] == 60:
+                raise _Boom
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing)
+    else:
+        real_save = PIL.Image.Image.save
+
+        def failing_save(self: PIL.Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+            if fmt != "png":
+                Path(fp).write_bytes(b"GIF89a partial")  # type: ignore[arg-type]
+            if _partial_output(tmp_path):
+                raise _Boom
+            real_save(self, fp, *args, **kwargs)
+
+        monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
+
+    with pytest.raises(_Boom):
+        export_video(many[::-1], target, fps=9, format=fmt, metadata={"version": "new"})
+    # And with no older file: nothing at all under the final name.
+    fresh = _target(tmp_path, fmt, stem="fresh")
+    if fmt in ("mp4", "webm"):
+        calls["n"] = 0
+    with pytest.raises(_Boom):
+        export_video(many, fresh, fps=7, format=fmt, metadata={"v": 1})
+    monkeypatch.undo()
+
+    assert not fresh.exists() and _listing(tmp_path) == before  # no temp left behind, nothing new
+    decoded, fps = read_video(target)
+    assert np.array_equal(decoded, old_frames) and fps == pytest.approx(7, rel=0.03)
+    assert read_metadata(target) == {"version": "old"}
+
+
+def test_written_file_has_normal_permissions(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    path = export_video(_frames(), tmp_path / "a.gif", fps=7)
+    assert os.stat(path).st_mode & 0o777 == os.stat(probe).st_mode & 0o777  # umask-governed, not mkstemp's 0600
+
+
+# ---------------------------------------------------------------- diffusers-compatible export_to_video
+
+
+def test_export_to_video_float_frames(tmp_path: Path) -> None:
+    frames = _frames().astype(np.float32) / 255
+    path = export_to_video(list(frames), str(tmp_path / "d.mp4"), fps=7)
+    assert path == str(tmp_path / "d.mp4")
+    decoded, fps = read_video(path)
+    assert decoded.shape == (F, H, W, 3) and fps == 7
+    # diffusers truncates (x * 255).astype(uint8); quality 5 is x264 crf 25.
+    assert np.abs(decoded.astype(np.float32) - (frames * 255).astype(np.uint8)).mean() <= 4
+    with av.open(path) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+
+
+def test_export_to_video_defaults_and_macro_blocks(tmp_path: Path) -> None:
+    images = [PIL.Image.fromarray(f) for f in _frames(height=64, width=90)]
+    with pytest.warns(UserWarning, match="macro_block_size=16"):
+        path = export_to_video(images)
+    try:
+        assert path.endswith(".mp4") and os.path.getsize(path) > 0
+        decoded, fps = read_video(path)
+        assert decoded.shape == (F, 64, 96, 3) and fps == 10  # scaled up to 96 as imageio does; diffusers' fps 10
+    finally:
+        os.remove(path)
+    decoded, _ = read_video(export_to_video(images, str(tmp_path / "n.mp4"), macro_block_size=None))
+    assert decoded.shape == (F, 64, 90, 3)
+    with pytest.raises(ValueError, match="quality"):
+        export_to_video(images, str(tmp_path / "q.mp4"), quality=11)
+
+
+def test_export_to_video_quality_and_bitrate(tmp_path: Path) -> None:
+    frames = list(_frames().astype(np.float32) / 255)
+    sizes = {}
+    for name, kwargs in {"q9": {"quality": 9.0}, "q1": {"quality": 1.0}, "br": {"bitrate": 20_000}}.items():
+        path = export_to_video(frames, str(tmp_path / f"{name}.mp4"), **kwargs)
+        sizes[name] = os.path.getsize(path)
+    assert sizes["q9"] > sizes["q1"] and sizes["q9"] > sizes["br"]
