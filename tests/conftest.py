@@ -78,7 +78,9 @@ def reference_pipeline(shape: str = "a", seed: int = 0):
     unet = UNetSpatioTemporalConditionModel(**kwargs(unet_to_diffusers(unet_cfg)))
     vae = AutoencoderKLTemporalDecoder(**kwargs(vae_to_diffusers(vae_cfg)))
     hf_clip = clip_to_transformers(clip_cfg)
-    enc = CLIPVisionModelWithProjection(HFCLIPVisionConfig(**{k: v for k, v in hf_clip.items() if k != "architectures"}))
+    enc = CLIPVisionModelWithProjection(
+        HFCLIPVisionConfig(**{k: v for k, v in hf_clip.items() if k != "architectures"})
+    )
     for i, m in enumerate((unet, vae, enc)):
         perturb_(m, seed * 10 + i)
     sched = {

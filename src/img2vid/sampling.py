@@ -22,7 +22,9 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 7
     """
     if num_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_steps}")
-    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64) if num_steps > 1 else torch.zeros(1, dtype=torch.float64)
+    ramp = (
+        torch.linspace(0, 1, num_steps, dtype=torch.float64) if num_steps > 1 else torch.zeros(1, dtype=torch.float64)
+    )
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
