@@ -1,0 +1,483 @@
+"""The `img2vid` command: generate, selftest, info, convert.
+
+Every user mistake is caught before the (slow, large) model loads and ends as ONE line `img2vid: error: ...` with
+exit code 2; torch and the pipeline are imported inside the commands so `img2vid --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from img2vid import __version__
+
+DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+DTYPES = ("float16", "bfloat16", "float32")
+FORMATS = ("mp4", "webm", "gif", "webp", "png")  # = img2vid.video.FORMATS, spelled out to keep --help import-free
+OOM_HINT = "try --low-memory, --offload model (or sequential) or --decode-chunk-size 2"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error of ours, instead of argparse's usage block.
+        self.exit(2, f"img2vid: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, lo: float, hi: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: `kind` parsed from text and checked against lo..hi, so ranges fail before any loading."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range {lo}..{'' if hi is None else hi}")
+        return value
+
+    return parse
+
+
+# ---- argument definitions ------------------------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder or single file (default: SVD-XT)")
+    g.add_argument("--variant", help="weight variant, e.g. fp16 (default: fp16 for float16 from the hub; 'none': off)")
+    g.add_argument("--offline", action="store_true", help="use only the local hub cache, never the network")
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults: the model's / diffusers')")
+    g.add_argument("--frames", type=_number(int, 1, 256), help="frames (default: the model's, 25 for SVD-XT)")
+    g.add_argument("--steps", type=_number(int, 1, 1000), default=25, help="denoising steps (default %(default)s)")
+    g.add_argument("--fps", type=_number(int, 1, 240), help="conditioning fps (default: the model's, 7; 6 for 1.1)")
+    g.add_argument("--export-fps", type=_number(float, 1, 240), help="playback fps of the file (default: --fps)")
+    g.add_argument("--motion-bucket-id", type=_number(int, 0, 1023), help="more = more motion (default 127)")
+    g.add_argument("--noise-aug-strength", type=_number(float, 0, 10), default=0.02, help="default %(default)s")
+    g.add_argument("--min-guidance", type=_number(float, 0), default=1.0, help="first frame's CFG (default 1.0)")
+    g.add_argument("--max-guidance", type=_number(float, 0), default=3.0, help="last frame's CFG (default 3.0)")
+    g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), help="random seed (default: random, printed and stored)")
+    g.add_argument("--decode-chunk-size", type=_number(int, 1), help="frames decoded at once (default: all)")
+    g.add_argument("--height", type=_number(int, 1), default=576, help="default %(default)s")
+    g.add_argument("--width", type=_number(int, 1), default=1024, help="default %(default)s")
+    g.add_argument(
+        "--resize",
+        choices=("stretch", "crop", "pad", "fit"),
+        default="stretch",
+        help="how the image meets WxH: stretch (diffusers), crop, pad, or fit (keep aspect, ~W*H pixels)",
+    )
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
+    g.add_argument("--offload", choices=("none", "model", "sequential"), help="CPU offload (default none)")
+    g.add_argument("--low-memory", action="store_true", help="model offload + forward chunking + decode chunk 2")
+    g.add_argument("--forward-chunking", action="store_true", help="chunk the UNet feed-forwards (less memory)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, help="file; with several images a folder or a {stem} pattern")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=FORMATS, help="default: from the output's extension, mp4 if none")
+    g.add_argument("--loop", choices=("none", "loop", "pingpong"), default="none", help="default %(default)s")
+    g.add_argument("--crf", type=_number(int, 0, 63), help="mp4/webm quality, lower = better (default 18)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="img2vid", description="Stable Video Diffusion: one image in, a short video out.")
+    parser.add_argument("--version", action="version", version=f"img2vid {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand must not reset a --debug given before it.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", parents=[common], help="make videos from images")
+    gen.add_argument("images", nargs="+", metavar="IMAGE", help="image files, URLs or glob patterns")
+    _add_output_args(gen)
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    _add_runtime_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    test = sub.add_parser("selftest", parents=[common], help="run the whole path on a tiny random model (seconds)")
+    test.set_defaults(func=cmd_selftest)
+
+    info = sub.add_parser("info", parents=[common], help="describe a checkpoint file or folder")
+    info.add_argument("checkpoint")
+    info.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
+    info.set_defaults(func=cmd_info)
+
+    conv = sub.add_parser("convert", parents=[common], help="convert a checkpoint (single file <-> diffusers folder)")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep)")
+    conv.add_argument("--variant", help="the folder side's variant files, e.g. fp16")
+    conv.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+# ---- entry point ---------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and argparse errors: return the code for in-process callers
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("img2vid: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        message, code = _describe(e)
+        print(f"img2vid: error: {message}", file=sys.stderr)
+        return code
+
+
+def _describe(e: Exception) -> tuple[str, int]:
+    """An exception -> (one line, exit code): 2 for the user's inputs and environment, 1 for our bugs."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        return f"out of memory on the device; {OOM_HINT}", 2
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (ValueError, OSError)) or type(e).__module__.startswith("huggingface_hub"):
+        return text, 2  # InputError / CheckpointError / bad values / missing or unreadable files / hub refusals
+    return f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", 1
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+# ---- generate ------------------------------------------------------------------------------------------------------
+def _expand_images(patterns: list[str]) -> list[str]:
+    """Paths, URLs and glob patterns (expanded here too, so a quoted pattern works) -> sources, in order."""
+    from img2vid.images import InputError
+
+    sources: list[str] = []
+    for pattern in patterns:
+        if pattern.lower().startswith(("http://", "https://")):
+            sources.append(pattern)
+        elif glob.has_magic(pattern) and not Path(pattern).exists():
+            matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            if not matches:
+                raise InputError(f"no image matches {pattern!r}")
+            sources.extend(matches)
+        elif not Path(pattern).expanduser().is_file():
+            raise InputError(f"image not found: {pattern}")
+        else:
+            sources.append(str(Path(pattern).expanduser()))
+    return sources
+
+
+def _stem(source: str) -> str:
+    return Path(source.split("?")[0]).stem or "video"
+
+
+def _output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[list[Path], str]:
+    """One output path per source and the format. Several sources need a folder or a pattern with {stem}."""
+    from img2vid.images import InputError
+
+    out = Path(output).expanduser()
+    as_folder = out.is_dir() or output.endswith(("/", os.sep))
+    if "{stem}" not in output and not as_folder and len(sources) > 1:
+        raise InputError(f"{len(sources)} images need -o to be a folder or a pattern containing {{stem}}, not {output}")
+    if not as_folder:
+        suffix = out.suffix.lower().lstrip(".")
+        if suffix and suffix not in FORMATS:
+            raise InputError(f"unknown video format {out.suffix!r} in {output}; use one of {', '.join(FORMATS)}")
+        if suffix and fmt and suffix != fmt:
+            raise InputError(f"--format {fmt} does not match the extension of {output}")
+        fmt = fmt or suffix or "mp4"
+    fmt = fmt or "mp4"
+    ext = "" if fmt == "png" else f".{fmt}"  # png = a folder of frames
+    if as_folder:
+        paths = [out / f"{_stem(s)}{ext}" for s in sources]
+    else:
+        paths = [Path(str(out).replace("{stem}", _stem(s))) for s in sources]
+        paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
+    if len(set(paths)) < len(paths):
+        raise InputError(f"several images would write the same file; use a pattern with {{stem}} (got {output})")
+    parent = out.parent if as_folder and not out.is_dir() else (out if as_folder else None)
+    for folder in {parent} if parent is not None else {p.parent for p in paths}:
+        if not folder.is_dir():
+            raise InputError(f"output folder does not exist: {folder}")
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"output folder is not writable: {folder}")
+    for path in paths:
+        if path.is_dir() and fmt != "png":
+            raise InputError(f"output {path} is a folder; give a file name")
+    return paths, fmt
+
+
+def _model_kind(model: str) -> str:
+    """Is the model a "folder", a "file" or a "hub" id? Decided up front: a typo fails fast, not as a hub lookup."""
+    from img2vid.images import InputError
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "file"
+    if _HUB_ID.match(model) and not model.startswith(".") and not model.lower().endswith(_WEIGHT_SUFFIXES):
+        return "hub"
+    raise InputError(f"model not found: {model} (give a hub id like {DEFAULT_MODEL}, a folder or a checkpoint file)")
+
+
+def _size_multiple(model: str, kind: str) -> int:
+    """Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more, read from the model's
+    config without loading weights. Every published SVD model (hub ids, Stability's single files) needs 64."""
+    from img2vid import checkpoint
+
+    path = Path(model).expanduser()
+    if kind == "folder":
+        config = checkpoint.read_pipeline_config(path)
+    elif kind == "file" and path.suffix == ".safetensors":
+        stored = checkpoint.read_header(path)[1].get(checkpoint.CONFIG_KEY)  # our single files carry their config
+        config = checkpoint.config_from_dict(json.loads(stored)) if stored else None
+    else:
+        config = None
+    if config is None:
+        return 64
+    return 2 ** (len(config.vae.block_out_channels) - 1) * 2 ** (len(config.unet.block_out_channels) - 1)
+
+
+def _device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
+    from img2vid.images import InputError
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise InputError(f"device {name} is not available (CUDA GPUs found: {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device mps is not available")
+    return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
+
+
+def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) -> tuple[Any, str | None]:
+    import torch
+
+    from img2vid.pipeline import Pipeline
+
+    variant = args.variant
+    if variant is None and kind == "hub" and dtype == torch.float16:
+        variant = "fp16"  # the hub's fp16 files: half the download, the same float16 weights
+    variant = None if variant in ("none", "") else variant
+    offload = "none" if args.low_memory else (args.offload or "none")
+    pipe = Pipeline.from_pretrained(
+        args.model,
+        torch_dtype=dtype,
+        variant=variant,
+        device=device if offload == "none" and not args.low_memory else "cpu",  # offloaded weights wait on the CPU
+        local_files_only=args.offline,
+        allow_pickle=args.allow_pickle,
+    )
+    if args.low_memory:  # sequential offload, split guidance halves, forward chunking, decode chunks of 2
+        pipe.enable_low_memory(device=device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    if args.forward_chunking:
+        pipe.unet.enable_forward_chunking()
+    if args.compile:
+        pipe.compile()  # the whole denoising step and the decoder as compiled graphs (fullgraph)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, variant
+
+
+def _progress_bars(quiet: bool, label: str, totals: dict[str, int]) -> tuple[Callable[..., None], Callable[[], None]]:
+    """The pipeline's progress callback as tqdm bars on stderr (time per step, ETA), and a closer for errors. Each
+    bar opens when its stage starts (the pipeline reports finished steps only), so its clock measures that stage."""
+    from tqdm import tqdm
+
+    def bar(stage: str, total: int) -> Any:
+        unit = "step" if stage == "denoise" else "chunk"
+        return tqdm(total=total, desc=f"{label} {stage}", unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True)
+
+    bars = {"denoise": bar("denoise", totals["denoise"])}
+
+    def update(stage: str, done: int, total: int) -> None:
+        current = bars.get(stage) or bars.setdefault(stage, bar(stage, total))
+        current.update(done - current.n)
+        if stage == "denoise" and done >= total:
+            current.close()
+            bars["decode"] = bar("decode", totals["decode"])
+
+    return update, lambda: [b.close() for b in bars.values()] and None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from img2vid.images import InputError, check_size, fit_size, load_image, resize_image
+
+    if args.min_guidance > args.max_guidance:
+        raise InputError(f"--min-guidance {args.min_guidance} is above --max-guidance {args.max_guidance}")
+    sources = _expand_images(args.images)
+    paths, fmt = _output_paths(sources, args.output, args.format)
+    kind = _model_kind(args.model)
+    multiple = _size_multiple(args.model, kind)
+    if args.resize != "fit":
+        check_size(args.width, args.height, multiple)
+    images = [load_image(s) for s in sources]  # unreadable images fail now, not after a long model load
+    device, dtype = _device_dtype(args)
+
+    import torch
+
+    from img2vid.video import export_video
+
+    pipe, variant = _load_pipeline(args, kind, device, dtype)
+    cfg, frames, fps = pipe.config, args.frames or pipe.config.num_frames, args.fps or pipe.config.default_fps
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    _note(args, f"seed {seed}")
+    params = dict(
+        num_frames=frames,
+        num_inference_steps=args.steps,
+        min_guidance_scale=args.min_guidance,
+        max_guidance_scale=args.max_guidance,
+        fps=fps,
+        motion_bucket_id=cfg.default_motion_bucket_id if args.motion_bucket_id is None else args.motion_bucket_id,
+        noise_aug_strength=args.noise_aug_strength,
+        decode_chunk_size=args.decode_chunk_size or min(pipe.default_decode_chunk_size or frames, frames),
+    )
+    # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
+    run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant, seed=seed)
+    run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
+    run.update(export_fps=args.export_fps or fps)
+    for source, image, path in zip(sources, images, paths, strict=True):
+        start = time.perf_counter()
+        width, height = args.width, args.height
+        if args.resize == "fit":
+            width, height = fit_size(image.width, image.height, args.width * args.height, multiple)
+        # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers
+        model_input = image if args.resize == "stretch" else resize_image(image, width, height, args.resize)
+        params.update(height=height, width=width)
+        generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
+        chunks = -(-frames // params["decode_chunk_size"])
+        update, close = _progress_bars(args.quiet, _stem(source), {"denoise": args.steps, "decode": chunks})
+        try:
+            video = pipe(model_input, generator=generator, output_type="np", progress=update, **params).frames[0]
+        finally:
+            close()
+        metadata = {**run, "image": source, **params}
+        export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
+        n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, H, W, 3) frames
+        print(f"wrote {path} ({n} frames, {width}x{height}, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+# ---- selftest, info, convert ---------------------------------------------------------------------------------------
+def cmd_selftest(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from img2vid.pipeline import Pipeline
+    from img2vid.video import export_video, read_metadata, read_video
+
+    height, width, frames, fps, seed = 32, 48, 3, 7, 1234
+    start = time.perf_counter()
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            raise AssertionError(what)
+        _note(args, f"  ok  {what}")
+
+    try:
+        pipe = Pipeline.from_config("tiny")
+        pipe.set_progress_bar_config(disable=True)
+        y, x = np.mgrid[0:40, 0:56]  # a non-square gradient of another size than the video: exercises the resize
+        image = np.stack([x * 4, y * 6, (x + y) * 2], axis=-1).astype(np.uint8)  # (H, W, 3)
+
+        def sample() -> np.ndarray:
+            kw = dict(height=height, width=width, num_frames=frames, num_inference_steps=2, decode_chunk_size=2)
+            return pipe(image, generator=torch.Generator().manual_seed(seed), output_type="np", **kw).frames[0]
+
+        video = sample()  # (F, H, W, 3)
+        check(video.shape == (frames, height, width, 3), f"sampled and decoded {frames} frames of {width}x{height}")
+        check(bool(np.isfinite(video).all()), "every pixel is finite")
+        check(bool(np.array_equal(video, sample())), "the same seed gives the same frames")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_video(video, Path(tmp) / "selftest.mp4", fps=fps, metadata={"seed": seed})
+            back, back_fps = read_video(path)
+            check(back.shape == (frames, height, width, 3), f"exported an mp4 that reads back as {back.shape}")
+            check(abs(back_fps - fps) < 1e-6 and read_metadata(path).get("seed") == seed, "fps and seed stored")
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"img2vid: selftest failed: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    print(f"selftest passed in {time.perf_counter() - start:.1f} s: load, sample, decode, export and read back work.")
+    print("The video was noise: the tiny model has random weights. Real videos need the SVD weights:")
+    print(f"  img2vid generate image.png -o out.mp4   downloads {DEFAULT_MODEL} from the Hugging Face")
+    print("  hub (accept its licence there first), or pass --model a local diffusers folder or svd_xt.safetensors")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from img2vid.checkpoint import checkpoint_info
+
+    info = checkpoint_info(Path(args.checkpoint).expanduser(), allow_pickle=args.allow_pickle)
+    print(info["path"])
+    for key in ("format", "variant", "variants", "config", "config_source"):
+        if info.get(key) not in (None, []):
+            value = info[key]
+            print(f"  {key.replace('_', ' ')}: {', '.join(value) if isinstance(value, list) else value}")
+    comps = info.get("components", {})
+    print(f"  {'component':<14}{'tensors':>9}{'parameters':>16}  dtype")
+    for name, s in comps.items():
+        print(f"  {name:<14}{s['tensors']:>9,}{s['params']:>16,}  {', '.join(s['dtypes'])}")
+    print(
+        f"  {'total':<14}{sum(s['tensors'] for s in comps.values()):>9,}{sum(s['params'] for s in comps.values()):>16,}"
+    )
+    lists = [
+        (f"{n} {k.replace('_', ' ')}", s.get(k))
+        for n, s in comps.items()
+        for k in ("missing", "unexpected", "wrong_shape")
+    ]
+    lists += [("unknown tensors", info.get("unknown")), ("unused tensors skipped", info.get("skipped_unused"))]
+    for label, names in lists:
+        if names:
+            print(f"  {label} ({len(names)}): {', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''}")
+    print(f"  usable as a pipeline: {'yes' if info.get('ok') else 'no'}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from img2vid.checkpoint import convert
+
+    start = time.perf_counter()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
+    dst = convert(src, dst, dtype=dtype, variant=args.variant, allow_pickle=args.allow_pickle)
+    print(f"wrote {dst} ({time.perf_counter() - start:.1f} s)")
+    return 0

@@ -1,0 +1,412 @@
+"""The `img2vid` command line, in-process through `main([...])` on tiny random models saved in every format we load
+(our diffusers-layout folder, a folder saved by diffusers itself, a single file), plus one subprocess run of each
+entry point."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+
+from img2vid import Pipeline, __version__
+from img2vid.cli import main
+from img2vid.video import read_metadata, read_video
+
+H, W, FRAMES, STEPS = 32, 48, 3, 2  # the tiny model needs multiples of 4 (2 VAE levels x 2 UNet levels)
+SMALL = ["--height", str(H), "--width", str(W), "--frames", str(FRAMES), "--steps", str(STEPS), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-models")
+    pipe = Pipeline.from_config("tiny", seed=3)
+    return {
+        "folder": pipe.save_pretrained(root / "tiny"),
+        "single_file": pipe.save_single_file(root / "tiny.safetensors"),
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-images")
+    paths = {"landscape": root / "landscape.png", "portrait": root / "portrait.png", "second": root / "second.png"}
+    make_image(56, 40, seed=0).save(paths["landscape"])
+    make_image(40, 56, seed=1).save(paths["portrait"])
+    make_image(56, 40, seed=2).save(paths["second"])
+    return paths
+
+
+def generate(capsys, image, out, model, *extra) -> tuple[int, str, str]:
+    rc = main(
+        ["generate", *map(str, image if isinstance(image, list) else [image]), "-o", str(out)]
+        + ["--model", str(model), *SMALL, *map(str, extra)]
+    )
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# ---- generate end to end -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["folder", "single_file", "diffusers_folder"])
+def test_generate_from_each_model_format(kind, models, tiny_model_dir, images, tmp_path, capsys):
+    model = tiny_model_dir if kind == "diffusers_folder" else models[kind]
+    out = tmp_path / "clip.mp4"
+    rc, stdout, err = generate(capsys, images["landscape"], out, model, "--seed", 42)
+    assert rc == 0, err
+    assert stdout.startswith(f"wrote {out} ({FRAMES} frames, {W}x{H}, ") and stdout.rstrip().endswith(" s)")
+    frames, fps = read_video(out)
+    assert frames.shape == (FRAMES, H, W, 3)
+    assert fps == pytest.approx(7.0)  # the model's default conditioning fps is also the export fps
+    meta = read_metadata(out)
+    assert meta["seed"] == 42 and meta["model"] == str(model) and meta["img2vid_version"] == __version__
+    assert meta["num_frames"] == FRAMES and meta["num_inference_steps"] == STEPS
+    assert (meta["height"], meta["width"], meta["fps"], meta["motion_bucket_id"]) == (H, W, 7, 127)
+    assert meta["noise_aug_strength"] == 0.02 and meta["min_guidance_scale"] == 1.0
+    assert meta["max_guidance_scale"] == 3.0 and meta["decode_chunk_size"] == FRAMES
+    assert meta["dtype"] == "float32" and meta["resize"] == "stretch"
+
+
+def test_cli_frames_equal_the_library_call_and_seed_repeats(models, images, tmp_path, capsys):
+    """Lossless PNG output: the CLI's frames are exactly the pipeline's (rounded) for the same seed and parameters;
+    the same seed repeats them, another seed does not."""
+    args = ["--format", "png", "--fps", 9, "--motion-bucket-id", 30, "--noise-aug-strength", 0.1]
+    args += ["--min-guidance", 1.5, "--max-guidance", 2.5, "--decode-chunk-size", 2]
+    runs = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        out = tmp_path / name
+        rc, _, err = generate(capsys, images["landscape"], out, models["folder"], *args, "--seed", seed)
+        assert rc == 0, err
+        runs.append(read_video(out)[0])
+    assert np.array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+    pipe = Pipeline.from_pretrained(models["folder"])
+    ref = pipe(
+        str(images["landscape"]),
+        height=H,
+        width=W,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        fps=9,
+        motion_bucket_id=30,
+        noise_aug_strength=0.1,
+        min_guidance_scale=1.5,
+        max_guidance_scale=2.5,
+        decode_chunk_size=2,
+        generator=torch.manual_seed(5),
+        output_type="np",
+    ).frames[0]
+    assert np.array_equal(runs[0], (ref * 255).round().astype(np.uint8))
+    meta = read_metadata(tmp_path / "a")
+    assert (meta["fps"], meta["motion_bucket_id"], meta["noise_aug_strength"]) == (9, 30, 0.1)
+    assert (meta["min_guidance_scale"], meta["max_guidance_scale"], meta["decode_chunk_size"]) == (1.5, 2.5, 2)
+
+
+def test_several_images_load_the_model_once(models, images, tmp_path, capsys, monkeypatch):
+    loads = []
+    original = Pipeline.from_pretrained.__func__
+    monkeypatch.setattr(
+        Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k))
+    )
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("landscape", "second"):
+        shutil.copy(images[name], src / f"{name}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    # a quoted glob (expanded by us), into a folder
+    rc, stdout, err = generate(capsys, str(src / "*.png"), out, models["folder"], "--seed", 1)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["landscape.mp4", "second.mp4"]
+    assert stdout.count("wrote ") == 2 and len(loads) == 1
+    # explicit paths into a {stem} pattern, as webm
+    rc, stdout, err = generate(
+        capsys, [src / "landscape.png", src / "second.png"], tmp_path / "v-{stem}.webm", models["folder"]
+    )
+    assert rc == 0, err
+    for name in ("landscape", "second"):
+        frames, _ = read_video(tmp_path / f"v-{name}.webm")
+        assert frames.shape == (FRAMES, H, W, 3)
+        assert read_metadata(tmp_path / f"v-{name}.webm")["image"] == str(src / f"{name}.png")
+    assert len(loads) == 2
+
+
+@pytest.mark.parametrize("mode", ["stretch", "crop", "pad", "fit"])
+def test_resize_modes(mode, models, images, tmp_path, capsys):
+    out = tmp_path / "clip.gif"
+    rc, stdout, err = generate(capsys, images["portrait"], out, models["folder"], "--resize", mode, "--seed", 0)
+    assert rc == 0, err
+    frames, _ = read_video(out)
+    meta = read_metadata(out)
+    assert frames.shape == (FRAMES, meta["height"], meta["width"], 3) and meta["resize"] == mode
+    if mode == "fit":  # a portrait image keeps its orientation, at about W*H pixels in multiples of 4
+        assert meta["height"] > meta["width"] and meta["height"] % 4 == 0 and meta["width"] % 4 == 0
+        assert abs(meta["height"] * meta["width"] - H * W) < 0.2 * H * W
+    else:
+        assert (meta["height"], meta["width"]) == (H, W)
+    assert f"{meta['width']}x{meta['height']}" in stdout
+
+
+def test_export_options_and_memory_modes(models, images, tmp_path, capsys, monkeypatch):
+    """--export-fps, --loop pingpong, --crf; memory modes (CPU offload degenerates to CPU) keep the frames, and
+    --compile wraps the UNet with torch.compile(fullgraph=True)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
+    base = [images["landscape"], None, models["folder"], "--seed", 3, "--format", "png"]
+    outs = {}
+    for name, extra in {
+        "plain": [],
+        "model-offload": ["--offload", "model", "--forward-chunking", "--compile"],
+        "sequential": ["--offload", "sequential"],
+    }.items():
+        outs[name] = tmp_path / name
+        base[1] = outs[name]
+        rc, _, err = generate(capsys, *base, *extra)
+        assert rc == 0, err
+    ref = read_video(outs["plain"])[0]
+    for name in ("model-offload", "sequential"):
+        assert np.array_equal(read_video(outs[name])[0], ref), name
+    assert compiled == [{"fullgraph": True}]
+    out = tmp_path / "loop.mp4"
+    rc, stdout, err = generate(
+        capsys,
+        images["landscape"],
+        out,
+        models["folder"],
+        "--low-memory",
+        "--fps",
+        6,
+        "--export-fps",
+        12,
+        "--loop",
+        "pingpong",
+        "--crf",
+        30,
+    )
+    assert rc == 0, err
+    frames, fps = read_video(out)
+    assert frames.shape[0] == 2 * FRAMES - 2 and fps == pytest.approx(12.0)
+    assert f"({2 * FRAMES - 2} frames" in stdout
+    meta = read_metadata(out)
+    assert (meta["fps"], meta["export_fps"], meta["decode_chunk_size"], meta["loop"]) == (6, 12, 2, "pingpong")
+
+
+def test_random_seed_is_printed_and_stored(models, images, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    rc = main(["generate", str(images["landscape"]), "-o", str(out), "--model", str(models["folder"]), *SMALL[:-1]])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    seed = read_metadata(out)["seed"]
+    assert isinstance(seed, int) and f"seed {seed}" in captured.err
+
+
+def test_hub_model_defaults_to_fp16_variant(images, tmp_path, capsys, monkeypatch):
+    from img2vid.images import InputError
+
+    seen = {}
+
+    def fake(cls, path, **kw):
+        seen.update(kw, path=path)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(fake))
+    for dtype, variant in (("float16", "fp16"), ("float32", None)):
+        rc = main(["generate", str(images["landscape"]), "-o", str(tmp_path / "x.mp4"), "--dtype", dtype, "--offline"])
+        assert rc == 2 and "stop here" in capsys.readouterr().err
+        assert seen["path"] == "stabilityai/stable-video-diffusion-img2vid-xt" and seen["variant"] == variant
+        assert seen["local_files_only"] is True
+
+
+# ---- other commands ------------------------------------------------------------------------------------------------
+def test_selftest(capsys):
+    assert main(["selftest"]) == 0
+    captured = capsys.readouterr()
+    assert "selftest passed" in captured.out and "noise" in captured.out
+    assert "stabilityai/stable-video-diffusion-img2vid-xt" in captured.out
+    assert "ok" in captured.err
+
+
+def test_info_and_convert(models, tmp_path, capsys):
+    assert main(["info", str(models["single_file"])]) == 0
+    out = capsys.readouterr().out
+    assert str(models["single_file"]) in out and "format" in out.lower()
+    converted = tmp_path / "converted"
+    assert main(["convert", str(models["single_file"]), str(converted), "--dtype", "float16", "--variant", "fp16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["info", str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "float16" in out and "fp16" in out
+    pipe = Pipeline.from_pretrained(converted, variant="fp16", torch_dtype=torch.float16)
+    assert pipe.dtype == torch.float16
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected part of the message)
+    "frames-zero": (["--frames", "0"], "--frames"),
+    "frames-too-many": (["--frames", "300"], "out of range"),
+    "frames-not-int": (["--frames", "abc"], "expected an integer"),
+    "steps-zero": (["--steps", "0"], "--steps"),
+    "fps-zero": (["--fps", "0"], "--fps"),
+    "fps-huge": (["--fps", "1000"], "--fps"),
+    "export-fps-nan": (["--export-fps", "nan"], "--export-fps"),
+    "motion-bucket": (["--motion-bucket-id", "1024"], "--motion-bucket-id"),
+    "noise-aug-negative": (["--noise-aug-strength", "-0.1"], "--noise-aug-strength"),
+    "noise-aug-huge": (["--noise-aug-strength", "11"], "--noise-aug-strength"),
+    "guidance-negative": (["--min-guidance", "-1"], "--min-guidance"),
+    "guidance-order": (["--min-guidance", "3", "--max-guidance", "2"], "above --max-guidance"),
+    "decode-chunk": (["--decode-chunk-size", "0"], "--decode-chunk-size"),
+    "height-not-multiple": (["--height", "34"], "multiple of 4"),
+    "width-zero": (["--width", "0"], "--width"),
+    "seed-negative": (["--seed", "-1"], "--seed"),
+    "crf": (["--crf", "99"], "--crf"),
+    "format-unknown": (["--format", "avi"], "--format"),
+    "format-mismatch": (["--format", "gif"], "does not match"),
+    "resize-unknown": (["--resize", "zoom"], "--resize"),
+    "dtype-unknown": (["--dtype", "int8"], "--dtype"),
+    "offload-unknown": (["--offload", "disk"], "--offload"),
+    "device-unknown": (["--device", "toaster"], "unknown device"),
+    "device-cuda-missing": (["--device", "cuda:7"], "not available"),
+    "model-missing-path": (["--model", "./no/such/model.safetensors"], "model not found"),
+    "model-unknown-offline": (["--model", "nobody/no-such-svd-model", "--offline"], ""),
+}
+
+
+@pytest.fixture
+def bad_env(models, images, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    return models, images, out_dir
+
+
+def assert_one_line_error(rc: int, err: str, needle: str, out_dir: Path) -> None:
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("img2vid: error: ") and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
+    assert list(out_dir.iterdir()) == [], "a failed run must leave no output"
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_option_values(case, bad_env, capsys):
+    if case == "device-cuda-missing" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    models, images, out_dir = bad_env
+    extra, needle = BAD[case]
+    rc, _, err = generate(capsys, images["landscape"], out_dir / "clip.mp4", models["folder"], *extra)
+    assert_one_line_error(rc, err, needle, out_dir)
+
+
+def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
+    models, images, out_dir = bad_env
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    broken_model = tmp_path / "broken.safetensors"
+    broken_model.write_bytes(b"\x00" * 64)
+    good = images["landscape"]
+    cases = [
+        ([tmp_path / "missing.png"], out_dir / "a.mp4", models["folder"], "image not found"),
+        ([str(tmp_path / "*.jpeg")], out_dir / "a.mp4", models["folder"], "no image matches"),
+        ([not_image], out_dir / "a.mp4", models["folder"], "not an image"),
+        ([good], out_dir / "a.avi", models["folder"], "unknown video format"),
+        ([good], tmp_path / "no-such-dir" / "a.mp4", models["folder"], "does not exist"),
+        ([good, images["second"]], out_dir / "a.mp4", models["folder"], "{stem}"),
+        ([good, good], out_dir, models["folder"], "same file"),
+        ([good], out_dir / "a.mp4", broken_model, ""),
+    ]
+    for sources, out, model, needle in cases:
+        rc, _, err = generate(capsys, sources, out, model)
+        assert_one_line_error(rc, err, needle, out_dir)
+
+
+def test_argparse_errors_exit_2(capsys):
+    for argv in (["generate", "x.png"], ["frobnicate"], [], ["generate", "x.png", "-o", "y.mp4", "--bogus"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("img2vid: error: "), err
+
+
+@pytest.mark.parametrize(
+    "exc, rc, needles",
+    [
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB"),
+            2,
+            ["out of memory", "--low-memory", "--offload model", "--decode-chunk-size 2"],
+        ),
+        (KeyboardInterrupt(), 130, ["img2vid: interrupted"]),
+        (RuntimeError("kaboom"), 1, ["kaboom", "--debug"]),
+    ],
+)
+def test_failures_during_generation(exc, rc, needles, models, images, tmp_path, capsys, monkeypatch):
+    def fail(self, *args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(Pipeline, "__call__", fail)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = generate(capsys, images["landscape"], out_dir / "clip.mp4", models["folder"])
+    assert code == rc
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert list(out_dir.iterdir()) == []
+    if rc == 1:  # --debug shows the real exception
+        with pytest.raises(RuntimeError, match="kaboom"):
+            main(
+                [
+                    "--debug",
+                    "generate",
+                    str(images["landscape"]),
+                    "-o",
+                    str(out_dir / "c.mp4"),
+                    "--model",
+                    str(models["folder"]),
+                    *SMALL,
+                ]
+            )
+
+
+def test_info_and_convert_errors(tmp_path, capsys):
+    for argv in (
+        ["info", str(tmp_path / "nothing.safetensors")],
+        ["convert", str(tmp_path / "x"), str(tmp_path / "y")],
+    ):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("img2vid: error: ")
+    assert not (tmp_path / "y").exists()
+
+
+# ---- entry points --------------------------------------------------------------------------------------------------
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"img2vid {__version__}"
+    assert main(["generate", "--help"]) == 0
+    assert "--motion-bucket-id" in capsys.readouterr().out
+
+
+def test_python_dash_m_is_fast_and_torch_free():
+    """`python -m img2vid --version` works, and -X importtime proves the CLI did not import torch to get there."""
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "img2vid", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and run.stdout.strip() == f"img2vid {__version__}"
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+    assert "img2vid.cli" in imported and "torch" not in imported
+
+
+def test_console_script():
+    script = shutil.which("img2vid")
+    if script is None:
+        pytest.skip("the img2vid console script is not on PATH (package not installed)")
+    run = subprocess.run(
+        [script, "generate", "--frames", "0", "x.png", "-o", "y.mp4"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "img2vid: error: argument --frames: 0 is out of range 1..256 (see `img2vid generate --help`)"
+    ]
