@@ -39,10 +39,15 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # One statement per step so each intermediate dies as soon as it is consumed, and SiLU overwrites the norm's
+        # fresh output: at 25 x 576 x 1024 every live (N, C, H, W) temporary is gigabytes (the decode's peak).
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        # In place into the conv's fresh output (autograd-safe: conv backward does not need its output).
+        return h.add_(skip)
 
 
 class TemporalResnetBlock(nn.Module):
@@ -59,8 +64,11 @@ class TemporalResnetBlock(nn.Module):
         self.conv2 = nn.Conv3d(channels, channels, _TIME_KERNEL, padding=_TIME_PADDING)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        return self.conv2(F.silu(self.norm2(h)))
+        # Same memory discipline as ResnetBlock2D.
+        h = F.silu(self.norm1(x), inplace=True)
+        h = self.conv1(h)
+        h = F.silu(self.norm2(h), inplace=True)
+        return self.conv2(h)
 
 
 class AlphaBlender(nn.Module):
@@ -90,7 +98,11 @@ class SpatioTemporalResBlock(nn.Module):
         self.time_mixer = AlphaBlender()
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        x = self.spatial_res_block(x)
+        return self.mix_time(self.spatial_res_block(x), num_frames)
+
+    def mix_time(self, x: Tensor, num_frames: int) -> Tensor:
+        """The temporal half, on the 2D half's output. Separate so that the decoder can drop the block's input
+        between the halves (see Decoder.forward)."""
         # (B*F, C, H, W) -> (B, F, C, H, W) -> (B, C, F, H, W): views only, whatever the memory format.
         x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
         h = self.temporal_res_block(x5)
@@ -195,25 +207,18 @@ class MidBlock(nn.Module):
 
 
 class UpDecoderBlock(nn.Module):
-    """diffusers `UpDecoderBlock2D` (2D resnets) or `UpBlockTemporalDecoder` (spatio-temporal resnets)."""
+    """diffusers `UpDecoderBlock2D` (2D resnets) or `UpBlockTemporalDecoder` (spatio-temporal resnets), then an
+    optional x2 upsample. A container: `Decoder.forward` runs its layers (see there why)."""
 
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool, temporal: bool
     ) -> None:
         super().__init__()
-        self.temporal = temporal
         block = SpatioTemporalResBlock if temporal else ResnetBlock2D
         self.resnets = nn.ModuleList(
             block(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(num_layers)
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
-
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, num_frames) if self.temporal else resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
 
 
 class Encoder(nn.Module):
@@ -237,7 +242,8 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x, num_frames=1)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = F.silu(self.conv_norm_out(x), inplace=True)
+        return self.conv_out(x)
 
 
 class Decoder(nn.Module):
@@ -245,6 +251,7 @@ class Decoder(nn.Module):
 
     def __init__(self, c: VAEConfig, temporal: bool) -> None:
         super().__init__()
+        self.temporal = temporal
         rev = tuple(reversed(c.block_out_channels))
         g = c.norm_num_groups
         self.conv_in = nn.Conv2d(c.latent_channels, rev[0], 3, padding=1)
@@ -266,9 +273,20 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor, num_frames: int) -> Tensor:
         x = self.mid_block(self.conv_in(z), num_frames)
+        # The up blocks' layers run from this frame, one statement each: a call keeps its argument alive in the
+        # caller until it returns, so calling a whole block (or a whole spatio-temporal resnet) would hold the
+        # block's input - up to 256 x 576 x 1024 per frame - through all of its layers. Rebinding `x` frees it.
         for block in self.up_blocks:
-            x = block(x, num_frames)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+            for resnet in block.resnets:
+                if self.temporal:
+                    x = resnet.spatial_res_block(x)
+                    x = resnet.mix_time(x, num_frames)
+                else:
+                    x = resnet(x)
+            if block.upsamplers is not None:
+                x = block.upsamplers[0](x)
+        x = F.silu(self.conv_norm_out(x), inplace=True)
+        x = self.conv_out(x)
         if self.time_conv_out is not None:
             # (B*F, C, H, W) -> (B, F, C, H, W) -> (B, C, F, H, W)
             x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
