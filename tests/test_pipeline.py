@@ -97,22 +97,51 @@ def test_same_seed_same_frames_and_output_types(pipes):
 
 
 def test_offload_and_chunking_leave_frames_unchanged(tiny_model_dir):
+    """Offload moves weights, never values: bit-identical. Forward chunking and split guidance run the same math on
+    smaller batches; the CPU's GEMM may then pick another kernel, so they agree to float rounding (1e-4 here, on
+    values in [0, 1], after every step has compounded it)."""
     kw = dict(image=make_image(), height=H, width=W, num_frames=4, num_inference_steps=2, output_type="pt")
     base = Pipeline.from_pretrained(tiny_model_dir)
-    ref = base(generator=torch.manual_seed(3), **kw).frames
-    for mode in ("model", "sequential", "chunking"):
+    base.set_progress_bar_config(disable=True)
+    ref = base(generator=torch.manual_seed(3), decode_chunk_size=2, **kw).frames
+    modes = {
+        "model-offload": (lambda p: p.enable_model_cpu_offload(device="cpu"), 0.0),
+        "sequential-offload": (lambda p: p.enable_sequential_cpu_offload(device="cpu"), 0.0),
+        "forward-chunking": (lambda p: p.unet.enable_forward_chunking(), 1e-4),
+        "low-memory": (lambda p: p.enable_low_memory(device="cpu"), 1e-4),
+    }
+    for mode, (setup, atol) in modes.items():
         p = Pipeline.from_pretrained(tiny_model_dir)
-        if mode == "model":
-            p.enable_model_cpu_offload(device="cpu")
-        elif mode == "sequential":
-            p.enable_sequential_cpu_offload(device="cpu")
-        else:
-            p.unet.enable_forward_chunking()
-        out = p(generator=torch.manual_seed(3), **kw).frames
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6, msg=mode)
-    chunked = base(generator=torch.manual_seed(3), decode_chunk_size=1, **kw).frames
-    assert chunked.shape == ref.shape  # decode chunking changes temporal mixing by design; shape and range hold
-    assert chunked.min() >= 0 and chunked.max() <= 1
+        p.set_progress_bar_config(disable=True)
+        setup(p)
+        out = p(
+            generator=torch.manual_seed(3), **kw, **({} if mode == "low-memory" else {"decode_chunk_size": 2})
+        ).frames
+        torch.testing.assert_close(out, ref, rtol=0, atol=atol, msg=mode)
+
+
+def test_decode_chunking_matches_reference_and_is_exact_for_2d_decoder(reference_pipelines, pipes):
+    """The temporal decoder mixes frames inside a chunk, so decode_chunk_size changes frames by design (diffusers
+    does the same; the parity tests above cover chunks that do not divide the frame count). What holds: our chunked
+    decode equals diffusers' chunked decode for one video, and chunking the per-frame 2D decoder changes nothing."""
+    from img2vid.configs import replace
+    from img2vid.vae import VAE
+
+    lat = torch.randn(1, 5, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(1))
+    ref = reference_pipelines["a"].decode_latents(lat, num_frames=5, decode_chunk_size=2)  # (1, 3, F, H, W)
+    ours = pipes["a"].decode_latents(lat, decode_chunk_size=2)  # (1, F, 3, H, W)
+    assert rel_err(ours, ref.permute(0, 2, 1, 3, 4)) < 1e-4
+    p = pipes["a"]
+    vae2d = VAE(replace(p.config.vae, temporal_decoder=False))
+    saved = p.vae, p._decode, p.config
+    try:
+        p.vae, p._decode = vae2d, vae2d.decode
+        p.config = replace(p.config, vae=vae2d.config if hasattr(vae2d, "config") else p.config.vae)
+        whole = p.decode_latents(lat, decode_chunk_size=5)
+        for chunk in (1, 2, 3):
+            torch.testing.assert_close(p.decode_latents(lat, decode_chunk_size=chunk), whole, rtol=0, atol=1e-6)
+    finally:
+        p.vae, p._decode, p.config = saved
 
 
 def test_image_input_kinds_agree(pipes):

@@ -113,6 +113,8 @@ class Pipeline:
         self._sequential: dict[str, SequentialOffload] = {}
         self._progress_disabled = False
         self._step: Callable[..., torch.Tensor] = denoise_step
+        self._split_guidance = False  # run the guidance halves one after the other (low memory)
+        self.default_decode_chunk_size: int | None = None  # None: all frames at once, as diffusers
         self._decode: Callable[[torch.Tensor, int], torch.Tensor] = vae.decode
         for m in (unet, vae, image_encoder):
             m.eval().requires_grad_(False)
@@ -234,6 +236,17 @@ class Pipeline:
         for c in COMPONENTS:
             move_module(_orig(getattr(self, c)), self._device if c == name else torch.device("cpu"))
 
+    def enable_low_memory(self, device: str | torch.device | None = None, chunk_size: int = 5) -> Pipeline:
+        """Everything that lowers peak GPU memory without changing a number: weights streamed layer by layer
+        (sequential offload), the two guidance halves run one after the other, feed-forwards in chunks, and the VAE
+        decoding 2 frames at a time by default (an explicit decode_chunk_size still wins; unlike the rest, decode
+        chunking changes the temporal decoder's context, as in diffusers)."""
+        self.enable_sequential_cpu_offload(device=device)
+        _orig(self.unet).enable_forward_chunking(chunk_size)
+        self._split_guidance = True
+        self.default_decode_chunk_size = 2
+        return self
+
     def compile(self, mode: str | None = None, decoder: bool = True) -> Pipeline:
         """Speed mode (gpt-fast style): channels-last weights, and one compiled graph for a whole denoising step
         (scale, both guidance halves through the UNet, guidance, Euler) with static shapes and sigmas as device
@@ -241,7 +254,7 @@ class Pipeline:
         eager to within kernel rounding. The first call compiles (minutes for the full model; torch caches the
         result on disk for later processes)."""
         for c in ("unet", "vae"):
-            _orig(getattr(self, c)).to(memory_format=torch.channels_last)
+            _channels_last_(_orig(getattr(self, c)))
         self._step = torch.compile(denoise_step, fullgraph=True, mode=mode)
         if decoder:
             self._decode = torch.compile(_orig(self.vae).decode, fullgraph=True, mode=mode)
@@ -276,7 +289,8 @@ class Pipeline:
         progress: ProgressFn | None = None,
     ) -> PipelineOutput | Any:
         num_frames = num_frames if num_frames is not None else self.config.num_frames
-        decode_chunk_size = decode_chunk_size if decode_chunk_size is not None else num_frames
+        if decode_chunk_size is None:
+            decode_chunk_size = min(self.default_decode_chunk_size or num_frames, num_frames)
         self._check(height, width, num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
@@ -330,7 +344,9 @@ class Pipeline:
         timesteps = sampling.c_noise(sig[:-1])
         for i in range(n_steps):
             t = timesteps[i]
-            latents = self._step(self.unet, latents, image_latents, emb, time_ids, g, sig[i], sig[i + 1], t, cfg)
+            latents = self._step(
+                self.unet, latents, image_latents, emb, time_ids, g, sig[i], sig[i + 1], t, cfg, self._split_guidance
+            )
             if callback_on_step_end is not None:
                 names = callback_on_step_end_tensor_inputs or ["latents"]
                 local = {"latents": latents}
@@ -424,8 +440,20 @@ def denoise_step(
     sigma_next: torch.Tensor,
     t: torch.Tensor,  # () c_noise
     cfg: bool,
+    split: bool = False,
 ) -> torch.Tensor:
-    """One whole denoising step (scale, UNet, guidance, Euler): the unit that `Pipeline.compile` compiles."""
+    """One whole denoising step (scale, UNet, guidance, Euler): the unit that `Pipeline.compile` compiles.
+
+    split runs the two guidance halves one after the other (half the activation memory, same numbers: every op in
+    the UNet is per-sample)."""
+    if cfg and split:
+        x = sampling.scale_input(latents, sigma)
+        u_lat, c_lat = image_latents.chunk(2)
+        u_emb, c_emb = emb.chunk(2)
+        u_ids, c_ids = time_ids.chunk(2)
+        v_uncond = unet(torch.cat([x, u_lat], dim=2), t, u_emb, u_ids)  # (B, F, 8, h, w) -> (B, F, 4, h, w)
+        v_cond = unet(torch.cat([x, c_lat], dim=2), t, c_emb, c_ids)
+        return sampling.euler_step(latents, sampling.apply_guidance(v_uncond, v_cond, g), sigma, sigma_next)
     x = torch.cat([latents, latents]) if cfg else latents
     x = torch.cat([sampling.scale_input(x, sigma), image_latents], dim=2)  # (2B, F, 8, h, w)
     v = unet(x, t, emb, time_ids)
@@ -445,6 +473,16 @@ def _postprocess(video: torch.Tensor, output_type: str) -> Any:
         return arr
     u8 = (arr * 255).round().astype(np.uint8)
     return [[PIL.Image.fromarray(fr) for fr in vid] for vid in u8]
+
+
+def _channels_last_(module: torch.nn.Module) -> None:
+    """Conv weights in channels-last layout (4D: NHWC, 5D: NDHWC): cuDNN's fast half-precision kernels want them,
+    and activations follow the weights' layout from the first convolution on."""
+    for p in module.parameters():
+        if p.ndim == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+        elif p.ndim == 5:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
 
 
 def _orig(m: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Speed, memory and agreement of img2vid against diffusers on one GPU, same weights, same card, same run.
+
+    python benchmarks/svd_speed.py --compare diffusers                 # full SVD-XT, 25 frames, 576x1024, 25 steps
+    python benchmarks/svd_speed.py --compare diffusers --modes eager,compiled,low-memory --load
+    python benchmarks/svd_speed.py --tiny                              # logic check on CPU in seconds
+
+The full-size SVD-XT architecture is built with seeded random weights (no download), kept on the CPU as one state
+dict, and loaded into diffusers' classes and into ours in turn, so only one model is on the GPU while it is measured
+and the peak-memory numbers are comparable. Rows: video seconds, UNet seconds per step (CUDA events around each
+step), TFLOP/s (FlopCounterMode on one UNet step), VAE decode seconds, peak GiB allocated; and agreement with diffusers
+in fp16: one UNet step, one VAE decode (relative error) and the whole video (PSNR). diffusers is a benchmark-only
+dependency (never imported by img2vid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from img2vid import Pipeline  # noqa: E402
+from img2vid.configs import preset, scheduler_to_diffusers, unet_to_diffusers, vae_to_diffusers  # noqa: E402
+from img2vid.image_encoder import ImageEncoder  # noqa: E402
+from img2vid.unet import UNet  # noqa: E402
+from img2vid.vae import VAE  # noqa: E402
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
+ap.add_argument("--modes", default="eager,compiled,low-memory", help="comma list: eager, compiled, low-memory")
+ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
+ap.add_argument("--model", default="svd-xt")
+ap.add_argument("--steps", type=int, default=25)
+ap.add_argument("--decode-chunk-size", type=int, default=8)
+ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --modes compiled (default inductor)")
+ap.add_argument("--load", action="store_true", help="also time Pipeline.from_pretrained of an fp16 folder")
+ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script's logic only")
+ap.add_argument("--out", default=os.environ.get("OUT", "."))
+args = ap.parse_args()
+
+DEV = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+DT = torch.float16 if DEV.type == "cuda" else torch.float32
+CFG = preset("tiny" if args.tiny else args.model)
+H, W = (32, 48) if args.tiny else (576, 1024)
+F = CFG.num_frames
+STEPS = 3 if args.tiny else args.steps
+DCS = 2 if args.tiny else args.decode_chunk_size
+LOG = open(os.path.join(args.out, "svd_speed.log"), "a")
+ROWS: list[dict] = []
+
+
+def log(*a: object) -> None:
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.write(s + "\n")
+    LOG.flush()
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else float("nan")
+
+
+def free() -> None:
+    import gc
+
+    gc.collect()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Events:
+    """CUDA events around a callable (outside any compiled region): no syncs while it runs."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple] = []
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed(*a, **k):
+            s = torch.cuda.Event(enable_timing=True) if DEV.type == "cuda" else time.perf_counter()
+            if DEV.type == "cuda":
+                s.record()
+            r = fn(*a, **k)
+            if DEV.type == "cuda":
+                e = torch.cuda.Event(enable_timing=True)
+                e.record()
+            else:
+                e = time.perf_counter()
+            self.pairs.append((s, e))
+            return r
+
+        return timed
+
+    def times(self) -> list[float]:
+        sync()
+        if DEV.type == "cuda":
+            return [a.elapsed_time(b) / 1e3 for a, b in self.pairs]
+        return [b - a for a, b in self.pairs]
+
+
+def make_state() -> dict[str, dict[str, torch.Tensor]]:
+    """Seeded random weights for every component, built on the GPU (fast init), kept on the CPU."""
+    torch.manual_seed(0)
+    out = {}
+    with torch.device(DEV):
+        for name, m in (
+            ("unet", UNet(CFG.unet)),
+            ("vae", VAE(CFG.vae)),
+            ("image_encoder", ImageEncoder(CFG.image_encoder)),
+        ):
+            out[name] = {k: v.to("cpu", DT) for k, v in m.state_dict().items()}
+            del m
+    free()
+    return out
+
+
+def image() -> PIL.Image.Image:
+    rng = np.random.RandomState(1234)
+    y, x = np.mgrid[0:H, 0:W]
+    base = np.stack([x / W, y / H, (x + y) / (W + H)], -1) * 200 + rng.uniform(0, 55, (H, W, 3))
+    return PIL.Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+# ---- diffusers -------------------------------------------------------------------------------------------------------
+def diffusers_pipe(state):
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from img2vid.configs import clip_to_transformers
+
+    def kw(d):
+        return {k: v for k, v in d.items() if not k.startswith("_")}
+
+    unet = UNetSpatioTemporalConditionModel(**kw(unet_to_diffusers(CFG.unet)))
+    vae = AutoencoderKLTemporalDecoder(**kw(vae_to_diffusers(CFG.vae)))
+    hf = {k: v for k, v in clip_to_transformers(CFG.image_encoder).items() if k != "architectures"}
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**hf))
+    for m, name in ((unet, "unet"), (vae, "vae"), (enc, "image_encoder")):
+        missing, unexpected = m.load_state_dict(state[name], strict=False)
+        assert not unexpected and all("position_ids" in k for k in missing), (name, missing, unexpected)
+    sched = {
+        k: v
+        for k, v in scheduler_to_diffusers(CFG.scheduler).items()
+        if k not in ("_class_name", "set_alpha_to_one", "skip_prk_steps", "clip_sample")
+    }
+    fe = CLIPImageProcessor(
+        crop_size={"height": 224, "width": 224},
+        size={"shortest_edge": 224},
+        image_mean=list(CFG.image_encoder.image_mean),
+        image_std=list(CFG.image_encoder.image_std),
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=enc, unet=unet, scheduler=EulerDiscreteScheduler(**sched), feature_extractor=fe
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(DT)
+
+
+def ours_pipe(state) -> Pipeline:
+    import img2vid.checkpoint as ck
+
+    p = Pipeline(
+        CFG,
+        ck.build(UNet, CFG.unet, dict(state["unet"]), "unet"),
+        ck.build(VAE, CFG.vae, dict(state["vae"]), "vae"),
+        ck.build(ImageEncoder, CFG.image_encoder, dict(state["image_encoder"]), "image_encoder"),
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+# ---- measuring -----------------------------------------------------------------------------------------------
+def run_video(
+    name: str, call: Callable, hook: Callable[[Events], None], decode_timer: list, note: str = ""
+) -> np.ndarray:
+    ev = Events()
+    hook(ev)
+    free()
+    sync()
+    t0 = time.perf_counter()
+    frames = np.asarray(call())
+    sync()
+    total = time.perf_counter() - t0
+    steps = ev.times()
+    per = float(np.median(steps)) if steps else float("nan")
+    row = dict(mode=name, video=total, step=per, decode=decode_timer[-1] if decode_timer else float("nan"), peak=gib())
+    row["note"] = note
+    row["finite"] = bool(np.isfinite(frames).all())
+    ROWS.append(row)
+    log(
+        f"[{name}] video {total:.2f}s  step median {per * 1e3:.1f} ms (n={len(steps)})  decode {row['decode']:.3f}s  "
+        f"peak {row['peak']:.2f} GiB  finite={row['finite']}  {note}"
+    )
+    return frames
+
+
+def timed_decode(obj, attr: str, store: list) -> None:
+    orig = getattr(obj, attr)
+
+    def wrapped(*a, **k):
+        sync()
+        t0 = time.perf_counter()
+        r = orig(*a, **k)
+        sync()
+        store.append(time.perf_counter() - t0)
+        return r
+
+    setattr(obj, attr, wrapped)
+
+
+def unet_inputs(in_ch: int, ctx: int) -> tuple:
+    g = torch.Generator().manual_seed(5)
+    lh, lw = H // 8, W // 8
+    if args.tiny:
+        lh, lw = H // 2, W // 2
+    x = torch.randn(2, F, in_ch, lh, lw, generator=g).to(DEV, DT)
+    t = torch.tensor(0.25 * math.log(20.0), device=DEV)
+    emb = torch.randn(2, 1, ctx, generator=g).to(DEV, DT)
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * 2, device=DEV, dtype=DT)
+    return x, t, emb, ids
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def main() -> None:
+    log("=" * 100)
+    import platform
+
+    vers = f"python {platform.python_version()}  torch {torch.__version__}"
+    try:
+        import diffusers
+        import transformers
+
+        vers += f"  diffusers {diffusers.__version__}  transformers {transformers.__version__}"
+    except ImportError:
+        pass
+    log(vers)
+    if DEV.type == "cuda":
+        log(f"device: {torch.cuda.get_device_name(0)}  date {time.strftime('%Y-%m-%d')}")
+        try:
+            log(
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                ).stdout.strip()
+            )
+        except Exception:
+            pass
+    log(f"config: {CFG.name} {F} frames {H}x{W} steps {STEPS} decode_chunk {DCS} dtype {DT} argv {sys.argv[1:]}")
+    state = make_state()
+    img = image()
+    gen = lambda: torch.manual_seed(42)  # noqa: E731
+    call_kw = dict(height=H, width=W, num_frames=F, decode_chunk_size=DCS, output_type="np")
+    ref: dict = {}
+
+    if args.compare == "diffusers":
+        for dmode in args.diffusers_modes.split(","):
+            pipe = diffusers_pipe(state)
+            dec: list = []
+            if dmode == "eager":
+                pipe.to(DEV)
+            else:  # the reference's low-memory recipe
+                pipe.enable_model_cpu_offload()
+                pipe.unet.enable_forward_chunking()
+            kw = dict(call_kw, decode_chunk_size=DCS if dmode == "eager" else 2)
+            pipe(img, num_inference_steps=2, generator=gen(), **kw)  # warm-up
+            timed_decode(pipe, "decode_latents", dec)
+
+            def hook(ev, pipe=pipe):
+                pipe.unet.forward = ev.wrap(pipe.unet.forward)
+
+            frames = run_video(
+                f"diffusers {dmode}",
+                lambda pipe=pipe, kw=kw: pipe(img, num_inference_steps=STEPS, generator=gen(), **kw).frames,
+                hook,
+                dec,
+            )
+            if dmode == "eager":
+                ref["video"] = frames
+                with torch.no_grad():
+                    x, t, emb, ids = unet_inputs(CFG.unet.in_channels, CFG.unet.cross_attention_dim[0])
+                    ref["unet_in"] = (x, t, emb, ids)
+                    ref["unet"] = (
+                        pipe.unet(x, t, encoder_hidden_states=emb, added_time_ids=ids, return_dict=False)[0]
+                        .float()
+                        .cpu()
+                    )
+                    z = torch.randn(DCS, 4, x.shape[-2], x.shape[-1], generator=torch.Generator().manual_seed(6)).to(
+                        DEV, DT
+                    )
+                    ref["vae_in"] = z
+                    ref["vae"] = pipe.vae.decode(z, num_frames=DCS).sample.float().cpu()
+            del pipe
+            free()
+
+    flops = None
+    for mode in args.modes.split(","):
+        pipe = ours_pipe(state)
+        note = ""
+        if mode == "low-memory":
+            pipe.enable_low_memory(device=DEV)
+        else:
+            pipe.to(DEV)
+        if mode == "compiled":
+            pipe.compile(mode=args.compile_mode)
+        kw = dict(call_kw)
+        if mode == "low-memory":
+            kw.pop("decode_chunk_size")
+        sync()
+        t0 = time.perf_counter()
+        pipe(img, num_inference_steps=2, generator=gen(), **kw)  # warm-up (compiles in compiled mode)
+        sync()
+        warm = time.perf_counter() - t0
+        if mode == "compiled":
+            note = f"first call (compile) {warm:.1f}s"
+        dec: list = []
+        timed_decode(pipe, "decode_latents", dec)
+
+        def hook(ev, pipe=pipe):
+            pipe._step = ev.wrap(pipe._step)
+
+        frames = run_video(
+            f"img2vid {mode}",
+            lambda pipe=pipe, kw=kw: pipe(img, num_inference_steps=STEPS, generator=gen(), **kw).frames,
+            hook,
+            dec,
+            note,
+        )
+        row = ROWS[-1]
+        if "video" in ref:
+            row["psnr"] = psnr(frames, ref["video"])
+        if mode != "low-memory" and "unet" in ref:
+            with torch.no_grad():
+                x, t, emb, ids = ref["unet_in"]
+                out = pipe.unet(x, t, emb, ids).float().cpu()
+                row["unet_rel"] = rel(out, ref["unet"])
+                row["vae_rel"] = rel(pipe._decode(ref["vae_in"], DCS).float().cpu(), ref["vae"])
+        if flops is None and mode == "eager":
+            from torch.utils.flop_counter import FlopCounterMode
+
+            x, t, emb, ids = unet_inputs(CFG.unet.in_channels, CFG.unet.cross_attention_dim[0])
+            fc = FlopCounterMode(display=False)
+            with fc, torch.no_grad():
+                pipe.unet(x, t, emb, ids)
+            flops = fc.get_total_flops()
+            log(f"UNet step FLOPs (batch 2 x {F} frames): {flops / 1e12:.2f} TFLOP")
+        del pipe
+        free()
+
+    if args.load:
+        load_rows(state)
+    table(flops)
+
+
+def load_rows(state) -> None:
+    import img2vid.checkpoint as ck
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
+        ck.save_folder(__import__("pathlib").Path(d), CFG, state, variant="fp16")
+        for attempt in ("first", "warm"):
+            sync()
+            t0 = time.perf_counter()
+            p = Pipeline.from_pretrained(d, torch_dtype=DT, variant="fp16", device=DEV)
+            sync()
+            dt = time.perf_counter() - t0
+            ROWS.append(dict(mode=f"load fp16 folder -> {DEV.type} ({attempt})", video=dt, note="from_pretrained"))
+            log(f"[load {attempt}] {dt:.2f}s")
+            del p
+            free()
+
+
+def table(flops: float | None) -> None:
+    def f(x, fmt="{:.3f}"):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+    log("")
+    log(
+        "| mode | video s | UNet s/step | TFLOP/s | VAE decode s | peak GiB "
+        "| UNet rel err | VAE rel err | PSNR dB | note |"
+    )
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        tf = flops / r["step"] / 1e12 if flops and r.get("step") and not math.isnan(r["step"]) else None
+        log(
+            f"| {r['mode']} | {f(r.get('video'), '{:.2f}')} | {f(r.get('step'))} | {f(tf, '{:.0f}')} | "
+            f"{f(r.get('decode'))} | {f(r.get('peak'), '{:.2f}')} | {f(r.get('unet_rel'), '{:.1e}')} | "
+            f"{f(r.get('vae_rel'), '{:.1e}')} | {f(r.get('psnr'), '{:.1f}')} | {r.get('note', '')} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
