@@ -1,0 +1,592 @@
+"""Checkpoints in every layout users have: diffusers folders (local or a hub id), Stability's original single files
+(sgm layout, svd*.safetensors), our own single files (sgm layout + our config in the metadata), and pickles only when
+asked. Tensors are read straight to the target device and dtype, one at a time, and loading is strict: a tensor too
+many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from img2vid import configs
+from img2vid.configs import PipelineConfig
+from img2vid.sgm_keys import (
+    COMPONENTS,
+    CheckpointError,
+    components_to_sgm,
+    cond_encoder_keys,
+    detect_format,
+    detect_sgm_variant,
+    few,
+    is_unused_sgm_key,
+    sgm_names,
+    sgm_to_components,
+    split_sgm,
+)
+
+__all__ = [
+    "CheckpointError",
+    "build",
+    "checkpoint_info",
+    "components_to_sgm",
+    "config_from_dict",
+    "config_to_dict",
+    "convert",
+    "detect_config",
+    "detect_format",
+    "detect_sgm_variant",
+    "load_component",
+    "load_into",
+    "load_single_file",
+    "read_pipeline_config",
+    "read_state_dict",
+    "resolve_pretrained",
+    "save_folder",
+    "save_single_file",
+    "sgm_to_components",
+]
+
+StateDict = dict[str, torch.Tensor]
+Device = str | torch.device
+POSITION_IDS = "vision_model.embeddings.position_ids"  # a buffer older transformers saved; our encoder computes it
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+WEIGHTS_NAME = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "image_encoder": "model"}
+CONFIG_KEY = "img2vid_config"  # safetensors metadata key of our single files
+DIFFUSERS_VERSION = "0.24.0"  # the first diffusers with StableVideoDiffusionPipeline
+VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+# ---- PipelineConfig <-> plain dict (JSON in our single files' metadata) --------------------------------------------
+def config_to_dict(config: PipelineConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict) or set(data) - names:
+        raise CheckpointError(f"stored {cls.__name__} has unknown fields: {sorted(set(data) - names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            value = _dataclass_from_dict(kind, value)
+        elif typing.get_origin(kind) is tuple:
+            value = tuple(value)  # JSON has lists
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
+    return _dataclass_from_dict(PipelineConfig, data)
+
+
+# ---- reading tensors ------------------------------------------------------------------------------------------------
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+
+def _refuse_pickle(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is a pickle file that can run code when loaded; pass allow_pickle=True / --allow-pickle if you trust "
+        "it (or convert it to .safetensors)"
+    )
+
+
+def _open_safetensors(path: Path, device: Device = "cpu") -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_safetensors(path: Path, device: Device, dtype: torch.dtype | None, keys: list[str] | None = None) -> StateDict:
+    """Each tensor goes straight to `device` and is cast there, so the whole file is never held twice."""
+    with _open_safetensors(Path(path), device) as f:
+        return {k: _cast(f.get_tensor(k), dtype) for k in (f.keys() if keys is None else keys)}
+
+
+def read_state_dict(
+    path: Path, device: Device = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False
+) -> StateDict:
+    """A .safetensors file (or a sharded one's .index.json), or - with allow_pickle - a .ckpt/.bin/.pt/.pth."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, device, dtype)
+    if path.name.endswith(".safetensors.index.json"):
+        weight_map: dict[str, str] = configs.read_json(path).get("weight_map", {})
+        out: StateDict = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(read_safetensors(path.parent / shard, device, dtype))
+        return out
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, a folder, or a pickle)")
+    if not allow_pickle:
+        raise _refuse_pickle(path)
+    try:
+        obj = torch.load(path, map_location=torch.device(device), weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary Python objects with an UnpicklingError
+        raise CheckpointError(f"{path}: cannot load as a tensor-only pickle ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning / sgm training checkpoints
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: _cast(t, dtype) for k, t in obj.items() if isinstance(t, torch.Tensor)}
+
+
+def read_header(path: Path, allow_pickle: bool = False) -> tuple[StateDict, dict[str, str]]:
+    """Names, shapes and dtypes as meta tensors (no data read for safetensors), and the safetensors metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {k: t.to("meta") for k, t in read_state_dict(path, "cpu", None, allow_pickle).items()}, {}
+    with _open_safetensors(path) as f:
+        sd = {}
+        for k in f.keys():
+            info = f.get_slice(k)
+            sd[k] = torch.empty(info.get_shape(), dtype=_ST_DTYPES.get(info.get_dtype(), torch.uint8), device="meta")
+        return sd, dict(f.metadata() or {})
+
+
+def _drop_buffers(sd: StateDict, component: str) -> StateDict:
+    return {k: t for k, t in sd.items() if k != POSITION_IDS} if component == "image_encoder" else sd
+
+
+# ---- strict loading into modules built on the meta device -----------------------------------------------------------
+def model_class(component: str) -> type[nn.Module]:
+    if component == "unet":
+        from img2vid.unet import UNet
+
+        return UNet
+    if component == "vae":
+        from img2vid.vae import VAE
+
+        return VAE
+    from img2vid.image_encoder import ImageEncoder
+
+    return ImageEncoder
+
+
+@functools.lru_cache(maxsize=12)
+def expected_shapes(component: str, config: PipelineConfig) -> dict[str, torch.Size]:
+    """Our model's state-dict names and shapes for this config (built on the meta device: no memory, ~1 s full size;
+    cached because a load asks twice). Do not modify the returned dict."""
+    with torch.device("meta"):
+        module = model_class(component)(getattr(config, component))
+    return {k: t.shape for k, t in module.state_dict().items()}
+
+
+def mismatch(sd: StateDict, expected: dict[str, torch.Size]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong-shape) names of `sd` against the expected names and shapes."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
+    return missing, unexpected, wrong
+
+
+def check_state_dict(
+    sd: StateDict,
+    expected: dict[str, torch.Size],
+    component: str,
+    where: str = "",
+    sgm: PipelineConfig | None = None,
+) -> None:
+    """One-line CheckpointError naming the first few missing / unexpected / wrong-shape tensors and their counts.
+    With `sgm` (the config of an sgm file), names are given as that file stores them."""
+    missing, unexpected, wrong = mismatch(sd, expected)
+    if not (missing or unexpected or wrong):
+        return
+
+    def names(keys: list[str]) -> list[str]:
+        return sgm_names(sgm, component, keys) if sgm is not None else keys
+
+    parts = [f"{len(missing)} missing ({few(names(missing))})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected ({few(names(unexpected))})"] if unexpected else []
+    if wrong:
+        shapes = [f"{n} {tuple(sd[k].shape)} vs {tuple(expected[k])}" for n, k in zip(names(wrong), wrong, strict=True)]
+        parts.append(f"{len(wrong)} wrong shape (file vs model: {few(shapes)})")
+    raise CheckpointError(f"{where}{component} weights do not match the model config: {'; '.join(parts)}")
+
+
+def load_into(module: nn.Module, state_dict: StateDict, component: str) -> None:
+    """Strict load into a module (typically built on the meta device): the tensors become its parameters."""
+    sd = _drop_buffers(state_dict, component)
+    check_state_dict(sd, {k: t.shape for k, t in module.state_dict().items()}, component)
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def build(cls: type[nn.Module], config: Any, state_dict: StateDict, component: str) -> nn.Module:
+    """`cls(config)` on the meta device, filled with `state_dict` (no random init, no second copy)."""
+    with torch.device("meta"):
+        module = cls(config)
+    load_into(module, state_dict, component)
+    return module.eval()
+
+
+def check_components(components: dict[str, StateDict], config: PipelineConfig, where: str = "") -> None:
+    for c in COMPONENTS:
+        check_state_dict(_drop_buffers(components.get(c, {}), c), expected_shapes(c, config), c, where)
+
+
+# ---- diffusers folders ----------------------------------------------------------------------------------------------
+_REPO_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
+
+
+def hub_patterns(variant: str | None = None) -> list[str]:
+    """What the pipeline needs from a hub repo: configs and one variant's safetensors (repos also hold .bin files,
+    other variants and the original single files)."""
+    v = f".{variant}" if variant else ""
+    files = [f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors" for c in COMPONENTS]
+    configs_ = [f"{c}/config.json" for c in COMPONENTS]
+    return ["model_index.json", *configs_, *files, "scheduler/*.json", "feature_extractor/*.json"]
+
+
+def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_only: bool = False) -> Path:
+    """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file, not a diffusers folder: load it as a single file")
+    if not _REPO_ID.match(path_or_id):
+        raise CheckpointError(f"{path_or_id}: no such folder, and not a hub id like stabilityai/<model>")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        patterns = hub_patterns(variant)
+        return Path(snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=local_files_only))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{path_or_id} is not in the local Hugging Face cache and the hub can't be reached (offline?); download "
+            "it once while online, or pass a local diffusers folder or a single .safetensors file"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{path_or_id}: no such model on the Hugging Face hub (gated or private models need `hf auth login`)"
+        ) from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{path_or_id}: download failed ({str(e).splitlines()[0]})") from None
+
+
+def _preset_from_name(text: str) -> str | None:
+    """svd_xt_1_1 -> "svd-xt-1.1", svd_xt -> "svd-xt", svd -> "svd" (also the hub's stable-video-diffusion-img2vid*)."""
+    s = re.sub(r"[-. ]", "_", text.lower())
+    if re.search(r"(svd|img2vid)_xt_1_1", s):
+        return "svd-xt-1.1"
+    if re.search(r"(svd|img2vid)_xt", s):
+        return "svd-xt"
+    return "svd" if re.search(r"svd|img2vid", s) else None
+
+
+def read_pipeline_config(folder: Path) -> PipelineConfig:
+    """The PipelineConfig of a diffusers folder, from its component configs (and model_index.json's "_img2vid")."""
+    folder = Path(folder)
+
+    def js(rel: str, required: bool = True) -> dict[str, Any]:
+        if not (folder / rel).is_file():
+            if required:
+                raise CheckpointError(f"{folder / rel} is missing: not a diffusers Stable Video Diffusion folder")
+            return {}
+        return configs.read_json(folder / rel)
+
+    try:
+        pre = js("feature_extractor/preprocessor_config.json", required=False)
+        parts = dict(
+            unet=configs.unet_from_diffusers(js("unet/config.json")),
+            vae=configs.vae_from_diffusers(js("vae/config.json")),
+            image_encoder=configs.clip_from_transformers(js("image_encoder/config.json"), pre or None),
+            scheduler=configs.scheduler_from_diffusers(js("scheduler/scheduler_config.json", required=False)),
+        )
+        ours = js("model_index.json", required=False).get("_img2vid", {})
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    # The model's name and call defaults (fps) are not in diffusers' configs: ours, else guess from the folder / hub id.
+    name = _preset_from_name(" ".join(folder.parts[-3:]))
+    base = configs.preset(name or "svd-xt")
+    return PipelineConfig(
+        name=ours.get("name", name or folder.name),
+        default_fps=ours.get("default_fps", base.default_fps),
+        default_motion_bucket_id=ours.get("default_motion_bucket_id", base.default_motion_bucket_id),
+        **parts,
+    )
+
+
+def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
+    sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
+    for name in (f"{stem}{v}.safetensors", f"{stem}{v}.safetensors.index.json"):
+        if (sub / name).is_file():
+            return sub / name
+    if (sub / f"{stem}{v}.bin").is_file():
+        if allow_pickle:
+            return sub / f"{stem}{v}.bin"
+        raise _refuse_pickle(sub / f"{stem}{v}.bin")
+    wanted = sub / f"{stem}{v}.safetensors"
+    if variant and (sub / f"{stem}.safetensors").is_file():
+        raise CheckpointError(f"{wanted} not found: this folder has no {variant!r} variant (drop the variant)")
+    raise CheckpointError(f"{wanted} not found")
+
+
+def load_component(
+    folder: Path,
+    component: str,
+    variant: str | None = None,
+    device: Device = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> StateDict:
+    """One component's state dict from a diffusers folder, on `device`, floats cast to `dtype` while reading."""
+    path = component_file(Path(folder), component, variant, allow_pickle)
+    return _drop_buffers(read_state_dict(path, device, dtype, allow_pickle), component)
+
+
+# ---- single files (sgm layout) -------------------------------------------------------------------------------------
+def _single_file_config(
+    path: Path, metadata: dict[str, str], config: PipelineConfig | None, variant: str
+) -> tuple[PipelineConfig, str]:
+    """The explicit config, else ours from the metadata, else a preset picked from the file name. The kind of VAE
+    decoder is the file's (svd_xt vs svd_xt_image_decoder share everything else), except that ours must agree."""
+    temporal = variant == "temporal"
+    if config is None and CONFIG_KEY in metadata:
+        try:
+            config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None
+        if config.vae.temporal_decoder != temporal:
+            raise CheckpointError(f"{path}: its stored config and its VAE decoder tensors disagree (temporal or not)")
+        return config, "metadata"
+    source = "given" if config is not None else "file name"
+    config = config or configs.preset(_preset_from_name(path.stem) or "svd-xt")
+    return configs.replace(config, vae=configs.replace(config.vae, temporal_decoder=temporal)), source
+
+
+def load_single_file(
+    path: Path,
+    device: Device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: PipelineConfig | None = None,
+    allow_pickle: bool = False,
+) -> tuple[PipelineConfig, dict[str, StateDict]]:
+    """An sgm-layout single file (Stability's svd*.safetensors or ours) -> (config, {component: state dict}).
+    Names and shapes are checked from the header before any tensor data is read."""
+    path = Path(path)
+    header, metadata = read_header(path, allow_pickle)
+    fmt = detect_format(header)
+    if fmt != "sgm":
+        raise CheckpointError(f"{path} is a {fmt} checkpoint, not a whole-pipeline single file (sgm layout)")
+    unet_keys = [k for k in header if k.startswith("model.diffusion_model.")]
+    if unet_keys and not any(".time_stack." in k for k in unet_keys):
+        raise CheckpointError(f"{path} is not a Stable Video Diffusion checkpoint (its UNet has no temporal layers)")
+    variant = detect_sgm_variant(header)
+    config, _ = _single_file_config(path, metadata, config, variant)
+    comps, unknown, _ = split_sgm(header, config)
+    if unknown:
+        raise CheckpointError(f"{path}: {len(unknown)} unknown tensor(s) for the sgm layout: {few(unknown)}")
+    for c, sd in comps.items():
+        check_state_dict(sd, expected_shapes(c, config), c, f"{path.name}: ", config)
+    keys = [k for k in header if not is_unused_sgm_key(k)] + (
+        cond_encoder_keys(header) if variant == "temporal" else []
+    )
+    if path.suffix == ".safetensors":
+        sd = read_safetensors(path, device, dtype, keys)
+    else:
+        full = read_state_dict(path, device, dtype, allow_pickle)
+        sd = {k: full[k] for k in keys}
+    return config, sgm_to_components(sd, config)
+
+
+def detect_config(path: Path, allow_pickle: bool = False) -> PipelineConfig:
+    """The PipelineConfig a folder or single file would load with, from configs / headers only (no tensor data)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_pipeline_config(path)
+    header, metadata = read_header(path, allow_pickle)
+    if detect_format(header) != "sgm":
+        raise CheckpointError(f"{path} is a {detect_format(header)} checkpoint, not a whole-pipeline single file")
+    return _single_file_config(path, metadata, None, detect_sgm_variant(header))[0]
+
+
+def _complete(t: torch.Tensor) -> torch.Tensor:
+    """safetensors writes each tensor's whole storage by pointer: views (q/k/v chunks, transposes) get their own."""
+    whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if t.is_contiguous() and whole else t.contiguous().clone()
+
+
+def _atomic_write(path: Path, write: typing.Callable[[Path], None]) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(path: Path, sd: StateDict, metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: _complete(_cast(t, dtype)) for k, t in sd.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **metadata}))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def save_single_file(
+    path: Path, config: PipelineConfig, components: dict[str, StateDict], dtype: torch.dtype | None = None
+) -> Path:
+    """sgm layout (loads in ComfyUI and the like), with our config as JSON in the metadata so it reloads exactly."""
+    sd = components_to_sgm(components, config)
+    write_safetensors(Path(path), sd, {CONFIG_KEY: json.dumps(config_to_dict(config))}, dtype)
+    return Path(path)
+
+
+# ---- writing diffusers folders ---------------------------------------------------------------------------------------
+def _preprocessor_config(c: configs.CLIPVisionConfig) -> dict[str, Any]:
+    size = c.image_size
+    return {
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": list(c.image_mean),
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(c.image_std),
+        "resample": 3,  # bicubic
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+    }
+
+
+def save_folder(
+    path: Path,
+    config: PipelineConfig,
+    components: dict[str, StateDict],
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+) -> Path:
+    """diffusers' layout (loads with StableVideoDiffusionPipeline.from_pretrained). variant="fp16" names the weight
+    files *.fp16.safetensors and, unless `dtype` says otherwise, stores float16. model_index.json is written last,
+    so an interrupted save does not look like a complete folder."""
+    path = Path(path)
+    dtype = dtype or VARIANT_DTYPES.get(variant or "")
+    v = f".{variant}" if variant else ""
+    for c in COMPONENTS:
+        write_safetensors(path / c / f"{WEIGHTS_NAME[c]}{v}.safetensors", _drop_buffers(components[c], c), {}, dtype)
+    version = {"_diffusers_version": DIFFUSERS_VERSION}
+    _write_json(path / "unet" / "config.json", {**configs.unet_to_diffusers(config.unet), **version})
+    _write_json(path / "vae" / "config.json", {**configs.vae_to_diffusers(config.vae), **version})
+    _write_json(path / "image_encoder" / "config.json", configs.clip_to_transformers(config.image_encoder))
+    _write_json(path / "scheduler" / "scheduler_config.json", {**configs.scheduler_to_diffusers(config.scheduler)})
+    _write_json(path / "feature_extractor" / "preprocessor_config.json", _preprocessor_config(config.image_encoder))
+    vae_class = "AutoencoderKLTemporalDecoder" if config.vae.temporal_decoder else "AutoencoderKL"
+    index = {
+        "_class_name": "StableVideoDiffusionPipeline",
+        **version,
+        # Ours: what diffusers' configs can't say (ignored by diffusers, which skips "_" keys).
+        "_img2vid": {k: getattr(config, k) for k in ("name", "default_fps", "default_motion_bucket_id")},
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
+        "vae": ["diffusers", vae_class],
+    }
+    _write_json(path / "model_index.json", index)
+    return path
+
+
+# ---- conversion and inspection -------------------------------------------------------------------------------------
+def convert(
+    src: Path, dst: Path, dtype: torch.dtype | None = None, variant: str | None = None, allow_pickle: bool = False
+) -> Path:
+    """Folder <-> single file (also folder -> folder and file -> file, e.g. to change the dtype). A `dst` ending in
+    .safetensors is a single file, anything else a folder. `variant` names the folder side's files: read from a
+    source folder when writing a single file, written to a destination folder otherwise."""
+    src, dst = Path(src), Path(dst)
+    to_file = dst.suffix == ".safetensors"
+    if dst.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{dst}: we write .safetensors files or folders only")
+    if src.is_dir():
+        config = read_pipeline_config(src)
+        read_variant = variant if to_file else None
+        comps = {c: load_component(src, c, read_variant, "cpu", dtype, allow_pickle) for c in COMPONENTS}
+        check_components(comps, config, f"{src}: ")
+    else:
+        config, comps = load_single_file(src, "cpu", dtype, allow_pickle=allow_pickle)
+    if to_file:
+        return save_single_file(dst, config, comps)
+    return save_folder(dst, config, comps, variant=variant)
+
+
+def _summary(sd: StateDict, expected: dict[str, torch.Size] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "tensors": len(sd),
+        "params": sum(t.numel() for t in sd.values()),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}),
+    }
+    if expected is not None:
+        out["missing"], out["unexpected"], out["wrong_shape"] = mismatch(sd, expected)
+    return out
+
+
+def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
+    """What a checkpoint is (used by `img2vid info`): format, sgm variant, config, and per component the tensor and
+    parameter counts, dtypes and missing / unexpected / wrong-shape names against the config. Reads headers only
+    (pickles are loaded, so they need allow_pickle)."""
+    path = Path(path)
+    info: dict[str, Any] = {"path": str(path)}
+    if path.is_dir():
+        config = read_pipeline_config(path)
+        variants = sorted({p.name.split(".")[1] for p in path.glob("*/*.*.safetensors") if p.name.count(".") == 2})
+        if variant is None and not (path / "unet" / f"{WEIGHTS_NAME['unet']}.safetensors").is_file() and variants:
+            variant = variants[0]  # a folder holding only a variant (e.g. fp16)
+        comps = {
+            c: _drop_buffers(read_header(component_file(path, c, variant, allow_pickle), allow_pickle)[0], c)
+            for c in COMPONENTS
+        }
+        info.update(format="diffusers-folder", variant=variant, variants=variants, config=config.name)
+    else:
+        header, metadata = read_header(path, allow_pickle)
+        info["format"] = detect_format(header)
+        if info["format"] != "sgm":
+            kind = {"diffusers-unet": "unet", "diffusers-vae": "vae", "transformers-clip": "image_encoder"}
+            c = kind.get(info["format"])
+            info["components"] = {c or "unknown": _summary(header, None)}
+            info["ok"] = False  # not a whole pipeline
+            return info
+        sgm_variant = detect_sgm_variant(header)
+        config, source = _single_file_config(path, metadata, None, sgm_variant)
+        comps, unknown, skipped = split_sgm(header, config)
+        info.update(variant=sgm_variant, config=config.name, config_source=source)
+        info.update(skipped_unused=skipped, unknown=unknown)
+    info["components"] = {c: _summary(comps[c], expected_shapes(c, config)) for c in COMPONENTS}
+    problems = [v for s in info["components"].values() for v in (s["missing"], s["unexpected"], s["wrong_shape"])]
+    info["ok"] = not any(problems) and not info.get("unknown")
+    return info

@@ -1,0 +1,373 @@
+"""Checkpoints: the sgm key table against the real SVD-XT key listing, round trips through every layout (tiny random
+models, bit-identical), strictness, format detection, pickle refusal, the offline hub and diffusers' own folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHAPES, reference_pipeline
+
+from img2vid import checkpoint as ck
+from img2vid import configs
+from img2vid.configs import PipelineConfig, preset, replace
+from img2vid.sgm_keys import (
+    COMPONENTS,
+    UNUSED_KEYS,
+    CheckpointError,
+    components_to_sgm,
+    detect_format,
+    detect_sgm_variant,
+    is_unused_sgm_key,
+    sgm_to_components,
+)
+
+KEYS_JSON = Path("/work/shared/reference/svd_xt_keys.json")
+POSITION_IDS = "vision_model.embeddings.position_ids"
+
+
+def kwargs(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+def with_decoder(config: PipelineConfig, temporal: bool) -> PipelineConfig:
+    return replace(config, vae=replace(config.vae, temporal_decoder=temporal))
+
+
+def reference_modules(config: PipelineConfig) -> dict[str, torch.nn.Module]:
+    """diffusers / transformers modules for a config, built on whatever device is current."""
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vae_cls = AutoencoderKLTemporalDecoder if config.vae.temporal_decoder else AutoencoderKL
+    clip = {k: v for k, v in configs.clip_to_transformers(config.image_encoder).items() if k != "architectures"}
+    return {
+        "unet": UNetSpatioTemporalConditionModel(**kwargs(configs.unet_to_diffusers(config.unet))),
+        "vae": vae_cls(**kwargs(configs.vae_to_diffusers(config.vae))),
+        "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**clip)),
+    }
+
+
+def meta_state_dicts(config: PipelineConfig, ours: bool) -> dict[str, dict[str, torch.Tensor]]:
+    with torch.device("meta"):
+        if ours:
+            return {c: ck.model_class(c)(getattr(config, c)).state_dict() for c in COMPONENTS}
+        return {c: m.state_dict() for c, m in reference_modules(config).items()}
+
+
+def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in sd.items()}
+
+
+def random_components(config: PipelineConfig, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Our components with random weights (every tensor distinct, so a swapped mapping cannot go unnoticed). The
+    temporal VAE's quant_conv is the identity: sgm's video autoencoder has no quant_conv to store it in (a learned
+    one is folded into the encoder: see test_quant_conv_fold)."""
+    g = torch.Generator().manual_seed(seed)
+    sds = {
+        c: {k: torch.randn(t.shape, generator=g) for k, t in sd.items()}
+        for c, sd in meta_state_dicts(config, True).items()
+    }
+    if config.vae.temporal_decoder:
+        n = sds["vae"]["quant_conv.bias"].shape[0]
+        sds["vae"]["quant_conv.weight"] = torch.eye(n)[:, :, None, None]
+        sds["vae"]["quant_conv.bias"] = torch.zeros(n)
+    return sds
+
+
+def assert_same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> None:
+    assert set(a) == set(b)
+    for c in a:
+        assert set(a[c]) == set(b[c]), (c, sorted(set(a[c]) ^ set(b[c]))[:5])
+        for k in a[c]:
+            assert a[c][k].dtype == b[c][k].dtype and torch.equal(a[c][k], b[c][k]), (c, k)
+
+
+TINY = preset("tiny")
+TINY_B = PipelineConfig(name="tiny-b", unet=SHAPES["b"][0], vae=SHAPES["b"][1], image_encoder=SHAPES["b"][2])
+
+
+# ---- (1) the key table against the real svd_xt key listing --------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_keys() -> dict:
+    return json.loads(KEYS_JSON.read_text())
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["ours", "reference"])
+@pytest.mark.parametrize("variant", ["svd_xt", "svd_xt_image_decoder"])
+def test_table_matches_real_svd_xt_keys(real_keys, variant, ours):
+    config = with_decoder(preset("svd-xt"), variant == "svd_xt")
+    sds = meta_state_dicts(config, ours)
+    real = {k: tuple(v[0]) for k, v in real_keys[variant]["tensors"].items()}
+    used = {k: s for k, s in real.items() if not is_unused_sgm_key(k)}
+    assert len(real) == real_keys[variant]["tensor_count"] and len(real) - len(used) == 6 + 248  # text + embedders.3
+    # ours -> sgm: exactly the real names and shapes, minus the known-unused ones
+    assert shapes(components_to_sgm(sds, config)) == used
+    # sgm -> ours: the full real key set (unused ones included) gives exactly the models' names and shapes
+    back = sgm_to_components({k: torch.empty(s, device="meta") for k, s in real.items()}, config)
+    for c in COMPONENTS:
+        assert shapes(back[c]) == shapes(sds[c]), c
+    params = {c: sum(t.numel() for t in sd.values()) for c, sd in back.items()}
+    assert params["unet"] == 1_524_623_082 and params["image_encoder"] == 632_076_800  # SVD.md
+    if variant == "svd_xt":
+        assert params["vae"] == 34_163_592 + 63_579_183 + 72  # encoder + temporal decoder + quant_conv (8x8+8)
+    assert detect_sgm_variant(real) == ("temporal" if variant == "svd_xt" else "image_decoder")
+
+
+# ---- (2) round trips, tiny random models ----------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [TINY, TINY_B, with_decoder(TINY, False)], ids=["a", "b", "image-decoder"])
+def test_sgm_round_trip_is_bit_identical(config):
+    sds = random_components(config)
+    sgm = components_to_sgm(sds, config)
+    assert detect_format(sgm) == "sgm"
+    assert_same(sgm_to_components(sgm, config), sds)
+
+
+def test_single_file_round_trip(tmp_path):
+    sds = random_components(TINY_B, seed=1)
+    path = ck.save_single_file(tmp_path / "tiny.safetensors", TINY_B, sds)
+    config, back = ck.load_single_file(path)  # config from the file's metadata
+    assert config == TINY_B
+    assert_same(back, sds)
+    config16, back16 = ck.load_single_file(path, dtype=torch.float16)
+    assert_same(back16, {c: {k: t.half() for k, t in sd.items()} for c, sd in sds.items()})
+    assert ck.detect_config(path) == TINY_B
+    info = ck.checkpoint_info(path)
+    assert (
+        info["format"] == "sgm" and info["variant"] == "temporal" and info["ok"] and info["config_source"] == "metadata"
+    )
+    assert info["components"]["unet"]["params"] == sum(t.numel() for t in sds["unet"].values())
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_folder_round_trip(tmp_path, variant):
+    sds = random_components(TINY, seed=2)
+    folder = ck.save_folder(tmp_path / "tiny", TINY, sds, variant=variant)
+    assert ck.read_pipeline_config(folder) == TINY
+    dtype = torch.float16 if variant else torch.float32
+    back = {c: ck.load_component(folder, c, variant) for c in COMPONENTS}
+    assert_same(back, {c: {k: t.to(dtype) for k, t in sd.items()} for c, sd in sds.items()})
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    v = f".{variant}" if variant else ""
+    assert f"unet/diffusion_pytorch_model{v}.safetensors" in names and f"image_encoder/model{v}.safetensors" in names
+    assert not [n for n in names if ".tmp" in n]  # atomic writes left nothing behind
+
+
+def test_convert_folder_file_folder(tmp_path):
+    config = with_decoder(TINY_B, False)
+    sds = random_components(config, seed=3)
+    folder = ck.save_folder(tmp_path / "a", config, sds)
+    single = ck.convert(folder, tmp_path / "b.safetensors")
+    again = ck.convert(single, tmp_path / "c")
+    assert ck.read_pipeline_config(again) == config
+    assert_same({c: ck.load_component(again, c) for c in COMPONENTS}, sds)
+    half = ck.convert(single, tmp_path / "d", variant="fp16")
+    assert ck.load_component(half, "unet", "fp16")["conv_in.weight"].dtype == torch.float16
+
+
+def test_quant_conv_fold():
+    """The temporal VAE's quant_conv has no place in sgm's layout: a learned one is folded into the encoder's last
+    conv, which gives the same encoder output, and comes back as the identity."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    pipe = reference_pipeline("a", seed=5)  # diffusers tiny VAE with a perturbed (non-identity) quant_conv
+    sds = {c: getattr(pipe, c).state_dict() for c in COMPONENTS}
+    back = sgm_to_components(components_to_sgm(sds, TINY), TINY)
+    assert torch.equal(back["vae"]["quant_conv.weight"].flatten(1), torch.eye(8))
+    vae = AutoencoderKLTemporalDecoder(**kwargs(configs.vae_to_diffusers(TINY.vae)))
+    vae.load_state_dict(back["vae"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, got = pipe.vae.encode(x).latent_dist.mode(), vae.encode(x).latent_dist.mode()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_quant_conv_from_conditioning_autoencoder():
+    """When sgm's conditioning autoencoder (embedders.3) has the very same encoder, its quant_conv is the one."""
+    sds = random_components(TINY, seed=6)
+    sgm = components_to_sgm(sds, TINY)
+    cond = {
+        "conditioner.embedders.3.encoder.encoder." + k.removeprefix("first_stage_model.encoder."): t.clone()
+        for k, t in sgm.items()
+        if k.startswith("first_stage_model.encoder.")
+    }
+    q_w, q_b = torch.randn(8, 8, 1, 1), torch.randn(8)
+    cond |= {
+        "conditioner.embedders.3.encoder.quant_conv.weight": q_w,
+        "conditioner.embedders.3.encoder.quant_conv.bias": q_b,
+    }
+    back = sgm_to_components(sgm | cond, TINY)["vae"]
+    assert torch.equal(back["quant_conv.weight"], q_w) and torch.equal(back["quant_conv.bias"], q_b)
+    cond["conditioner.embedders.3.encoder.encoder.conv_in.bias"] += 1  # a different encoder: no quant_conv of its own
+    assert torch.equal(sgm_to_components(sgm | cond, TINY)["vae"]["quant_conv.weight"].flatten(1), torch.eye(8))
+
+
+def test_config_dict_round_trip():
+    for name in configs.PRESETS:
+        c = preset(name)
+        assert ck.config_from_dict(json.loads(json.dumps(ck.config_to_dict(c)))) == c
+    with pytest.raises(CheckpointError, match="unknown fields"):
+        ck.config_from_dict({**ck.config_to_dict(TINY), "bogus": 1})
+
+
+# ---- (3) strictness -------------------------------------------------------------------------------------------------
+def test_load_into_names_missing_unexpected_and_wrong_shapes():
+    sds = random_components(TINY)
+    cases = {
+        "missing": ({k: t for k, t in sds["unet"].items() if k != "conv_in.bias"}, "conv_in.bias"),
+        "unexpected": ({**sds["unet"], "bogus.weight": torch.zeros(1)}, "bogus.weight"),
+        "wrong shape": ({**sds["unet"], "conv_out.bias": torch.zeros(5)}, "conv_out.bias (5,) vs (4,)"),
+    }
+    for what, (sd, name) in cases.items():
+        with torch.device("meta"):
+            module = reference_modules(TINY)["unet"]
+        with pytest.raises(CheckpointError) as e:
+            ck.load_into(module, sd, "unet")
+        msg = str(e.value)
+        assert "\n" not in msg and what in msg and name in msg, msg
+    unet = ck.build(ck.model_class("unet"), TINY.unet, sds["unet"], "unet")
+    assert torch.equal(unet.state_dict()["conv_in.weight"], sds["unet"]["conv_in.weight"])
+
+
+def test_position_ids_dropped(tmp_path):
+    sds = random_components(TINY)
+    enc = {**sds["image_encoder"], POSITION_IDS: torch.arange(257)[None]}
+    with torch.device("meta"):
+        module = reference_modules(TINY)["image_encoder"]
+    ck.load_into(module, enc, "image_encoder")  # no error: the buffer is dropped
+    folder = ck.save_folder(tmp_path / "f", TINY, sds)
+    ck.write_safetensors(folder / "image_encoder" / "model.safetensors", enc, {})
+    assert POSITION_IDS not in ck.load_component(folder, "image_encoder")
+    assert POSITION_IDS not in components_to_sgm({"image_encoder": enc}, TINY).keys()
+
+
+def test_sgm_strictness(tmp_path):
+    sds = random_components(TINY)
+    sgm = components_to_sgm(sds, TINY)
+    unused = {k: torch.zeros(2) for k in UNUSED_KEYS} | {
+        "conditioner.embedders.3.encoder.decoder.conv_in.bias": torch.zeros(2)
+    }
+    assert_same(sgm_to_components(sgm | unused, TINY), sds)  # known-unused: skipped silently
+    with pytest.raises(CheckpointError, match=r"unknown tensor.*model\.diffusion_model\.bogus\.weight"):
+        sgm_to_components({**sgm, "model.diffusion_model.bogus.weight": torch.zeros(1)}, TINY)
+
+    def save(sd: dict) -> Path:
+        path = tmp_path / "svd_xt.safetensors"
+        ck.write_safetensors(path, sd, {ck.CONFIG_KEY: json.dumps(ck.config_to_dict(TINY))})
+        return path
+
+    missing = "model.diffusion_model.input_blocks.1.0.in_layers.0.weight"
+    with pytest.raises(CheckpointError, match=rf"1 missing \({missing}\)"):
+        ck.load_single_file(save({k: t for k, t in sgm.items() if k != missing}))
+    wrong = "first_stage_model.decoder.conv_out.time_mix_conv.bias"
+    with pytest.raises(CheckpointError, match=rf"wrong shape .*{wrong} \(5,\) vs \(3,\)"):
+        ck.load_single_file(save({**sgm, wrong: torch.zeros(5)}))
+    with pytest.raises(CheckpointError, match="unknown tensor.*first_stage_model.bogus"):
+        ck.load_single_file(save({**sgm, "first_stage_model.bogus": torch.zeros(5)}))
+    info = ck.checkpoint_info(save({**sgm, wrong: torch.zeros(5)}))
+    assert not info["ok"] and info["components"]["vae"]["wrong_shape"] == ["decoder.time_conv_out.bias"]
+    # An explicit config takes the file's kind of VAE decoder; a stored one must agree with it.
+    assert ck.load_single_file(save(sgm), config=with_decoder(TINY, False))[0].vae.temporal_decoder
+    path = tmp_path / "bad.safetensors"
+    ck.write_safetensors(path, sgm, {ck.CONFIG_KEY: json.dumps(ck.config_to_dict(with_decoder(TINY, False)))})
+    with pytest.raises(CheckpointError, match="disagree"):
+        ck.load_single_file(path)
+
+
+def test_missing_variant_is_named(tmp_path):
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    with pytest.raises(CheckpointError, match=r"unet/diffusion_pytorch_model\.fp16\.safetensors not found.*'fp16'"):
+        ck.load_component(folder, "unet", "fp16")
+    (folder / "vae" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"vae/config\.json is missing"):
+        ck.read_pipeline_config(folder)
+
+
+# ---- (4) detection --------------------------------------------------------------------------------------------------
+def test_detect_formats(real_keys):
+    sds = meta_state_dicts(TINY, ours=False)
+    assert detect_format(real_keys["svd_xt"]["tensors"]) == "sgm"
+    assert detect_format(sds["unet"]) == "diffusers-unet"
+    assert detect_format(sds["vae"]) == "diffusers-vae"
+    assert detect_format(meta_state_dicts(with_decoder(TINY, False), ours=False)["vae"]) == "diffusers-vae"
+    assert detect_format(sds["image_encoder"]) == "transformers-clip"
+    assert detect_format(["visual.conv1.weight", "visual.proj", "token_embedding.weight"]) == "open-clip"
+    assert detect_format(["foo.weight"]) == "unknown"
+    assert detect_sgm_variant(real_keys["svd_xt_image_decoder"]["tensors"]) == "image_decoder"
+
+
+def test_preset_from_file_name(tmp_path):
+    names = {"svd_xt_1_1": "svd-xt-1.1", "svd_xt": "svd-xt", "svd": "svd", "model": None}
+    names |= {"stable-video-diffusion-img2vid-xt-1-1": "svd-xt-1.1", "svd_xt_image_decoder": "svd-xt"}
+    for name, want in names.items():
+        assert ck._preset_from_name(name) == want, name
+    # With no config stored, a single file gets the preset its name says and the VAE decoder its keys say.
+    for name, want, temporal in [("svd_image_decoder", "svd", False), ("svd_xt_1_1", "svd-xt-1.1", True)]:
+        config = with_decoder(TINY, temporal)
+        path = tmp_path / f"{name}.safetensors"
+        ck.write_safetensors(path, components_to_sgm(random_components(config), config), {})
+        got = ck.detect_config(path)
+        assert got.name == want and got.vae.temporal_decoder == temporal and got.unet == preset(want).unet
+
+
+# ---- (5) pickles ----------------------------------------------------------------------------------------------------
+def test_pickles_refused_unless_allowed(tmp_path):
+    sds = random_components(TINY)
+    sgm = components_to_sgm(sds, TINY)
+    path = tmp_path / "svd.ckpt"
+    torch.save({"state_dict": sgm, "global_step": 3}, path)
+    with pytest.raises(CheckpointError, match="pickle file that can run code.*allow_pickle=True"):
+        ck.load_single_file(path, config=TINY)
+    config, back = ck.load_single_file(path, config=TINY, allow_pickle=True)
+    assert_same(back, sds)
+    folder = ck.save_folder(tmp_path / "f", TINY, sds)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(sds["unet"], folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        ck.load_component(folder, "unet")
+    assert_same({"unet": ck.load_component(folder, "unet", allow_pickle=True)}, {"unet": sds["unet"]})
+
+
+# ---- (6) the hub, and folders written by diffusers itself ----------------------------------------------------------
+def test_offline_hub_id_with_empty_cache(tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import, so this runs in a fresh interpreter.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = (
+        "from img2vid.checkpoint import resolve_pretrained\n"
+        "try:\n    resolve_pretrained('stabilityai/stable-video-diffusion-img2vid-xt')\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("CheckpointError") and "not in the local Hugging Face cache" in out and "local" in out, out
+    with pytest.raises(CheckpointError, match="no such folder"):
+        ck.resolve_pretrained(str(tmp_path / "nowhere"))
+    assert ck.resolve_pretrained(str(tmp_path)) == tmp_path
+
+
+def test_diffusers_save_pretrained_folder_loads(tiny_model_dir, reference_pipelines):
+    pipe = reference_pipelines["a"]
+    config = ck.read_pipeline_config(tiny_model_dir)
+    assert (config.unet, config.vae, config.image_encoder) == (TINY.unet, TINY.vae, TINY.image_encoder)
+    assert config.scheduler == configs.SchedulerConfig()
+    ref = {c: getattr(pipe, c).state_dict() for c in COMPONENTS}
+    assert_same({c: ck.load_component(tiny_model_dir, c) for c in COMPONENTS}, ref)
+    half = {c: ck.load_component(tiny_model_dir, c, "fp16") for c in COMPONENTS}
+    assert_same(half, {c: {k: t.half() for k, t in sd.items()} for c, sd in ref.items()})
+    info = ck.checkpoint_info(tiny_model_dir)
+    assert info["format"] == "diffusers-folder" and info["variants"] == ["fp16"] and info["ok"]
+
+
+def test_our_folder_loads_in_diffusers(tmp_path):
+    from diffusers import StableVideoDiffusionPipeline
+
+    sds = random_components(TINY, seed=7)
+    folder = ck.save_folder(tmp_path / "ours", TINY, sds)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(folder)
+    assert_same({c: getattr(pipe, c).state_dict() for c in COMPONENTS}, sds)
+    assert list(pipe.feature_extractor.image_mean) == list(TINY.image_encoder.image_mean)
+    assert pipe.scheduler.config.sigma_max == 700.0 and pipe.scheduler.config.use_karras_sigmas
