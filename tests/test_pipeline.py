@@ -139,7 +139,7 @@ def test_decode_chunking_matches_reference_and_is_exact_for_2d_decoder(reference
         p.config = replace(p.config, vae=vae2d.config if hasattr(vae2d, "config") else p.config.vae)
         whole = p.decode_latents(lat, decode_chunk_size=5)
         for chunk in (1, 2, 3):
-            torch.testing.assert_close(p.decode_latents(lat, decode_chunk_size=chunk), whole, rtol=0, atol=1e-6)
+            assert rel_err(p.decode_latents(lat, decode_chunk_size=chunk), whole) < 1e-5
     finally:
         p.vae, p._decode, p.config = saved
 
