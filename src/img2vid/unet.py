@@ -234,6 +234,8 @@ class UNet(nn.Module):
         """
         b, f = sample.shape[:2]
         cfg = self.config
+        if encoder_hidden_states.shape[0] != b:  # one context per video, not per frame (diffusers repeats it itself)
+            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, sample has {b}")
 
         # Conditioning vector: sinusoids in float32, MLPs in the weights' dtype, one row per video.
         t = timestep.to(sample.device).reshape(-1).expand(b)  # () or (B,) -> (B,)
