@@ -362,6 +362,14 @@ def test_diffusers_save_pretrained_folder_loads(tiny_model_dir, reference_pipeli
     assert info["format"] == "diffusers-folder" and info["variants"] == ["fp16"] and info["ok"]
 
 
+def test_sharded_component_saved_by_diffusers(tmp_path):
+    pipe = reference_pipeline("a", seed=4)
+    for variant in (None, "fp16"):
+        pipe.unet.save_pretrained(tmp_path / "unet", max_shard_size="300KB", variant=variant)
+        assert len(list((tmp_path / "unet").glob("*.index*.json"))) == (1 if variant is None else 2)
+        assert_same({"unet": ck.load_component(tmp_path, "unet", variant)}, {"unet": pipe.unet.state_dict()})
+
+
 def test_our_folder_loads_in_diffusers(tmp_path):
     from diffusers import StableVideoDiffusionPipeline
 

@@ -134,7 +134,7 @@ def read_state_dict(
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return read_safetensors(path, device, dtype)
-    if path.name.endswith(".safetensors.index.json"):
+    if ".safetensors.index." in path.name and path.suffix == ".json":  # sharded: read every shard
         weight_map: dict[str, str] = configs.read_json(path).get("weight_map", {})
         out: StateDict = {}
         for shard in sorted(set(weight_map.values())):
@@ -256,9 +256,9 @@ def hub_patterns(variant: str | None = None) -> list[str]:
     """What the pipeline needs from a hub repo: configs and one variant's safetensors (repos also hold .bin files,
     other variants and the original single files)."""
     v = f".{variant}" if variant else ""
-    files = [f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors" for c in COMPONENTS]
-    configs_ = [f"{c}/config.json" for c in COMPONENTS]
-    return ["model_index.json", *configs_, *files, "scheduler/*.json", "feature_extractor/*.json"]
+    weights = [f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors" for c in COMPONENTS]
+    config_files = [f"{c}/config.json" for c in COMPONENTS]
+    return ["model_index.json", *config_files, *weights, "scheduler/*.json", "feature_extractor/*.json"]
 
 
 def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_only: bool = False) -> Path:
@@ -278,8 +278,9 @@ def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_
         return Path(snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=local_files_only))
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{path_or_id} is not in the local Hugging Face cache and the hub can't be reached (offline?); download "
-            "it once while online, or pass a local diffusers folder or a single .safetensors file"
+            f"{path_or_id} is not in the local Hugging Face cache and the hub can't be reached (offline, or "
+            "local_files_only); download it once while online, or pass a local diffusers folder or a single "
+            ".safetensors file"
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
@@ -301,7 +302,7 @@ def _preset_from_name(text: str) -> str | None:
 
 def read_pipeline_config(folder: Path) -> PipelineConfig:
     """The PipelineConfig of a diffusers folder, from its component configs (and model_index.json's "_img2vid")."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()
 
     def js(rel: str, required: bool = True) -> dict[str, Any]:
         if not (folder / rel).is_file():
@@ -336,7 +337,8 @@ def read_pipeline_config(folder: Path) -> PipelineConfig:
 
 def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
     sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
-    for name in (f"{stem}{v}.safetensors", f"{stem}{v}.safetensors.index.json"):
+    # diffusers names a sharded variant's index stem.safetensors.index.fp16.json, transformers stem.fp16.safetensors...
+    for name in (f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors.index.json"):
         if (sub / name).is_file():
             return sub / name
     if (sub / f"{stem}{v}.bin").is_file():
