@@ -42,11 +42,10 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def generate(capsys, image, out, model, *extra) -> tuple[int, str, str]:
-    rc = main(
-        ["generate", *map(str, image if isinstance(image, list) else [image]), "-o", str(out)]
-        + ["--model", str(model), *SMALL, *map(str, extra)]
-    )
+def generate(capsys, image, out, model, extra: str = "") -> tuple[int, str, str]:
+    """Run `img2vid generate IMAGE... -o OUT --model MODEL <tiny sizes> EXTRA` in-process."""
+    sources = [str(i) for i in (image if isinstance(image, list) else [image])]
+    rc = main(["generate", *sources, "-o", str(out), "--model", str(model), *SMALL, *extra.split()])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -56,7 +55,7 @@ def generate(capsys, image, out, model, *extra) -> tuple[int, str, str]:
 def test_generate_from_each_model_format(kind, models, tiny_model_dir, images, tmp_path, capsys):
     model = tiny_model_dir if kind == "diffusers_folder" else models[kind]
     out = tmp_path / "clip.mp4"
-    rc, stdout, err = generate(capsys, images["landscape"], out, model, "--seed", 42)
+    rc, stdout, err = generate(capsys, images["landscape"], out, model, "--seed 42")
     assert rc == 0, err
     assert stdout.startswith(f"wrote {out} ({FRAMES} frames, {W}x{H}, ") and stdout.rstrip().endswith(" s)")
     frames, fps = read_video(out)
@@ -74,32 +73,21 @@ def test_generate_from_each_model_format(kind, models, tiny_model_dir, images, t
 def test_cli_frames_equal_the_library_call_and_seed_repeats(models, images, tmp_path, capsys):
     """Lossless PNG output: the CLI's frames are exactly the pipeline's (rounded) for the same seed and parameters;
     the same seed repeats them, another seed does not."""
-    args = ["--format", "png", "--fps", 9, "--motion-bucket-id", 30, "--noise-aug-strength", 0.1]
-    args += ["--min-guidance", 1.5, "--max-guidance", 2.5, "--decode-chunk-size", 2]
+    args = "--format png --fps 9 --motion-bucket-id 30 --noise-aug-strength 0.1 --min-guidance 1.5 --max-guidance 2.5"
     runs = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         out = tmp_path / name
-        rc, _, err = generate(capsys, images["landscape"], out, models["folder"], *args, "--seed", seed)
+        rc, _, err = generate(
+            capsys, images["landscape"], out, models["folder"], f"{args} --decode-chunk-size 2 --seed {seed}"
+        )
         assert rc == 0, err
         runs.append(read_video(out)[0])
     assert np.array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
     pipe = Pipeline.from_pretrained(models["folder"])
-    ref = pipe(
-        str(images["landscape"]),
-        height=H,
-        width=W,
-        num_frames=FRAMES,
-        num_inference_steps=STEPS,
-        fps=9,
-        motion_bucket_id=30,
-        noise_aug_strength=0.1,
-        min_guidance_scale=1.5,
-        max_guidance_scale=2.5,
-        decode_chunk_size=2,
-        generator=torch.manual_seed(5),
-        output_type="np",
-    ).frames[0]
+    kw = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, fps=9, motion_bucket_id=30)
+    kw.update(noise_aug_strength=0.1, min_guidance_scale=1.5, max_guidance_scale=2.5, decode_chunk_size=2)
+    ref = pipe(str(images["landscape"]), generator=torch.manual_seed(5), output_type="np", **kw).frames[0]
     assert np.array_equal(runs[0], (ref * 255).round().astype(np.uint8))
     meta = read_metadata(tmp_path / "a")
     assert (meta["fps"], meta["motion_bucket_id"], meta["noise_aug_strength"]) == (9, 30, 0.1)
@@ -119,7 +107,7 @@ def test_several_images_load_the_model_once(models, images, tmp_path, capsys, mo
     out = tmp_path / "out"
     out.mkdir()
     # a quoted glob (expanded by us), into a folder
-    rc, stdout, err = generate(capsys, str(src / "*.png"), out, models["folder"], "--seed", 1)
+    rc, stdout, err = generate(capsys, str(src / "*.png"), out, models["folder"], "--seed 1")
     assert rc == 0, err
     assert sorted(p.name for p in out.glob("*.mp4")) == ["landscape.mp4", "second.mp4"]
     assert stdout.count("wrote ") == 2 and len(loads) == 1
@@ -138,7 +126,7 @@ def test_several_images_load_the_model_once(models, images, tmp_path, capsys, mo
 @pytest.mark.parametrize("mode", ["stretch", "crop", "pad", "fit"])
 def test_resize_modes(mode, models, images, tmp_path, capsys):
     out = tmp_path / "clip.gif"
-    rc, stdout, err = generate(capsys, images["portrait"], out, models["folder"], "--resize", mode, "--seed", 0)
+    rc, stdout, err = generate(capsys, images["portrait"], out, models["folder"], f"--resize {mode} --seed 0")
     assert rc == 0, err
     frames, _ = read_video(out)
     meta = read_metadata(out)
@@ -151,48 +139,40 @@ def test_resize_modes(mode, models, images, tmp_path, capsys):
     assert f"{meta['width']}x{meta['height']}" in stdout
 
 
-def test_export_options_and_memory_modes(models, images, tmp_path, capsys, monkeypatch):
-    """--export-fps, --loop pingpong, --crf; memory modes (CPU offload degenerates to CPU) keep the frames, and
-    --compile wraps the UNet with torch.compile(fullgraph=True)."""
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
-    base = [images["landscape"], None, models["folder"], "--seed", 3, "--format", "png"]
-    outs = {}
-    for name, extra in {
-        "plain": [],
-        "model-offload": ["--offload", "model", "--forward-chunking", "--compile"],
-        "sequential": ["--offload", "sequential"],
-    }.items():
-        outs[name] = tmp_path / name
-        base[1] = outs[name]
-        rc, _, err = generate(capsys, *base, *extra)
+def test_memory_modes_keep_the_frames(models, images, tmp_path, capsys):
+    """Offload (degenerate on a CPU), forward chunking and --low-memory (which decodes 2 frames at a time) give the
+    frames of a plain run that decodes 2 at a time."""
+    runs = {
+        "plain": "--decode-chunk-size 2",
+        "model-offload": "--decode-chunk-size 2 --offload model --forward-chunking",
+        "sequential": "--decode-chunk-size 2 --offload sequential",
+        "low-memory": "--low-memory",
+    }
+    for name, extra in runs.items():
+        rc, _, err = generate(
+            capsys, images["landscape"], tmp_path / name, models["folder"], f"--format png --seed 3 {extra}"
+        )
         assert rc == 0, err
-    ref = read_video(outs["plain"])[0]
-    for name in ("model-offload", "sequential"):
-        assert np.array_equal(read_video(outs[name])[0], ref), name
-    assert compiled == [{"fullgraph": True}]
+    ref = read_video(tmp_path / "plain")[0]
+    for name in list(runs)[1:]:
+        # the same function; chunked matmuls may round differently in the last float bit: at most 1 level of 255
+        diff = np.abs(read_video(tmp_path / name)[0].astype(int) - ref)
+        assert diff.max() <= 1 and diff.mean() < 0.01, (name, diff.max(), diff.mean())
+    assert read_metadata(tmp_path / "low-memory")["decode_chunk_size"] == 2
+
+
+def test_export_options_and_compile(models, images, tmp_path, capsys, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(Pipeline, "compile", lambda self, *a, **k: compiled.append(self) or self)
     out = tmp_path / "loop.mp4"
-    rc, stdout, err = generate(
-        capsys,
-        images["landscape"],
-        out,
-        models["folder"],
-        "--low-memory",
-        "--fps",
-        6,
-        "--export-fps",
-        12,
-        "--loop",
-        "pingpong",
-        "--crf",
-        30,
-    )
+    extra = "--fps 6 --export-fps 12 --loop pingpong --crf 30 --compile"
+    rc, stdout, err = generate(capsys, images["landscape"], out, models["folder"], extra)
     assert rc == 0, err
     frames, fps = read_video(out)
     assert frames.shape[0] == 2 * FRAMES - 2 and fps == pytest.approx(12.0)
-    assert f"({2 * FRAMES - 2} frames" in stdout
+    assert f"({2 * FRAMES - 2} frames" in stdout and len(compiled) == 1
     meta = read_metadata(out)
-    assert (meta["fps"], meta["export_fps"], meta["decode_chunk_size"], meta["loop"]) == (6, 12, 2, "pingpong")
+    assert (meta["fps"], meta["export_fps"], meta["loop"]) == (6, 12, "pingpong")
 
 
 def test_random_seed_is_printed_and_stored(models, images, tmp_path, capsys):
@@ -231,47 +211,69 @@ def test_selftest(capsys):
 
 
 def test_info_and_convert(models, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pipe = Pipeline.from_pretrained(models["folder"])
+    unet_params = sum(p.numel() for p in pipe.unet.parameters())
     assert main(["info", str(models["single_file"])]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == str(models["single_file"])
+    assert "format: sgm" in lines and "config: tiny" in lines and "usable as a pipeline: yes" in lines
+    unet_row = next(line.split() for line in lines if line.startswith("unet "))
+    assert unet_row[2] == f"{unet_params:,}" and unet_row[3] == "float32"
+    assert not any("missing" in line or "unexpected" in line for line in lines)
+
+    # a damaged copy: one UNet tensor gone, one stray tensor added
+    with safe_open(models["single_file"], "pt") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    gone = next(k for k in sd if k.startswith("model.diffusion_model."))
+    del sd[gone]
+    sd["model.diffusion_model.stray.weight"] = torch.zeros(2)
+    save_file(sd, tmp_path / "damaged.safetensors", metadata=meta)
+    assert main(["info", str(tmp_path / "damaged.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert str(models["single_file"]) in out and "format" in out.lower()
+    assert "usable as a pipeline: no" in out and "missing (1): " in out and "stray" in out
+
     converted = tmp_path / "converted"
     assert main(["convert", str(models["single_file"]), str(converted), "--dtype", "float16", "--variant", "fp16"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"wrote {converted} (")
     assert main(["info", str(converted)]) == 0
-    out = capsys.readouterr().out
-    assert "float16" in out and "fp16" in out
-    pipe = Pipeline.from_pretrained(converted, variant="fp16", torch_dtype=torch.float16)
-    assert pipe.dtype == torch.float16
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "format: diffusers-folder" in lines and "variants: fp16" in lines
+    assert next(line for line in lines if line.startswith("unet ")).endswith("float16")
+    converted_pipe = Pipeline.from_pretrained(converted, variant="fp16", torch_dtype=torch.float16)
+    assert converted_pipe.dtype == torch.float16
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------
 BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected part of the message)
-    "frames-zero": (["--frames", "0"], "--frames"),
-    "frames-too-many": (["--frames", "300"], "out of range"),
-    "frames-not-int": (["--frames", "abc"], "expected an integer"),
-    "steps-zero": (["--steps", "0"], "--steps"),
-    "fps-zero": (["--fps", "0"], "--fps"),
-    "fps-huge": (["--fps", "1000"], "--fps"),
-    "export-fps-nan": (["--export-fps", "nan"], "--export-fps"),
-    "motion-bucket": (["--motion-bucket-id", "1024"], "--motion-bucket-id"),
-    "noise-aug-negative": (["--noise-aug-strength", "-0.1"], "--noise-aug-strength"),
-    "noise-aug-huge": (["--noise-aug-strength", "11"], "--noise-aug-strength"),
-    "guidance-negative": (["--min-guidance", "-1"], "--min-guidance"),
-    "guidance-order": (["--min-guidance", "3", "--max-guidance", "2"], "above --max-guidance"),
-    "decode-chunk": (["--decode-chunk-size", "0"], "--decode-chunk-size"),
-    "height-not-multiple": (["--height", "34"], "multiple of 4"),
-    "width-zero": (["--width", "0"], "--width"),
-    "seed-negative": (["--seed", "-1"], "--seed"),
-    "crf": (["--crf", "99"], "--crf"),
-    "format-unknown": (["--format", "avi"], "--format"),
-    "format-mismatch": (["--format", "gif"], "does not match"),
-    "resize-unknown": (["--resize", "zoom"], "--resize"),
-    "dtype-unknown": (["--dtype", "int8"], "--dtype"),
-    "offload-unknown": (["--offload", "disk"], "--offload"),
-    "device-unknown": (["--device", "toaster"], "unknown device"),
-    "device-cuda-missing": (["--device", "cuda:7"], "not available"),
-    "model-missing-path": (["--model", "./no/such/model.safetensors"], "model not found"),
-    "model-unknown-offline": (["--model", "nobody/no-such-svd-model", "--offline"], ""),
+    "frames-zero": ("--frames 0", "--frames"),
+    "frames-too-many": ("--frames 300", "out of range"),
+    "frames-not-int": ("--frames abc", "expected an integer"),
+    "steps-zero": ("--steps 0", "--steps"),
+    "fps-zero": ("--fps 0", "--fps"),
+    "fps-huge": ("--fps 1000", "--fps"),
+    "export-fps-nan": ("--export-fps nan", "--export-fps"),
+    "motion-bucket": ("--motion-bucket-id 1024", "--motion-bucket-id"),
+    "noise-aug-negative": ("--noise-aug-strength -0.1", "--noise-aug-strength"),
+    "noise-aug-huge": ("--noise-aug-strength 11", "--noise-aug-strength"),
+    "guidance-negative": ("--min-guidance -1", "--min-guidance"),
+    "guidance-order": ("--min-guidance 3 --max-guidance 2", "above --max-guidance"),
+    "decode-chunk": ("--decode-chunk-size 0", "--decode-chunk-size"),
+    "height-not-multiple": ("--height 34", "multiple of 4"),
+    "width-zero": ("--width 0", "--width"),
+    "seed-negative": ("--seed -1", "--seed"),
+    "crf": ("--crf 99", "--crf"),
+    "format-unknown": ("--format avi", "--format"),
+    "format-mismatch": ("--format gif", "does not match"),
+    "resize-unknown": ("--resize zoom", "--resize"),
+    "dtype-unknown": ("--dtype int8", "--dtype"),
+    "offload-unknown": ("--offload disk", "--offload"),
+    "device-unknown": ("--device toaster", "unknown device"),
+    "device-cuda-missing": ("--device cuda:7", "not available"),
+    "model-missing-path": ("--model ./no/such/model.safetensors", "model not found"),
+    "model-unknown-offline": ("--model nobody/no-such-svd-model --offline", "nobody/no-such-svd-model"),
 }
 
 
@@ -296,7 +298,7 @@ def test_bad_option_values(case, bad_env, capsys):
         pytest.skip("this machine has a cuda:7")
     models, images, out_dir = bad_env
     extra, needle = BAD[case]
-    rc, _, err = generate(capsys, images["landscape"], out_dir / "clip.mp4", models["folder"], *extra)
+    rc, _, err = generate(capsys, images["landscape"], out_dir / "clip.mp4", models["folder"], extra)
     assert_one_line_error(rc, err, needle, out_dir)
 
 
@@ -312,10 +314,10 @@ def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
         ([str(tmp_path / "*.jpeg")], out_dir / "a.mp4", models["folder"], "no image matches"),
         ([not_image], out_dir / "a.mp4", models["folder"], "not an image"),
         ([good], out_dir / "a.avi", models["folder"], "unknown video format"),
-        ([good], tmp_path / "no-such-dir" / "a.mp4", models["folder"], "does not exist"),
+        ([good], tmp_path / "no-such-dir" / "a.mp4", models["folder"], "output folder"),
         ([good, images["second"]], out_dir / "a.mp4", models["folder"], "{stem}"),
         ([good, good], out_dir, models["folder"], "same file"),
-        ([good], out_dir / "a.mp4", broken_model, ""),
+        ([good], out_dir / "a.mp4", broken_model, "broken.safetensors"),
     ]
     for sources, out, model, needle in cases:
         rc, _, err = generate(capsys, sources, out, model)

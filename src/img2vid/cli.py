@@ -88,7 +88,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
     g.add_argument("--offload", choices=("none", "model", "sequential"), help="CPU offload (default none)")
-    g.add_argument("--low-memory", action="store_true", help="model offload + forward chunking + decode chunk 2")
+    g.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="least GPU memory: sequential offload, chunking, decode 2 frames at a time",
+    )
     g.add_argument("--forward-chunking", action="store_true", help="chunk the UNet feed-forwards (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
 
@@ -152,25 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        message, code = _describe(e)
-        print(f"img2vid: error: {message}", file=sys.stderr)
+        # One line; exit 2 for the user's inputs and environment, 1 for our own bugs.
+        torch, text = sys.modules.get("torch"), " ".join(str(e).split()) or type(e).__name__
+        if torch is not None and isinstance(e, torch.OutOfMemoryError):
+            text, code = f"out of memory on the device; {OOM_HINT}", 2
+        elif isinstance(e, (ValueError, OSError)) or type(e).__module__.startswith("huggingface_hub"):
+            code = 2  # InputError / CheckpointError / bad values / missing or unreadable files / hub refusals
+        else:
+            text, code = f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", 1
+        print(f"img2vid: error: {text}", file=sys.stderr)
         return code
-
-
-def _describe(e: Exception) -> tuple[str, int]:
-    """An exception -> (one line, exit code): 2 for the user's inputs and environment, 1 for our bugs."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(e, torch.OutOfMemoryError):
-        return f"out of memory on the device; {OOM_HINT}", 2
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (ValueError, OSError)) or type(e).__module__.startswith("huggingface_hub"):
-        return text, 2  # InputError / CheckpointError / bad values / missing or unreadable files / hub refusals
-    return f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", 1
-
-
-def _note(args: argparse.Namespace, text: str) -> None:
-    if not args.quiet:
-        print(text, file=sys.stderr)
 
 
 # ---- generate ------------------------------------------------------------------------------------------------------
@@ -222,48 +217,34 @@ def _output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[lis
         paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
     if len(set(paths)) < len(paths):
         raise InputError(f"several images would write the same file; use a pattern with {{stem}} (got {output})")
-    parent = out.parent if as_folder and not out.is_dir() else (out if as_folder else None)
-    for folder in {parent} if parent is not None else {p.parent for p in paths}:
-        if not folder.is_dir():
-            raise InputError(f"output folder does not exist: {folder}")
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"output folder is not writable: {folder}")
-    for path in paths:
-        if path.is_dir() and fmt != "png":
-            raise InputError(f"output {path} is a folder; give a file name")
+    # a folder given with a trailing slash is created (by the export) if its own parent exists
+    for folder in {out if out.is_dir() else out.parent} if as_folder else {p.parent for p in paths}:
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise InputError(f"output folder {folder} {'is not writable' if folder.is_dir() else 'does not exist'}")
+    if fmt != "png" and any(p.is_dir() for p in paths):
+        raise InputError(f"output {next(p for p in paths if p.is_dir())} is a folder; give a file name")
     return paths, fmt
 
 
-def _model_kind(model: str) -> str:
-    """Is the model a "folder", a "file" or a "hub" id? Decided up front: a typo fails fast, not as a hub lookup."""
-    from img2vid.images import InputError
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return "folder"
-    if path.is_file():
-        return "file"
-    if _HUB_ID.match(model) and not model.startswith(".") and not model.lower().endswith(_WEIGHT_SUFFIXES):
-        return "hub"
-    raise InputError(f"model not found: {model} (give a hub id like {DEFAULT_MODEL}, a folder or a checkpoint file)")
-
-
-def _size_multiple(model: str, kind: str) -> int:
-    """Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more, read from the model's
-    config without loading weights. Every published SVD model (hub ids, Stability's single files) needs 64."""
+def _model_source(model: str) -> tuple[str, int]:
+    """("folder" | "file" | "hub", the size multiple), without loading weights: a typo fails fast, not as a hub
+    lookup. Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD
+    model (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
     from img2vid import checkpoint
 
-    path = Path(model).expanduser()
-    if kind == "folder":
-        config = checkpoint.read_pipeline_config(path)
-    elif kind == "file" and path.suffix == ".safetensors":
-        stored = checkpoint.read_header(path)[1].get(checkpoint.CONFIG_KEY)  # our single files carry their config
-        config = checkpoint.config_from_dict(json.loads(stored)) if stored else None
+    path, config = Path(model).expanduser(), None
+    if path.is_dir():
+        kind, config = "folder", checkpoint.read_pipeline_config(path)
+    elif path.is_file():
+        stored = checkpoint.read_header(path)[1].get(checkpoint.CONFIG_KEY) if path.suffix == ".safetensors" else None
+        kind, config = "file", checkpoint.config_from_dict(json.loads(stored)) if stored else None
+    elif _HUB_ID.match(model) and not model.startswith(".") and not model.lower().endswith(_WEIGHT_SUFFIXES):
+        kind = "hub"
     else:
-        config = None
+        raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
     if config is None:
-        return 64
-    return 2 ** (len(config.vae.block_out_channels) - 1) * 2 ** (len(config.unet.block_out_channels) - 1)
+        return kind, 64
+    return kind, 2 ** (len(config.vae.block_out_channels) - 1) * 2 ** (len(config.unet.block_out_channels) - 1)
 
 
 def _device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -288,19 +269,13 @@ def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any)
 
     from img2vid.pipeline import Pipeline
 
-    variant = args.variant
-    if variant is None and kind == "hub" and dtype == torch.float16:
-        variant = "fp16"  # the hub's fp16 files: half the download, the same float16 weights
-    variant = None if variant in ("none", "") else variant
-    offload = "none" if args.low_memory else (args.offload or "none")
-    pipe = Pipeline.from_pretrained(
-        args.model,
-        torch_dtype=dtype,
-        variant=variant,
-        device=device if offload == "none" and not args.low_memory else "cpu",  # offloaded weights wait on the CPU
-        local_files_only=args.offline,
-        allow_pickle=args.allow_pickle,
-    )
+    # The hub's fp16 files for float16: half the download, the same float16 weights.
+    variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
+    variant = None if variant == "none" else variant
+    offload = args.offload or "none"
+    load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
+    kw = dict(torch_dtype=dtype, variant=variant, local_files_only=args.offline, allow_pickle=args.allow_pickle)
+    pipe = Pipeline.from_pretrained(args.model, device=load_to, **kw)
     if args.low_memory:  # sequential offload, split guidance halves, forward chunking, decode chunks of 2
         pipe.enable_low_memory(device=device)
     elif offload == "model":
@@ -343,8 +318,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--min-guidance {args.min_guidance} is above --max-guidance {args.max_guidance}")
     sources = _expand_images(args.images)
     paths, fmt = _output_paths(sources, args.output, args.format)
-    kind = _model_kind(args.model)
-    multiple = _size_multiple(args.model, kind)
+    kind, multiple = _model_source(args.model)
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
     images = [load_image(s) for s in sources]  # unreadable images fail now, not after a long model load
@@ -357,7 +331,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe, variant = _load_pipeline(args, kind, device, dtype)
     cfg, frames, fps = pipe.config, args.frames or pipe.config.num_frames, args.fps or pipe.config.default_fps
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
-    _note(args, f"seed {seed}")
+    if not args.quiet:
+        print(f"seed {seed}", file=sys.stderr)
     params = dict(
         num_frames=frames,
         num_inference_steps=args.steps,
@@ -408,7 +383,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     def check(ok: bool, what: str) -> None:
         if not ok:
             raise AssertionError(what)
-        _note(args, f"  ok  {what}")
+        if not args.quiet:
+            print(f"  ok  {what}", file=sys.stderr)
 
     try:
         pipe = Pipeline.from_config("tiny")
@@ -434,10 +410,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
             raise
         print(f"img2vid: selftest failed: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
-    print(f"selftest passed in {time.perf_counter() - start:.1f} s: load, sample, decode, export and read back work.")
-    print("The video was noise: the tiny model has random weights. Real videos need the SVD weights:")
-    print(f"  img2vid generate image.png -o out.mp4   downloads {DEFAULT_MODEL} from the Hugging Face")
-    print("  hub (accept its licence there first), or pass --model a local diffusers folder or svd_xt.safetensors")
+    print(
+        f"selftest passed in {time.perf_counter() - start:.1f} s: load, sample, decode, export and read back work.\n"
+        "The video was noise: the tiny model has random weights. Real videos need the SVD weights:\n"
+        f"  img2vid generate image.png -o out.mp4   downloads {DEFAULT_MODEL} from the Hugging Face\n"
+        "  hub (accept its licence there first), or pass --model a local diffusers folder or svd_xt.safetensors"
+    )
     return 0
 
 
@@ -452,19 +430,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {key.replace('_', ' ')}: {', '.join(value) if isinstance(value, list) else value}")
     comps = info.get("components", {})
     print(f"  {'component':<14}{'tensors':>9}{'parameters':>16}  dtype")
-    for name, s in comps.items():
-        print(f"  {name:<14}{s['tensors']:>9,}{s['params']:>16,}  {', '.join(s['dtypes'])}")
-    print(
-        f"  {'total':<14}{sum(s['tensors'] for s in comps.values()):>9,}{sum(s['params'] for s in comps.values()):>16,}"
-    )
-    lists = [
-        (f"{n} {k.replace('_', ' ')}", s.get(k))
-        for n, s in comps.items()
-        for k in ("missing", "unexpected", "wrong_shape")
-    ]
-    lists += [("unknown tensors", info.get("unknown")), ("unused tensors skipped", info.get("skipped_unused"))]
-    for label, names in lists:
-        if names:
+    for name, c in [*comps.items(), ("total", {k: sum(c[k] for c in comps.values()) for k in ("tensors", "params")})]:
+        print(f"  {name:<14}{c['tensors']:>9,}{c['params']:>16,}  {', '.join(c.get('dtypes', []))}".rstrip())
+    named = [(f"{n} {k.replace('_', ' ')}", c.get(k)) for n, c in comps.items() for k in ("missing", "unexpected")]
+    named += [(f"{n} wrong shape", c.get("wrong_shape")) for n, c in comps.items()]
+    named += [("unknown tensors", info.get("unknown")), ("unused tensors skipped", info.get("skipped_unused"))]
+    for label, names in named:
+        if names:  # thousands for a wrong file: the count and the first few are what a reader can use
             print(f"  {label} ({len(names)}): {', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''}")
     print(f"  usable as a pipeline: {'yes' if info.get('ok') else 'no'}")
     return 0
