@@ -201,3 +201,15 @@ def test_full_svd_vae_on_meta() -> None:
 def test_import_does_not_pull_oracles() -> None:
     code = "import sys, img2vid.vae; assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_autograd_through_in_place_ops() -> None:
+    """The memory-saving in-place SiLU / residual adds must not break backward (no version-counter errors)."""
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=2))
+    x = torch.rand(2, 3, 16, 24, requires_grad=True)
+    z = model.encode(x)
+    out = model.decode(z, num_frames=2)
+    out.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters())

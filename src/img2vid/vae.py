@@ -50,6 +50,23 @@ class ResnetBlock2D(nn.Module):
         return h.add_(skip)
 
 
+def video_group_norm(x: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """`norm(x)` for x = (B, C, F, H, W): statistics per (video, group) over all frames, then one multiply-add.
+
+    Why not F.group_norm: its CUDA kernel gives each (video, group) row one thread block, i.e. only B*32 blocks for
+    gigabytes of data (60 ms a call at 25 x 576 x 1024 on an H100, most of the decode's time), and it first copies
+    the transposed view. var_mean spreads the reduction over the whole GPU and reads the view in place. Same maths
+    as the reference: biased variance, statistics finished in float32, a single rounding of the output."""
+    g = norm.num_groups
+    xg = x.unflatten(1, (g, -1))  # (B, C, F, H, W) -> (B, G, C/G, F, H, W), a view
+    var, mean = torch.var_mean(xg, dim=(2, 3, 4, 5), correction=0, keepdim=True)  # (B, G, 1, 1, 1, 1)
+    rstd = torch.rsqrt(var.float() + norm.eps)
+    scale = norm.weight.float().view(1, g, -1, 1, 1, 1) * rstd  # (B, G, C/G, 1, 1, 1)
+    shift = norm.bias.float().view(1, g, -1, 1, 1, 1) - mean.float() * scale
+    # The output keeps x's layout (the small operands are broadcast), so merging the groups back is a view.
+    return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).flatten(1, 2)  # (B, G, C/G, ...) -> (B, C, ...)
+
+
 class TemporalResnetBlock(nn.Module):
     """diffusers `TemporalResnetBlock` (no time embedding): Conv3d with a (3,1,1) kernel over (B, C, F, H, W).
 
@@ -64,10 +81,10 @@ class TemporalResnetBlock(nn.Module):
         self.conv2 = nn.Conv3d(channels, channels, _TIME_KERNEL, padding=_TIME_PADDING)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Same memory discipline as ResnetBlock2D.
-        h = F.silu(self.norm1(x), inplace=True)
+        # Same memory discipline as ResnetBlock2D; the norms are the GroupNorm modules' maths (see video_group_norm).
+        h = F.silu(video_group_norm(x, self.norm1), inplace=True)
         h = self.conv1(h)
-        h = F.silu(self.norm2(h), inplace=True)
+        h = F.silu(video_group_norm(h, self.norm2), inplace=True)
         return self.conv2(h)
 
 
