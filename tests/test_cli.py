@@ -272,8 +272,12 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "offload-unknown": ("--offload disk", "--offload"),
     "device-unknown": ("--device toaster", "unknown device"),
     "device-cuda-missing": ("--device cuda:7", "not available"),
+    "hub-model-size": ("--model stabilityai/stable-video-diffusion-img2vid-xt", "multiple of 64"),
     "model-missing-path": ("--model ./no/such/model.safetensors", "model not found"),
-    "model-unknown-offline": ("--model nobody/no-such-svd-model --offline", "nobody/no-such-svd-model"),
+    "model-unknown-offline": (
+        "--model nobody/no-such-svd-model --offline --height 64 --width 64",
+        "nobody/no-such-svd-model",
+    ),
 }
 
 
@@ -357,19 +361,12 @@ def test_failures_during_generation(exc, rc, needles, models, images, tmp_path, 
     assert all(n in lines[0] for n in needles), lines[0]
     assert list(out_dir.iterdir()) == []
     if rc == 1:  # --debug shows the real exception
+        argv = ["generate", str(images["landscape"]), "-o", str(out_dir / "c.mp4"), "--model", str(models["folder"])]
+        argv += SMALL
         with pytest.raises(RuntimeError, match="kaboom"):
-            main(
-                [
-                    "--debug",
-                    "generate",
-                    str(images["landscape"]),
-                    "-o",
-                    str(out_dir / "c.mp4"),
-                    "--model",
-                    str(models["folder"]),
-                    *SMALL,
-                ]
-            )
+            main([*argv, "--debug"])  # after the subcommand ...
+        with pytest.raises(RuntimeError, match="kaboom"):
+            main(["--debug", *argv])  # ... and before it
 
 
 def test_info_and_convert_errors(tmp_path, capsys):

@@ -282,7 +282,7 @@ def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any)
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
-    if args.forward_chunking:
+    if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
         pipe.unet.enable_forward_chunking()
     if args.compile:
         pipe.compile()  # the whole denoising step and the decoder as compiled graphs (fullgraph)
@@ -308,7 +308,11 @@ def _progress_bars(quiet: bool, label: str, totals: dict[str, int]) -> tuple[Cal
             current.close()
             bars["decode"] = bar("decode", totals["decode"])
 
-    return update, lambda: [b.close() for b in bars.values()] and None
+    def close() -> None:
+        for b in bars.values():
+            b.close()
+
+    return update, close
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
