@@ -370,11 +370,11 @@ class Pipeline:
         dtype = next(vae.parameters()).dtype
         if dtype == torch.float16 and self.config.vae.force_upcast:
             if "vae" in self._sequential:  # weights are streamed: cast the streamed copies, not the stored ones
-                self._sequential["vae"].compute_dtype = torch.float32
+                self._sequential["vae"].set_compute_dtype(torch.float32)
                 try:
                     return vae.encode(pixels.float())
                 finally:
-                    self._sequential["vae"].compute_dtype = None
+                    self._sequential["vae"].set_compute_dtype(None)
             vae.float()
             try:
                 return vae.encode(pixels.float())

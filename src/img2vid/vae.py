@@ -330,9 +330,9 @@ class VAE(nn.Module):
         blocks (each downsample halves, rounding down), NOT multiplied by scaling_factor."""
         h = self.encoder(x)
         latent = self.config.latent_channels
-        # The mode is the first half of quant_conv's output; a 1x1 conv with just those output rows computes it
-        # without materialising the log-variance (same arithmetic per channel as the full conv).
-        return F.conv2d(h, self.quant_conv.weight[:latent], self.quant_conv.bias[:latent])
+        # The mode is the first half of quant_conv's output (the rest is the log-variance). Called through the
+        # module, not its weights, so forward hooks (sequential offload) see it.
+        return self.quant_conv(h)[:, :latent]
 
     def decode(self, z: Tensor, num_frames: int) -> Tensor:
         """(N, latent_channels, h, w) unscaled latents, N = videos * num_frames, frames of a video consecutive ->
