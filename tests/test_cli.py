@@ -210,6 +210,18 @@ def test_selftest(capsys):
     assert "ok" in captured.err
 
 
+def test_selftest_failure_is_one_line_and_exit_1(capsys, monkeypatch):
+    import img2vid.video
+
+    monkeypatch.setattr(img2vid.video, "read_video", lambda path: (np.zeros((1, 8, 8, 3), np.uint8), 7.0))
+    assert main(["selftest", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        "img2vid: selftest failed: exported an mp4 that reads back as (1, 8, 8, 3)"
+    ]
+
+
 def test_info_and_convert(models, tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -376,10 +376,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ---- selftest, info, convert ---------------------------------------------------------------------------------------
 def cmd_selftest(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
-
-    from img2vid.pipeline import Pipeline
-    from img2vid.video import export_video, read_metadata, read_video
 
     height, width, frames, fps, seed = 32, 48, 3, 7, 1234
     start = time.perf_counter()
@@ -390,7 +386,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  ok  {what}", file=sys.stderr)
 
-    try:
+    try:  # imports too: a missing dependency (PyAV, say) is a failed selftest, not a crash
+        import torch
+
+        from img2vid.pipeline import Pipeline
+        from img2vid.video import export_video, read_metadata, read_video
+
         pipe = Pipeline.from_config("tiny")
         pipe.set_progress_bar_config(disable=True)
         y, x = np.mgrid[0:40, 0:56]  # a non-square gradient of another size than the video: exercises the resize
