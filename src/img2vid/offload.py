@@ -19,6 +19,30 @@ def move_module(module: nn.Module, device: torch.device) -> None:
     module.to(device)
 
 
+def plan_units(module: nn.Module, unit_bytes: int, resident_bytes: int) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """Split `module` into streaming units and always-resident parameters (no side effects).
+
+    The root is never a unit (models are entered through methods such as vae.encode, not forward), nor is a
+    container without a forward of its own (ModuleList / ModuleDict): their hooks would never fire."""
+    units: list[nn.Module] = []
+    resident: list[nn.Parameter] = list(module.parameters(recurse=False))
+
+    def visit(m: nn.Module) -> None:
+        size = sum(p.numel() * p.element_size() for p in m.parameters())
+        if size < resident_bytes:  # not worth a copy; and tiny layers are the ones read without a forward
+            resident.extend(m.parameters())
+        elif size <= unit_bytes and not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            units.append(m)
+        else:
+            resident.extend(m.parameters(recurse=False))
+            for child in m.children():
+                visit(child)
+
+    for child in module.children():
+        visit(child)
+    return units, resident
+
+
 class SequentialOffload:
     """Forward hooks that stream weights to `device` one unit at a time, for the duration of the unit's forward.
 
@@ -41,11 +65,11 @@ class SequentialOffload:
         self.streamed: dict[nn.Module, list[nn.Parameter]] = {}
         self.resident: list[nn.Parameter] = []
         pin = device.type == "cuda"
-        # The root is never a unit: models are entered through methods (vae.encode / vae.decode), not forward.
-        for p in module.parameters(recurse=False):
+        units, resident = plan_units(module, unit_bytes, self.RESIDENT_BYTES)
+        for p in resident:
             p.data = p.data.to(device)
             self.resident.append(p)
-        for unit in (u for child in module.children() for u in self._units(child, unit_bytes)):
+        for unit in units:
             params = list(unit.parameters())
             if not params:
                 continue
@@ -56,20 +80,6 @@ class SequentialOffload:
                 p.data = self.cpu_copies[p]
             self.handles.append(unit.register_forward_pre_hook(self._load))
             self.handles.append(unit.register_forward_hook(self._unload))
-
-    def _units(self, m: nn.Module, budget: int) -> list[nn.Module]:
-        size = sum(p.numel() * p.element_size() for p in m.parameters())
-        if size < self.RESIDENT_BYTES:  # not worth a copy; and tiny layers are the ones read without a forward
-            for p in m.parameters():
-                p.data = p.data.to(self.device)
-                self.resident.append(p)
-            return []
-        if size <= budget:
-            return [m]
-        for p in m.parameters(recurse=False):
-            p.data = p.data.to(self.device)
-            self.resident.append(p)
-        return [u for child in m.children() for u in self._units(child, budget)]
 
     def _load(self, m: nn.Module, args: object) -> None:
         for p in self.streamed[m]:
