@@ -213,3 +213,23 @@ def test_autograd_through_in_place_ops() -> None:
     out.square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("temporal", [True, False])
+def test_forward_hooks_see_every_heavy_layer(temporal: bool) -> None:
+    """Sequential offload streams weights from forward hooks, so every module that owns weights must either have its
+    forward run, or be a ModuleList/ModuleDict container (whose layers are hooked instead), or be a tiny parameter
+    holder read by its parent (the blend logit, the temporal GroupNorms that video_group_norm reads)."""
+    model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=2, temporal_decoder=temporal)).eval()
+    ran: set[str] = set()
+    for name, m in model.named_modules():
+        m.register_forward_hook(lambda mod, args, out, name=name: ran.add(name))
+    with torch.no_grad():
+        model.decode(model.encode(torch.rand(4, 3, 16, 24)), num_frames=2)
+    silent = {
+        type(m).__name__
+        for name, m in model.named_modules()
+        if name and name not in ran and not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))
+    }
+    assert silent <= {"AlphaBlender", "GroupNorm"}
+    assert ("AlphaBlender" in silent) == temporal

@@ -115,11 +115,7 @@ class SpatioTemporalResBlock(nn.Module):
         self.time_mixer = AlphaBlender()
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
-        return self.mix_time(self.spatial_res_block(x), num_frames)
-
-    def mix_time(self, x: Tensor, num_frames: int) -> Tensor:
-        """The temporal half, on the 2D half's output. Separate so that the decoder can drop the block's input
-        between the halves (see Decoder.forward)."""
+        x = self.spatial_res_block(x)
         # (B*F, C, H, W) -> (B, F, C, H, W) -> (B, C, F, H, W): views only, whatever the memory format.
         x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
         h = self.temporal_res_block(x5)
@@ -223,9 +219,10 @@ class MidBlock(nn.Module):
         return x
 
 
-class UpDecoderBlock(nn.Module):
+class UpDecoderBlock(nn.ModuleDict):
     """diffusers `UpDecoderBlock2D` (2D resnets) or `UpBlockTemporalDecoder` (spatio-temporal resnets), then an
-    optional x2 upsample. A container: `Decoder.forward` runs its layers (see there why)."""
+    optional x2 upsample. A container with no forward: `Decoder.forward` runs its layers (see there why). It is a
+    ModuleDict so that forward-hook users (sequential offload) know its own forward never runs and hook its layers."""
 
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, groups: int, upsample: bool, temporal: bool
@@ -291,15 +288,11 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor, num_frames: int) -> Tensor:
         x = self.mid_block(self.conv_in(z), num_frames)
         # The up blocks' layers run from this frame, one statement each: a call keeps its argument alive in the
-        # caller until it returns, so calling a whole block (or a whole spatio-temporal resnet) would hold the
-        # block's input - up to 256 x 576 x 1024 per frame - through all of its layers. Rebinding `x` frees it.
+        # caller until it returns, so calling a whole block would hold the block's input - up to 256 x 576 x 1024
+        # per frame, the decode's largest tensor - through all of its layers. Rebinding `x` frees it.
         for block in self.up_blocks:
             for resnet in block.resnets:
-                if self.temporal:
-                    x = resnet.spatial_res_block(x)
-                    x = resnet.mix_time(x, num_frames)
-                else:
-                    x = resnet(x)
+                x = resnet(x, num_frames) if self.temporal else resnet(x)
             if block.upsamplers is not None:
                 x = block.upsamplers[0](x)
         x = F.silu(self.conv_norm_out(x), inplace=True)
