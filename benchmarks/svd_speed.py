@@ -44,6 +44,7 @@ ap.add_argument("--steps", type=int, default=25)
 ap.add_argument("--decode-chunk-size", type=int, default=8)
 ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --modes compiled (default inductor)")
 ap.add_argument("--load", action="store_true", help="also time Pipeline.from_pretrained of an fp16 folder")
+ap.add_argument("--save-folder", default=None, help="with --load: keep the fp16 folder here (for svd_startup.py)")
 ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script's logic only")
 ap.add_argument("--out", default=os.environ.get("OUT", "."))
 args = ap.parse_args()
@@ -385,7 +386,8 @@ def main() -> None:
 def load_rows(state) -> None:
     import img2vid.checkpoint as ck
 
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
+        d = args.save_folder or tmp
         ck.save_folder(__import__("pathlib").Path(d), CFG, state, variant="fp16")
         for attempt in ("first", "warm"):
             sync()

@@ -65,6 +65,11 @@ class SequentialOffload:
         self.streamed: dict[nn.Module, list[nn.Parameter]] = {}
         self.resident: list[nn.Parameter] = []
         pin = device.type == "cuda"
+        # Prefetching: the unit that followed each unit last time, and copies in flight on a side stream.
+        self.copy_stream = torch.cuda.Stream(device) if pin else None
+        self.next_unit: dict[nn.Module, nn.Module] = {}
+        self.pending: dict[nn.Module, tuple[list[torch.Tensor], torch.cuda.Event, torch.dtype | None]] = {}
+        self.last: nn.Module | None = None
         units, resident = plan_units(module, unit_bytes, self.RESIDENT_BYTES)
         for p in resident:
             p.data = p.data.to(device)
@@ -81,9 +86,36 @@ class SequentialOffload:
             self.handles.append(unit.register_forward_pre_hook(self._load))
             self.handles.append(unit.register_forward_hook(self._unload))
 
+    def _copy(self, m: nn.Module) -> list[torch.Tensor]:
+        return [
+            self.cpu_copies[p].to(self.device, dtype=self.compute_dtype, non_blocking=True) for p in self.streamed[m]
+        ]
+
     def _load(self, m: nn.Module, args: object) -> None:
-        for p in self.streamed[m]:
-            p.data = self.cpu_copies[p].to(self.device, dtype=self.compute_dtype, non_blocking=True)
+        """Bring m's weights in (from the prefetch if one is waiting), then start copying the unit that ran after m
+        last time on a side stream, so the copy overlaps m's compute. At most two units are on the device."""
+        pending = self.pending.pop(m, None)
+        if pending is not None and pending[2] == self.compute_dtype:
+            tensors, event, _ = pending
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for t in tensors:  # allocated on the copy stream, used and freed on the compute stream
+                t.record_stream(torch.cuda.current_stream(self.device))
+        else:
+            tensors = self._copy(m)
+        for p, t in zip(self.streamed[m], tensors, strict=True):
+            p.data = t
+        if self.copy_stream is None:
+            return
+        if self.last is not None and self.last is not m:
+            self.next_unit[self.last] = m  # learn the call order on the first pass
+        self.last = m
+        nxt = self.next_unit.get(m)
+        if nxt is not None and nxt not in self.pending:
+            with torch.cuda.stream(self.copy_stream):
+                tensors = self._copy(nxt)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self.pending[nxt] = (tensors, event, self.compute_dtype)
 
     def _unload(self, m: nn.Module, args: object, output: object) -> None:
         # Dropping the device copy frees it once the kernels that read it have run (the caching allocator is
@@ -95,6 +127,7 @@ class SequentialOffload:
         """Run in `dtype` (None: the stored dtype). Resident tensors are cast in place; the round trip
         float16 -> float32 -> float16 is exact."""
         self.compute_dtype = dtype
+        self.pending.clear()
         for p in self.resident:
             p.data = p.data.to(dtype or self.cpu_dtype)
 

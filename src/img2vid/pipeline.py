@@ -247,14 +247,16 @@ class Pipeline:
         self.default_decode_chunk_size = 2
         return self
 
-    def compile(self, mode: str | None = None, decoder: bool = True) -> Pipeline:
-        """Speed mode (gpt-fast style): channels-last weights, and one compiled graph for a whole denoising step
-        (scale, both guidance halves through the UNet, guidance, Euler) with static shapes and sigmas as device
-        tensors, so no step syncs with the host. The VAE decoder is compiled too. Same function: outputs agree with
-        eager to within kernel rounding. The first call compiles (minutes for the full model; torch caches the
-        result on disk for later processes)."""
-        for c in ("unet", "vae"):
-            _channels_last_(_orig(getattr(self, c)))
+    def compile(self, mode: str | None = None, decoder: bool = True, channels_last: bool = False) -> Pipeline:
+        """Speed mode (gpt-fast style): one compiled graph for a whole denoising step (scale, both guidance halves
+        through the UNet, guidance, Euler) with static shapes and sigmas as device tensors, so no step syncs with the
+        host; the VAE decoder is compiled too. Same function: outputs agree with eager to within kernel rounding.
+        The first call compiles (minutes for the full model; torch caches the result on disk for later processes).
+        channels_last is off by default: measured on an H100 it gave the compiled UNet nothing and made the
+        decoder's cuDNN convolutions slower."""
+        if channels_last:
+            for c in ("unet", "vae"):
+                _channels_last_(_orig(getattr(self, c)))
         self._step = torch.compile(denoise_step, fullgraph=True, mode=mode)
         if decoder:
             self._decode = torch.compile(_orig(self.vae).decode, fullgraph=True, mode=mode)
