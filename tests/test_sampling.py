@@ -1,0 +1,65 @@
+"""The sampler's pure functions against diffusers' EulerDiscreteScheduler as SVD configures it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from img2vid import sampling
+from img2vid.configs import SchedulerConfig, scheduler_to_diffusers
+
+
+def reference_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    cfg = scheduler_to_diffusers(SchedulerConfig())
+    drop = ("_class_name", "set_alpha_to_one", "skip_prk_steps", "clip_sample")
+    return EulerDiscreteScheduler(**{k: v for k, v in cfg.items() if k not in drop})
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 25, 30])
+def test_karras_sigmas_and_timesteps_are_bit_identical(steps):
+    ref = reference_scheduler()
+    ref.set_timesteps(steps)
+    sig = sampling.karras_sigmas(steps)
+    assert torch.equal(sig, ref.sigmas)
+    assert torch.equal(sampling.c_noise(sig[:-1]), ref.timesteps)
+    assert sampling.init_noise_sigma(sig).item() == pytest.approx(float(ref.init_noise_sigma), rel=1e-7)
+
+
+def test_custom_sigmas_used_as_given():
+    ref = reference_scheduler()
+    given = [700.0, 50.0, 3.0, 0.3, 0.0]
+    ref.set_timesteps(sigmas=given)
+    sig = sampling.custom_sigmas(given)
+    assert torch.equal(sig, ref.sigmas)
+    assert torch.equal(sampling.c_noise(sig[:-1]), ref.timesteps)
+    with pytest.raises(ValueError):
+        sampling.custom_sigmas([1.0])
+    with pytest.raises(ValueError):
+        sampling.custom_sigmas([5.0, -1.0, 0.0])
+
+
+def test_scaling_and_euler_step_match_scheduler():
+    ref = reference_scheduler()
+    ref.set_timesteps(4)
+    sig = sampling.karras_sigmas(4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, 6, generator=g) * sig[0]
+    for i in range(4):
+        t = ref.timesteps[i]
+        scaled_ref = ref.scale_model_input(x, t)
+        assert rel_err(sampling.scale_input(x, sig[i]), scaled_ref) < 1e-6
+        v = torch.randn(x.shape, generator=g)
+        ours = sampling.euler_step(x, v, sig[i], sig[i + 1])
+        x = ref.step(v, t, x).prev_sample
+        assert rel_err(ours, x) < 1e-6
+
+
+def test_per_frame_guidance():
+    g = sampling.guidance_scales(1.0, 3.0, 5)
+    assert torch.allclose(g, torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0]))
+    u, c = torch.zeros(1, 5, 1, 1, 1), torch.ones(1, 5, 1, 1, 1)
+    out = sampling.apply_guidance(u, c, g.view(1, 5, 1, 1, 1))
+    assert torch.allclose(out.flatten(), g)
