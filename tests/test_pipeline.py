@@ -168,7 +168,7 @@ def test_tensor_images_resized_for_clip_like_pil(pipes):
     """diffusers skips the CLIP resize for tensors; we resize them like PIL images, so a tensor and the PIL image it
     came from get the same embedding even when not 224x224."""
     from img2vid.image_encoder import preprocess
-    from img2vid.pipeline import _to_tensor
+    from img2vid.inputs import to_tensor as _to_tensor
 
     img = make_image(90, 60)
     t = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255

@@ -10,26 +10,22 @@ seed gives the same video in both. Two places where diffusers is wrong and we ar
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
-import torch.nn.functional as F
 
 from img2vid import checkpoint, sampling
 from img2vid.configs import PipelineConfig, preset
 from img2vid.image_encoder import ImageEncoder, preprocess
-from img2vid.images import InputError, load_image
+from img2vid.images import InputError
+from img2vid.inputs import Generator, ImageInput, as_images, postprocess, randn, resize_for_vae, to_tensor
 from img2vid.offload import SequentialOffload, move_module
 from img2vid.unet import UNet
 from img2vid.vae import VAE
 
-ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
-Generator = torch.Generator | list[torch.Generator] | None
 ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
 
 COMPONENTS = ("image_encoder", "unet", "vae")  # also the model-offload order
@@ -41,63 +37,6 @@ class PipelineOutput:
     "pt", or the final (B, F, 4, H/8, W/8) latents for "latent"."""
 
     frames: Any
-
-
-def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Gaussian noise drawn exactly as diffusers' randn_tensor draws it (so seeds carry over): on the generator's
-    device (a CPU generator draws on the CPU, then moves), one draw per batch item when given a list of generators."""
-    gens = generator if isinstance(generator, list) else [generator]
-    if len(gens) == 1 and isinstance(generator, list):
-        generator = gens[0]
-    gen_device = gens[0].device if gens[0] is not None else device
-    draw_device = torch.device("cpu") if gen_device.type == "cpu" else device
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        parts = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generator]
-        return torch.cat(parts).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
-
-
-def _as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
-    """Any accepted input -> a list of RGB PIL images or (3, H, W) float tensors in [0, 1]."""
-    if isinstance(image, (list, tuple)):
-        if not image:
-            raise InputError("image list is empty")
-        return [x for item in image for x in _as_images(item)]
-    if isinstance(image, torch.Tensor):
-        t = image.detach()
-        if t.ndim == 3:
-            t = t[None]
-        if t.ndim != 4 or t.shape[1] != 3:
-            raise InputError(f"image tensors must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
-        if not t.is_floating_point():
-            t = t.float() / 255.0
-        return list(t.float().cpu().unbind(0))  # B x (3, H, W)
-    if isinstance(image, np.ndarray) and image.dtype != np.uint8 and image.ndim == 4:
-        return _as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2))  # (B,H,W,3)->(B,3,H,W)
-    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating) and image.ndim == 3:
-        if image.shape[-1] == 3:
-            return _as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))  # (H,W,3)->(3,H,W)
-    return [load_image(image)]
-
-
-def _to_tensor(img: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]; PIL goes through uint8 / 255 as diffusers' pil_to_numpy does."""
-    if isinstance(img, torch.Tensor):
-        return img
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H,W,3)->(3,H,W)
-
-
-def _resize_for_vae(img: PIL.Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(3, height, width) in [-1, 1]. PIL: Lanczos stretch, as diffusers. Tensors: antialiased bilinear (diffusers
-    uses nearest, which aliases; the two agree whenever no resize is needed)."""
-    if isinstance(img, PIL.Image.Image):
-        img = img.resize((width, height), resample=PIL.Image.LANCZOS)
-        return _to_tensor(img) * 2.0 - 1.0
-    if tuple(img.shape[-2:]) != (height, width):
-        img = F.interpolate(img[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
-    return img * 2.0 - 1.0
 
 
 class Pipeline:
@@ -296,7 +235,7 @@ class Pipeline:
         self._check(height, width, num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
-        images = _as_images(image)
+        images = as_images(image)
         n_img, nv = len(images), num_videos_per_prompt
         batch = n_img * nv
         device, dtype = self._device, self.dtype
@@ -305,11 +244,11 @@ class Pipeline:
 
         # 1. CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (batch, 1, D)
         self._stage("image_encoder")
-        pixels = torch.cat([preprocess(_to_tensor(im)[None], self.config.image_encoder) for im in images])
+        pixels = torch.cat([preprocess(to_tensor(im)[None], self.config.image_encoder) for im in images])
         emb = self.image_encoder(pixels.to(device, dtype))[:, None].repeat_interleave(nv, dim=0)
 
         # 2. VAE latents of the noise-augmented WxH image. The noise is drawn before the initial latents.
-        vae_in = torch.stack([_resize_for_vae(im, height, width) for im in images]).to(device)  # (n_img, 3, H, W)
+        vae_in = torch.stack([resize_for_vae(im, height, width) for im in images]).to(device)  # (n_img, 3, H, W)
         vae_in = vae_in + noise_aug_strength * randn(vae_in.shape, generator, device, vae_in.dtype)
         self._stage("vae")
         image_latents = self._encode(vae_in).to(dtype).repeat_interleave(nv, dim=0)  # (batch, 4, h, w)
@@ -361,7 +300,7 @@ class Pipeline:
         else:
             self._stage("vae")
             video = self.decode_latents(latents, decode_chunk_size, progress)  # (B, F, 3, H, W) in [-1, 1]
-            frames = _postprocess(video, output_type)
+            frames = postprocess(video, output_type)
         self._stage("none")
         return PipelineOutput(frames=frames) if return_dict else frames
 
@@ -463,18 +402,6 @@ def denoise_step(
         v_uncond, v_cond = v.chunk(2)
         v = sampling.apply_guidance(v_uncond, v_cond, g)
     return sampling.euler_step(latents, v, sigma, sigma_next)
-
-
-def _postprocess(video: torch.Tensor, output_type: str) -> Any:
-    """(B, F, 3, H, W) in [-1, 1] -> diffusers' output forms."""
-    video = (video / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return video
-    arr = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3)
-    if output_type == "np":
-        return arr
-    u8 = (arr * 255).round().astype(np.uint8)
-    return [[PIL.Image.fromarray(fr) for fr in vid] for vid in u8]
 
 
 def _channels_last_(module: torch.nn.Module) -> None:

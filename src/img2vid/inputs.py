@@ -1,0 +1,88 @@
+"""Between the user's objects and the pipeline's tensors: images in (any accepted kind -> the tensors diffusers'
+pipeline would build from them), random draws in diffusers' order and placement, and frames out in diffusers'
+output forms."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from img2vid.images import InputError, load_image
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise drawn exactly as diffusers' randn_tensor draws it (so seeds carry over): on the generator's
+    device (a CPU generator draws on the CPU, then moves), one draw per batch item when given a list of generators."""
+    gens = generator if isinstance(generator, list) else [generator]
+    if len(gens) == 1 and isinstance(generator, list):
+        generator = gens[0]
+    gen_device = gens[0].device if gens[0] is not None else device
+    draw_device = torch.device("cpu") if gen_device.type == "cpu" else device
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        parts = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generator]
+        return torch.cat(parts).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
+    """Any accepted input -> a list of RGB PIL images or (3, H, W) float tensors in [0, 1]."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise InputError("image list is empty")
+        return [x for item in image for x in as_images(item)]
+    if isinstance(image, torch.Tensor):
+        t = image.detach()
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise InputError(f"image tensors must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        if not t.is_floating_point():
+            t = t.float() / 255.0
+        return list(t.float().cpu().unbind(0))  # B x (3, H, W)
+    if isinstance(image, np.ndarray) and image.dtype != np.uint8 and image.ndim == 4:
+        return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2))  # (B,H,W,3)->(B,3,H,W)
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating) and image.ndim == 3:
+        if image.shape[-1] == 3:
+            return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))  # (H,W,3)->(3,H,W)
+    return [load_image(image)]
+
+
+def to_tensor(img: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]; PIL goes through uint8 / 255 as diffusers' pil_to_numpy does."""
+    if isinstance(img, torch.Tensor):
+        return img
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (H,W,3)->(3,H,W)
+
+
+def resize_for_vae(img: PIL.Image.Image | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, height, width) in [-1, 1]. PIL: Lanczos stretch, as diffusers. Tensors: antialiased bilinear (diffusers
+    uses nearest, which aliases; the two agree whenever no resize is needed)."""
+    if isinstance(img, PIL.Image.Image):
+        img = img.resize((width, height), resample=PIL.Image.LANCZOS)
+        return to_tensor(img) * 2.0 - 1.0
+    if tuple(img.shape[-2:]) != (height, width):
+        img = F.interpolate(img[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    return img * 2.0 - 1.0
+
+
+def postprocess(video: torch.Tensor, output_type: str) -> Any:
+    """(B, F, 3, H, W) in [-1, 1] -> diffusers' output forms."""
+    video = (video / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return video
+    arr = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3)
+    if output_type == "np":
+        return arr
+    u8 = (arr * 255).round().astype(np.uint8)
+    return [[PIL.Image.fromarray(fr) for fr in vid] for vid in u8]
