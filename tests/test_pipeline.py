@@ -210,3 +210,25 @@ def test_single_file_generates_the_same_frames_as_the_folder(tiny_model_dir, tmp
     again = Pipeline.from_pretrained(single)
     again.set_progress_bar_config(disable=True)
     torch.testing.assert_close(again(generator=torch.manual_seed(0), **kw).frames, outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", ["a", "b"])
+def test_loaded_modules_match_reference_modules(reference_pipelines, pipes, shape):
+    """Each component of a pipeline loaded with Pipeline.from_pretrained from the folder diffusers saved agrees with
+    the reference component it came from: UNet, VAE encode (posterior mode), VAE decode, CLIP image embedding."""
+    ref, ours = reference_pipelines[shape], pipes[shape]
+    g = torch.Generator().manual_seed(4)
+    c = ours.config
+    x = torch.randn(2, 3, c.unet.in_channels, 8, 12, generator=g)
+    t = torch.tensor([0.3, -1.2])
+    ctx = torch.randn(2, 1, c.unet.cross_attention_dim[0], generator=g)
+    ids = torch.tensor([[6.0, 127.0, 0.02], [11.0, 30.0, 0.5]])
+    with torch.no_grad():
+        want = ref.unet(x, t, encoder_hidden_states=ctx, added_time_ids=ids, return_dict=False)[0]
+        assert rel_err(ours.unet(x, t, ctx, ids), want) < 1e-4
+        img = torch.rand(2, 3, H, W, generator=g) * 2 - 1
+        assert rel_err(ours.vae.encode(img), ref.vae.encode(img).latent_dist.mode()) < 1e-4
+        z = torch.randn(6, 4, 8, 12, generator=g)  # two videos x 3 frames
+        assert rel_err(ours.vae.decode(z, num_frames=3), ref.vae.decode(z, num_frames=3).sample) < 1e-4
+        pix = torch.randn(2, 3, 224, 224, generator=g)
+        assert rel_err(ours.image_encoder(pix), ref.image_encoder(pix).image_embeds) < 1e-4
