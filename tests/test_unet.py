@@ -210,9 +210,12 @@ def test_full_svd_xt_on_meta() -> None:
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler for inductor")
 def test_compiles_fullgraph_on_cpu() -> None:
     torch.manual_seed(6)
+    # Other tests compile the same code at other sizes; start clean and keep shapes static (dynamo would otherwise
+    # switch to dynamic shapes on a second size, which is not what this test is about).
+    torch._dynamo.reset()
     ours = UNet(preset("tiny").unet).eval()
     inputs = _inputs(1, 2, 8, 8, 1, 32, seed=6)
-    compiled = torch.compile(ours, fullgraph=True)
+    compiled = torch.compile(ours, fullgraph=True, dynamic=False)
     with torch.no_grad():
         expected = ours(*inputs)
         got = compiled(*inputs)

@@ -196,9 +196,10 @@ class Pipeline:
         if channels_last:
             for c in ("unet", "vae"):
                 _channels_last_(_orig(getattr(self, c)))
-        self._step = torch.compile(denoise_step, fullgraph=True, mode=mode)
+        # Static shapes: a new size compiles its own graph rather than a slower shape-generic one.
+        self._step = torch.compile(denoise_step, fullgraph=True, mode=mode, dynamic=False)
         if decoder:
-            self._decode = torch.compile(_orig(self.vae).decode, fullgraph=True, mode=mode)
+            self._decode = torch.compile(_orig(self.vae).decode, fullgraph=True, mode=mode, dynamic=False)
         return self
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
