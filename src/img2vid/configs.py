@@ -210,7 +210,10 @@ def unet_to_diffusers(c: UNetConfig) -> dict[str, Any]:
 def vae_from_diffusers(cfg: dict[str, Any]) -> VAEConfig:
     """Accepts `AutoencoderKLTemporalDecoder` configs and, for the image-decoder variant, `AutoencoderKL` ones.
     diffusers' class defaults differ from SVD's values: a missing key takes the diffusers class default."""
-    temporal = cfg.get("_class_name", "AutoencoderKLTemporalDecoder") != "AutoencoderKL"
+    if "_class_name" in cfg:
+        temporal = cfg["_class_name"] != "AutoencoderKL"
+    else:  # an in-memory config (model.config) has no class name: only AutoencoderKL has these keys
+        temporal = not any(k in cfg for k in ("up_block_types", "use_post_quant_conv", "use_quant_conv"))
     for t in cfg.get("down_block_types", []):
         if t != "DownEncoderBlock2D":
             raise ValueError(f"unsupported VAE block type {t!r}")
