@@ -215,6 +215,19 @@ def test_config_dict_round_trip():
         ck.config_from_dict({**ck.config_to_dict(TINY), "bogus": 1})
 
 
+def test_peek_config_reads_only_our_metadata(tmp_path):
+    ours = ck.save_single_file(tmp_path / "ours.safetensors", TINY_B, random_components(TINY_B))
+    assert ck.peek_config(ours) == TINY_B
+    theirs = tmp_path / "svd_tiny.safetensors"  # Stability's files carry no config of ours
+    ck.write_safetensors(theirs, components_to_sgm(random_components(TINY), TINY), {})
+    assert ck.peek_config(theirs) is None
+    assert ck.peek_config(tmp_path / "model.ckpt") is None  # not safetensors: no header to peek at, never unpickled
+    broken = tmp_path / "broken.safetensors"
+    ck.write_safetensors(broken, {"x": torch.zeros(1)}, {ck.CONFIG_KEY: "{not json"})
+    with pytest.raises(CheckpointError, match="unreadable img2vid_config metadata"):
+        ck.peek_config(broken)
+
+
 # ---- (3) strictness -------------------------------------------------------------------------------------------------
 def test_load_into_names_missing_unexpected_and_wrong_shapes():
     sds = random_components(TINY)

@@ -1,17 +1,15 @@
 """Checkpoints in every layout users have: diffusers folders (local or a hub id), Stability's original single files
 (sgm layout, svd*.safetensors), our own single files (sgm layout + our config in the metadata), and pickles only when
 asked. Tensors are read straight to the target device and dtype, one at a time, and loading is strict: a tensor too
-many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_keys.
+many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_keys,
+file reading and writing is img2vid.checkpoint_io (its public names are importable from here too).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import os
 import re
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,24 @@ import torch
 from torch import nn
 
 from img2vid import configs
+from img2vid.checkpoint_io import (
+    CONFIG_KEY,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    Device,
+    StateDict,
+    component_file,
+    config_from_dict,
+    config_to_dict,
+    folder_json_files,
+    hub_patterns,
+    read_header,
+    read_safetensors,
+    read_state_dict,
+    stored_config,
+    write_json,
+    write_safetensors,
+)
 from img2vid.configs import PipelineConfig
 from img2vid.sgm_keys import (
     COMPONENTS,
@@ -48,6 +64,7 @@ __all__ = [
     "load_component",
     "load_into",
     "load_single_file",
+    "peek_config",
     "read_pipeline_config",
     "read_state_dict",
     "resolve_pretrained",
@@ -56,116 +73,8 @@ __all__ = [
     "sgm_to_components",
 ]
 
-StateDict = dict[str, torch.Tensor]
-Device = str | torch.device
 POSITION_IDS = "vision_model.embeddings.position_ids"  # a buffer older transformers saved; our encoder computes it
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-WEIGHTS_NAME = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "image_encoder": "model"}
-CONFIG_KEY = "img2vid_config"  # safetensors metadata key of our single files
-DIFFUSERS_VERSION = "0.24.0"  # the first diffusers with StableVideoDiffusionPipeline
 VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
-# ---- PipelineConfig <-> plain dict (JSON in our single files' metadata) --------------------------------------------
-def config_to_dict(config: PipelineConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def _dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(data, dict) or set(data) - names:
-        raise CheckpointError(f"stored {cls.__name__} has unknown fields: {sorted(set(data) - names)}")
-    kwargs = {}
-    for name, value in data.items():
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            value = _dataclass_from_dict(kind, value)
-        elif typing.get_origin(kind) is tuple:
-            value = tuple(value)  # JSON has lists
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
-    return _dataclass_from_dict(PipelineConfig, data)
-
-
-# ---- reading tensors ------------------------------------------------------------------------------------------------
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
-
-
-def _refuse_pickle(path: Path) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is a pickle file that can run code when loaded; pass allow_pickle=True / --allow-pickle if you trust "
-        "it (or convert it to .safetensors)"
-    )
-
-
-def _open_safetensors(path: Path, device: Device = "cpu") -> Any:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        return safe_open(str(path), framework="pt", device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def read_safetensors(path: Path, device: Device, dtype: torch.dtype | None, keys: list[str] | None = None) -> StateDict:
-    """Each tensor goes straight to `device` and is cast there, so the whole file is never held twice."""
-    with _open_safetensors(Path(path), device) as f:
-        return {k: _cast(f.get_tensor(k), dtype) for k in (f.keys() if keys is None else keys)}
-
-
-def read_state_dict(
-    path: Path, device: Device = "cpu", dtype: torch.dtype | None = None, allow_pickle: bool = False
-) -> StateDict:
-    """A .safetensors file (or a sharded one's .index.json), or - with allow_pickle - a .ckpt/.bin/.pt/.pth."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path, device, dtype)
-    if ".safetensors.index." in path.name and path.suffix == ".json":  # sharded: read every shard
-        weight_map: dict[str, str] = configs.read_json(path).get("weight_map", {})
-        out: StateDict = {}
-        for shard in sorted(set(weight_map.values())):
-            out.update(read_safetensors(path.parent / shard, device, dtype))
-        return out
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown checkpoint type (expected .safetensors, a folder, or a pickle)")
-    if not allow_pickle:
-        raise _refuse_pickle(path)
-    try:
-        obj = torch.load(path, map_location=torch.device(device), weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary Python objects with an UnpicklingError
-        raise CheckpointError(f"{path}: cannot load as a tensor-only pickle ({str(e).splitlines()[0]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # Lightning / sgm training checkpoints
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: _cast(t, dtype) for k, t in obj.items() if isinstance(t, torch.Tensor)}
-
-
-def read_header(path: Path, allow_pickle: bool = False) -> tuple[StateDict, dict[str, str]]:
-    """Names, shapes and dtypes as meta tensors (no data read for safetensors), and the safetensors metadata."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return {k: t.to("meta") for k, t in read_state_dict(path, "cpu", None, allow_pickle).items()}, {}
-    with _open_safetensors(path) as f:
-        sd = {}
-        for k in f.keys():
-            info = f.get_slice(k)
-            sd[k] = torch.empty(info.get_shape(), dtype=_ST_DTYPES.get(info.get_dtype(), torch.uint8), device="meta")
-        return sd, dict(f.metadata() or {})
 
 
 def _drop_buffers(sd: StateDict, component: str) -> StateDict:
@@ -252,15 +161,6 @@ def check_components(components: dict[str, StateDict], config: PipelineConfig, w
 _REPO_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
 
 
-def hub_patterns(variant: str | None = None) -> list[str]:
-    """What the pipeline needs from a hub repo: configs and one variant's safetensors (repos also hold .bin files,
-    other variants and the original single files)."""
-    v = f".{variant}" if variant else ""
-    weights = [f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors" for c in COMPONENTS]
-    config_files = [f"{c}/config.json" for c in COMPONENTS]
-    return ["model_index.json", *config_files, *weights, "scheduler/*.json", "feature_extractor/*.json"]
-
-
 def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_only: bool = False) -> Path:
     """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache."""
     path = Path(path_or_id).expanduser()
@@ -335,22 +235,6 @@ def read_pipeline_config(folder: Path) -> PipelineConfig:
     )
 
 
-def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
-    sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
-    # diffusers names a sharded variant's index stem.safetensors.index.fp16.json, transformers stem.fp16.safetensors...
-    for name in (f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors.index.json"):
-        if (sub / name).is_file():
-            return sub / name
-    if (sub / f"{stem}{v}.bin").is_file():
-        if allow_pickle:
-            return sub / f"{stem}{v}.bin"
-        raise _refuse_pickle(sub / f"{stem}{v}.bin")
-    wanted = sub / f"{stem}{v}.safetensors"
-    if variant and (sub / f"{stem}.safetensors").is_file():
-        raise CheckpointError(f"{wanted} not found: this folder has no {variant!r} variant (drop the variant)")
-    raise CheckpointError(f"{wanted} not found")
-
-
 def load_component(
     folder: Path,
     component: str,
@@ -371,11 +255,9 @@ def _single_file_config(
     """The explicit config, else ours from the metadata, else a preset picked from the file name. The kind of VAE
     decoder is the file's (svd_xt vs svd_xt_image_decoder share everything else), except that ours must agree."""
     temporal = variant == "temporal"
-    if config is None and CONFIG_KEY in metadata:
-        try:
-            config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None
+    stored = stored_config(path, metadata) if config is None else None
+    if stored is not None:
+        config = stored
         if config.vae.temporal_decoder != temporal:
             raise CheckpointError(f"{path}: its stored config and its VAE decoder tensors disagree (temporal or not)")
         return config, "metadata"
@@ -430,32 +312,13 @@ def detect_config(path: Path, allow_pickle: bool = False) -> PipelineConfig:
     return _single_file_config(path, metadata, None, detect_sgm_variant(header))[0]
 
 
-def _complete(t: torch.Tensor) -> torch.Tensor:
-    """safetensors writes each tensor's whole storage by pointer: views (q/k/v chunks, transposes) get their own."""
-    whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    return t if t.is_contiguous() and whole else t.contiguous().clone()
-
-
-def _atomic_write(path: Path, write: typing.Callable[[Path], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_safetensors(path: Path, sd: StateDict, metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: _complete(_cast(t, dtype)) for k, t in sd.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **metadata}))
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+def peek_config(path: Path) -> PipelineConfig | None:
+    """The config one of our single files stores in its safetensors metadata (header only, no tensor data), or None
+    for anything else (Stability's files, pickles, folders)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    return stored_config(path, read_header(path)[1])
 
 
 def save_single_file(
@@ -465,26 +328,6 @@ def save_single_file(
     sd = components_to_sgm(components, config)
     write_safetensors(Path(path), sd, {CONFIG_KEY: json.dumps(config_to_dict(config))}, dtype)
     return Path(path)
-
-
-# ---- writing diffusers folders ---------------------------------------------------------------------------------------
-def _preprocessor_config(c: configs.CLIPVisionConfig) -> dict[str, Any]:
-    size = c.image_size
-    return {
-        "crop_size": {"height": size, "width": size},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor",
-        "image_mean": list(c.image_mean),
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": list(c.image_std),
-        "resample": 3,  # bicubic
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": size},
-    }
 
 
 def save_folder(
@@ -502,25 +345,8 @@ def save_folder(
     v = f".{variant}" if variant else ""
     for c in COMPONENTS:
         write_safetensors(path / c / f"{WEIGHTS_NAME[c]}{v}.safetensors", _drop_buffers(components[c], c), {}, dtype)
-    version = {"_diffusers_version": DIFFUSERS_VERSION}
-    _write_json(path / "unet" / "config.json", {**configs.unet_to_diffusers(config.unet), **version})
-    _write_json(path / "vae" / "config.json", {**configs.vae_to_diffusers(config.vae), **version})
-    _write_json(path / "image_encoder" / "config.json", configs.clip_to_transformers(config.image_encoder))
-    _write_json(path / "scheduler" / "scheduler_config.json", {**configs.scheduler_to_diffusers(config.scheduler)})
-    _write_json(path / "feature_extractor" / "preprocessor_config.json", _preprocessor_config(config.image_encoder))
-    vae_class = "AutoencoderKLTemporalDecoder" if config.vae.temporal_decoder else "AutoencoderKL"
-    index = {
-        "_class_name": "StableVideoDiffusionPipeline",
-        **version,
-        # Ours: what diffusers' configs can't say (ignored by diffusers, which skips "_" keys).
-        "_img2vid": {k: getattr(config, k) for k in ("name", "default_fps", "default_motion_bucket_id")},
-        "feature_extractor": ["transformers", "CLIPImageProcessor"],
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
-        "vae": ["diffusers", vae_class],
-    }
-    _write_json(path / "model_index.json", index)
+    for rel, data in folder_json_files(config).items():  # model_index.json comes last
+        write_json(path / rel, data)
     return path
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import math
 import os
 import re
@@ -236,8 +235,7 @@ def _model_source(model: str) -> tuple[str, int]:
     if path.is_dir():
         kind, config = "folder", checkpoint.read_pipeline_config(path)
     elif path.is_file():
-        stored = checkpoint.read_header(path)[1].get(checkpoint.CONFIG_KEY) if path.suffix == ".safetensors" else None
-        kind, config = "file", checkpoint.config_from_dict(json.loads(stored)) if stored else None
+        kind, config = "file", checkpoint.peek_config(path)
     elif _HUB_ID.match(model) and not model.startswith(".") and not model.lower().endswith(_WEIGHT_SUFFIXES):
         kind = "hub"
     else:
