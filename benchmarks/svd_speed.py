@@ -37,7 +37,9 @@ from img2vid.vae import VAE  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
-ap.add_argument("--modes", default="eager,compiled,low-memory", help="comma list: eager, compiled, low-memory")
+ap.add_argument(
+    "--modes", default="eager,compiled,low-memory", help="comma list: eager, compiled, low-memory, low-memory-nosplit"
+)
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
 ap.add_argument("--steps", type=int, default=25)
@@ -328,14 +330,14 @@ def main() -> None:
     for mode in args.modes.split(","):
         pipe = ours_pipe(state)
         note = ""
-        if mode == "low-memory":
-            pipe.enable_low_memory(device=DEV)
+        if mode.startswith("low-memory"):
+            pipe.enable_low_memory(device=DEV, split_guidance=mode != "low-memory-nosplit")
         else:
             pipe.to(DEV)
         if mode == "compiled":
             pipe.compile(mode=args.compile_mode)
         kw = dict(call_kw)
-        if mode == "low-memory":
+        if mode.startswith("low-memory"):
             kw.pop("decode_chunk_size")
         sync()
         t0 = time.perf_counter()
@@ -360,7 +362,7 @@ def main() -> None:
         row = ROWS[-1]
         if "video" in ref:
             row["psnr"] = psnr(frames, ref["video"])
-        if mode != "low-memory" and "unet" in ref:
+        if not mode.startswith("low-memory") and "unet" in ref:
             with torch.no_grad():
                 x, t, emb, ids = ref["unet_in"]
                 out = pipe.unet(x, t, emb, ids).float().cpu()

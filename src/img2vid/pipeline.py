@@ -175,14 +175,16 @@ class Pipeline:
         for c in COMPONENTS:
             move_module(_orig(getattr(self, c)), self._device if c == name else torch.device("cpu"))
 
-    def enable_low_memory(self, device: str | torch.device | None = None, chunk_size: int = 5) -> Pipeline:
+    def enable_low_memory(
+        self, device: str | torch.device | None = None, chunk_size: int = 5, split_guidance: bool = True
+    ) -> Pipeline:
         """Everything that lowers peak GPU memory without changing a number: weights streamed layer by layer
         (sequential offload), the two guidance halves run one after the other, feed-forwards in chunks, and the VAE
         decoding 2 frames at a time by default (an explicit decode_chunk_size still wins; unlike the rest, decode
         chunking changes the temporal decoder's context, as in diffusers)."""
         self.enable_sequential_cpu_offload(device=device)
         _orig(self.unet).enable_forward_chunking(chunk_size)
-        self._split_guidance = True
+        self._split_guidance = split_guidance  # False: half the weight traffic, more activation memory
         self.default_decode_chunk_size = 2
         return self
 
