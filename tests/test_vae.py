@@ -215,12 +215,14 @@ def test_autograd_through_in_place_ops() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("chunk", [None, 1], ids=["whole", "sliced"])
 @pytest.mark.parametrize("temporal", [True, False])
-def test_forward_hooks_see_every_heavy_layer(temporal: bool) -> None:
+def test_forward_hooks_see_every_heavy_layer(temporal: bool, chunk: int | None) -> None:
     """Sequential offload streams weights from forward hooks, so every module that owns weights must either have its
     forward run, or be a ModuleList/ModuleDict container (whose layers are hooked instead), or be a tiny parameter
     holder read by its parent (the blend logit, the temporal GroupNorms that video_group_norm reads)."""
     model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=2, temporal_decoder=temporal)).eval()
+    model.spatial_frame_chunk = chunk  # slices (and upsamplers run inside them) still go through each forward
     ran: set[str] = set()
     for name, m in model.named_modules():
         m.register_forward_hook(lambda mod, args, out, name=name: ran.add(name))
@@ -233,3 +235,57 @@ def test_forward_hooks_see_every_heavy_layer(temporal: bool) -> None:
     }
     assert silent <= {"AlphaBlender", "GroupNorm"}
     assert ("AlphaBlender" in silent) == temporal
+
+
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [(AutoencoderKLTemporalDecoder, TEMPORAL_CONFIGS[1]), (AutoencoderKL, IMAGE_CONFIGS[1])],
+    ids=["temporal", "2d"],
+)
+def test_spatial_frame_chunk_same_numbers(cls: type, cfg: dict) -> None:
+    """Running the up blocks' per-frame layers a few frames at a time changes no number: slices of 1, 2 and 4 of
+    2 videos x 3 frames (4 divides neither the video nor the batch, so a slice spans two videos), and the result
+    still matches diffusers."""
+    ref = reference(cls, cfg, seed=11)
+    ours = ours_from(ref, config_of(ref))
+    frames = 3
+    z = torch.randn(2 * frames, 4, 5, 7, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        temporal = cls is AutoencoderKLTemporalDecoder
+        dec_ref = (ref.decode(z, num_frames=frames) if temporal else ref.decode(z)).sample
+        whole = ours.decode(z, num_frames=frames)
+        for chunk in (1, 2, 4, 6, 100):
+            ours.spatial_frame_chunk = chunk
+            sliced = ours.decode(z, num_frames=frames)
+            assert sliced.shape == whole.shape
+            assert rel_err(sliced, whole) < 1e-6, chunk
+            assert rel_err(sliced, dec_ref) < 1e-4, chunk
+    if temporal:
+        # The temporal layers still see whole videos: slicing is not the same as decoding frames alone.
+        assert rel_err(whole, ours.decode(z, num_frames=1)) > 1e-3
+
+
+def test_spatial_frame_chunk_channels_last_and_rejects_zero() -> None:
+    """The sliced output keeps the channels_last layout (the temporal layers' views stay free) and the numbers."""
+    cfg = TEMPORAL_CONFIGS[1]
+    ref = reference(AutoencoderKLTemporalDecoder, cfg, seed=5)
+    ours = ours_from(ref, config_of(ref))
+    z = torch.randn(4, 4, 6, 5, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = ours.decode(z, num_frames=2)
+        for p in ours.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        ours.spatial_frame_chunk = 3
+        seen: list[bool] = []
+        temporal_half = ours.decoder.up_blocks[-1].resnets[0].temporal_res_block
+        hook = temporal_half.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        fast = ours.decode(z.contiguous(memory_format=torch.channels_last), num_frames=2)
+        hook.remove()
+    assert seen == [True]
+    assert rel_err(fast, plain) < 1e-5
+    ours.spatial_frame_chunk = 0
+    with pytest.raises(ValueError, match="spatial_frame_chunk"):
+        ours.decode(z, num_frames=2)

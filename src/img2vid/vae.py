@@ -8,9 +8,14 @@ Layout notes (the decode of 25 frames at 576x1024 is the pipeline's memory peak)
 - Frames travel flattened as (N = videos*frames, C, H, W). The temporal layers see them as (B, C, F, H, W) through a
   transpose *view*; with channels_last activations that view is channels_last_3d, so the (3,1,1) Conv3d needs no copy.
 - Everything is plain conv / group_norm / silu / SDPA with static shapes: no host syncs, torch.compile-friendly.
+- `VAE.spatial_frame_chunk` runs the up blocks' per-frame layers a few frames at a time (see `per_frame`): only the
+  temporal layers' inputs and outputs are then all-frames tensors (live activations at 25 x 576 x 1024 fp16,
+  counted on the meta device: 17.6 -> 10.6 GiB).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +70,33 @@ def video_group_norm(x: Tensor, norm: nn.GroupNorm) -> Tensor:
     shift = norm.bias.float().view(1, g, -1, 1, 1, 1) - mean.float() * scale
     # The output keeps x's layout (the small operands are broadcast), so merging the groups back is a view.
     return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).flatten(1, 2)  # (B, G, C/G, ...) -> (B, C, ...)
+
+
+def per_frame(layer: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> Tensor:
+    """`layer(x)` for a layer that treats every frame (batch row) on its own, run `chunk` frames at a time.
+
+    The layer's temporaries (a resnet's norm/conv outputs, an upsample's interpolated input) then exist for `chunk`
+    frames only, while x and the result are the only all-frames tensors. The result is preallocated and filled slice
+    by slice: a torch.cat would hold every piece and the joined copy at once, which is the very peak being cut.
+    The same numbers as `layer(x)` up to the kernels' choice of algorithm for another batch size. A static Python
+    loop over fixed slices: torch.compile(fullgraph=True) unrolls it."""
+    n = x.shape[0]
+    if chunk is None or chunk >= n:
+        return layer(x)
+    first = layer(x[:chunk])
+    # Keep the layer's layout (channels_last on the GPU), so that the temporal layers' transposed views stay free.
+    fmt = torch.channels_last if first.dim() == 4 and not first.is_contiguous() else torch.contiguous_format
+    out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=fmt)
+    out[:chunk] = first
+    del first  # before the next slice's temporaries are made
+    for start in range(chunk, n, chunk):
+        out[start : start + chunk] = layer(x[start : start + chunk])
+    return out
+
+
+def _chain(first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """second(first(x)) as one layer for `per_frame` (both per frame); the intermediate dies inside the call."""
+    return lambda x: second(first(x))
 
 
 class TemporalResnetBlock(nn.Module):
@@ -293,23 +325,37 @@ class Decoder(nn.Module):
             nn.Conv3d(c.out_channels, c.out_channels, _TIME_KERNEL, padding=_TIME_PADDING) if temporal else None
         )
 
-    def forward(self, z: Tensor, num_frames: int) -> Tensor:
+    def _head(self, x: Tensor) -> Tensor:
+        # norm, SiLU and conv_out are per frame: `per_frame` can run them on a few frames at a time.
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+
+    def forward(self, z: Tensor, num_frames: int, frame_chunk: int | None = None) -> Tensor:
+        """frame_chunk: run the up blocks' per-frame layers (2D resnets, upsamplers, output head) on that many
+        frames at a time (see `per_frame`); None runs all frames at once. The temporal layers always see all."""
+        if frame_chunk is not None and frame_chunk >= z.shape[0]:
+            frame_chunk = None  # one slice of everything: the plain path, which also runs the upsamplers on their own
         x = self.mid_block(self.conv_in(z), num_frames)
         # The up blocks' layers run from this frame, one statement each: a call keeps its argument alive in the
         # caller until it returns, so calling a whole block (or a whole spatio-temporal resnet) would hold the
         # block's input - up to 256 x 576 x 1024 per frame - through all of its layers. Rebinding `x` frees it
         # (about 4.4 GiB less peak at 25 x 576 x 1024 in float16, 9 GiB in float32).
+        # With slices, an upsampler runs inside the next block's first slice loop, so that its 4x larger output
+        # exists a slice at a time too (at 25 x 576 x 1024 that output is the biggest tensor of the decode). Not
+        # without slices: the call would then hold the upsampler's input through the resnet.
+        up: Upsample2D | None = None
         for block in self.up_blocks:
             for resnet in block.resnets:
+                spatial = resnet.spatial_res_block if self.temporal else resnet
+                x = per_frame(spatial if up is None else _chain(up, spatial), x, frame_chunk)
+                up = None
                 if self.temporal:
-                    x = resnet.spatial_res_block(x)
                     x = resnet.temporal_res_block(x, num_frames, resnet.time_mixer.temporal_weight(x.dtype))
-                else:
-                    x = resnet(x)
             if block.upsamplers is not None:
-                x = block.upsamplers[0](x)
-        x = F.silu(self.conv_norm_out(x), inplace=True)
-        x = self.conv_out(x)
+                up = block.upsamplers[0]
+                if frame_chunk is None:
+                    x = up(x)
+                    up = None
+        x = per_frame(self._head if up is None else _chain(up, self._head), x, frame_chunk)
         if self.time_conv_out is not None:
             # (B*F, C, H, W) -> (B, F, C, H, W) -> (B, C, F, H, W)
             x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
@@ -330,6 +376,10 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
         self.decoder = Decoder(config, temporal=config.temporal_decoder)
         self.post_quant_conv = None if config.temporal_decoder else nn.Conv2d(latent, latent, 1)
+        # Frames per slice for the decoder's per-frame up-block layers (`Decoder.forward`); None: all at once. An
+        # attribute rather than a decode argument, so that a compiled `decode(z, num_frames)` keeps its signature
+        # (dynamo guards on it: changing it recompiles). Same numbers either way, up to kernel choice.
+        self.spatial_frame_chunk: int | None = None
 
     def encode(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) in [-1, 1] -> the posterior mean (N, latent_channels, H/8, W/8) for SVD's four
@@ -343,9 +393,13 @@ class VAE(nn.Module):
     def decode(self, z: Tensor, num_frames: int) -> Tensor:
         """(N, latent_channels, h, w) unscaled latents, N = videos * num_frames, frames of a video consecutive ->
         (N, out_channels, 8h, 8w) for four blocks, in about [-1, 1]. The temporal decoder mixes each video's
-        num_frames frames; the 2D decoder treats every frame alone and ignores num_frames."""
+        num_frames frames; the 2D decoder treats every frame alone and ignores num_frames. With
+        `spatial_frame_chunk` set, the per-frame layers of the up blocks run that many frames at a time."""
+        chunk = self.spatial_frame_chunk
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"spatial_frame_chunk must be a positive number of frames or None, not {chunk}")
         if self.post_quant_conv is not None:
-            return self.decoder(self.post_quant_conv(z), num_frames=1)
+            return self.decoder(self.post_quant_conv(z), 1, chunk)
         if num_frames < 1 or z.shape[0] % num_frames != 0:
             raise ValueError(f"batch of {z.shape[0]} latents is not a whole number of {num_frames}-frame videos")
-        return self.decoder(z, num_frames)
+        return self.decoder(z, num_frames, chunk)
