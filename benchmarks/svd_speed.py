@@ -45,6 +45,7 @@ ap.add_argument("--model", default="svd-xt")
 ap.add_argument("--steps", type=int, default=25)
 ap.add_argument("--decode-chunk-size", type=int, default=8)
 ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --modes compiled (default inductor)")
+ap.add_argument("--vae-frame-chunk", type=int, default=None, help="vae.spatial_frame_chunk for img2vid modes")
 ap.add_argument("--load", action="store_true", help="also time Pipeline.from_pretrained of an fp16 folder")
 ap.add_argument("--save-folder", default=None, help="with --load: keep the fp16 folder here (for svd_startup.py)")
 ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script's logic only")
@@ -334,6 +335,9 @@ def main() -> None:
             pipe.enable_low_memory(device=DEV, split_guidance=mode != "low-memory-nosplit")
         else:
             pipe.to(DEV)
+        if args.vae_frame_chunk:
+            pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
+            note = f"vae frame chunk {args.vae_frame_chunk}"
         if mode == "compiled":
             pipe.compile(mode=args.compile_mode)
         kw = dict(call_kw)
@@ -345,7 +349,7 @@ def main() -> None:
         sync()
         warm = time.perf_counter() - t0
         if mode == "compiled":
-            note = f"first call (compile) {warm:.1f}s"
+            note = f"{note}; first call (compile) {warm:.1f}s"
         dec: list = []
         timed_decode(pipe, "decode_latents", dec)
 
