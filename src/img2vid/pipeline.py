@@ -54,6 +54,9 @@ class Pipeline:
         self._step: Callable[..., torch.Tensor] = denoise_step
         self._split_guidance = False  # run the guidance halves one after the other (low memory)
         self.default_decode_chunk_size: int | None = None  # None: all frames at once, as diffusers
+        # The decoder's per-frame layers run 4 frames at a time: same numbers, and on an H100 the eager peak of a
+        # 25-frame SVD-XT video fell from 13.96 to 11.44 GiB for +7% decode time (BENCHMARKS.md, run 5).
+        vae.spatial_frame_chunk = 4
         self._decode: Callable[[torch.Tensor, int], torch.Tensor] = vae.decode
         for m in (unet, vae, image_encoder):
             m.eval().requires_grad_(False)
@@ -186,6 +189,7 @@ class Pipeline:
         _orig(self.unet).enable_forward_chunking(chunk_size)
         self._split_guidance = split_guidance  # False: half the weight traffic, more activation memory
         self.default_decode_chunk_size = 2
+        _orig(self.vae).spatial_frame_chunk = 2
         return self
 
     def compile(self, mode: str | None = None, decoder: bool = True, channels_last: bool = False) -> Pipeline:
