@@ -1,4 +1,4 @@
-"""The `img2vid` command: generate, selftest, info, convert.
+"""The `img2vid` command: generate, selftest, info, convert, serve.
 
 Every user mistake is caught before the (slow, large) model loads and ends as ONE line `img2vid: error: ...` with
 exit code 2; torch and the pipeline are imported inside the commands so `img2vid --help` stays instant.
@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--variant", help="the folder side's variant files, e.g. fp16")
     conv.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
     conv.set_defaults(func=cmd_convert)
+
+    srv = sub.add_parser("serve", parents=[common], help="serve a web page and POST /generate over HTTP")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine)")
+    srv.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="default %(default)s")
+    _add_model_args(srv)
+    _add_runtime_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -369,6 +376,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, H, W, 3) frames
         print(f"wrote {path} ({n} frames, {width}x{height}, {time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from img2vid.server import serve
+
+    kind, _ = _model_source(args.model)
+    device, dtype = _device_dtype(args)
+    pipe, _ = _load_pipeline(args, kind, device, dtype)
+    return serve(pipe, args.host, args.port, model=args.model, quiet=args.quiet)
 
 
 # ---- selftest, info, convert ---------------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+"""img2vid as a small HTTP service (stdlib only): `GET /` a self-contained web page, `POST /generate` an image in,
+the encoded video out, `GET /health` a JSON liveness probe. Start it with `img2vid serve`.
+
+Design: the request body IS the image (any format Pillow reads) and the parameters travel in the query string, so
+there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'host:8000/generate?seed=1'` just works.
+The model is shared by every request thread, so generations run one at a time behind a lock; other requests (the
+page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
+oversized body, 500 for our own failures (the traceback goes to the server's stderr, never to the client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import secrets
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import PIL.Image
+
+from img2vid import __version__
+from img2vid.cli import _number
+from img2vid.images import SIZE_MODES, InputError, check_size, fit_size, load_image, resize_image
+
+__all__ = ["MAX_BODY_BYTES", "FORMATS", "make_server", "serve"]
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+FORMATS = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}  # formats a browser can show inline
+# Query parameter -> parser with the CLI's ranges (cli._number), so both front ends accept exactly the same values.
+PARAMS: dict[str, Callable[[str], Any]] = {
+    "width": _number(int, 1),
+    "height": _number(int, 1),
+    "frames": _number(int, 1, 256),
+    "steps": _number(int, 1, 1000),
+    "fps": _number(int, 1, 240),
+    "motion_bucket_id": _number(int, 0, 1023),
+    "noise_aug_strength": _number(float, 0, 10),
+    "min_guidance": _number(float, 0),
+    "max_guidance": _number(float, 0),
+    "seed": _number(int, 0, 2**63 - 1),
+}
+CHOICES = {"resize": SIZE_MODES, "format": tuple(FORMATS)}
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>img2vid</title>
+<style>
+body{font-family:system-ui,sans-serif;max-width:760px;margin:2em auto;padding:0 1em}
+form{display:grid;grid-template-columns:12em 1fr;gap:.4em 1em;align-items:center}
+#error{color:#b00;white-space:pre-wrap}#result video,#result img{max-width:100%;margin-top:1em}
+</style></head><body>
+<h1>img2vid</h1><p>One image in, a short video out (Stable Video Diffusion). Empty fields use the model's defaults.</p>
+<form id="f">
+<label for="image">image</label><input id="image" type="file" accept="image/*" required>
+<label for="width">width</label><input id="width" type="number" min="1" value="1024">
+<label for="height">height</label><input id="height" type="number" min="1" value="576">
+<label for="resize">resize</label><select id="resize"><option>stretch</option><option>crop</option>
+<option>pad</option><option>fit</option></select>
+<label for="frames">frames</label><input id="frames" type="number" min="1" max="256">
+<label for="steps">steps</label><input id="steps" type="number" min="1" max="1000" value="25">
+<label for="fps">fps</label><input id="fps" type="number" min="1" max="240">
+<label for="motion_bucket_id">motion bucket id</label><input id="motion_bucket_id" type="number" min="0" max="1023">
+<label for="noise_aug_strength">noise aug strength</label>
+<input id="noise_aug_strength" type="number" min="0" max="10" step="any" value="0.02">
+<label for="min_guidance">min guidance</label><input id="min_guidance" type="number" min="0" step="any" value="1.0">
+<label for="max_guidance">max guidance</label><input id="max_guidance" type="number" min="0" step="any" value="3.0">
+<label for="seed">seed</label><input id="seed" type="number" min="0" placeholder="random">
+<label for="format">format</label><select id="format"><option>mp4</option><option>webm</option><option>gif</option>
+</select>
+<span></span><button id="go" type="submit">Generate</button>
+</form>
+<p id="status"></p><p id="error"></p><div id="result"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+const NAMES = ["width", "height", "resize", "frames", "steps", "fps", "motion_bucket_id", "noise_aug_strength",
+  "min_guidance", "max_guidance", "seed", "format"];
+$("f").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const file = $("image").files[0];
+  if (!file) return;
+  const query = new URLSearchParams();
+  for (const n of NAMES) if ($(n).value !== "") query.set(n, $(n).value);
+  $("go").disabled = true; $("error").textContent = ""; $("result").textContent = "";
+  $("status").textContent = "generating...";
+  const start = performance.now();
+  try {
+    const r = await fetch("/generate?" + query, {method: "POST", body: file});
+    if (!r.ok) throw new Error((await r.text()).trim() || r.statusText);
+    const seed = r.headers.get("X-Img2vid-Seed"), fmt = query.get("format") || "mp4";
+    const url = URL.createObjectURL(await r.blob());
+    const view = document.createElement(fmt === "gif" ? "img" : "video");
+    if (fmt !== "gif") { view.controls = true; view.loop = true; view.autoplay = true; view.muted = true; }
+    view.src = url;
+    const link = document.createElement("a");
+    link.href = url; link.download = "img2vid-" + seed + "." + fmt; link.textContent = "download";
+    $("result").append(view, document.createElement("br"), link);
+    $("status").textContent = "seed " + seed + ", " + ((performance.now() - start) / 1000).toFixed(1) + " s";
+  } catch (e) {
+    $("status").textContent = ""; $("error").textContent = String(e.message || e);
+  } finally { $("go").disabled = false; }
+});
+</script></body></html>
+"""
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server plus what every request thread shares: the pipeline and the lock that serialises it."""
+
+    daemon_threads = True  # a hung client must not keep the process alive at shutdown
+
+    def __init__(self, address: tuple[str, int], pipe: Any, model: str | None, max_body: int, quiet: bool) -> None:
+        super().__init__(address, Handler)
+        self.pipe, self.model, self.max_body, self.quiet = pipe, model, max_body, quiet
+        self.lock = threading.Lock()
+
+
+def _decode_image(data: bytes) -> PIL.Image.Image:
+    """Upload bytes -> RGB image; Pillow is lazy, so `.load()` is what surfaces truncated data."""
+    if not data:
+        raise InputError("no image: send the image file as the request body")
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+    except PIL.Image.DecompressionBombError as e:
+        raise InputError(f"the uploaded image is too large to decode safely: {e}") from None
+    except PIL.UnidentifiedImageError:
+        raise InputError("the uploaded file is not an image (or not a format Pillow can read)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError(f"the uploaded image is truncated or corrupt: {e}") from None
+    return load_image(image)  # EXIF rotation, alpha on white, 16-bit scaling: as for files
+
+
+def parse_params(query: str) -> dict[str, Any]:
+    """Query string -> parameters; unknown names, repeats and out-of-range values are InputErrors (one line)."""
+    params: dict[str, Any] = {"width": 1024, "height": 576, "steps": 25, "noise_aug_strength": 0.02}
+    params.update(min_guidance=1.0, max_guidance=3.0, resize="stretch", format="mp4")
+    for name, values in parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
+        if name not in PARAMS and name not in CHOICES:
+            raise InputError(f"unknown parameter {name!r}; known: {', '.join([*PARAMS, *CHOICES])}")
+        if len(values) != 1:
+            raise InputError(f"parameter {name!r} is given {len(values)} times")
+        if name in CHOICES:
+            if values[0] not in CHOICES[name]:
+                raise InputError(f"{name} must be one of {', '.join(CHOICES[name])}, got {values[0]!r}")
+            params[name] = values[0]
+            continue
+        try:
+            params[name] = PARAMS[name](values[0])
+        except argparse.ArgumentTypeError as e:
+            raise InputError(f"{name}: {e}") from None
+    if params["min_guidance"] > params["max_guidance"]:
+        raise InputError(f"min_guidance {params['min_guidance']} is above max_guidance {params['max_guidance']}")
+    return params
+
+
+def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: str | None) -> tuple[bytes, dict]:
+    """One video, encoded, and the settings that reproduce it. The caller holds the pipeline lock."""
+    import torch
+
+    from img2vid.video import export_video
+
+    cfg = pipe.config
+    # The pipeline's own size rule: the VAE's halvings times the UNet's (64 for every published SVD model).
+    multiple = 2 ** (len(cfg.vae.block_out_channels) - 1) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+    width, height, mode = params["width"], params["height"], params["resize"]
+    if mode == "fit":
+        width, height = fit_size(image.width, image.height, width * height, multiple)
+    else:
+        check_size(width, height, multiple)
+    # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers (= CLI)
+    model_input = image if mode == "stretch" else resize_image(image, width, height, mode)
+    frames = params.get("frames") or cfg.num_frames
+    run = dict(
+        height=height,
+        width=width,
+        num_frames=frames,
+        num_inference_steps=params["steps"],
+        min_guidance_scale=params["min_guidance"],
+        max_guidance_scale=params["max_guidance"],
+        fps=params.get("fps") or cfg.default_fps,
+        motion_bucket_id=params.get("motion_bucket_id", cfg.default_motion_bucket_id),
+        noise_aug_strength=params["noise_aug_strength"],
+        decode_chunk_size=min(pipe.default_decode_chunk_size or frames, frames),
+    )
+    seed = params["seed"] if "seed" in params else secrets.randbelow(2**32)
+    generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
+    video = pipe(model_input, generator=generator, output_type="np", progress=lambda *a: None, **run).frames[0]
+    info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, **run}
+    with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
+        path = export_video(video, Path(tmp) / f"video.{params['format']}", fps=run["fps"], metadata=info)
+        return path.read_bytes(), info
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    server_version = f"img2vid/{__version__}"
+
+    def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, code: int, text: str) -> None:
+        self._send(code, (" ".join(text.split()) + "\n").encode(), "text/plain; charset=utf-8")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path in ("/", "/index.html"):
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/health":
+            body = json.dumps({"ok": True, "model": self.server.model, "version": __version__}).encode()
+            self._send(200, body, "application/json")
+        else:
+            self._error(404, f"not found: {path} (try / or POST /generate)")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        if url.path != "/generate":
+            self._error(404, f"not found: {url.path} (POST /generate)")
+            return
+        length_text = self.headers.get("Content-Length")
+        if length_text is None or not length_text.strip().isdigit():
+            self.close_connection = True  # without a length the body's end is unknown: the connection is unusable
+            self._error(411, "send the image as the request body with a Content-Length header")
+            return
+        length = int(length_text)
+        if length > self.server.max_body:
+            self.close_connection = True  # the unread body would otherwise be parsed as the next request
+            self._error(413, f"request body of {length} bytes is over the limit of {self.server.max_body} bytes")
+            return
+        data = self.rfile.read(length)
+        try:
+            params = parse_params(url.query)  # cheap checks first: a typo never waits for the lock
+            image = _decode_image(data)
+            with self.server.lock:
+                video, info = generate(self.server.pipe, image, params, self.server.model)
+        except InputError as e:
+            self._error(400, str(e) or "bad request")
+            return
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            self._error(500, f"unexpected {type(e).__name__}: {e}")
+            return
+        headers = {"X-Img2vid-Seed": str(info["seed"]), "X-Img2vid-Params": json.dumps(info, separators=(",", ":"))}
+        headers["Content-Disposition"] = f'inline; filename="img2vid-{info["seed"]}.{params["format"]}"'
+        self._send(200, video, FORMATS[params["format"]], headers)
+
+
+def make_server(
+    pipe: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model: str | None = None,
+    max_body: int = MAX_BODY_BYTES,
+    quiet: bool = False,
+) -> ThreadingHTTPServer:
+    """A bound, not yet serving server (port 0: any free port, see `server.server_address`); call serve_forever."""
+    return Server((host, port), pipe, model, max_body, quiet)
+
+
+def serve(pipe: Any, host: str = "127.0.0.1", port: int = 8000, model: str | None = None, quiet: bool = False) -> int:
+    """Serve until Ctrl-C."""
+    server = make_server(pipe, host, port, model, quiet=quiet)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"img2vid serving {model} on http://{shown_host}:{server.server_address[1]}/ (Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,175 @@
+"""The HTTP service end to end: a real server on a free port in a background thread, driven with http.client,
+generating with the tiny random model."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlencode
+
+import numpy as np
+import pytest
+from conftest import make_image
+
+from img2vid import Pipeline
+from img2vid.cli import main
+from img2vid.server import make_server
+from img2vid.video import read_video
+
+H, W, FRAMES, STEPS = 32, 48, 3, 2  # the tiny model needs multiples of 4 (2 VAE levels x 2 UNet levels)
+SMALL = {"height": H, "width": W, "frames": FRAMES, "steps": STEPS}
+LIMIT = 64 * 1024  # a small body limit keeps the 413 test cheap
+
+
+@pytest.fixture(scope="module")
+def address() -> Iterator[tuple[str, int]]:
+    pipe = Pipeline.from_config("tiny", seed=3)
+    server = make_server(pipe, "127.0.0.1", 0, model="tiny", max_body=LIMIT, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[:2]
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    buf = io.BytesIO()
+    make_image(56, 40, seed=0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def request(address, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(*address, timeout=120)
+    try:
+        conn.request(method, path, body=body)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def post(address, body: bytes, **params) -> tuple[int, dict[str, str], bytes]:
+    return request(address, "POST", "/generate?" + urlencode({**SMALL, **params}), body)
+
+
+def frames_of(video: bytes, fmt: str, tmp_path: Path) -> np.ndarray:
+    path = tmp_path / f"got.{fmt}"
+    path.write_bytes(video)
+    return read_video(path)[0]
+
+
+def test_page_has_the_form(address):
+    status, headers, body = request(address, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = body.decode()
+    for field in ("image", "frames", "steps", "fps", "motion_bucket_id", "noise_aug_strength", "min_guidance"):
+        assert f'id="{field}"' in page
+    for field in ("max_guidance", "seed", "resize", "format", "go"):
+        assert f'id="{field}"' in page
+    assert "fetch(" in page and "/generate" in page and "<option>gif</option>" in page
+    assert "http://" not in page and "https://" not in page  # self-contained: no external assets
+
+
+def test_health(address):
+    status, headers, body = request(address, "GET", "/health")
+    assert status == 200 and headers["content-type"] == "application/json"
+    payload = json.loads(body)
+    assert payload["ok"] is True and payload["model"] == "tiny" and payload["version"]
+
+
+def test_generate_mp4_is_seeded_and_reproducible(address, png, tmp_path):
+    status, headers, video = post(address, png, seed=42, motion_bucket_id=30, fps=6)
+    assert status == 200, video
+    assert headers["content-type"] == "video/mp4" and headers["x-img2vid-seed"] == "42"
+    info = json.loads(headers["x-img2vid-params"])
+    assert info["num_frames"] == FRAMES and info["motion_bucket_id"] == 30 and info["fps"] == 6
+    assert (info["width"], info["height"], info["num_inference_steps"]) == (W, H, STEPS)
+    frames = frames_of(video, "mp4", tmp_path)
+    assert frames.shape == (FRAMES, H, W, 3)
+    _, headers2, video2 = post(address, png, seed=42, motion_bucket_id=30, fps=6)
+    assert headers2["x-img2vid-seed"] == "42"
+    assert video2 == video or np.array_equal(frames_of(video2, "mp4", tmp_path), frames)
+
+
+def test_concurrent_requests_both_succeed(address, png):
+    # The lock serialises generations on the shared model; both callers get their own seeded video.
+    results: dict[int, tuple[int, dict[str, str], bytes]] = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, post(address, png, seed=s))) for s in (5, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert {s: (r[0], r[1]["x-img2vid-seed"]) for s, r in results.items()} == {5: (200, "5"), 6: (200, "6")}
+    assert results[5][2] != results[6][2]
+
+
+def test_random_seed_is_reported(address, png):
+    status, headers, _ = post(address, png)
+    assert status == 200 and int(headers["x-img2vid-seed"]) >= 0
+
+
+@pytest.mark.parametrize("fmt, mime", [("gif", "image/gif"), ("webm", "video/webm")])
+def test_other_formats_and_resize(address, png, tmp_path, fmt, mime):
+    status, headers, video = post(address, png, format=fmt, resize="crop", seed=1)
+    assert status == 200, video
+    assert headers["content-type"] == mime
+    assert frames_of(video, fmt, tmp_path).shape == (FRAMES, H, W, 3)
+
+
+@pytest.mark.parametrize(
+    "body, params, expected",
+    [
+        (b"not an image at all", {}, "not an image"),
+        (None, {"steps": 0}, "steps: 0 is out of range 1..1000"),
+        (None, {"steps": "many"}, "steps: expected an integer, got 'many'"),
+        (None, {"frames": 300}, "frames: 300 is out of range 1..256"),
+        (None, {"width": 50}, "width 50 is not a multiple of 4"),
+        (None, {"min_guidance": 4, "max_guidance": 2}, "min_guidance 4.0 is above max_guidance 2.0"),
+        (None, {"format": "avi"}, "format must be one of mp4, webm, gif"),
+        (None, {"colour": "red"}, "unknown parameter 'colour'"),
+        (b"", {}, "no image"),
+    ],
+)
+def test_bad_input_is_400_with_one_line(address, png, body, params, expected):
+    status, headers, text = post(address, png if body is None else body, **params)
+    assert status == 400 and headers["content-type"].startswith("text/plain")
+    line = text.decode()
+    assert expected in line and line.endswith("\n") and line.count("\n") == 1 and "Traceback" not in line
+
+
+def test_truncated_image_is_400(address, png):
+    status, _, text = post(address, png[: len(png) // 2])
+    assert status == 400 and b"truncated or corrupt" in text
+
+
+def test_oversized_body_is_413_without_reading_it(address):
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.putrequest("POST", "/generate")
+        conn.putheader("Content-Length", str(LIMIT + 1))
+        conn.endheaders()  # the body is never sent: the server must answer from the header alone
+        r = conn.getresponse()
+        assert r.status == 413 and b"over the limit" in r.read()
+    finally:
+        conn.close()
+
+
+def test_unknown_path_is_404(address):
+    assert request(address, "GET", "/nope")[0] == 404
+    assert request(address, "POST", "/nope", b"x")[0] == 404
+
+
+def test_serve_is_a_cli_command(capsys):
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--model", "--device", "--dtype", "--low-memory", "--compile"):
+        assert option in out
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "70000 is out of range 0..65535" in capsys.readouterr().err
