@@ -455,7 +455,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     named += [(f"{n} wrong shape", c.get("wrong_shape")) for n, c in comps.items()]
     named += [("unknown tensors", info.get("unknown")), ("unused tensors skipped", info.get("skipped_unused"))]
     for label, names in named:
-        if names:  # thousands for a wrong file: the count and the first few are what a reader can use
+        if isinstance(names, int):  # a count only (the skipped tensors are known leftovers, not worth listing)
+            if names:
+                print(f"  {label}: {names}")
+        elif names:  # thousands for a wrong file: the count and the first few are what a reader can use
             print(f"  {label} ({len(names)}): {', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''}")
     print(f"  usable as a pipeline: {'yes' if info.get('ok') else 'no'}")
     return 0

@@ -335,18 +335,20 @@ def _temporal_quant_conv(sd: Mapping[str, torch.Tensor], vae: dict[str, torch.Te
     return eye, torch.zeros(n, dtype=ref.dtype, device=ref.device)
 
 
-def _fold_quant_conv(sd: dict[str, torch.Tensor], q_w: torch.Tensor, q_b: torch.Tensor) -> None:
-    """Fold the temporal VAE's quant_conv (a 1x1 conv) into the encoder's conv_out, which sgm's layout has no room
-    for: quant(conv(x)) = conv'(x) with W' = Q @ W, b' = Q @ b + b_q. An identity quant_conv is left out bit-exactly."""
-    w_key, b_key = "first_stage_model.encoder.conv_out.weight", "first_stage_model.encoder.conv_out.bias"
-    if w_key not in sd or b_key not in sd:
+def _store_quant_conv(sd: dict[str, torch.Tensor], q_w: torch.Tensor, q_b: torch.Tensor) -> None:
+    """diffusers' temporal VAE has a quant_conv that sgm's video autoencoder lacks. sgm keeps the pair it belongs to
+    in the conditioning autoencoder (conditioner.embedders.3: the same encoder plus a quant_conv), so a learned one is
+    written there, next to a copy of the encoder, exactly as Stability's files lay it out; `_temporal_quant_conv`
+    takes it back on loading, so the round trip is bit-identical. An identity quant_conv needs no copy."""
+    if q_w.device.type == "meta":
         return
-    q = q_w.float().flatten(1)  # (n, n, 1, 1) -> (n, n)
-    if q_w.device.type != "meta" and torch.equal(q, torch.eye(len(q), device=q.device)) and not q_b.any():
+    q = q_w.flatten(1)  # (n, n, 1, 1) -> (n, n)
+    if torch.equal(q, torch.eye(len(q), dtype=q.dtype, device=q.device)) and not q_b.any():
         return
-    w, b = sd[w_key], sd[b_key]
-    sd[w_key] = torch.einsum("oi,ichw->ochw", q, w.float()).to(w.dtype)
-    sd[b_key] = (q @ b.float() + q_b.float()).to(b.dtype)
+    prefix = "first_stage_model.encoder."
+    for k in [k for k in sd if k.startswith(prefix)]:
+        sd[_COND_AE + "encoder." + k[len(prefix) :]] = sd[k].clone()  # safetensors stores no shared storage
+    sd[_COND_AE + "quant_conv.weight"], sd[_COND_AE + "quant_conv.bias"] = q_w.clone(), q_b.clone()
 
 
 def components_to_sgm(sds: Mapping[str, Mapping[str, torch.Tensor]], config: PipelineConfig) -> dict[str, torch.Tensor]:
@@ -380,7 +382,7 @@ def components_to_sgm(sds: Mapping[str, Mapping[str, torch.Tensor]], config: Pip
         bad = unknown + [f"{k} (q/k/v incomplete)" for k in incomplete]
         raise CheckpointError(f"{len(bad)} tensor(s) with no sgm name: {few(bad)}")
     if quant is not None:
-        _fold_quant_conv(out, *quant)
+        _store_quant_conv(out, *quant)
     return out
 
 
