@@ -162,11 +162,6 @@ def diffusers_pipe(state):
     for m, name in ((unet, "unet"), (vae, "vae"), (enc, "image_encoder")):
         missing, unexpected = m.load_state_dict(state[name], strict=False)
         assert not unexpected and all("position_ids" in k for k in missing), (name, missing, unexpected)
-    sched = {
-        k: v
-        for k, v in scheduler_to_diffusers(CFG.scheduler).items()
-        if k not in ("_class_name", "set_alpha_to_one", "skip_prk_steps", "clip_sample")
-    }
     fe = CLIPImageProcessor(
         crop_size={"height": 224, "width": 224},
         size={"shortest_edge": 224},
@@ -174,7 +169,11 @@ def diffusers_pipe(state):
         image_std=list(CFG.image_encoder.image_std),
     )
     pipe = StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=enc, unet=unet, scheduler=EulerDiscreteScheduler(**sched), feature_extractor=fe
+        vae=vae,
+        image_encoder=enc,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_to_diffusers(CFG.scheduler)),
+        feature_extractor=fe,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(DT)

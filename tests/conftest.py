@@ -58,11 +58,18 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def reference_scheduler():
+    """diffusers' EulerDiscreteScheduler configured like the hub's SVD scheduler_config.json (from_config ignores
+    the keys that file carries for other schedulers)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(scheduler_to_diffusers(SchedulerConfig()))
+
+
 def reference_pipeline(shape: str = "a", seed: int = 0):
     """A diffusers StableVideoDiffusionPipeline with tiny random weights."""
     from diffusers import (
         AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
         StableVideoDiffusionPipeline,
         UNetSpatioTemporalConditionModel,
     )
@@ -83,11 +90,6 @@ def reference_pipeline(shape: str = "a", seed: int = 0):
     )
     for i, m in enumerate((unet, vae, enc)):
         perturb_(m, seed * 10 + i)
-    sched = {
-        k: v
-        for k, v in scheduler_to_diffusers(SchedulerConfig()).items()
-        if k not in ("_class_name", "set_alpha_to_one", "skip_prk_steps", "clip_sample")
-    }
     fe = CLIPImageProcessor(
         crop_size={"height": 224, "width": 224},
         size={"shortest_edge": 224},
@@ -100,7 +102,7 @@ def reference_pipeline(shape: str = "a", seed: int = 0):
         resample=3,
     )
     pipe = StableVideoDiffusionPipeline(
-        vae=vae, image_encoder=enc, unet=unet, scheduler=EulerDiscreteScheduler(**sched), feature_extractor=fe
+        vae=vae, image_encoder=enc, unet=unet, scheduler=reference_scheduler(), feature_extractor=fe
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

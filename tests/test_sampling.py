@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import reference_scheduler, rel_err
 
 from img2vid import sampling
-from img2vid.configs import SchedulerConfig, scheduler_to_diffusers
-
-
-def reference_scheduler():
-    from diffusers import EulerDiscreteScheduler
-
-    cfg = scheduler_to_diffusers(SchedulerConfig())
-    drop = ("_class_name", "set_alpha_to_one", "skip_prk_steps", "clip_sample")
-    return EulerDiscreteScheduler(**{k: v for k, v in cfg.items() if k not in drop})
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 25, 30])

@@ -249,7 +249,7 @@ def _model_source(model: str) -> tuple[str, int]:
         raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
     if config is None:
         return kind, 64
-    return kind, 2 ** (len(config.vae.block_out_channels) - 1) * 2 ** (len(config.unet.block_out_channels) - 1)
+    return kind, config.size_multiple
 
 
 def _device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -102,6 +102,17 @@ class PipelineConfig:
     def num_frames(self) -> int:
         return self.unet.num_frames
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side (8 for SVD's four-level VAE)."""
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE's factor times the UNet's downsamplings (64 for
+        SVD), so every skip connection meets an upsampled partner of its own size."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.block_out_channels) - 1)
+
 
 TINY_UNET = UNetConfig(
     block_out_channels=(32, 64),

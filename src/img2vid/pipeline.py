@@ -20,7 +20,7 @@ import torch
 from img2vid import checkpoint, sampling
 from img2vid.configs import PipelineConfig, preset
 from img2vid.image_encoder import ImageEncoder, preprocess
-from img2vid.images import InputError
+from img2vid.images import InputError, check_size
 from img2vid.inputs import Generator, ImageInput, as_images, postprocess, randn, resize_for_vae, to_tensor
 from img2vid.offload import SequentialOffload, move_module
 from img2vid.unet import UNet
@@ -276,7 +276,7 @@ class Pipeline:
             sig = sampling.karras_sigmas(num_inference_steps, sc.sigma_min, sc.sigma_max, sc.rho)
         sig = sig.to(device)
         lat_ch = self.config.unet.out_channels
-        vsf = 2 ** (len(self.config.vae.block_out_channels) - 1)
+        vsf = self.config.vae_scale_factor
         shape = (batch, num_frames, lat_ch, height // vsf, width // vsf)
         if latents is None:
             latents = randn(shape, generator, device, dtype)
@@ -349,11 +349,7 @@ class Pipeline:
         return frames.view(b, f, *frames.shape[1:])  # -> (B, F, 3, H, W)
 
     def _check(self, height: int, width: int, frames: int, steps: int, chunk: int, nv: int) -> None:
-        mult = 2 ** (len(self.config.vae.block_out_channels) - 1) * 2 ** (len(self.config.unet.block_out_channels) - 1)
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % mult:
-                lo, hi = max(mult, (v // mult) * mult), (v // mult + 1) * mult
-                raise InputError(f"{name} {v} is not a positive multiple of {mult}; nearest valid: {lo} or {hi}")
+        check_size(width, height, self.config.size_multiple)
         for name, v in (("num_frames", frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")

@@ -168,7 +168,7 @@ def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: s
 
     cfg = pipe.config
     # The pipeline's own size rule: the VAE's halvings times the UNet's (64 for every published SVD model).
-    multiple = 2 ** (len(cfg.vae.block_out_channels) - 1) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+    multiple = cfg.size_multiple
     width, height, mode = params["width"], params["height"], params["resize"]
     if mode == "fit":
         width, height = fit_size(image.width, image.height, width * height, multiple)

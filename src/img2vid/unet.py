@@ -24,6 +24,11 @@ from img2vid.unet_blocks import (
 )
 
 
+def _transformers(n: int, ch: int, heads: int, context_dim: int, depth: int, groups: int) -> nn.ModuleList:
+    """One spatio-temporal transformer after each resnet of a CrossAttn block."""
+    return nn.ModuleList([SpatioTemporalTransformer(ch, heads, context_dim, depth, groups) for _ in range(n)])
+
+
 class DownBlock(nn.Module):
     """diffusers `CrossAttnDownBlockSpatioTemporal` (cross_attention) or `DownBlockSpatioTemporal`."""
 
@@ -49,12 +54,7 @@ class DownBlock(nn.Module):
             ]
         )
         self.attentions = (
-            nn.ModuleList(
-                [
-                    SpatioTemporalTransformer(out_ch, heads, context_dim, transformer_depth, groups)
-                    for _ in range(num_layers)
-                ]
-            )
+            _transformers(num_layers, out_ch, heads, context_dim, transformer_depth, groups)
             if cross_attention
             else None
         )
@@ -118,12 +118,7 @@ class UpBlock(nn.Module):
             resnets.append(SpatioTemporalResBlock(res_in + res_skip, out_ch, temb_ch, 1e-6, groups))
         self.resnets = nn.ModuleList(resnets)
         self.attentions = (
-            nn.ModuleList(
-                [
-                    SpatioTemporalTransformer(out_ch, heads, context_dim, transformer_depth, groups)
-                    for _ in range(num_layers)
-                ]
-            )
+            _transformers(num_layers, out_ch, heads, context_dim, transformer_depth, groups)
             if cross_attention
             else None
         )
