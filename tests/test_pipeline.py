@@ -3,6 +3,8 @@ folders diffusers itself saved), plus behaviour: determinism, output types, offl
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -105,7 +107,7 @@ def test_offload_and_chunking_leave_frames_unchanged(tiny_model_dir, monkeypatch
 
     # The tiny model would fit in the always-resident small-layer allowance: stream everything, in small units.
     monkeypatch.setattr(SequentialOffload, "RESIDENT_BYTES", 0)
-    monkeypatch.setattr(SequentialOffload.__init__, "__defaults__", (16 << 10,))
+    monkeypatch.setattr(SequentialOffload, "UNIT_BYTES", 16 << 10)
     kw = dict(image=make_image(), height=H, width=W, num_frames=4, num_inference_steps=2, output_type="pt")
     base = Pipeline.from_pretrained(tiny_model_dir)
     base.set_progress_bar_config(disable=True)
@@ -120,11 +122,10 @@ def test_offload_and_chunking_leave_frames_unchanged(tiny_model_dir, monkeypatch
         p = Pipeline.from_pretrained(tiny_model_dir)
         p.set_progress_bar_config(disable=True)
         setup(p)
-        out = p(
-            generator=torch.manual_seed(3), **kw, **({} if mode == "low-memory" else {"decode_chunk_size": 2})
-        ).frames
+        low = mode.startswith("low-memory")
+        out = p(generator=torch.manual_seed(3), **kw, **({} if low else {"decode_chunk_size": 2})).frames
         torch.testing.assert_close(out, ref, rtol=0, atol=atol, msg=mode)
-        if "sequential" in mode or mode == "low-memory":
+        if "sequential" in mode or low:
             assert all(len(s.streamed) > 1 for s in p._sequential.values())  # weights really were streamed
 
 
@@ -234,3 +235,22 @@ def test_loaded_modules_match_reference_modules(reference_pipelines, pipes, shap
         assert rel_err(ours.vae.decode(z, num_frames=3), ref.vae.decode(z, num_frames=3).sample) < 1e-4
         pix = torch.randn(2, 3, 224, 224, generator=g)
         assert rel_err(ours.image_encoder(pix), ref.image_encoder(pix).image_embeds) < 1e-4
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler for inductor")
+def test_compile_gives_the_same_video(tiny_model_dir):
+    """Pipeline.compile(): one graph per denoising step, the decoder compiled block by block (so its frame slicing
+    still bounds memory). Same frames as eager to float rounding, and the decoder's blocks really are compiled."""
+    from img2vid.pipeline import DECODER_BLOCKS
+
+    torch._dynamo.reset()  # other tests compile the same code at other sizes (see test_unet's compile test)
+    kw = dict(image=make_image(), height=H, width=W, num_frames=3, num_inference_steps=2, output_type="pt")
+    p = Pipeline.from_pretrained(tiny_model_dir)
+    p.set_progress_bar_config(disable=True)
+    ref = p(generator=torch.manual_seed(5), decode_chunk_size=3, **kw).frames
+    p.compile()
+    blocks = [m for m in p.vae.decoder.modules() if isinstance(m, DECODER_BLOCKS)]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    out = p(generator=torch.manual_seed(5), decode_chunk_size=3, **kw).frames
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)

@@ -55,7 +55,10 @@ class SequentialOffload:
 
     RESIDENT_BYTES = 4 << 20
 
-    def __init__(self, module: nn.Module, device: torch.device, unit_bytes: int = 128 << 20) -> None:
+    UNIT_BYTES = 128 << 20
+
+    def __init__(self, module: nn.Module, device: torch.device, unit_bytes: int | None = None) -> None:
+        """unit_bytes: the largest unit (default UNIT_BYTES)."""
         self.device = device
         # Set to run the module in another dtype without touching its stored weights (the VAE's float32 encode).
         self.compute_dtype: torch.dtype | None = None
@@ -70,7 +73,7 @@ class SequentialOffload:
         self.next_unit: dict[nn.Module, nn.Module] = {}
         self.pending: dict[nn.Module, tuple[list[torch.Tensor], torch.cuda.Event, torch.dtype | None]] = {}
         self.last: nn.Module | None = None
-        units, resident = plan_units(module, unit_bytes, self.RESIDENT_BYTES)
+        units, resident = plan_units(module, unit_bytes or self.UNIT_BYTES, self.RESIDENT_BYTES)
         for p in resident:
             p.data = p.data.to(device)
             self.resident.append(p)

@@ -24,11 +24,12 @@ from img2vid.images import InputError, check_size
 from img2vid.inputs import Generator, ImageInput, as_images, postprocess, randn, resize_for_vae, to_tensor
 from img2vid.offload import SequentialOffload, move_module
 from img2vid.unet import UNet
-from img2vid.vae import VAE
+from img2vid.vae import VAE, Attention, ResnetBlock2D, TemporalResnetBlock, Upsample2D
 
 ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
 
 COMPONENTS = ("image_encoder", "unet", "vae")  # also the model-offload order
+DECODER_BLOCKS = (ResnetBlock2D, TemporalResnetBlock, Upsample2D, Attention)  # what compile() compiles in the VAE
 
 
 @dataclass
@@ -54,9 +55,10 @@ class Pipeline:
         self._step: Callable[..., torch.Tensor] = denoise_step
         self._split_guidance = False  # run the guidance halves one after the other (low memory)
         self.default_decode_chunk_size: int | None = None  # None: all frames at once, as diffusers
-        # The decoder's per-frame layers run 4 frames at a time: same numbers, and on an H100 the eager peak of a
-        # 25-frame SVD-XT video fell from 13.96 to 11.44 GiB for +7% decode time (BENCHMARKS.md, run 5).
-        vae.spatial_frame_chunk = 4
+        # The decoder's per-frame layers run 2 frames at a time: same numbers, and on an H100 the activations of an
+        # 8-frame decode chunk at 576x1024 fell from 9.6 (all at once) and 6.2 (4 at a time) to 3.9 GiB, for +15%
+        # eager decode time (BENCHMARKS.md).
+        vae.spatial_frame_chunk = 2
         self._decode: Callable[[torch.Tensor, int], torch.Tensor] = vae.decode
         for m in (unet, vae, image_encoder):
             m.eval().requires_grad_(False)
@@ -181,10 +183,11 @@ class Pipeline:
     def enable_low_memory(
         self, device: str | torch.device | None = None, chunk_size: int = 5, split_guidance: bool = True
     ) -> Pipeline:
-        """Everything that lowers peak GPU memory without changing a number: weights streamed layer by layer
-        (sequential offload), the two guidance halves run one after the other, feed-forwards in chunks, and the VAE
-        decoding 2 frames at a time by default (an explicit decode_chunk_size still wins; unlike the rest, decode
-        chunking changes the temporal decoder's context, as in diffusers)."""
+        """Everything that lowers peak GPU memory without changing a number: weights streamed block by block
+        (sequential offload, each block's copy overlapping the previous block's compute), the two guidance halves
+        run one after the other, feed-forwards in chunks, and the VAE decoding 2 frames at a time by default (an
+        explicit decode_chunk_size still wins; unlike the rest, decode chunking changes the temporal decoder's
+        context, as in diffusers)."""
         self.enable_sequential_cpu_offload(device=device)
         _orig(self.unet).enable_forward_chunking(chunk_size)
         self._split_guidance = split_guidance  # False: half the weight traffic, more activation memory
@@ -205,7 +208,13 @@ class Pipeline:
         # Static shapes: a new size compiles its own graph rather than a slower shape-generic one.
         self._step = torch.compile(denoise_step, fullgraph=True, mode=mode, dynamic=False)
         if decoder:
-            self._decode = torch.compile(_orig(self.vae).decode, fullgraph=True, mode=mode, dynamic=False)
+            # Block by block rather than one graph: the decoder runs its per-frame layers a few frames at a time to
+            # bound memory (VAE.spatial_frame_chunk), and a whole-decoder graph fuses the slices back together
+            # (inductor kept every slice's output alive: no lower peak). Compiled blocks keep the slicing's peak
+            # and still fuse each block's norms, activations and residual adds.
+            for m in _orig(self.vae).decoder.modules():
+                if isinstance(m, DECODER_BLOCKS):
+                    m.compile(fullgraph=True, mode=mode, dynamic=False)
         return self
 
     def set_progress_bar_config(self, disable: bool = False) -> None:

@@ -272,9 +272,10 @@ class UNet(nn.Module):
         return self
 
     def enable_forward_chunking(self, chunk_size: int | None = None, dim: int = 0) -> None:
-        """Run the transformers' feed-forwards in slices of `chunk_size` (default 1) along `dim` (0: batch*frames,
-        1: tokens) to cut peak memory; temporal blocks always slice over frames, as in diffusers. Numbers are
-        unchanged: the feed-forward is per token."""
+        """Run the transformers' feed-forwards in slices as small as `chunk_size` (default 1) entries of `dim`
+        (0: batch*frames, 1: tokens; temporal blocks count frames, as in diffusers) to cut peak memory. Each slice
+        is cut as contiguous rows holding that many tokens (fast matrix products, see `_feed_forward`). Numbers
+        are unchanged: the feed-forward is per token."""
         if dim not in (0, 1):
             raise ValueError(f"forward chunking dim must be 0 or 1, not {dim}")
         self._set_chunking(chunk_size or 1, dim)

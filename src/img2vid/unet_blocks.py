@@ -64,9 +64,10 @@ class SpatialResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B*F, C_in, H, W); temb: (B*F, T), already through silu."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        # SiLU in place on the norm's fresh output: one fewer full-size temporary in eager runs.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = h + self.time_emb_proj(temb)[:, :, None, None]  # (B*F, C) -> (B*F, C, 1, 1)
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -88,9 +89,9 @@ class TemporalResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B, C, F, H, W); temb: (B, F, T), already through silu."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = h + self.time_emb_proj(temb).permute(0, 2, 1)[:, :, :, None, None]  # (B, F, C) -> (B, C, F, 1, 1)
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return x + h
 
 
@@ -192,12 +193,42 @@ class FeedForward(nn.Module):
         return self.net[2](self.net[0](x))
 
 
+# Eager runs slice a feed-forward whose GEGLU intermediate would be larger than this many elements (256 MB in
+# float16). Unsliced, the first block's (50 frames x 72x128 tokens, 2560 wide: 2.4 GB, plus its two 1.2 GB halves)
+# was the eager step's memory peak. Compiled graphs stay whole: inductor fuses the GEGLU and never holds the halves.
+FF_SLICE_ELEMENTS = 1 << 27
+
+
 def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, dim: int) -> Tensor:
-    """The feed-forward, optionally in slices along `dim` to bound its 8x-wide intermediate. It is a per-token op,
-    so slicing changes no numbers (diffusers' `_chunked_feed_forward`; a remainder slice is allowed here)."""
-    if chunk_size is None:
+    """The feed-forward in slices that bound its 8x-wide intermediate: when chunking is on, slices holding as many
+    tokens as `chunk_size` entries of `dim` would (diffusers' `_chunked_feed_forward`), or, in eager mode, slices
+    of at most FF_SLICE_ELEMENTS intermediate values.
+
+    Slices are always whole rows of dim 0, even when `dim` is 1: a slice across dim 1 is a strided view, which
+    the linear layers turn into one tiny matrix product per row (a 5-frame slice of the temporal blocks' (B*H*W,
+    F, C) tokens ran at half the speed of the whole step). The feed-forward is per token, so the slicing changes
+    no value beyond the matrix kernels' choice for another row count; a remainder slice is allowed."""
+    rows = x.shape[0]
+    if chunk_size is not None:
+        rows_per_slice = max(1, rows * min(chunk_size, x.shape[dim]) // x.shape[dim])
+    else:
+        per_row = x[0].numel() * 8  # GEGLU: 2 x 4x wide per token
+        if torch.compiler.is_compiling() or rows * per_row <= FF_SLICE_ELEMENTS:
+            return ff(x)
+        rows_per_slice = max(1, FF_SLICE_ELEMENTS // per_row)
+    if rows_per_slice >= rows:
         return ff(x)
-    return torch.cat([ff(part) for part in x.split(chunk_size, dim=dim)], dim=dim)
+    parts = x.split(rows_per_slice)
+    first = ff(parts[0])
+    # Filled slice by slice: a torch.cat would hold every piece and the joined copy at once.
+    out = first.new_empty(x.shape[:-1] + first.shape[-1:])
+    out[: len(first)] = first
+    start = len(first)
+    del first
+    for part in parts[1:]:
+        out[start : start + len(part)] = ff(part)
+        start += len(part)
+    return out
 
 
 def _cross_attend(x: Tensor, norm: nn.LayerNorm, attn: Attention, context: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ No buffers anywhere: the model can be built on the meta device and filled with `
 
 Layout notes (the decode of 25 frames at 576x1024 is the pipeline's memory peak):
 - Frames travel flattened as (N = videos*frames, C, H, W). The temporal layers see them as (B, C, F, H, W) through a
-  transpose *view*; with channels_last activations that view is channels_last_3d, so the (3,1,1) Conv3d needs no copy.
+  transpose *view*; their (3,1,1) convs run as matrix products on the frames in place (`layers.temporal_conv`).
 - Everything is plain conv / group_norm / silu / SDPA with static shapes: no host syncs, torch.compile-friendly.
 - `VAE.spatial_frame_chunk` runs the up blocks' per-frame layers a few frames at a time (see `per_frame`): only the
   temporal layers' inputs and outputs are then all-frames tensors (live activations at 25 x 576 x 1024 fp16,
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import attention
+from img2vid.layers import attention, temporal_conv
 
 # diffusers hard-codes these; sgm's VideoDecoder uses the same values.
 _EPS = 1e-6  # every spatial GroupNorm of encoder and decoders
@@ -117,10 +117,11 @@ class TemporalResnetBlock(nn.Module):
         # (B*F, C, H, W) -> (B, F, C, H, W) -> (B, C, F, H, W): views only, whatever the memory format.
         x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
         # Same memory discipline as ResnetBlock2D; the norms are the GroupNorm modules' maths (see video_group_norm).
+        # The convs as in-place matrix products (see temporal_conv): cuDNN's layout copies were the decode's peak.
         h = F.silu(video_group_norm(x5, self.norm1), inplace=True)
-        h = self.conv1(h)
+        h = temporal_conv(h, self.conv1)
         h = F.silu(video_group_norm(h, self.norm2), inplace=True)
-        h = self.conv2(h)
+        h = temporal_conv(h, self.conv2)
         # Reference: (1 - s) * x + s * (x + h); algebraically x + s * h, which is one fused kernel and keeps the
         # layout of x (the first operand), so the way back below is a view again.
         out = torch.addcmul(x5, h, temporal_weight)
