@@ -400,6 +400,12 @@ def load_rows(state) -> None:
             p = Pipeline.from_pretrained(d, torch_dtype=DT, variant="fp16", device=DEV)
             sync()
             dt = time.perf_counter() - t0
+            same = all(  # the fp16 variant read back as DT
+                torch.equal(v.cpu(), state[c][k].half().to(v.dtype))
+                for c in state
+                for k, v in getattr(p, c).state_dict().items()
+            )
+            log(f"[load {attempt}] every tensor equals the saved one: {same}")
             ROWS.append(dict(mode=f"load fp16 folder -> {DEV.type} ({attempt})", video=dt, note="from_pretrained"))
             log(f"[load {attempt}] {dt:.2f}s")
             del p

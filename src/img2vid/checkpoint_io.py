@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,75 @@ def _open_safetensors(path: Path, device: Device = "cpu") -> Any:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 
 
+_READERS = 6  # threads reading one file, each over its own contiguous range
+_STAGE = 32 << 20  # bytes per pinned staging buffer (two per reader)
+
+
+def _stream_range(path: Path, base: int, start: int, stop: int, buf: torch.Tensor, device: torch.device) -> None:
+    """File bytes [base+start, base+stop) into buf[start:stop] through two pinned staging buffers on a stream of
+    this thread's own, so the disk read of one chunk overlaps the copy of the previous one."""
+    stages = [torch.empty(_STAGE, dtype=torch.uint8).pin_memory() for _ in range(2)]
+    done: list[torch.cuda.Event | None] = [None, None]
+    stream = torch.cuda.Stream(device)
+    with open(path, "rb", buffering=0) as fh, torch.cuda.stream(stream):
+        fh.seek(base + start)
+        for i, off in enumerate(range(start, stop, _STAGE)):
+            stage, size = stages[i % 2], min(_STAGE, stop - off)
+            event = done[i % 2]
+            if event is not None:
+                event.synchronize()  # this staging buffer's previous copy has left it
+            view = memoryview(stage.numpy())[:size]
+            got = 0
+            while got < size:
+                r = fh.readinto(view[got:])
+                if not r:
+                    raise CheckpointError(f"{path}: file ended early")
+                got += r
+            buf[off : off + size].copy_(stage[:size], non_blocking=True)
+            done[i % 2] = torch.cuda.Event()
+            done[i % 2].record(stream)
+    stream.synchronize()  # the staging buffers are freed on return
+
+
+def _read_safetensors_to_gpu(path: Path, device: torch.device, dtype: torch.dtype | None) -> StateDict | None:
+    """The whole file in one device buffer, read by a few threads through pinned staging buffers (see
+    `_stream_range`), every tensor a view into it. safe_open copies tensor by tensor from pageable
+    memory instead: about 4.5 GB/s, most of a full SVD-XT load. None when this path does not apply (a tensor that
+    needs a cast, so the buffer would not be the final memory; an odd layout), and the caller reads per tensor."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        spans = {k: (v["dtype"], v["shape"], *v["data_offsets"]) for k, v in header.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # the per-tensor reader gives the proper error
+    base = 8 + n
+    end = max((e for _, _, _, e in spans.values()), default=0)
+    for kind, _, start, _ in spans.values():
+        t = _ST_DTYPES.get(kind)
+        if t is None or start % t.itemsize or (dtype is not None and t.is_floating_point and t != dtype):
+            return None
+    if base + end > path.stat().st_size:
+        return None
+    buf = torch.empty(end, dtype=torch.uint8, device=device)
+    # A few readers at once, each over its own range of the file: one thread copies from the page cache at ~5 GB/s.
+    readers = max(1, min(_READERS, end // _STAGE))
+    cuts = [end * i // readers for i in range(readers + 1)]
+    ranges = list(zip(cuts[:-1], cuts[1:], strict=True))
+    with ThreadPoolExecutor(readers) as pool:
+        for r in pool.map(lambda ab: _stream_range(path, base, ab[0], ab[1], buf, device), ranges):
+            del r  # re-raises a reader's error here
+    return {k: buf[s:e].view(_ST_DTYPES[kind]).view(shape) for k, (kind, shape, s, e) in spans.items()}
+
+
 def read_safetensors(path: Path, device: Device, dtype: torch.dtype | None, keys: list[str] | None = None) -> StateDict:
-    """Each tensor goes straight to `device` and is cast there, so the whole file is never held twice."""
+    """Each tensor goes straight to `device` and is cast there, so the whole file is never held twice. A whole file
+    for a CUDA device is read in large chunks through pinned memory (`_read_safetensors_to_gpu`)."""
+    if keys is None and torch.device(device).type == "cuda":
+        fast = _read_safetensors_to_gpu(Path(path), torch.device(device), dtype)
+        if fast is not None:
+            return fast
     with _open_safetensors(Path(path), device) as f:
         return {k: cast(f.get_tensor(k), dtype) for k in (f.keys() if keys is None else keys)}
 
