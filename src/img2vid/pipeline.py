@@ -31,6 +31,7 @@ ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", don
 
 COMPONENTS = ("image_encoder", "unet", "vae")  # also the model-offload order
 DECODER_BLOCKS = (ResnetBlock2D, TemporalResnetBlock, Upsample2D, Attention)  # what compile() compiles in the VAE
+DECODER_RECOMPILE_LIMIT = 256  # compiled shapes per decoder block class (about 20 per video size)
 
 
 @dataclass
@@ -216,9 +217,11 @@ class Pipeline:
             # bound memory (VAE.spatial_frame_chunk), and a whole-decoder graph fuses the slices back together
             # (inductor kept every slice's output alive: no lower peak). Compiled blocks keep the slicing's peak
             # and still fuse each block's norms, activations and residual adds.
-            for m in _orig(self.vae).decoder.modules():
+            vae = _orig(self.vae)
+            for m in vae.decoder.modules():
                 if isinstance(m, DECODER_BLOCKS):
                     m.compile(fullgraph=True, mode=mode, dynamic=False)
+            self._decode = _decode_with_compiled_blocks(vae)
         return self
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
@@ -418,6 +421,17 @@ def denoise_step(
         v_uncond, v_cond = v.chunk(2)
         v = sampling.apply_guidance(v_uncond, v_cond, g)
     return sampling.euler_step(latents, v, sigma, sigma_next)
+
+
+def _decode_with_compiled_blocks(vae: VAE) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    def decode(z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        # A block class is one code object, compiled once per shape it meets (width, resolution, frames per slice,
+        # the last chunk's remainder): about 20 for one SVD video size, over dynamo's default limit of 8 per code
+        # object, which fullgraph turns into an error. The limit is raised for the decode only.
+        with torch._dynamo.config.patch(recompile_limit=DECODER_RECOMPILE_LIMIT):
+            return vae.decode(z, num_frames)
+
+    return decode
 
 
 def _channels_last_(module: torch.nn.Module) -> None:
