@@ -394,3 +394,28 @@ def test_our_folder_loads_in_diffusers(tmp_path):
     assert_same({c: getattr(pipe, c).state_dict() for c in COMPONENTS}, sds)
     assert list(pipe.feature_extractor.image_mean) == list(TINY.image_encoder.image_mean)
     assert pipe.scheduler.config.sigma_max == 700.0 and pipe.scheduler.config.use_karras_sigmas
+
+
+def test_whole_file_reader_places_every_tensor_aligned(tmp_path, monkeypatch):
+    """The GPU loading path (whole file, several readers, pinned chunks) on the CPU with tiny chunks: every tensor
+    comes back equal to safetensors' own reading, at a 256-byte aligned offset of one buffer, however the file
+    packed it (odd sizes, empty tensors, tensors spanning chunks and readers); a tensor that needs a cast sends
+    the caller back to the per-tensor reader."""
+    from safetensors.torch import save_file
+
+    import img2vid.checkpoint_io as cio
+
+    monkeypatch.setattr(cio, "_STAGE", 1000)
+    g = torch.Generator().manual_seed(0)
+    sd = {f"t{i}": torch.randn(int(torch.randint(0, 300, (1,), generator=g)), generator=g).half() for i in range(50)}
+    sd |= {"odd": torch.ones(3, dtype=torch.float16), "flag": torch.tensor([True, False]), "ids": torch.arange(7)}
+    sd["empty"] = torch.zeros(0, 4, dtype=torch.float16)
+    path = tmp_path / "x.safetensors"
+    save_file(sd, str(path))
+    out = cio._read_whole_file(path, torch.device("cpu"), torch.float16)
+    assert out is not None and out.keys() == sd.keys()
+    for k, v in sd.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+    base = min(t.data_ptr() for t in out.values() if t.numel())
+    assert all((t.data_ptr() - base) % 256 == 0 for t in out.values() if t.numel())
+    assert cio._read_whole_file(path, torch.device("cpu"), torch.float32) is None

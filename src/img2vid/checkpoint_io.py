@@ -5,6 +5,7 @@ What to load where, and strictness, is img2vid.checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -92,21 +93,29 @@ def _open_safetensors(path: Path, device: Device = "cpu") -> Any:
 
 _READERS = 6  # threads reading one file, each over its own contiguous range
 _STAGE = 32 << 20  # bytes per pinned staging buffer (two per reader)
+_ALIGN = 256  # device placement of every tensor: what cudaMalloc gives, what compiled kernels assume
 
 
-def _stream_range(path: Path, base: int, start: int, stop: int, buf: torch.Tensor, device: torch.device) -> None:
-    """File bytes [base+start, base+stop) into buf[start:stop] through two pinned staging buffers on a stream of
-    this thread's own, so the disk read of one chunk overlaps the copy of the previous one."""
-    stages = [torch.empty(_STAGE, dtype=torch.uint8).pin_memory() for _ in range(2)]
+# A tensor's bytes in the file's data section [start, end), and where they go in the device buffer.
+Placement = tuple[int, int, int]
+
+
+def _stream_range(path: Path, base: int, part: list[Placement], buf: torch.Tensor, device: torch.device) -> None:
+    """The file bytes of `part` (consecutive tensors, sorted) into their places in buf, through two pinned staging
+    buffers on a stream of this thread's own, so the disk read of one chunk overlaps the copies of the last."""
+    cuda = device.type == "cuda"  # (the CPU path exists for the tests of this reader's bookkeeping)
+    stages = [torch.empty(_STAGE, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
     done: list[torch.cuda.Event | None] = [None, None]
-    stream = torch.cuda.Stream(device)
-    with open(path, "rb", buffering=0) as fh, torch.cuda.stream(stream):
+    stream = torch.cuda.Stream(device) if cuda else None
+    start, stop = part[0][0], part[-1][1]
+    j = 0
+    with open(path, "rb", buffering=0) as fh, torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
         fh.seek(base + start)
         for i, off in enumerate(range(start, stop, _STAGE)):
             stage, size = stages[i % 2], min(_STAGE, stop - off)
             event = done[i % 2]
             if event is not None:
-                event.synchronize()  # this staging buffer's previous copy has left it
+                event.synchronize()  # this staging buffer's previous copies have left it
             view = memoryview(stage.numpy())[:size]
             got = 0
             while got < size:
@@ -114,17 +123,29 @@ def _stream_range(path: Path, base: int, start: int, stop: int, buf: torch.Tenso
                 if not r:
                     raise CheckpointError(f"{path}: file ended early")
                 got += r
-            buf[off : off + size].copy_(stage[:size], non_blocking=True)
-            done[i % 2] = torch.cuda.Event()
-            done[i % 2].record(stream)
-    stream.synchronize()  # the staging buffers are freed on return
+            # Every tensor piece in this chunk to its aligned place (a tensor may span chunks).
+            while j < len(part) and part[j][0] < off + size:
+                s, e, d = part[j]
+                a, b = max(s, off), min(e, off + size)
+                if a < b:
+                    buf[d + a - s : d + b - s].copy_(stage[a - off : b - off], non_blocking=True)
+                if e > off + size:
+                    break
+                j += 1
+            if stream is not None:
+                done[i % 2] = torch.cuda.Event()
+                done[i % 2].record(stream)
+    if stream is not None:
+        stream.synchronize()  # the staging buffers are freed on return
 
 
-def _read_safetensors_to_gpu(path: Path, device: torch.device, dtype: torch.dtype | None) -> StateDict | None:
+def _read_whole_file(path: Path, device: torch.device, dtype: torch.dtype | None) -> StateDict | None:
     """The whole file in one device buffer, read by a few threads through pinned staging buffers (see
-    `_stream_range`), every tensor a view into it. safe_open copies tensor by tensor from pageable
-    memory instead: about 4.5 GB/s, most of a full SVD-XT load. None when this path does not apply (a tensor that
-    needs a cast, so the buffer would not be the final memory; an odd layout), and the caller reads per tensor."""
+    `_stream_range`), every tensor a view into it at a 256-byte aligned offset (safetensors packs tensors at any
+    even offset; kernels compiled for aligned inputs fault on such views). safe_open copies tensor by tensor from
+    pageable memory instead: about 4.5 GB/s, most of a full SVD-XT load. None when this path does not apply (a
+    tensor that needs a cast, so the buffer would not be the final memory; an odd layout), and the caller reads
+    per tensor."""
     try:
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
@@ -134,29 +155,39 @@ def _read_safetensors_to_gpu(path: Path, device: torch.device, dtype: torch.dtyp
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None  # the per-tensor reader gives the proper error
     base = 8 + n
-    end = max((e for _, _, _, e in spans.values()), default=0)
-    for kind, _, start, _ in spans.values():
+    for kind, _, _, _ in spans.values():
         t = _ST_DTYPES.get(kind)
-        if t is None or start % t.itemsize or (dtype is not None and t.is_floating_point and t != dtype):
+        if t is None or (dtype is not None and t.is_floating_point and t != dtype):
             return None
-    if base + end > path.stat().st_size:
+    order = sorted(spans, key=lambda k: spans[k][2])
+    place: dict[str, Placement] = {}
+    size = 0
+    for k in order:
+        s, e = spans[k][2], spans[k][3]
+        place[k] = (s, e, size)
+        size += -(-(e - s) // _ALIGN) * _ALIGN
+    if base + max((e for _, e, _ in place.values()), default=0) > path.stat().st_size:
         return None
-    buf = torch.empty(end, dtype=torch.uint8, device=device)
-    # A few readers at once, each over its own range of the file: one thread copies from the page cache at ~5 GB/s.
-    readers = max(1, min(_READERS, end // _STAGE))
-    cuts = [end * i // readers for i in range(readers + 1)]
-    ranges = list(zip(cuts[:-1], cuts[1:], strict=True))
-    with ThreadPoolExecutor(readers) as pool:
-        for r in pool.map(lambda ab: _stream_range(path, base, ab[0], ab[1], buf, device), ranges):
+    buf = torch.empty(size, dtype=torch.uint8, device=device)
+    # A few readers at once, each over its own run of tensors: one thread copies from the page cache at ~5 GB/s.
+    readers = max(1, min(_READERS, size // _STAGE))
+    parts: list[list[Placement]] = [[]]
+    for k in order:  # runs of about size / readers bytes
+        if parts[-1] and place[k][2] >= size * len(parts) // readers:
+            parts.append([])
+        parts[-1].append(place[k])
+    parts = [p for p in parts if p]
+    with ThreadPoolExecutor(len(parts) or 1) as pool:
+        for r in pool.map(lambda part: _stream_range(path, base, part, buf, device), parts):
             del r  # re-raises a reader's error here
-    return {k: buf[s:e].view(_ST_DTYPES[kind]).view(shape) for k, (kind, shape, s, e) in spans.items()}
+    return {k: buf[d : d + e - s].view(_ST_DTYPES[spans[k][0]]).view(spans[k][1]) for k, (s, e, d) in place.items()}
 
 
 def read_safetensors(path: Path, device: Device, dtype: torch.dtype | None, keys: list[str] | None = None) -> StateDict:
     """Each tensor goes straight to `device` and is cast there, so the whole file is never held twice. A whole file
-    for a CUDA device is read in large chunks through pinned memory (`_read_safetensors_to_gpu`)."""
+    for a CUDA device is read in large chunks through pinned memory (`_read_whole_file`)."""
     if keys is None and torch.device(device).type == "cuda":
-        fast = _read_safetensors_to_gpu(Path(path), torch.device(device), dtype)
+        fast = _read_whole_file(Path(path), torch.device(device), dtype)
         if fast is not None:
             return fast
     with _open_safetensors(Path(path), device) as f:
