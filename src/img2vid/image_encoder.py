@@ -32,13 +32,22 @@ class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, config: CLIPVisionConfig) -> None:
         super().__init__()
         self.image_size = config.image_size
-        self.class_embedding = nn.Parameter(torch.randn(config.hidden_size) * config.hidden_size**-0.5)
+        self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size, bias=False
         )
         num_positions = (config.image_size // config.patch_size) ** 2 + 1  # patches + the class token
         # Every position is always used, so the table's weight is added whole: no position_ids buffer is needed.
-        self.position_embedding = nn.Embedding(num_positions, config.hidden_size)
+        # Given its weight, nn.Embedding skips its own random init (see below).
+        self.position_embedding = nn.Embedding(
+            num_positions, config.hidden_size, _weight=torch.empty(num_positions, config.hidden_size)
+        )
+        # Random init only off the meta device: normal_ on meta tensors imports torch's Python decompositions
+        # (sympy and more, ~1-3.5 s of a new process's first load, which builds every model on the meta device).
+        if not self.class_embedding.is_meta:
+            with torch.no_grad():
+                self.class_embedding.normal_(std=config.hidden_size**-0.5)
+                self.position_embedding.weight.normal_()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         b, _, h, w = pixel_values.shape
