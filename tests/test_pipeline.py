@@ -241,7 +241,7 @@ def test_loaded_modules_match_reference_modules(reference_pipelines, pipes, shap
 def test_compile_gives_the_same_video(tiny_model_dir):
     """Pipeline.compile(): one graph per denoising step, the decoder compiled block by block (so its frame slicing
     still bounds memory). Same frames as eager to float rounding, and the decoder's blocks really are compiled."""
-    from img2vid.pipeline import DECODER_BLOCKS
+    from img2vid.compiled import DECODER_BLOCKS
 
     torch._dynamo.reset()  # other tests compile the same code at other sizes (see test_unet's compile test)
     kw = dict(image=make_image(), height=H, width=W, num_frames=3, num_inference_steps=2, output_type="pt")
