@@ -1,0 +1,40 @@
+"""The benchmark scripts are deliverables too: their --tiny mode runs the same logic on the CPU in seconds (tiny
+random model, diffusers as the oracle), so CI catches a script that no longer runs or no longer agrees."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, out: Path) -> str:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_speed_benchmark_table_and_agreement(tmp_path: Path) -> None:
+    out = _run("svd_speed.py", "--compare", "diffusers", "--modes", "eager,low-memory", "--load", out=tmp_path)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
+    assert {"diffusers eager", "img2vid eager", "img2vid low-memory"} <= rows.keys()
+    unet_rel, vae_rel, psnr = (float(rows["img2vid eager"][i]) for i in (5, 6, 7))
+    assert unet_rel < 1e-4 and vae_rel < 1e-4 and psnr > 80  # float32 on the CPU: the same function
+    assert out.count("every tensor equals the saved one: True") == 2
+    assert (tmp_path / "svd_speed.log").exists()
+
+
+def test_profile_script_runs(tmp_path: Path) -> None:
+    out = _run("svd_profile.py", "--skip", "micro,pipe", out=tmp_path)
+    assert "UNet step eager" in out and "VAE decode 8 frames eager" in out
+    assert (tmp_path / "profile_summary.txt").exists()
