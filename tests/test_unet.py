@@ -120,27 +120,24 @@ def test_forward_chunking_changes_nothing(model_a: tuple[torch.nn.Module, UNet])
         ours.enable_forward_chunking(2, dim=2)
 
 
-def test_eager_feed_forward_and_attention_slicing_change_nothing(
+def test_eager_feed_forward_slicing_changes_nothing(
     model_a: tuple[torch.nn.Module, UNet], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Eager runs slice large feed-forwards and self-attentions (FF_SLICE_ELEMENTS) on their own: a bound small
-    enough to slice every block of the tiny model, including remainder slices, gives the same numbers."""
+    """Eager runs slice large feed-forwards (FF_SLICE_ELEMENTS) on their own: a bound small enough to slice every
+    block of the tiny model, including remainder slices, gives the same numbers."""
     import img2vid.unet_blocks as blocks
 
     _, ours = model_a
     inputs = _inputs(2, 3, 8, 8, 1, 32, seed=5)
-    ff_calls: list[int] = []
-    attn_calls: list[int] = []
-    ff, attend = blocks.FeedForward.forward, blocks.Attention._attend
-    monkeypatch.setattr(blocks.FeedForward, "forward", lambda self, x: ff_calls.append(len(x)) or ff(self, x))
-    monkeypatch.setattr(blocks.Attention, "_attend", lambda self, x, c: attn_calls.append(len(x)) or attend(self, x, c))
+    calls: list[int] = []
+    orig = blocks.FeedForward.forward
+    monkeypatch.setattr(blocks.FeedForward, "forward", lambda self, x: calls.append(len(x)) or orig(self, x))
     with torch.no_grad():
         base = ours(*inputs)
-        whole_ff, whole_attn = len(ff_calls), len(attn_calls)
+        whole = len(calls)
         monkeypatch.setattr(blocks, "FF_SLICE_ELEMENTS", 5 * 32 * 8 * 7)  # 7 rows of 5 tokens x 32 channels
         sliced = ours(*inputs)
-    # every feed-forward and self-attention really ran in several slices
-    assert len(ff_calls) > 3 * whole_ff and len(attn_calls) > 3 * whole_attn
+    assert len(calls) > 2 * whole  # every feed-forward really ran in several slices
     assert _rel(sliced, base) < 1e-6
 
 

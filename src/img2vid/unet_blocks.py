@@ -145,13 +145,6 @@ class Upsample(nn.Module):
 # Transformers
 
 
-# Eager runs slice a feed-forward whose GEGLU intermediate, or a self-attention whose q, k, v and output, would be
-# larger than this many elements (256 MB in float16). Unsliced, the first block's feed-forward (50 frames x 72x128
-# tokens, 2560 wide: 2.4 GB, plus its two 1.2 GB halves) was the eager step's memory peak. Compiled graphs stay
-# whole: inductor fuses the GEGLU and plans the buffers itself.
-FF_SLICE_ELEMENTS = 1 << 27
-
-
 class Attention(nn.Module):
     """Multi-head attention with bias-free q/k/v and a biased output projection (diffusers `Attention` defaults)."""
 
@@ -172,23 +165,9 @@ class Attention(nn.Module):
         query/key projections and the output projection of every query (the caller broadcasts).
         """
         if context is None:
-            n, length, width = x.shape
-            per_row = 4 * length * self.to_q.out_features  # q, k, v and the heads' output
-            if torch.compiler.is_compiling() or n * per_row <= FF_SLICE_ELEMENTS:
-                return self._attend(x, x)
-            # Eager self-attention over many rows (frames, or pixels for the temporal blocks) in slices of whole
-            # rows: rows never attend to each other, so this is the same function with a bounded q/k/v footprint.
-            rows = max(1, FF_SLICE_ELEMENTS // per_row)
-            out = x.new_empty(n, length, self.to_out[0].out_features)
-            for start in range(0, n, rows):
-                part = x[start : start + rows]
-                out[start : start + rows] = self._attend(part, part)
-            return out
-        if context.shape[1] == 1:
+            context = x
+        elif context.shape[1] == 1:
             return self.to_out[0](self.to_v(context))
-        return self._attend(x, context)
-
-    def _attend(self, x: Tensor, context: Tensor) -> Tensor:
         return self.to_out[0](attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
@@ -212,6 +191,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net[2](self.net[0](x))
+
+
+# Eager runs slice a feed-forward whose GEGLU intermediate would be larger than this many elements (256 MB in
+# float16). Unsliced, the first block's (50 frames x 72x128 tokens, 2560 wide: 2.4 GB, plus its two 1.2 GB halves)
+# was the eager step's memory peak. Compiled graphs stay whole: inductor fuses the GEGLU and never holds the halves.
+FF_SLICE_ELEMENTS = 1 << 27
 
 
 def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, dim: int) -> Tensor:
