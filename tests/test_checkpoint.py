@@ -419,3 +419,12 @@ def test_whole_file_reader_places_every_tensor_aligned(tmp_path, monkeypatch):
     base = min(t.data_ptr() for t in out.values() if t.numel())
     assert all((t.data_ptr() - base) % 256 == 0 for t in out.values() if t.numel())
     assert cio._read_whole_file(path, torch.device("cpu"), torch.float32) is None
+    # A header whose offsets overlap is not read by this path (safe_open then names the problem).
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["t1"]["data_offsets"] = header["t0"]["data_offsets"]
+    text = json.dumps(header).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    assert cio._read_whole_file(bad, torch.device("cpu"), torch.float16) is None

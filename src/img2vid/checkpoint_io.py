@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -163,12 +164,17 @@ def _read_whole_file(path: Path, device: torch.device, dtype: torch.dtype | None
             return None
     order = sorted(spans, key=lambda k: spans[k][2])
     place: dict[str, Placement] = {}
-    size = 0
+    size = end = 0
     for k in order:
-        s, e = spans[k][2], spans[k][3]
+        kind, shape, s, e = spans[k]
+        # A valid file packs its tensors back to back with exactly their bytes; anything else (overlaps, gaps,
+        # a shape that disagrees with its byte count) goes to safe_open, which names the problem.
+        if s != end or e - s != math.prod(shape) * _ST_DTYPES[kind].itemsize:
+            return None
         place[k] = (s, e, size)
         size += -(-(e - s) // _ALIGN) * _ALIGN
-    if base + max((e for _, e, _ in place.values()), default=0) > path.stat().st_size:
+        end = e
+    if base + end > path.stat().st_size:
         return None
     buf = torch.empty(size, dtype=torch.uint8, device=device)
     # A few readers at once, each over its own run of tensors: one thread copies from the page cache at ~5 GB/s.
