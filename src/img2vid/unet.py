@@ -133,9 +133,11 @@ class UpBlock(nn.Module):
         num_frames: int,
         upsample_size: tuple[int, int] | None,
     ) -> Tensor:
-        """skips: this block's skip connections in the order they were produced (consumed last-first)."""
+        """skips: this block's skip connections in the order they were produced (consumed last-first, and popped
+        from the list as they are: a consumed skip held by the list until the block returns would sit in memory
+        through the block's remaining resnets; eager runs only, compiled graphs plan their own buffers)."""
         for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips[-1 - i]], dim=1)  # (B*F, C, h, w) + (B*F, C_skip, h, w) on channels
+            x = torch.cat([x, skips.pop()], dim=1)  # (B*F, C, h, w) + (B*F, C_skip, h, w) on channels
             x = resnet(x, temb, num_frames)
             if self.attentions is not None:
                 x = self.attentions[i](x, context, num_frames)
