@@ -367,8 +367,6 @@ def pipe_part() -> None:
     if not args.lowmem_only:
         run("eager default (decode chunk 8)", pipe, decode_chunk_size=8)
     del pipe
-    import img2vid.checkpoint as ck
-    from img2vid.image_encoder import ImageEncoder
 
     def split(p: Pipeline) -> None:
         p.to(DEV)
@@ -395,12 +393,7 @@ def pipe_part() -> None:
     for label, setup in variants.items():
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
-        p = Pipeline(
-            CFG,
-            ck.build(UNet, CFG.unet, dict(state["unet"]), "unet"),
-            ck.build(VAE, CFG.vae, dict(state["vae"]), "vae"),
-            ck.build(ImageEncoder, CFG.image_encoder, dict(state["image_encoder"]), "image_encoder"),
-        )
+        p = Pipeline.from_state_dicts(CFG, {c: dict(sd) for c, sd in state.items()})
         p.set_progress_bar_config(disable=True)
         setup(p)
         run(label, p, **({"decode_chunk_size": 8} if "low-memory" not in label else {}))

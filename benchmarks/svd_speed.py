@@ -180,14 +180,7 @@ def diffusers_pipe(state):
 
 
 def ours_pipe(state) -> Pipeline:
-    import img2vid.checkpoint as ck
-
-    p = Pipeline(
-        CFG,
-        ck.build(UNet, CFG.unet, dict(state["unet"]), "unet"),
-        ck.build(VAE, CFG.vae, dict(state["vae"]), "vae"),
-        ck.build(ImageEncoder, CFG.image_encoder, dict(state["image_encoder"]), "image_encoder"),
-    )
+    p = Pipeline.from_state_dicts(CFG, {c: dict(sd) for c, sd in state.items()})
     p.set_progress_bar_config(disable=True)
     return p
 

@@ -99,7 +99,7 @@ class Pipeline:
         # The three files at once on a GPU (reading is bound by page-cache copies, not by the device).
         with ThreadPoolExecutor(len(COMPONENTS) if torch.device(device).type == "cuda" else 1) as pool:
             sds = dict(zip(COMPONENTS, pool.map(load, COMPONENTS), strict=True))
-        return cls._build(config, sds, device)
+        return cls.from_state_dicts(config, sds, device)
 
     @classmethod
     def from_single_file(
@@ -115,10 +115,14 @@ class Pipeline:
         config, sds = checkpoint.load_single_file(
             Path(path), torch.device(device), torch_dtype or torch.float32, config, allow_pickle=allow_pickle
         )
-        return cls._build(config, sds, device)
+        return cls.from_state_dicts(config, sds, device)
 
     @classmethod
-    def _build(cls, config: PipelineConfig, sds: dict[str, dict[str, torch.Tensor]], device: Any) -> Pipeline:
+    def from_state_dicts(
+        cls, config: PipelineConfig, sds: dict[str, dict[str, torch.Tensor]], device: Any = "cpu"
+    ) -> Pipeline:
+        """Components built on the meta device and filled (strictly, no copy) with in-memory state dicts keyed by
+        component name, whose tensors already lie on `device` (what every loader and the benchmarks build from)."""
         unet = checkpoint.build(UNet, config.unet, sds["unet"], "unet")
         vae = checkpoint.build(VAE, config.vae, sds["vae"], "vae")
         enc = checkpoint.build(ImageEncoder, config.image_encoder, sds["image_encoder"], "image_encoder")
