@@ -124,6 +124,14 @@ def test_image_decoder_parity(cfg: dict) -> None:
     assert rel_err(dec, dec_ref) < 1e-4
 
 
+def _conv2d_weights_channels_last(model: torch.nn.Module) -> None:
+    """The 2D conv weights alone in channels_last (Module.to(memory_format=...) refuses Conv3d weights; these tests
+    check that channels_last *activations* go through the temporal layers' views, so the 5D weights stay as is)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_same_numbers() -> None:
     """channels_last activations (the fast GPU layout) go through the transposed 5D views unchanged."""
     cfg = TEMPORAL_CONFIGS[1]
@@ -132,10 +140,7 @@ def test_channels_last_same_numbers() -> None:
     z = torch.randn(4, 4, 6, 5, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         plain = ours.decode(z, num_frames=2)
-        # Module.to(memory_format=channels_last) refuses Conv3d weights, so convert the 2D ones alone.
-        for p in ours.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        _conv2d_weights_channels_last(ours)
         fast = ours.decode(z.contiguous(memory_format=torch.channels_last), num_frames=2)
     assert rel_err(fast, plain) < 1e-5
 
@@ -278,9 +283,7 @@ def test_spatial_frame_chunk_channels_last_and_rejects_zero() -> None:
     z = torch.randn(4, 4, 6, 5, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         plain = ours.decode(z, num_frames=2)
-        for p in ours.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        _conv2d_weights_channels_last(ours)
         ours.spatial_frame_chunk = 3
         seen: list[bool] = []
         temporal_half = ours.decoder.up_blocks[-1].resnets[0].temporal_res_block

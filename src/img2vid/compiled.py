@@ -77,13 +77,3 @@ def compile_decoder(vae: VAE, mode: str | None = None) -> Callable[[torch.Tensor
             return vae.decode(z, num_frames)
 
     return decode
-
-
-def channels_last_(module: torch.nn.Module) -> None:
-    """Conv weights in channels-last layout (4D: NHWC, 5D: NDHWC): cuDNN's fast half-precision kernels want them,
-    and activations follow the weights' layout from the first convolution on."""
-    for p in module.parameters():
-        if p.ndim == 4:
-            p.data = p.data.contiguous(memory_format=torch.channels_last)
-        elif p.ndim == 5:
-            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)

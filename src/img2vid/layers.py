@@ -85,3 +85,14 @@ def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d) -> torch.Tensor:
         out = videos[0][None] if b == 1 else torch.stack(videos)  # (B, F*H*W, Cout)
         return out.view(b, f, h, w, cout).permute(0, 4, 1, 2, 3)  # -> (B, Cout, F, H, W)
     return conv(x5)
+
+
+def channels_last_(module: torch.nn.Module) -> None:
+    """Conv weights in channels-last layout (4D: NHWC, 5D: NDHWC): cuDNN's fast half-precision kernels want them,
+    and activations follow the weights' layout from the first convolution on. In place, parameter objects kept.
+    `Module.to(memory_format=torch.channels_last)` cannot do this: it refuses the temporal convs' 5-D weights."""
+    for p in module.parameters():
+        if p.ndim == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+        elif p.ndim == 5:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)

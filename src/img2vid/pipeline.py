@@ -23,6 +23,7 @@ from img2vid.configs import PipelineConfig, preset
 from img2vid.image_encoder import ImageEncoder, preprocess
 from img2vid.images import InputError, check_size
 from img2vid.inputs import Generator, ImageInput, as_images, postprocess, randn, resize_for_vae, to_tensor
+from img2vid.layers import channels_last_
 from img2vid.offload import SequentialOffload, move_module
 from img2vid.unet import UNet
 from img2vid.vae import VAE
@@ -211,7 +212,7 @@ class Pipeline:
         decoder's cuDNN convolutions slower."""
         if channels_last:
             for c in ("unet", "vae"):
-                compiled.channels_last_(_orig(getattr(self, c)))
+                channels_last_(_orig(getattr(self, c)))
         self._step = compiled.compile_step(mode)
         if decoder:
             self._decode = compiled.compile_decoder(_orig(self.vae), mode)

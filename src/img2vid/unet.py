@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import UNetConfig
-from img2vid.layers import timestep_embedding
+from img2vid.layers import channels_last_, timestep_embedding
 from img2vid.unet_blocks import (
     Downsample,
     SpatialTransformerBlock,
@@ -262,15 +262,8 @@ class UNet(nn.Module):
         return x.reshape(b, f, *x.shape[1:])  # (B*F, C, h, w) -> (B, F, C, h, w)
 
     def to_channels_last(self) -> UNet:
-        """Store conv weights channels-last (NHWC, and NDHWC for the temporal convs); activations then follow.
-
-        `Module.to(memory_format=torch.channels_last)` cannot do this: it refuses the temporal convs' 5-D weights.
-        """
-        for p in self.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
-            elif p.dim() == 5:
-                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        """Store conv weights channels-last (NHWC, and NDHWC for the temporal convs); activations then follow."""
+        channels_last_(self)
         return self
 
     def enable_forward_chunking(self, chunk_size: int | None = None, dim: int = 0) -> None:
