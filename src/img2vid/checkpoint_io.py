@@ -158,18 +158,17 @@ def _read_whole_file(path: Path, device: torch.device, dtype: torch.dtype | None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None  # the per-tensor reader gives the proper error
     base = 8 + n
-    for kind, _, _, _ in spans.values():
-        t = _ST_DTYPES.get(kind)
-        if t is None or (dtype is not None and t.is_floating_point and t != dtype):
-            return None
     order = sorted(spans, key=lambda k: spans[k][2])
     place: dict[str, Placement] = {}
     size = end = 0
     for k in order:
         kind, shape, s, e = spans[k]
+        t = _ST_DTYPES.get(kind)
+        if t is None or (dtype is not None and t.is_floating_point and t != dtype):
+            return None
         # A valid file packs its tensors back to back with exactly their bytes; anything else (overlaps, gaps,
         # a shape that disagrees with its byte count) goes to safe_open, which names the problem.
-        if s != end or e - s != math.prod(shape) * _ST_DTYPES[kind].itemsize:
+        if s != end or e - s != math.prod(shape) * t.itemsize:
             return None
         place[k] = (s, e, size)
         size += -(-(e - s) // _ALIGN) * _ALIGN
