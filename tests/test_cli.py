@@ -67,7 +67,7 @@ def test_generate_from_each_model_format(kind, models, tiny_model_dir, images, t
     assert (meta["height"], meta["width"], meta["fps"], meta["motion_bucket_id"]) == (H, W, 7, 127)
     assert meta["noise_aug_strength"] == 0.02 and meta["min_guidance_scale"] == 1.0
     assert meta["max_guidance_scale"] == 3.0 and meta["decode_chunk_size"] == FRAMES
-    assert meta["dtype"] == "float32" and meta["resize"] == "stretch"
+    assert meta["dtype"] == "float32" and meta["resize"] == "stretch" and meta["guidance_reuse"] == 1
 
 
 def test_cli_frames_equal_the_library_call_and_seed_repeats(models, images, tmp_path, capsys):
@@ -137,6 +137,23 @@ def test_resize_modes(mode, models, images, tmp_path, capsys):
     else:
         assert (meta["height"], meta["width"]) == (H, W)
     assert f"{meta['width']}x{meta['height']}" in stdout
+
+
+def test_guidance_reuse_reaches_the_pipeline_and_is_recorded(models, images, tmp_path, capsys):
+    """--guidance-reuse N is the pipeline's guidance_reuse=N (lossless PNG: the same frames) and is stored with the
+    video, since it changes the frames."""
+    out = tmp_path / "reuse"
+    rc, _, err = generate(
+        capsys, images["landscape"], out, models["folder"], "--format png --seed 4 --guidance-reuse 2"
+    )
+    assert rc == 0, err
+    assert read_metadata(out)["guidance_reuse"] == 2
+    pipe = Pipeline.from_pretrained(models["folder"])
+    kw = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, output_type="np")
+    ref = pipe(str(images["landscape"]), generator=torch.manual_seed(4), guidance_reuse=2, **kw).frames[0]
+    assert np.array_equal(read_video(out)[0], (ref * 255).round().astype(np.uint8))
+    exact = pipe(str(images["landscape"]), generator=torch.manual_seed(4), **kw).frames[0]
+    assert not np.array_equal(ref, exact)  # the flag really changed the sampling
 
 
 def test_memory_modes_keep_the_frames(models, images, tmp_path, capsys):
@@ -273,6 +290,8 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "guidance-negative": ("--min-guidance -1", "--min-guidance"),
     "guidance-order": ("--min-guidance 3 --max-guidance 2", "above --max-guidance"),
     "decode-chunk": ("--decode-chunk-size 0", "--decode-chunk-size"),
+    "guidance-reuse-zero": ("--guidance-reuse 0", "--guidance-reuse"),
+    "guidance-reuse-not-int": ("--guidance-reuse 1.5", "expected an integer"),
     "height-not-multiple": ("--height 34", "multiple of 4"),
     "width-zero": ("--width 0", "--width"),
     "seed-negative": ("--seed -1", "--seed"),
@@ -398,6 +417,8 @@ def test_version_and_help(capsys):
     assert capsys.readouterr().out.strip() == f"img2vid {__version__}"
     assert main(["generate", "--help"]) == 0
     assert "--motion-bucket-id" in capsys.readouterr().out
+    assert main(["serve", "--help"]) == 0
+    assert "--guidance-reuse" not in capsys.readouterr().out  # serve has no way to pass it to its requests yet
 
 
 def test_python_dash_m_is_fast_and_torch_free():

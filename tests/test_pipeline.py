@@ -129,6 +129,43 @@ def test_offload_and_chunking_leave_frames_unchanged(tiny_model_dir, monkeypatch
             assert all(len(s.streamed) > 1 for s in p._sequential.values())  # weights really were streamed
 
 
+def test_guidance_reuse_skips_the_uncond_half_between_full_steps(tiny_model_dir, monkeypatch):
+    """guidance_reuse=N (approximate): the UNet sees both guidance halves (batch 2B) on every N-th step only and the
+    conditional half (batch B) in between; 1 is exactly the default path. The video moves, but by far less than
+    dropping guidance would; split halves and offload give the reuse path's own frames."""
+    from img2vid.offload import SequentialOffload
+
+    monkeypatch.setattr(SequentialOffload, "RESIDENT_BYTES", 0)  # stream every weight (see the test above)
+    kw = dict(image=make_image(), height=H, width=W, num_frames=3, num_inference_steps=4, output_type="latent")
+    p = Pipeline.from_pretrained(tiny_model_dir)
+    p.set_progress_bar_config(disable=True)
+    batches: list[int] = []
+    p.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+
+    def run(pipe: Pipeline, **extra) -> torch.Tensor:
+        batches.clear()
+        return pipe(generator=torch.manual_seed(2), **kw, **extra).frames
+
+    exact = run(p)
+    assert batches == [2] * 4
+    assert torch.equal(run(p, guidance_reuse=1), exact) and batches == [2] * 4
+    steps = []
+    reused = run(p, guidance_reuse=2, callback_on_step_end=lambda pipe, i, t, d: steps.append(i) or d)
+    assert batches == [2, 1, 2, 1] and steps == [0, 1, 2, 3]
+    unguided = run(p, max_guidance_scale=1.0)
+    assert torch.isfinite(reused).all() and not torch.equal(reused, exact)
+    err, guidance_effect = rel_err(reused, exact), rel_err(unguided, exact)
+    assert 0 < err < 0.25 * guidance_effect, (err, guidance_effect)
+    assert torch.equal(run(p, max_guidance_scale=1.0, guidance_reuse=3), unguided) and batches == [1] * 4
+
+    p._split_guidance = True  # low memory: halves one after the other (same math, other GEMM sizes: rounding)
+    assert rel_err(run(p, guidance_reuse=2), reused) < 1e-5 and batches == [1] * 6
+    p._split_guidance = False
+    p.enable_sequential_cpu_offload(device="cpu")  # weights move, values do not
+    assert torch.equal(run(p, guidance_reuse=2), reused) and batches == [2, 1, 2, 1]
+    assert len(p._sequential["unet"].streamed) > 1
+
+
 def test_decode_chunking_matches_reference_and_is_exact_for_2d_decoder(reference_pipelines, pipes):
     """The temporal decoder mixes frames inside a chunk, so decode_chunk_size changes frames by design (diffusers
     does the same; the parity tests above cover chunks that do not divide the frame count). What holds: our chunked
@@ -187,6 +224,8 @@ def test_tensor_images_resized_for_clip_like_pil(pipes):
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(output_type="gif"), "output_type"),
         (dict(sigmas=[1.0]), "sigmas"),
+        (dict(guidance_reuse=0), "guidance_reuse must be an integer >= 1"),
+        (dict(guidance_reuse=2.0), "guidance_reuse"),
     ],
 )
 def test_bad_arguments_give_clear_errors(pipes, kw, msg):
@@ -254,3 +293,17 @@ def test_compile_gives_the_same_video(tiny_model_dir):
     out = p(generator=torch.manual_seed(5), decode_chunk_size=3, **kw).frames
     torch._dynamo.reset()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler for inductor")
+def test_compiled_guidance_reuse_matches_eager(tiny_model_dir):
+    """Under Pipeline.compile the two kinds of reuse step are their own compiled graphs and give eager's latents."""
+    torch._dynamo.reset()
+    kw = dict(image=make_image(), height=H, width=W, num_frames=3, num_inference_steps=3, output_type="latent")
+    p = Pipeline.from_pretrained(tiny_model_dir)
+    p.set_progress_bar_config(disable=True)
+    ref = p(generator=torch.manual_seed(5), guidance_reuse=2, **kw).frames
+    p.compile(decoder=False)
+    out = p(generator=torch.manual_seed(5), guidance_reuse=2, **kw).frames
+    torch._dynamo.reset()
+    assert rel_err(out, ref) < 1e-5

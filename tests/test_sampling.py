@@ -54,3 +54,17 @@ def test_per_frame_guidance():
     u, c = torch.zeros(1, 5, 1, 1, 1), torch.ones(1, 5, 1, 1, 1)
     out = sampling.apply_guidance(u, c, g.view(1, 5, 1, 1, 1))
     assert torch.allclose(out.flatten(), g)
+
+
+def test_guidance_from_delta_is_guidance_along_a_given_direction():
+    """Guidance reuse's approximate step guides with a delta kept from another step; given this step's delta it is
+    exactly apply_guidance (bit for bit on dyadic values, where every op is exact; to rounding on any floats)."""
+    gen = torch.Generator().manual_seed(0)
+    g = sampling.guidance_scales(1.0, 3.0, 5).view(1, 5, 1, 1, 1)
+    u = torch.randint(-64, 64, (2, 5, 4, 3, 3), generator=gen).float() / 8
+    c = torch.randint(-64, 64, (2, 5, 4, 3, 3), generator=gen).float() / 8
+    assert torch.equal(sampling.guidance_from_delta(c, c - u, g), sampling.apply_guidance(u, c, g))
+    u, c = torch.randn(2, 5, 4, 3, 3, generator=gen), torch.randn(2, 5, 4, 3, 3, generator=gen)
+    torch.testing.assert_close(sampling.guidance_from_delta(c, c - u, g), sampling.apply_guidance(u, c, g))
+    # frame 0 has scale 1: no guidance, whatever the delta
+    assert torch.equal(sampling.guidance_from_delta(c, torch.randn(c.shape, generator=gen), g)[:, 0], c[:, 0])

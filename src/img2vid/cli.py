@@ -83,7 +83,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) -> None:
     g = p.add_argument_group("speed and memory")
     g.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=DTYPES, help="default: float16 on GPU, float32 on CPU")
@@ -95,6 +95,15 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--forward-chunking", action="store_true", help="chunk the UNet feed-forwards (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
+    if guidance_reuse:  # generate only: serve takes generation parameters per request, and not this one yet
+        g.add_argument(
+            "--guidance-reuse",
+            type=_number(int, 1, 1000),
+            default=1,
+            metavar="N",
+            help="approximate: the unconditional guidance half runs every N-th step only, its guidance direction is "
+            "reused in between (half the UNet batch on the other steps; default 1: exact guidance)",
+        )
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(gen)
     _add_model_args(gen)
     _add_sampling_args(gen)
-    _add_runtime_args(gen)
+    _add_runtime_args(gen, guidance_reuse=True)
     gen.set_defaults(func=cmd_generate)
 
     test = sub.add_parser("selftest", parents=[common], help="run the whole path on a tiny random model (seconds)")
@@ -352,6 +361,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         motion_bucket_id=cfg.default_motion_bucket_id if args.motion_bucket_id is None else args.motion_bucket_id,
         noise_aug_strength=args.noise_aug_strength,
         decode_chunk_size=args.decode_chunk_size or min(pipe.default_decode_chunk_size or frames, frames),
+        guidance_reuse=args.guidance_reuse,
     )
     # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
     run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant, seed=seed)

@@ -3,12 +3,14 @@
 gpt-fast style: `denoise_step` is a whole step (scale, UNet on both guidance halves, guidance, Euler) with sigmas as
 device tensors, compiled once as one graph with static shapes, so the loop never syncs with the host. The decoder is
 compiled block by block (see `compile_decoder`). `Pipeline.compile` wires these in; eager runs call `denoise_step`
-directly, so both modes run the same code.
+directly, so both modes run the same code. `reuse_full_step` / `reuse_cond_step` are the two kinds of step of the
+approximate, opt-in guidance reuse (Pipeline's guidance_reuse > 1), compiled the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,26 +38,87 @@ def denoise_step(
 
     split runs the two guidance halves one after the other (half the activation memory, same numbers: every op in
     the UNet is per-sample)."""
-    if cfg and split:
+    if cfg:
+        v_uncond, v_cond = _guidance_halves(unet, latents, image_latents, emb, time_ids, sigma, t, split)
+        v = sampling.apply_guidance(v_uncond, v_cond, g)
+    else:
+        v = unet(torch.cat([sampling.scale_input(latents, sigma), image_latents], dim=2), t, emb, time_ids)
+    return sampling.euler_step(latents, v, sigma, sigma_next)
+
+
+def _guidance_halves(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    image_latents: torch.Tensor,
+    emb: torch.Tensor,
+    time_ids: torch.Tensor,
+    sigma: torch.Tensor,
+    t: torch.Tensor,
+    split: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_uncond, v_cond), each (B, F, 4, h, w): the UNet on both guidance halves, as one 2B batch or (split) one
+    half after the other."""
+    if split:
         x = sampling.scale_input(latents, sigma)
         u_lat, c_lat = image_latents.chunk(2)
         u_emb, c_emb = emb.chunk(2)
         u_ids, c_ids = time_ids.chunk(2)
         v_uncond = unet(torch.cat([x, u_lat], dim=2), t, u_emb, u_ids)  # (B, F, 8, h, w) -> (B, F, 4, h, w)
         v_cond = unet(torch.cat([x, c_lat], dim=2), t, c_emb, c_ids)
-        return sampling.euler_step(latents, sampling.apply_guidance(v_uncond, v_cond, g), sigma, sigma_next)
-    x = torch.cat([latents, latents]) if cfg else latents
+        return v_uncond, v_cond
+    x = torch.cat([latents, latents])
     x = torch.cat([sampling.scale_input(x, sigma), image_latents], dim=2)  # (2B, F, 8, h, w)
-    v = unet(x, t, emb, time_ids)
-    if cfg:
-        v_uncond, v_cond = v.chunk(2)
-        v = sampling.apply_guidance(v_uncond, v_cond, g)
-    return sampling.euler_step(latents, v, sigma, sigma_next)
+    v_uncond, v_cond = unet(x, t, emb, time_ids).chunk(2)
+    return v_uncond, v_cond
 
 
-def compile_step(mode: str | None = None) -> Callable[..., torch.Tensor]:
+# ---- guidance reuse (APPROXIMATE, opt-in): the unconditional half runs on every N-th step only ------------------
+# The steps that run both halves keep delta = v_cond - v_uncond; the steps between run the UNet on the conditional
+# half alone (half the batch) and guide with that older delta (sampling.guidance_from_delta). Two functions rather
+# than one with a branch, so each is its own static-shape graph under Pipeline.compile.
+def reuse_full_step(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,  # (B, F, 4, h, w)
+    image_latents: torch.Tensor,  # (2B, F, 4, h, w), uncond half first
+    emb: torch.Tensor,  # (2B, 1, D)
+    time_ids: torch.Tensor,  # (2B, 3)
+    g: torch.Tensor,  # (1, F, 1, 1, 1)
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    t: torch.Tensor,
+    split: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """denoise_step with guidance (the same latents), and delta = v_cond - v_uncond (B, F, 4, h, w) for the
+    conditional-only steps that follow."""
+    v_uncond, v_cond = _guidance_halves(unet, latents, image_latents, emb, time_ids, sigma, t, split)
+    v = sampling.apply_guidance(v_uncond, v_cond, g)
+    return sampling.euler_step(latents, v, sigma, sigma_next), v_cond - v_uncond
+
+
+def reuse_cond_step(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,  # (B, F, 4, h, w)
+    image_latents: torch.Tensor,  # (2B, F, 4, h, w), uncond half first: only the cond half is used
+    emb: torch.Tensor,  # (2B, 1, D)
+    time_ids: torch.Tensor,  # (2B, 3)
+    g: torch.Tensor,  # (1, F, 1, 1, 1)
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    t: torch.Tensor,
+    delta: torch.Tensor,  # (B, F, 4, h, w) from the last reuse_full_step
+) -> torch.Tensor:
+    """An approximate guided step: the UNet on the conditional half only (batch B, with or without split)."""
+    c_lat, c_emb, c_ids = image_latents.chunk(2)[1], emb.chunk(2)[1], time_ids.chunk(2)[1]
+    v_cond = unet(torch.cat([sampling.scale_input(latents, sigma), c_lat], dim=2), t, c_emb, c_ids)
+    return sampling.euler_step(latents, sampling.guidance_from_delta(v_cond, delta, g), sigma, sigma_next)
+
+
+REUSE_STEPS = (reuse_full_step, reuse_cond_step)
+
+
+def compile_step(mode: str | None = None, step: Callable[..., Any] = denoise_step) -> Callable[..., Any]:
     # Static shapes: a new size compiles its own graph rather than a slower shape-generic one.
-    return torch.compile(denoise_step, fullgraph=True, mode=mode, dynamic=False)
+    return torch.compile(step, fullgraph=True, mode=mode, dynamic=False)
 
 
 def compile_decoder(vae: VAE, mode: str | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:

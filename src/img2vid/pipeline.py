@@ -54,6 +54,7 @@ class Pipeline:
         self._sequential: dict[str, SequentialOffload] = {}
         self._progress_disabled = False
         self._step: Callable[..., torch.Tensor] = compiled.denoise_step
+        self._reuse_steps: tuple[Callable[..., Any], ...] = compiled.REUSE_STEPS  # guidance_reuse > 1: (full, cond)
         self._split_guidance = False  # run the guidance halves one after the other (low memory)
         self.default_decode_chunk_size: int | None = None  # None: all frames at once, as diffusers
         # The decoder's per-frame layers run 2 frames at a time: same numbers, and on an H100 the activations of an
@@ -214,6 +215,7 @@ class Pipeline:
             for c in ("unet", "vae"):
                 channels_last_(_orig(getattr(self, c)))
         self._step = compiled.compile_step(mode)
+        self._reuse_steps = tuple(compiled.compile_step(mode, s) for s in compiled.REUSE_STEPS)  # compiled on use
         if decoder:
             self._decode = compiled.compile_decoder(_orig(self.vae), mode)
         return self
@@ -245,11 +247,16 @@ class Pipeline:
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         return_dict: bool = True,
         progress: ProgressFn | None = None,
+        guidance_reuse: int = 1,
     ) -> PipelineOutput | Any:
+        """diffusers' arguments (see README), plus guidance_reuse: APPROXIMATE, opt-in; N > 1 runs the unconditional
+        half of guidance on every N-th step only and reuses its guidance direction in between (1: exact guidance)."""
         num_frames = num_frames if num_frames is not None else self.config.num_frames
         if decode_chunk_size is None:
             decode_chunk_size = min(self.default_decode_chunk_size or num_frames, num_frames)
         self._check(height, width, num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt)
+        if not isinstance(guidance_reuse, int) or guidance_reuse < 1:
+            raise InputError(f"guidance_reuse must be an integer >= 1 (1: exact guidance), got {guidance_reuse!r}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
         images = as_images(image)
@@ -300,11 +307,16 @@ class Pipeline:
         self._stage("unet")
         n_steps = sig.numel() - 1
         timesteps = sampling.c_noise(sig[:-1])
+        reuse, delta = guidance_reuse if cfg else 1, None  # without guidance there is no half to skip
         for i in range(n_steps):
             t = timesteps[i]
-            latents = self._step(
-                self.unet, latents, image_latents, emb, time_ids, g, sig[i], sig[i + 1], t, cfg, self._split_guidance
-            )
+            step = (self.unet, latents, image_latents, emb, time_ids, g, sig[i], sig[i + 1], t)
+            if reuse == 1:
+                latents = self._step(*step, cfg, self._split_guidance)
+            elif i % reuse == 0:  # both halves; keeps delta = v_cond - v_uncond for the next reuse - 1 steps
+                latents, delta = self._reuse_steps[0](*step, self._split_guidance)
+            else:
+                latents = self._reuse_steps[1](*step, delta)
             if callback_on_step_end is not None:
                 names = callback_on_step_end_tensor_inputs or ["latents"]
                 local = {"latents": latents}

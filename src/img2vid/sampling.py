@@ -67,6 +67,16 @@ def apply_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: torch.Tensor
     return uncond + scale * (cond - uncond)
 
 
+def guidance_from_delta(cond: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """APPROXIMATE guidance for the steps of guidance reuse that skip the unconditional half: cond (B, F, C, h, w)
+    from this step, delta = cond - uncond (same shape) kept from an earlier step, scale as in apply_guidance.
+
+    Equal to apply_guidance(cond - delta, cond, scale) in exact arithmetic (uncond + s (cond - uncond) = cond +
+    (s - 1) delta); the approximation is that delta comes from another sigma (FasterCache's CFG cache assumes the
+    guidance direction changes slowly between neighbouring steps)."""
+    return cond + (scale - 1) * delta
+
+
 def denoised_from_v(v: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """x0 = c_skip x + c_out v with c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1) (v-prediction EDM)."""
     return v * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
