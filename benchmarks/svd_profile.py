@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Where the time goes: kernel breakdown of one SVD-XT UNet step and one VAE decode, plus micro-benchmarks of the
-candidate replacements (SDPA backends per attention shape, the (3,1,1) temporal conv written three ways).
+candidate replacements (SDPA backends per attention shape, the (3,1,1) temporal conv written several ways).
 
     python benchmarks/svd_profile.py                      # eager profiles + micro-benchmarks (no compile)
     python benchmarks/svd_profile.py --compiled           # also the compiled step (minutes of compiling)
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from img2vid.configs import preset  # noqa: E402
+from img2vid.layers import temporal_conv  # noqa: E402
 from img2vid.unet import UNet  # noqa: E402
 from img2vid.vae import VAE  # noqa: E402
 
@@ -165,7 +166,7 @@ def micro() -> None:
                 row.append(f"{bname} n/a ({str(e).splitlines()[0][:40]})")
         log(f"  {name:16s} [{n}x{h}x{seq}x{d}]: " + "; ".join(row))
 
-    log("== (3,1,1) temporal conv, three ways (ms per call) ==")
+    log("== (3,1,1) temporal conv, several ways (ms per call); 'window' is img2vid's layers.temporal_conv ==")
     cases = [
         ("unet L1", 2, 320, NF, LH, LW),
         ("unet L2", 2, 640, NF, LH // 2, LW // 2),
@@ -210,9 +211,13 @@ def micro() -> None:
             x3 = torch.cat([xp[:, :-2], xp[:, 1:-1], xp[:, 2:]], dim=2)  # (B, F, 3C, HW)
             return (torch.matmul(wcat, x3) + conv.bias[:, None]).view(bb, f, c, h, w).transpose(1, 2)
 
+        def v_window() -> torch.Tensor:
+            return temporal_conv(x5, conv)
+
         ref = v_conv3d().float()
         row = []
         for vname, fn in (
+            ("window", v_window),
             ("conv3d(view)", v_conv3d),
             ("conv3d(contig)", v_conv3d_contig),
             ("conv2d(3,1)", v_conv2d),

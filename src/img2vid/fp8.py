@@ -133,9 +133,11 @@ def _fp8_candidates(unet: nn.Module, min_features: int) -> list[tuple[nn.Module,
     for transformer in unet.modules():
         if not isinstance(transformer, SpatioTemporalTransformer):
             continue
-        for parent in transformer.modules():
+        for path, parent in transformer.named_modules():
             # The frame-position MLP sees F rows once per forward: nothing to gain, and it is a time embedding.
-            if isinstance(parent, TimeEmbedding):
+            # Cross-attention (attn2) to SVD's single CLIP token projects one row per video (Attention's shortcut):
+            # quantizing it would only add error.
+            if isinstance(parent, TimeEmbedding) or "attn2" in path.split("."):
                 continue
             for name, child in parent.named_children():
                 if (
@@ -149,7 +151,7 @@ def _fp8_candidates(unet: nn.Module, min_features: int) -> list[tuple[nn.Module,
 
 
 def quantize_unet_fp8(unet: nn.Module, min_features: int = 256) -> int:
-    """Replace, in place, the linear layers inside the UNet's spatio-temporal transformers (attention q/k/v/out,
+    """Replace, in place, the linear layers inside the UNet's spatio-temporal transformers (self-attention q/k/v/out,
     GEGLU and feed-forward projections, proj_in/proj_out) by Fp8Linear; returns how many were replaced.
 
     APPROXIMATE (see the module docstring) and inference only. Layers whose features are not multiples of 16 (a

@@ -43,32 +43,98 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
     return emb
 
 
+def video_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """`norm(x)` for x = (B, C, F, H, W): statistics per (video, group) over all frames, then one multiply-add.
+
+    Why not F.group_norm: x is a transposed view of frames, which F.group_norm first copies to NCDHW (and its output
+    stays NCDHW, so the (3,1,1) conv after it cannot read frames in place); and its CUDA kernel gives each (video,
+    group) row one thread block, i.e. only B*32 blocks for gigabytes of data (60 ms a call at 25 x 576 x 1024 on an
+    H100). var_mean spreads the reduction over the whole GPU and reads the view where it lies. Same maths as the
+    reference: biased variance, statistics finished in float32, the output keeps x's layout."""
+    g = norm.num_groups
+    xg = x.unflatten(1, (g, -1))  # (B, C, F, H, W) -> (B, G, C/G, F, H, W), a view
+    var, mean = torch.var_mean(xg, dim=(2, 3, 4, 5), correction=0, keepdim=True)  # (B, G, 1, 1, 1, 1)
+    rstd = torch.rsqrt(var.float() + norm.eps)
+    scale = norm.weight.float().view(1, g, -1, 1, 1, 1) * rstd  # (B, G, C/G, 1, 1, 1)
+    shift = norm.bias.float().view(1, g, -1, 1, 1, 1) - mean.float() * scale
+    # The small operands are broadcast, so the output takes xg's layout and merging the groups back is a view.
+    return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).flatten(1, 2)  # (B, G, C/G, ...) -> (B, C, ...)
+
+
+@torch.library.custom_op("img2vid::frame_window_conv", mutates_args=())
+def frame_window_conv(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The (3, 1, 1) temporal conv over NCHW frames (B, F, C, P) with weight (Cout, 3*C) (tap-major: columns
+    t*C .. (t+1)*C hold tap t) and bias (Cout,); returns (B, F, Cout, P).
+
+    Frame f of a video is the (C, P) matrix at rows f*C .. (f+1)*C of the video's (F*C, P) memory, so the three
+    frames f-1, f, f+1 that output frame f reads are ONE contiguous (3C, P) matrix: out[f] = weight @ window(f), a
+    matrix product with K = 3C and a single rounding like cuDNN's. Windows of consecutive frames overlap (the batch
+    stride is one frame); cuBLAS reads them as they lie, so there is no im2col copy and no padding: the first and
+    last frames, whose outer neighbour is the zero padding, use two thirds of the weight on a two-frame window.
+    A custom op so that torch.compile calls it as one opaque kernel instead of tracing the overlapping views."""
+    b, f, c, p = frames.shape
+    cout = weight.shape[0]
+    x = frames.contiguous()
+    out = x.new_empty(b, f, cout, p)
+    bias2 = bias[:, None]  # (Cout, 1): broadcast over pixels
+    for i in range(b):
+        rows = x[i].reshape(f * c, p)  # (F, C, P) -> (F*C, P)
+        if f == 1:
+            torch.addmm(bias2, weight[:, c : 2 * c], rows, out=out[i, 0])
+            continue
+        torch.addmm(bias2, weight[:, c:], rows[: 2 * c], out=out[i, 0])  # taps 1, 2 on frames 0, 1
+        torch.addmm(bias2, weight[:, : 2 * c], rows[(f - 2) * c :], out=out[i, f - 1])  # taps 0, 1 on F-2, F-1
+        if f > 2:
+            windows = rows.as_strided((f - 2, 3 * c, p), (c * p, p, 1))  # window(f) for f = 1 .. F-2, overlapping
+            torch.baddbmm(bias2, weight.expand(f - 2, cout, 3 * c), windows, out=out[i, 1 : f - 1])
+    return out
+
+
+@frame_window_conv.register_fake
+def _(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    b, f, _, p = frames.shape
+    return frames.new_empty(b, f, weight.shape[0], p)
+
+
+def _frame_window_conv_setup(ctx: object, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1])  # type: ignore[attr-defined]
+
+
+def _frame_window_conv_backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients through the equivalent Conv3d (training is not this engine's job, but autograd must not break)."""
+    frames, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+    b, f, c, p = frames.shape
+    cout = weight.shape[0]
+    x5 = frames.permute(0, 2, 1, 3)[..., None]  # (B, F, C, P) -> (B, C, F, P, 1)
+    w5 = weight.view(cout, 3, c).permute(0, 2, 1)[..., None, None]  # (Cout, 3*C) -> (Cout, C, 3, 1, 1)
+    g5 = grad.permute(0, 2, 1, 3)[..., None]  # (B, F, Cout, P) -> (B, Cout, F, P, 1)
+    gx = torch.nn.grad.conv3d_input(x5.shape, w5, g5, padding=(1, 0, 0))
+    gw = torch.nn.grad.conv3d_weight(x5, w5.shape, g5, padding=(1, 0, 0))
+    gx = gx[..., 0].permute(0, 2, 1, 3)  # -> (B, F, C, P)
+    gw = gw[..., 0, 0].permute(0, 2, 1).reshape(cout, 3 * c)  # (Cout, C, 3) -> (Cout, 3*C)
+    return gx, gw, grad.sum(dim=(0, 1, 3))
+
+
+frame_window_conv.register_autograd(_frame_window_conv_backward, setup_context=_frame_window_conv_setup)
+
+
 def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d) -> torch.Tensor:
     """`conv(x5)` for a (3, 1, 1) Conv3d with padding (1, 0, 0) over x5 = (B, C, F, H, W), as matrix products.
 
     Why: x5 is a transposed view of frames (B*F, C, H, W), which cuDNN cannot read as it is: it first copies the
     view to NCDHW, converts that to NDHWC, and converts its output back, about five full-size tensors at once (the
-    VAE decode's memory peak, and a fifth of its time). The kernel only mixes a pixel with itself in the frames
-    before and after, so out[f] = W0 @ x[f-1] + W1 @ x[f] + W2 @ x[f+1] + bias, where each frame is a matrix and
-    the missing neighbours at the ends are the zero padding. The products accumulate in place into one output,
-    read the frames where they lie, and keep the frames' layout. Each tap rounds once (float16: ~5e-4 relative
-    from cuDNN's single rounding, under float16's own error of the decode). Other layouts fall back to conv."""
+    VAE decode's memory peak) and most of the conv's time. The kernel only mixes a pixel with itself in the frames
+    before and after. NCHW frames: one product per output frame over a window of three frames (`frame_window_conv`).
+    channels_last frames: every pixel of every frame is a row, and out[f] = x[f-1] @ W0 + x[f] @ W1 + x[f+1] @ W2
+    accumulates in place (each tap rounds once: ~5e-4 relative in float16). Other layouts fall back to conv."""
     b, c, f, h, w = x5.shape
     taps = conv.weight.flatten(2)  # (Cout, Cin, 3, 1, 1) -> (Cout, Cin, 3)
     cout = taps.shape[0]
     bias = conv.bias if conv.bias is not None else taps.new_zeros(cout)
     frames = x5.transpose(1, 2)  # (B, F, C, H, W)
     if frames.is_contiguous():
-        # NCHW frames: frame f of video i is the (C, H*W) matrix x[i, f]; a batched product over frames.
-        x = frames.reshape(b, f, c, h * w)
-        videos = []
-        for i in range(b):
-            o = torch.baddbmm(bias[:, None], taps[:, :, 1].expand(f, cout, c), x[i])  # (F, Cout, H*W)
-            if f > 1:
-                o[1:].baddbmm_(taps[:, :, 0].expand(f - 1, cout, c), x[i, :-1])
-                o[:-1].baddbmm_(taps[:, :, 2].expand(f - 1, cout, c), x[i, 1:])
-            videos.append(o)
-        out = videos[0][None] if b == 1 else torch.stack(videos)  # (B, F, Cout, H*W)
+        weight = taps.permute(0, 2, 1).reshape(cout, 3 * c)  # (Cout, Cin, 3) -> (Cout, 3, Cin) -> (Cout, 3*Cin)
+        out = frame_window_conv(frames.reshape(b, f, c, h * w), weight, bias)  # (B, F, Cout, H*W)
         return out.view(b, f, cout, h, w).transpose(1, 2)  # -> (B, Cout, F, H, W)
     pixels = frames.permute(0, 1, 3, 4, 2)  # (B, F, H, W, C)
     if pixels.is_contiguous():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from img2vid.layers import attention, timestep_embedding
+from img2vid.layers import attention, temporal_conv, timestep_embedding, video_group_norm
 
 
 class TimeEmbedding(nn.Module):
@@ -76,8 +76,9 @@ class SpatialResBlock(nn.Module):
 class TemporalResBlock(nn.Module):
     """Resnet over the frame axis with (3, 1, 1) kernels (diffusers `TemporalResnetBlock`).
 
-    Its GroupNorms see a whole video at once (statistics over C/G x F x H x W), as trained.
-    """
+    Its GroupNorms see a whole video at once (statistics over C/G x F x H x W), as trained. x is a transposed view of
+    the frames; the norms and the convs read it where it lies (`video_group_norm`, `temporal_conv`) instead of
+    F.group_norm's and cuDNN's layout copies, so every tensor here keeps the frames' layout."""
 
     def __init__(self, ch: int, temb_ch: int, eps: float, groups: int) -> None:
         super().__init__()
@@ -89,9 +90,9 @@ class TemporalResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B, C, F, H, W); temb: (B, F, T), already through silu."""
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = temporal_conv(F.silu(video_group_norm(x, self.norm1), inplace=True), self.conv1)
         h = h + self.time_emb_proj(temb).permute(0, 2, 1)[:, :, :, None, None]  # (B, F, C) -> (B, C, F, 1, 1)
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h = temporal_conv(F.silu(video_group_norm(h, self.norm2), inplace=True), self.conv2)
         return x + h
 
 
@@ -108,7 +109,7 @@ class SpatioTemporalResBlock(nn.Module):
         x = self.spatial_res_block(x, temb)
         bf, c, h, w = x.shape
         b = bf // num_frames
-        # A view, not a copy: for a channels_last x this is exactly channels_last_3d, which Conv3d wants.
+        # A view, not a copy, whatever the memory format.
         video = x.reshape(b, num_frames, c, h, w).permute(0, 2, 1, 3, 4)  # (B*F, C, H, W) -> (B, C, F, H, W)
         temporal = self.temporal_res_block(video, temb.reshape(b, num_frames, -1))  # temb (B*F, T) -> (B, F, T)
         mixed = self.time_mixer(video, temporal)

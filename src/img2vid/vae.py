@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import attention, temporal_conv
+from img2vid.layers import attention, temporal_conv, video_group_norm
 
 # diffusers hard-codes these; sgm's VideoDecoder uses the same values.
 _EPS = 1e-6  # every spatial GroupNorm of encoder and decoders
@@ -53,23 +53,6 @@ class ResnetBlock2D(nn.Module):
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         # In place into the conv's fresh output (autograd-safe: conv backward does not need its output).
         return h.add_(skip)
-
-
-def video_group_norm(x: Tensor, norm: nn.GroupNorm) -> Tensor:
-    """`norm(x)` for x = (B, C, F, H, W): statistics per (video, group) over all frames, then one multiply-add.
-
-    Why not F.group_norm: its CUDA kernel gives each (video, group) row one thread block, i.e. only B*32 blocks for
-    gigabytes of data (60 ms a call at 25 x 576 x 1024 on an H100, most of the decode's time), and it first copies
-    the transposed view. var_mean spreads the reduction over the whole GPU and reads the view in place. Same maths
-    as the reference: biased variance, statistics finished in float32, a single rounding of the output."""
-    g = norm.num_groups
-    xg = x.unflatten(1, (g, -1))  # (B, C, F, H, W) -> (B, G, C/G, F, H, W), a view
-    var, mean = torch.var_mean(xg, dim=(2, 3, 4, 5), correction=0, keepdim=True)  # (B, G, 1, 1, 1, 1)
-    rstd = torch.rsqrt(var.float() + norm.eps)
-    scale = norm.weight.float().view(1, g, -1, 1, 1, 1) * rstd  # (B, G, C/G, 1, 1, 1)
-    shift = norm.bias.float().view(1, g, -1, 1, 1, 1) - mean.float() * scale
-    # The output keeps x's layout (the small operands are broadcast), so merging the groups back is a view.
-    return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).flatten(1, 2)  # (B, G, C/G, ...) -> (B, C, ...)
 
 
 def per_frame(layer: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> Tensor:

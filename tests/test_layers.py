@@ -1,0 +1,76 @@
+"""The shared building blocks against their plain PyTorch definitions (float64 on the CPU, so rounding is not
+what is tested): the (3,1,1) temporal conv as frame-window matrix products and the layout-keeping video GroupNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from img2vid.layers import frame_window_conv, temporal_conv, video_group_norm
+
+
+def _frames(b: int, f: int, c: int, h: int, w: int, channels_last: bool) -> torch.Tensor:
+    """A (B, C, F, H, W) transposed view of frames (B*F, C, H, W), as the temporal layers receive it."""
+    x = torch.randn(b * f, c, h, w, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.unflatten(0, (b, f)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 7])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_temporal_conv_equals_conv3d(frames: int, batch: int, channels_last: bool) -> None:
+    torch.manual_seed(frames * 10 + batch)
+    conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0)).double()
+    x5 = _frames(batch, frames, 6, 3, 4, channels_last)
+    out = temporal_conv(x5, conv)
+    assert out.shape == (batch, 5, frames, 3, 4)
+    torch.testing.assert_close(out, conv(x5), rtol=1e-12, atol=1e-12)
+    # The result is again a view of frames in the input's layout (the block's next ops read it in place).
+    back = out.transpose(1, 2).flatten(0, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert back.is_contiguous(memory_format=fmt)
+
+
+def test_temporal_conv_without_bias_and_odd_layout_falls_back() -> None:
+    conv = torch.nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), bias=False).double()
+    x5 = _frames(1, 5, 4, 2, 3, False)
+    torch.testing.assert_close(temporal_conv(x5, conv), conv(x5), rtol=1e-12, atol=1e-12)
+    contiguous_5d = x5.contiguous()  # NCDHW: neither frames layout, so plain conv
+    torch.testing.assert_close(temporal_conv(contiguous_5d, conv), conv(x5), rtol=1e-12, atol=1e-12)
+
+
+def test_frame_window_conv_gradients_match_conv3d() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 4, (3, 1, 1), padding=(1, 0, 0)).double()
+    x5 = _frames(2, 4, 3, 2, 2, False).detach().requires_grad_(True)
+    temporal_conv(x5, conv).square().sum().backward()
+    ours = [x5.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+    x5.grad = conv.weight.grad = conv.bias.grad = None
+    conv(x5).square().sum().backward()
+    for a, b in zip(ours, [x5.grad, conv.weight.grad, conv.bias.grad], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_frame_window_conv_compiles_as_one_op() -> None:
+    """Under torch.compile the op is opaque (its overlapping views are never traced) and gives the eager numbers."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 5, 4, 6)
+    w, b = torch.randn(3, 12), torch.randn(3)
+    compiled = torch.compile(lambda x, w, b: frame_window_conv(x * 2, w, b) + 1, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, w, b), frame_window_conv(x * 2, w, b) + 1)
+    torch.library.opcheck(frame_window_conv, (x, w, b))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_video_group_norm_equals_group_norm(channels_last: bool) -> None:
+    norm = torch.nn.GroupNorm(2, 6, eps=1e-5).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x5 = _frames(2, 3, 6, 2, 3, channels_last) * 3 + 1
+    out = video_group_norm(x5, norm)
+    # Statistics are finished in float32 (as the reference's half-precision kernel does), hence the tolerance.
+    torch.testing.assert_close(out, F.group_norm(x5, 2, norm.weight, norm.bias, 1e-5), rtol=1e-5, atol=1e-6)
+    assert out.stride() == x5.stride()  # layout kept: the conv after it reads frames in place
