@@ -3,6 +3,7 @@
 
     python benchmarks/svd_speed.py --compare diffusers                 # full SVD-XT, 25 frames, 576x1024, 25 steps
     python benchmarks/svd_speed.py --compare diffusers --modes eager,compiled,low-memory --load
+    python benchmarks/svd_speed.py --modes compiled,compiled+fp8,compiled+reuse2   # approximate modes vs exact
     python benchmarks/svd_speed.py --tiny                              # logic check on CPU in seconds
 
 The full-size SVD-XT architecture is built with seeded random weights (no download), kept on the CPU as one state
@@ -10,7 +11,8 @@ dict, and loaded into diffusers' classes and into ours in turn, so only one mode
 and the peak-memory numbers are comparable. Rows: video seconds, UNet seconds per step (CUDA events around each
 step), TFLOP/s (FlopCounterMode on one UNet step), VAE decode seconds, peak GiB allocated; and agreement with diffusers
 in fp16: one UNet step, one VAE decode (relative error) and the whole video (PSNR). diffusers is a benchmark-only
-dependency (never imported by img2vid).
+dependency (never imported by img2vid). Approximate modes (+fp8, +reuseN) also report their PSNR from the exact
+mode's video of the same run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from img2vid.vae import VAE  # noqa: E402
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
 ap.add_argument(
-    "--modes", default="eager,compiled,low-memory", help="comma list: eager, compiled, low-memory, low-memory-nosplit"
+    "--modes",
+    default="eager,compiled,low-memory",
+    help="comma list: eager, compiled, low-memory, low-memory-nosplit; eager/compiled take the approximate options "
+    "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
@@ -61,6 +66,7 @@ STEPS = 3 if args.tiny else args.steps
 DCS = 2 if args.tiny else args.decode_chunk_size
 LOG = open(os.path.join(args.out, "svd_speed.log"), "a")
 ROWS: list[dict] = []
+ev_times: list[list[float]] = []  # each video's step times, in run order
 
 
 def log(*a: object) -> None:
@@ -198,6 +204,7 @@ def run_video(
     sync()
     total = time.perf_counter() - t0
     steps = ev.times()
+    ev_times.append(steps)
     per = float(np.median(steps)) if steps else float("nan")
     row = dict(mode=name, video=total, step=per, decode=decode_timer[-1] if decode_timer else float("nan"), peak=gib())
     row["note"] = note
@@ -320,33 +327,42 @@ def main() -> None:
             free()
 
     flops = None
+    exact_video: dict[str, np.ndarray] = {}  # our exact video per base mode, for the approximate modes' deviation
     for mode in args.modes.split(","):
+        base, *options = mode.split("+")
+        fp8 = "fp8" in options
+        reuse = next((int(o[5:]) for o in options if o.startswith("reuse")), 1)
         pipe = ours_pipe(state)
         note = ""
-        if mode.startswith("low-memory"):
-            pipe.enable_low_memory(device=DEV, split_guidance=mode != "low-memory-nosplit")
+        if base.startswith("low-memory"):
+            pipe.enable_low_memory(device=DEV, split_guidance=base != "low-memory-nosplit")
         else:
             pipe.to(DEV)
+        if fp8:
+            note = f"APPROXIMATE: {pipe.enable_fp8()} linears in fp8"
+        if reuse > 1:
+            note = f"{note}; APPROXIMATE: guidance reuse {reuse}".lstrip("; ")
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
-        if mode == "compiled":
+        if base == "compiled":
             pipe.compile(mode=args.compile_mode)
-        kw = dict(call_kw)
-        if mode.startswith("low-memory"):
+        kw = dict(call_kw, guidance_reuse=reuse)
+        if base.startswith("low-memory"):
             kw.pop("decode_chunk_size")
         sync()
         t0 = time.perf_counter()
         pipe(img, num_inference_steps=2, generator=gen(), **kw)  # warm-up (compiles in compiled mode)
         sync()
         warm = time.perf_counter() - t0
-        if mode == "compiled":
-            note = f"{note}; first call (compile) {warm:.1f}s"
+        if base == "compiled":
+            note = f"{note}; first call (compile) {warm:.1f}s".lstrip("; ")
         dec: list = []
         timed_decode(pipe, "decode_latents", dec)
 
         def hook(ev, pipe=pipe):
             pipe._step = ev.wrap(pipe._step)
+            pipe._reuse_steps = tuple(ev.wrap(s) for s in pipe._reuse_steps)
 
         frames = run_video(
             f"img2vid {mode}",
@@ -358,13 +374,19 @@ def main() -> None:
         row = ROWS[-1]
         if "video" in ref:
             row["psnr"] = psnr(frames, ref["video"])
-        if not mode.startswith("low-memory") and "unet" in ref:
+        if mode == base:
+            exact_video[base] = frames
+        elif exact_video:  # the same base mode's exact video, else any exact one (they agree to ~70 dB)
+            row["psnr_exact"] = psnr(frames, exact_video.get(base, next(iter(exact_video.values()))))
+        if reuse > 1:  # full and conditional-only steps alternate: their mean, not the median, is the step
+            row["step"] = float(np.mean(ev_times[-1])) if ev_times else float("nan")
+        if not base.startswith("low-memory") and reuse == 1 and "unet" in ref:
             with torch.no_grad():
                 x, t, emb, ids = ref["unet_in"]
                 out = pipe.unet(x, t, emb, ids).float().cpu()
                 row["unet_rel"] = rel(out, ref["unet"])
                 row["vae_rel"] = rel(pipe._decode(ref["vae_in"], DCS).float().cpu(), ref["vae"])
-        if flops is None and mode == "eager":
+        if flops is None and mode == "eager":  # exact eager: the FLOPs of the function itself
             from torch.utils.flop_counter import FlopCounterMode
 
             x, t, emb, ids = unet_inputs(CFG.unet.in_channels, CFG.unet.cross_attention_dim[0])
@@ -412,15 +434,16 @@ def table(flops: float | None) -> None:
     log("")
     log(
         "| mode | video s | UNet s/step | TFLOP/s | VAE decode s | peak GiB "
-        "| UNet rel err | VAE rel err | PSNR dB | note |"
+        "| UNet rel err | VAE rel err | PSNR dB | PSNR vs exact dB | note |"
     )
-    log("|---|---|---|---|---|---|---|---|---|---|")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:
         tf = flops / r["step"] / 1e12 if flops and r.get("step") and not math.isnan(r["step"]) else None
         log(
             f"| {r['mode']} | {f(r.get('video'), '{:.2f}')} | {f(r.get('step'))} | {f(tf, '{:.0f}')} | "
             f"{f(r.get('decode'))} | {f(r.get('peak'), '{:.2f}')} | {f(r.get('unet_rel'), '{:.1e}')} | "
-            f"{f(r.get('vae_rel'), '{:.1e}')} | {f(r.get('psnr'), '{:.1f}')} | {r.get('note', '')} |"
+            f"{f(r.get('vae_rel'), '{:.1e}')} | {f(r.get('psnr'), '{:.1f}')} | {f(r.get('psnr_exact'), '{:.1f}')} | "
+            f"{r.get('note', '')} |"
         )
 
 
