@@ -387,7 +387,14 @@ def main() -> None:
                 row["unet_rel"] = rel(out, ref["unet"])
                 row["vae_rel"] = rel(pipe._decode(ref["vae_in"], DCS).float().cpu(), ref["vae"])
         if flops is None and mode == "eager":  # exact eager: the FLOPs of the function itself
-            from torch.utils.flop_counter import FlopCounterMode
+            from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+            # The temporal convs run as img2vid's own op, which the counter cannot see: count it as the (3,1,1)
+            # conv it is (3*C inputs per output, the zero-padded ends included, as a Conv3d is counted).
+            @register_flop_formula(torch.ops.img2vid.frame_window_conv)
+            def _window_flops(frames_shape, weight_shape, bias_shape, out_shape=None, **kw) -> int:
+                b, f, _, p = frames_shape
+                return 2 * b * f * p * weight_shape[0] * weight_shape[1]
 
             x, t, emb, ids = unet_inputs(CFG.unet.in_channels, CFG.unet.cross_attention_dim[0])
             fc = FlopCounterMode(display=False)

@@ -292,7 +292,6 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "decode-chunk": ("--decode-chunk-size 0", "--decode-chunk-size"),
     "guidance-reuse-zero": ("--guidance-reuse 0", "--guidance-reuse"),
     "guidance-reuse-not-int": ("--guidance-reuse 1.5", "expected an integer"),
-    "fp8-low-memory": ("--fp8 --low-memory", "fp8 mode cannot stream weights"),
     "height-not-multiple": ("--height 34", "multiple of 4"),
     "width-zero": ("--width 0", "--width"),
     "seed-negative": ("--seed -1", "--seed"),

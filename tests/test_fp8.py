@@ -268,10 +268,11 @@ def test_quantized_unet_stays_close() -> None:
 )
 def test_scaled_mm_matches_the_reference_path() -> None:
     lin = _linear(320, 1280, seed=9).half()
-    fp8 = Fp8Linear.from_linear(lin).cuda()
     x = torch.randn(2, 300, 320, generator=torch.Generator().manual_seed(9)).half()
     with torch.no_grad():
         reference = Fp8Linear.from_linear(lin)(x)  # the float32 product of the same quantized values, on the CPU
+        # Moved after the reference: .cuda() moves the bias Parameter that the layer shares with `lin`.
+        fp8 = Fp8Linear.from_linear(lin).cuda()
         got = fp8(x.cuda())
         compiled = torch.compile(fp8, fullgraph=True)(x.cuda())
     assert got.dtype == torch.float16

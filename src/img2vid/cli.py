@@ -95,7 +95,6 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
     )
     g.add_argument("--forward-chunking", action="store_true", help="chunk the UNet feed-forwards (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
-    g.add_argument("--fp8", action="store_true", help="approximate: float8 matrix products in the UNet (Hopper GPUs)")
     if guidance_reuse:  # generate only: serve takes generation parameters per request, and not this one yet
         g.add_argument(
             "--guidance-reuse",
@@ -300,8 +299,6 @@ def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any)
         pipe.enable_sequential_cpu_offload(device=device)
     if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
         pipe.unet.enable_forward_chunking()
-    if args.fp8:
-        pipe.enable_fp8()  # before compile: the compiled graphs see the quantized layers
     if args.compile:
         pipe.compile()  # the whole denoising step and the decoder as compiled graphs (fullgraph)
     pipe.set_progress_bar_config(disable=True)
@@ -368,8 +365,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
     run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant, seed=seed)
-    if args.fp8:  # an approximation: the file says so
-        run["fp8"] = True
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
     run.update(export_fps=args.export_fps or fps)
     for source, image, path in zip(sources, images, paths, strict=True):

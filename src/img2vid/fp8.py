@@ -2,7 +2,10 @@
 
 Why: Hopper (sm_90) tensor cores multiply float8 matrices about twice as fast as float16 ones, and the linear layers
 of the transformers are about a quarter of an SVD UNet step on an H100. So the gain is bounded by roughly an eighth
-of a step, less whatever quantization work the compiler cannot fuse into the ops before it. It is meant for
+of a step, less whatever quantization work the compiler cannot fuse into the ops before it. Measured (H100, torch
+2.11, BENCHMARKS.md run 12) that work wins: compiled, 0.482 s per step against 0.433 s in float16, 1.2 s eager
+(each layer quantizes its own input, so q/k/v quantize the same tokens three times; every product is written in
+bfloat16 and cast back). EXPERIMENTAL until that is fixed; the CLI does not offer it. It is meant for
 `torch.compile`: compiled, the per-token scale and the cast to float8 are pointwise ops and a row reduction that
 inductor can fuse into the kernel producing the activations (a LayerNorm, mostly); in eager mode they are separate
 passes over float32 temporaries.

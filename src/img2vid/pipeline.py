@@ -209,10 +209,10 @@ class Pipeline:
         return self
 
     def enable_fp8(self) -> int:
-        """APPROXIMATE, opt-in: float8 (e4m3) matrix products for the UNet's transformer linears on Hopper-class
-        GPUs (`fp8.quantize_unet_fp8`; elsewhere the same quantization runs as a slow float32 reference). Changes
-        the video (BENCHMARKS.md reports by how much). Call after placing the pipeline, before compile(). Returns
-        the number of layers replaced."""
+        """EXPERIMENTAL and APPROXIMATE, opt-in: float8 (e4m3) matrix products for the UNet's transformer linears
+        (`fp8.quantize_unet_fp8`). Measured on an H100 it is not yet a speed-up: compiled, 0.482 s per step against
+        0.433 s exact, and the video 45.8 dB from the exact one (BENCHMARKS.md), so the CLI does not offer it. Call
+        after placing the pipeline, before compile(). Returns the number of layers replaced."""
         if self._offload == "sequential":
             raise InputError("fp8 mode cannot stream weights (sequential offload, low memory): its weights are buffers")
         self._fp8 = True
