@@ -418,7 +418,7 @@ def test_version_and_help(capsys):
     assert main(["generate", "--help"]) == 0
     assert "--motion-bucket-id" in capsys.readouterr().out
     assert main(["serve", "--help"]) == 0
-    assert "--guidance-reuse" not in capsys.readouterr().out  # serve has no way to pass it to its requests yet
+    assert "--guidance-reuse" not in capsys.readouterr().out  # per request there: the guidance_reuse parameter
 
 
 def test_python_dash_m_is_fast_and_torch_free():

@@ -71,7 +71,7 @@ def test_page_has_the_form(address):
     page = body.decode()
     for field in ("image", "frames", "steps", "fps", "motion_bucket_id", "noise_aug_strength", "min_guidance"):
         assert f'id="{field}"' in page
-    for field in ("max_guidance", "seed", "resize", "format", "go"):
+    for field in ("max_guidance", "guidance_reuse", "seed", "resize", "format", "go"):
         assert f'id="{field}"' in page
     assert "fetch(" in page and "/generate" in page and "<option>gif</option>" in page
     assert "http://" not in page and "https://" not in page  # self-contained: no external assets
@@ -96,6 +96,16 @@ def test_generate_mp4_is_seeded_and_reproducible(address, png, tmp_path):
     _, headers2, video2 = post(address, png, seed=42, motion_bucket_id=30, fps=6)
     assert headers2["x-img2vid-seed"] == "42"
     assert video2 == video or np.array_equal(frames_of(video2, "mp4", tmp_path), frames)
+    assert info["guidance_reuse"] == 1  # exact guidance unless asked
+
+
+def test_guidance_reuse_reaches_the_pipeline(address, png, tmp_path):
+    """The approximate mode is a request parameter too, recorded with the video; it changes the frames."""
+    _, headers, exact = post(address, png, seed=7, format="webm")
+    status, headers, reused = post(address, png, seed=7, guidance_reuse=2, format="webm")
+    assert status == 200, reused
+    assert json.loads(headers["x-img2vid-params"])["guidance_reuse"] == 2
+    assert not np.array_equal(frames_of(reused, "webm", tmp_path), frames_of(exact, "webm", tmp_path))
 
 
 def test_concurrent_requests_both_succeed(address, png):
@@ -130,6 +140,7 @@ def test_other_formats_and_resize(address, png, tmp_path, fmt, mime):
         (None, {"steps": 0}, "steps: 0 is out of range 1..1000"),
         (None, {"steps": "many"}, "steps: expected an integer, got 'many'"),
         (None, {"frames": 300}, "frames: 300 is out of range 1..256"),
+        (None, {"guidance_reuse": 0}, "guidance_reuse: 0 is out of range 1..1000"),
         (None, {"width": 50}, "width 50 is not a multiple of 4"),
         (None, {"min_guidance": 4, "max_guidance": 2}, "min_guidance 4.0 is above max_guidance 2.0"),
         (None, {"format": "avi"}, "format must be one of mp4, webm, gif"),

@@ -46,6 +46,7 @@ PARAMS: dict[str, Callable[[str], Any]] = {
     "min_guidance": _number(float, 0),
     "max_guidance": _number(float, 0),
     "seed": _number(int, 0, 2**63 - 1),
+    "guidance_reuse": _number(int, 1, 1000),  # APPROXIMATE when > 1 (Pipeline.__call__'s guidance_reuse)
 }
 CHOICES = {"resize": SIZE_MODES, "format": tuple(FORMATS)}
 
@@ -71,6 +72,8 @@ form{display:grid;grid-template-columns:12em 1fr;gap:.4em 1em;align-items:center
 <input id="noise_aug_strength" type="number" min="0" max="10" step="any" value="0.02">
 <label for="min_guidance">min guidance</label><input id="min_guidance" type="number" min="0" step="any" value="1.0">
 <label for="max_guidance">max guidance</label><input id="max_guidance" type="number" min="0" step="any" value="3.0">
+<label for="guidance_reuse">guidance reuse (approximate if &gt; 1)</label>
+<input id="guidance_reuse" type="number" min="1" max="1000" value="1">
 <label for="seed">seed</label><input id="seed" type="number" min="0" placeholder="random">
 <label for="format">format</label><select id="format"><option>mp4</option><option>webm</option><option>gif</option>
 </select>
@@ -80,7 +83,7 @@ form{display:grid;grid-template-columns:12em 1fr;gap:.4em 1em;align-items:center
 <script>
 const $ = (id) => document.getElementById(id);
 const NAMES = ["width", "height", "resize", "frames", "steps", "fps", "motion_bucket_id", "noise_aug_strength",
-  "min_guidance", "max_guidance", "seed", "format"];
+  "min_guidance", "max_guidance", "guidance_reuse", "seed", "format"];
 $("f").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const file = $("image").files[0];
@@ -188,6 +191,7 @@ def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: s
         motion_bucket_id=params.get("motion_bucket_id", cfg.default_motion_bucket_id),
         noise_aug_strength=params["noise_aug_strength"],
         decode_chunk_size=min(pipe.default_decode_chunk_size or frames, frames),
+        guidance_reuse=params.get("guidance_reuse", 1),
     )
     seed = params["seed"] if "seed" in params else secrets.randbelow(2**32)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
