@@ -38,12 +38,23 @@ def denoise_step(
 
     split runs the two guidance halves one after the other (half the activation memory, same numbers: every op in
     the UNet is per-sample)."""
-    if cfg:
-        v_uncond, v_cond = _guidance_halves(unet, latents, image_latents, emb, time_ids, sigma, t, split)
-        v = sampling.apply_guidance(v_uncond, v_cond, g)
-    else:
-        v = unet(torch.cat([sampling.scale_input(latents, sigma), image_latents], dim=2), t, emb, time_ids)
+    if cfg:  # the guided step of guidance reuse, whose delta output is unused here (compiled: not computed)
+        return reuse_full_step(unet, latents, image_latents, emb, time_ids, g, sigma, sigma_next, t, split)[0]
+    v = _velocity(unet, sampling.scale_input(latents, sigma), image_latents, emb, time_ids, t)
     return sampling.euler_step(latents, v, sigma, sigma_next)
+
+
+def _velocity(
+    unet: torch.nn.Module,
+    x: torch.Tensor,
+    image_latents: torch.Tensor,
+    emb: torch.Tensor,
+    ids: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor:
+    """The UNet's prediction for scaled latents x (N, F, 4, h, w) beside their image latents: the UNet reads both
+    as (N, F, 8, h, w) and returns (N, F, 4, h, w)."""
+    return unet(torch.cat([x, image_latents], dim=2), t, emb, ids)
 
 
 def _guidance_halves(
@@ -63,12 +74,9 @@ def _guidance_halves(
         u_lat, c_lat = image_latents.chunk(2)
         u_emb, c_emb = emb.chunk(2)
         u_ids, c_ids = time_ids.chunk(2)
-        v_uncond = unet(torch.cat([x, u_lat], dim=2), t, u_emb, u_ids)  # (B, F, 8, h, w) -> (B, F, 4, h, w)
-        v_cond = unet(torch.cat([x, c_lat], dim=2), t, c_emb, c_ids)
-        return v_uncond, v_cond
-    x = torch.cat([latents, latents])
-    x = torch.cat([sampling.scale_input(x, sigma), image_latents], dim=2)  # (2B, F, 8, h, w)
-    v_uncond, v_cond = unet(x, t, emb, time_ids).chunk(2)
+        return _velocity(unet, x, u_lat, u_emb, u_ids, t), _velocity(unet, x, c_lat, c_emb, c_ids, t)
+    x = sampling.scale_input(torch.cat([latents, latents]), sigma)  # (2B, F, 4, h, w)
+    v_uncond, v_cond = _velocity(unet, x, image_latents, emb, time_ids, t).chunk(2)
     return v_uncond, v_cond
 
 
@@ -109,7 +117,7 @@ def reuse_cond_step(
 ) -> torch.Tensor:
     """An approximate guided step: the UNet on the conditional half only (batch B, with or without split)."""
     c_lat, c_emb, c_ids = image_latents.chunk(2)[1], emb.chunk(2)[1], time_ids.chunk(2)[1]
-    v_cond = unet(torch.cat([sampling.scale_input(latents, sigma), c_lat], dim=2), t, c_emb, c_ids)
+    v_cond = _velocity(unet, sampling.scale_input(latents, sigma), c_lat, c_emb, c_ids, t)
     return sampling.euler_step(latents, sampling.guidance_from_delta(v_cond, delta, g), sigma, sigma_next)
 
 
