@@ -20,7 +20,7 @@ import torch
 
 from img2vid import checkpoint, compiled, sampling
 from img2vid.configs import PipelineConfig, preset
-from img2vid.fp8 import quantize_unet_fp8
+from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
 from img2vid.image_encoder import ImageEncoder, preprocess
 from img2vid.images import InputError, check_size
 from img2vid.inputs import Generator, ImageInput, as_images, postprocess, randn, resize_for_vae, to_tensor
@@ -29,6 +29,7 @@ from img2vid.offload import SequentialOffload, move_module
 from img2vid.unet import UNet
 from img2vid.vae import VAE
 
+_FP8_STREAMING = "fp8 mode cannot stream weights (sequential offload, low memory): its weights are buffers"
 ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
 
 COMPONENTS = ("image_encoder", "unet", "vae")  # also the model-offload order
@@ -57,7 +58,6 @@ class Pipeline:
         self._step: Callable[..., torch.Tensor] = compiled.denoise_step
         self._reuse_steps: tuple[Callable[..., Any], ...] = compiled.REUSE_STEPS  # guidance_reuse > 1: (full, cond)
         self._split_guidance = False  # run the guidance halves one after the other (low memory)
-        self._fp8 = False  # enable_fp8 was called
         self.default_decode_chunk_size: int | None = None  # None: all frames at once, as diffusers
         # The decoder's per-frame layers run 2 frames at a time: same numbers, and on an H100 the activations of an
         # 8-frame decode chunk at 576x1024 fell from 9.6 (all at once) and 6.2 (4 at a time) to 3.9 GiB, for +15%
@@ -177,8 +177,10 @@ class Pipeline:
         self, gpu_id: int | None = None, device: str | torch.device | None = None
     ) -> None:
         """Every layer's weights wait on the CPU and are streamed to the GPU just for their forward."""
-        if self._fp8:
-            raise InputError("fp8 mode cannot stream weights (sequential offload, low memory): its weights are buffers")
+        # Whether enable_fp8 or fp8.quantize_unet_fp8 did it: streaming moves parameters only, and float8 weights are
+        # buffers, which would stay on the CPU.
+        if any(isinstance(m, Fp8Linear) for m in _orig(self.unet).modules()):
+            raise InputError(_FP8_STREAMING)
         self._device = _accelerator(gpu_id, device)
         self._offload = "sequential"
         for c in COMPONENTS:
@@ -214,8 +216,7 @@ class Pipeline:
         0.433 s exact, and the video 45.8 dB from the exact one (BENCHMARKS.md), so the CLI does not offer it. Call
         after placing the pipeline, before compile(). Returns the number of layers replaced."""
         if self._offload == "sequential":
-            raise InputError("fp8 mode cannot stream weights (sequential offload, low memory): its weights are buffers")
-        self._fp8 = True
+            raise InputError(_FP8_STREAMING)
         return quantize_unet_fp8(_orig(self.unet))
 
     def compile(self, mode: str | None = None, decoder: bool = True, channels_last: bool = False) -> Pipeline:
