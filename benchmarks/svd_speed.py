@@ -66,7 +66,6 @@ STEPS = 3 if args.tiny else args.steps
 DCS = 2 if args.tiny else args.decode_chunk_size
 LOG = open(os.path.join(args.out, "svd_speed.log"), "a")
 ROWS: list[dict] = []
-ev_times: list[list[float]] = []  # each video's step times, in run order
 
 
 def log(*a: object) -> None:
@@ -193,8 +192,14 @@ def ours_pipe(state) -> Pipeline:
 
 # ---- measuring -----------------------------------------------------------------------------------------------
 def run_video(
-    name: str, call: Callable, hook: Callable[[Events], None], decode_timer: list, note: str = ""
+    name: str,
+    call: Callable,
+    hook: Callable[[Events], None],
+    decode_timer: list,
+    note: str = "",
+    mean_step: bool = False,
 ) -> np.ndarray:
+    """One timed video; its row's step is the median step, or the mean where steps of two kinds alternate."""
     ev = Events()
     hook(ev)
     free()
@@ -204,8 +209,7 @@ def run_video(
     sync()
     total = time.perf_counter() - t0
     steps = ev.times()
-    ev_times.append(steps)
-    per = float(np.median(steps)) if steps else float("nan")
+    per = float(np.mean(steps) if mean_step else np.median(steps)) if steps else float("nan")
     row = dict(mode=name, video=total, step=per, decode=decode_timer[-1] if decode_timer else float("nan"), peak=gib())
     row["note"] = note
     row["finite"] = bool(np.isfinite(frames).all())
@@ -370,6 +374,7 @@ def main() -> None:
             hook,
             dec,
             note,
+            mean_step=reuse > 1,  # full and conditional-only steps alternate
         )
         row = ROWS[-1]
         if "video" in ref:
@@ -378,8 +383,6 @@ def main() -> None:
             exact_video[base] = frames
         elif exact_video:  # the same base mode's exact video, else any exact one (they agree to ~70 dB)
             row["psnr_exact"] = psnr(frames, exact_video.get(base, next(iter(exact_video.values()))))
-        if reuse > 1:  # full and conditional-only steps alternate: their mean, not the median, is the step
-            row["step"] = float(np.mean(ev_times[-1])) if ev_times else float("nan")
         if not base.startswith("low-memory") and reuse == 1 and "unet" in ref:
             with torch.no_grad():
                 x, t, emb, ids = ref["unet_in"]
