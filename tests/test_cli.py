@@ -180,7 +180,7 @@ def test_memory_modes_keep_the_frames(models, images, tmp_path, capsys):
 
 def test_export_options_and_compile(models, images, tmp_path, capsys, monkeypatch):
     compiled = []
-    monkeypatch.setattr(Pipeline, "compile", lambda self, *a, **k: compiled.append(self) or self)
+    monkeypatch.setattr(Pipeline, "compile", lambda self, *a, **k: compiled.append(k) or self)
     out = tmp_path / "loop.mp4"
     extra = "--fps 6 --export-fps 12 --loop pingpong --crf 30 --compile"
     rc, stdout, err = generate(capsys, images["landscape"], out, models["folder"], extra)
@@ -190,6 +190,11 @@ def test_export_options_and_compile(models, images, tmp_path, capsys, monkeypatc
     assert f"({2 * FRAMES - 2} frames" in stdout and len(compiled) == 1
     meta = read_metadata(out)
     assert (meta["fps"], meta["export_fps"], meta["loop"]) == (6, 12, "pingpong")
+    assert compiled[0].get("cache_dir") is None
+    # --compile-cache implies --compile and names the folder the compiled graphs are kept in
+    rc, _, err = generate(capsys, images["landscape"], tmp_path / "c.mp4", models["folder"], "--compile-cache cc")
+    assert rc == 0, err
+    assert len(compiled) == 2 and compiled[1]["cache_dir"] == "cc"
 
 
 def test_random_seed_is_printed_and_stored(models, images, tmp_path, capsys):
@@ -303,6 +308,7 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "offload-unknown": ("--offload disk", "--offload"),
     "device-unknown": ("--device toaster", "unknown device"),
     "device-cuda-missing": ("--device cuda:7", "not available"),
+    "compile-cache-not-a-folder": ("--compile-cache /dev/null/cache", "as a compile cache"),
     "hub-model-size": ("--model stabilityai/stable-video-diffusion-img2vid-xt", "multiple of 64"),
     "model-missing-path": ("--model ./no/such/model.safetensors", "model not found"),
     "model-unknown-offline": (

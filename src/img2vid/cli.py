@@ -95,6 +95,12 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
     )
     g.add_argument("--forward-chunking", action="store_true", help="chunk the UNet feed-forwards (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
+    g.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="--compile, keeping the compiled graphs in DIR: later runs load them instead of compiling again "
+        "(DIR's files are pickles written by torch: name only a folder you trust)",
+    )
     if guidance_reuse:  # generate only: serve takes generation parameters per request, and not this one yet
         g.add_argument(
             "--guidance-reuse",
@@ -299,8 +305,9 @@ def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any)
         pipe.enable_sequential_cpu_offload(device=device)
     if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
         pipe.unet.enable_forward_chunking()
-    if args.compile:
-        pipe.compile()  # the whole denoising step and the decoder as compiled graphs (fullgraph)
+    if args.compile or args.compile_cache:
+        # the whole denoising step and the decoder as compiled graphs (fullgraph), kept ahead of time in a cache dir
+        pipe.compile(cache_dir=args.compile_cache)
     pipe.set_progress_bar_config(disable=True)
     return pipe, variant
 

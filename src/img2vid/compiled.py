@@ -9,12 +9,15 @@ approximate, opt-in guidance reuse (Pipeline's guidance_reuse > 1), compiled the
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from img2vid import sampling
+from img2vid.precompiled import PrecompiledFunction
 from img2vid.vae import VAE, Attention, ResnetBlock2D, TemporalResnetBlock, Upsample2D
 
 DECODER_BLOCKS = (ResnetBlock2D, TemporalResnetBlock, Upsample2D, Attention)  # what compile_decoder compiles
@@ -124,21 +127,40 @@ def reuse_cond_step(
 REUSE_STEPS = (reuse_full_step, reuse_cond_step)
 
 
-def compile_step(mode: str | None = None, step: Callable[..., Any] = denoise_step) -> Callable[..., Any]:
-    # Static shapes: a new size compiles its own graph rather than a slower shape-generic one.
+def compile_step(
+    mode: str | None = None, step: Callable[..., Any] = denoise_step, cache_dir: str | os.PathLike | None = None
+) -> Callable[..., Any]:
+    """Static shapes: a new size compiles its own graph rather than a slower shape-generic one. With cache_dir, the
+    compiled step is kept there ahead of time (`precompiled`): later processes load it instead of tracing."""
+    if cache_dir is not None:
+        return PrecompiledFunction(step, cache_dir, mode)
     return torch.compile(step, fullgraph=True, mode=mode, dynamic=False)
 
 
-def compile_decoder(vae: VAE, mode: str | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def compile_decoder(
+    vae: VAE, mode: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """Compile the decoder's blocks in place and return the decode function to call.
 
     Block by block rather than one graph: the decoder runs its per-frame layers a few frames at a time to bound
     memory (VAE.spatial_frame_chunk), and a whole-decoder graph fuses the slices back together (inductor kept every
     slice's output alive: no lower peak on an H100). Compiled blocks keep the slicing's peak and still fuse each
-    block's norms, activations and residual adds."""
+    block's norms, activations and residual adds.
+
+    With cache_dir, each block class's forward is one `PrecompiledFunction` (an artifact per shape, shared by the
+    blocks of that shape) that the block instances call instead of their own forward."""
+    precompiled = (
+        {cls: PrecompiledFunction(cls.forward, cache_dir, mode) for cls in DECODER_BLOCKS} if cache_dir else {}
+    )
     for m in vae.decoder.modules():
         if isinstance(m, DECODER_BLOCKS):
-            m.compile(fullgraph=True, mode=mode, dynamic=False)
+            m.__dict__.pop("forward", None)  # an earlier compile(cache_dir=...)'s binding
+            if precompiled:
+                m.forward = functools.partial(precompiled[type(m)], m)
+            else:
+                m.compile(fullgraph=True, mode=mode, dynamic=False)
+    if precompiled:
+        return vae.decode  # no dynamo at run time: the recompile limit below does not apply
 
     def decode(z: torch.Tensor, num_frames: int) -> torch.Tensor:
         # A block class is one code object, compiled once per shape it meets (width, resolution, frames per slice,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from img2vid import checkpoint, compiled, sampling
+from img2vid import checkpoint, compiled, precompiled, sampling
 from img2vid.configs import PipelineConfig, preset
 from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
 from img2vid.image_encoder import ImageEncoder, preprocess
@@ -219,20 +219,32 @@ class Pipeline:
             raise InputError(_FP8_STREAMING)
         return quantize_unet_fp8(_orig(self.unet))
 
-    def compile(self, mode: str | None = None, decoder: bool = True, channels_last: bool = False) -> Pipeline:
+    def compile(
+        self,
+        mode: str | None = None,
+        decoder: bool = True,
+        channels_last: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Pipeline:
         """Speed mode (gpt-fast style): one compiled graph for a whole denoising step (scale, both guidance halves
         through the UNet, guidance, Euler) with static shapes and sigmas as device tensors, so no step syncs with the
         host; the VAE decoder is compiled too. Same function: outputs agree with eager to within kernel rounding.
         The first call compiles (minutes for the full model; torch caches the result on disk for later processes).
         channels_last is off by default: measured on an H100 it gave the compiled UNet nothing and made the
-        decoder's cuDNN convolutions slower."""
+        decoder's cuDNN convolutions slower.
+
+        cache_dir keeps the compiled graphs in that folder ahead of time (`precompiled`): a later process loads them
+        instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""
+        if cache_dir is not None:
+            precompiled.check_cache_dir(cache_dir)
         if channels_last:
             for c in ("unet", "vae"):
                 channels_last_(_orig(getattr(self, c)))
-        self._step = compiled.compile_step(mode)
-        self._reuse_steps = tuple(compiled.compile_step(mode, s) for s in compiled.REUSE_STEPS)  # compiled on use
+        self._step = compiled.compile_step(mode, cache_dir=cache_dir)
+        # compiled on use
+        self._reuse_steps = tuple(compiled.compile_step(mode, s, cache_dir) for s in compiled.REUSE_STEPS)
         if decoder:
-            self._decode = compiled.compile_decoder(_orig(self.vae), mode)
+            self._decode = compiled.compile_decoder(_orig(self.vae), mode, cache_dir)
         return self
 
     def set_progress_bar_config(self, disable: bool = False) -> None:

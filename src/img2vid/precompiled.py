@@ -1,0 +1,178 @@
+"""Compiled functions kept on disk ahead of time, so a new process skips torch.compile's tracing.
+
+A plain torch.compile with a warm inductor cache still re-traces every graph with dynamo in every new process
+(~30 s for SVD-XT's step and ~20 decoder block graphs on an H100, BENCHMARKS.md) before its cached kernels load.
+`torch.compile(fn, fullgraph=True).aot_compile(example)` instead returns a finished, serializable function for one
+set of static shapes; `PrecompiledFunction` keeps one such artifact per input signature in a folder the user names
+and loads it in later processes instead of tracing.
+
+The artifacts are pickles written by torch (as are the entries of torch's own inductor cache): only a folder the
+user passed explicitly is read, and it must be as trusted as the code itself. Every key covers the img2vid
+sources, torch/CUDA/Python versions and the card, so a stale artifact is never picked; one that fails to load or
+whose guards reject the inputs is compiled again and replaced, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from img2vid.images import InputError
+
+FILE_SUFFIX = ".aot"
+
+
+@cache
+def _sources_digest() -> str:
+    """Hash of this package's Python sources: any change to the engine's code makes every artifact stale."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def _module_signature(m: torch.nn.Module) -> tuple[Any, ...]:
+    """What a compiled graph depends on in a module argument: its class, structure (repr: layer sizes, eps,
+    groups) and every parameter's and buffer's name, shape and dtype. Device is covered by the tensors' keys."""
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+    return (type(m).__qualname__, repr(m), tuple(tensors))
+
+
+def _arg_signature(a: Any, modules: dict[Any, tuple[weakref.ref, tuple[Any, ...]]]) -> Any:
+    if isinstance(a, torch.Tensor):
+        return ("T", tuple(a.shape), a.stride(), str(a.dtype), str(a.device))
+    if isinstance(a, torch.nn.Module):
+        # Memoized per module, device and dtype: walking a UNet's repr and tensors every step costs milliseconds.
+        first = next(a.parameters(), None)
+        memo = (id(a), None if first is None else (first.device, first.dtype))
+        ref, sig = modules.get(memo, (None, None))
+        if ref is None or ref() is not a:
+            sig = _module_signature(a)
+            modules[memo] = (weakref.ref(a), sig)
+        return ("M", sig)
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return ("V", type(a).__name__, a)
+    raise TypeError(f"cannot key a precompiled call on an argument of type {type(a).__name__}")
+
+
+def _device_name(args: tuple[Any, ...]) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+            return _cuda_name(a.device.index or 0)
+    return platform.processor() or platform.machine()
+
+
+@cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+class PrecompiledFunction:
+    """`fn(*args)` run through an ahead-of-time compiled artifact for the static signature of args (shapes,
+    strides, dtypes, devices, module structure, plain values), loaded from `folder` or compiled and saved there.
+
+    Call under the same grad mode each time (the pipeline calls under no_grad): the artifact's guards check it."""
+
+    def __init__(self, fn: Callable[..., Any], folder: str | os.PathLike, mode: str | None = None) -> None:
+        self.fn = fn
+        self.folder = Path(folder)
+        self.mode = mode
+        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self._loaded: dict[str, Callable[..., Any]] = {}
+        self._modules: dict[Any, tuple[weakref.ref, tuple[Any, ...]]] = {}
+        self.compiled = 0  # artifacts compiled in this process (the rest were loaded): for tests and benchmarks
+        self.loaded = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What it computes, not what it has loaded: torch pickles a module argument's attributes (a decoder block's
+        # forward is bound to one of these) into each artifact's guards, and loaded artifacts do not pickle.
+        return {**self.__dict__, "_loaded": {}, "_modules": {}}
+
+    def key(self, args: tuple[Any, ...]) -> str:
+        parts = (
+            self.name,
+            self.mode,
+            _sources_digest(),
+            torch.__version__,
+            torch.version.cuda,
+            platform.python_version(),
+            _device_name(args),
+            torch.is_grad_enabled(),
+            tuple(_arg_signature(a, self._modules) for a in args),
+        )
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{self.fn.__qualname__.replace('.', '-')}-{key}{FILE_SUFFIX}"
+
+    def __call__(self, *args: Any) -> Any:
+        key = self.key(args)
+        fn = self._loaded.get(key)
+        if fn is None:
+            fn = self._loaded[key] = self._load(key, args) or self._compile(key, args)
+        return fn(*args)
+
+    def _load(self, key: str, args: tuple[Any, ...]) -> Callable[..., Any] | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with open(path, "rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+            if fn.guard_check(*args):
+                self.loaded += 1
+                return fn
+            why = "its guards reject these inputs"
+        except Exception as e:  # a torch upgrade's format, a truncated file: compile again, never fail the video
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"img2vid: recompiling {path.name} ({why})", stacklevel=3)
+        return None
+
+    def _compile(self, key: str, args: tuple[Any, ...]) -> Callable[..., Any]:
+        # aot_compile is attached only while this flag is on in torch 2.11 (on by default in later versions);
+        # the patch is scoped to this call.
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=self.mode)
+        fn = compiled.aot_compile((args, {}))
+        self.compiled += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # Written beside its final name and renamed: a killed process never leaves half an artifact to load.
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=FILE_SUFFIX)
+        os.close(fd)
+        try:
+            fn.save_compiled_function(tmp)
+            os.replace(tmp, self.path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return fn
+
+
+def supported() -> bool:
+    """Whether this torch can compile ahead of time (torch.compile(...).aot_compile, torch 2.10 and later)."""
+    return hasattr(torch.compiler, "load_compiled_function")
+
+
+def check_cache_dir(folder: str | os.PathLike) -> None:
+    """A one-line error now, not a traceback after minutes of compiling, for a folder that cannot hold the cache."""
+    if not supported():
+        raise InputError(
+            f"a compile cache needs torch 2.10 or later (torch.compile(...).aot_compile); this is {torch.__version__}"
+        )
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot use {str(path)!r} as a compile cache: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"cannot use {str(path)!r} as a compile cache: not writable")

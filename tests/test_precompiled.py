@@ -1,0 +1,126 @@
+"""Compiled functions kept on disk ahead of time (`img2vid.precompiled`, `Pipeline.compile(cache_dir=...)`): saved
+once, loaded by a later caller without compiling, keyed on everything the graph depends on, and a broken or
+mismatched artifact is compiled again with a warning instead of failing the call."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import make_image
+
+from img2vid import Pipeline, precompiled
+from img2vid.compiled import DECODER_BLOCKS
+from img2vid.images import InputError
+from img2vid.precompiled import FILE_SUFFIX, PrecompiledFunction
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler"),
+    pytest.mark.skipif(not precompiled.supported(), reason="this torch has no aot_compile"),
+]
+
+
+def affine_silu(x: torch.Tensor, layer: torch.nn.Linear, scale: float) -> torch.Tensor:
+    return torch.nn.functional.silu(layer(x) * scale)  # (N, in) -> (N, out)
+
+
+def artifacts(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@torch.no_grad()
+def test_saved_once_then_loaded_and_keyed_on_every_input(tmp_path):
+    layer = torch.nn.Linear(8, 16).requires_grad_(False)
+    x = torch.randn(4, 8)
+    first = PrecompiledFunction(affine_silu, tmp_path)
+    want = affine_silu(x, layer, 0.5)
+    torch.testing.assert_close(first(x, layer, 0.5), want)
+    assert (first.compiled, first.loaded) == (1, 0)
+    files = artifacts(tmp_path)
+    assert len(files) == 1 and files[0].endswith(FILE_SUFFIX) and files[0].startswith("affine_silu-")  # no temp file
+
+    later = PrecompiledFunction(affine_silu, tmp_path)  # a new process's view: nothing in memory
+    torch.testing.assert_close(later(x, layer, 0.5), want)
+    torch.testing.assert_close(later(x * 2, layer, 0.5), affine_silu(x * 2, layer, 0.5))  # same signature: reused
+    assert (later.compiled, later.loaded) == (0, 1)
+
+    # A new shape, a new plain value, a module of another structure: each its own artifact, none mistaken for another.
+    wider = torch.nn.Linear(8, 32).requires_grad_(False)
+    for args in [(torch.randn(2, 8), layer, 0.5), (x, layer, 2.0), (x, wider, 0.5)]:
+        torch.testing.assert_close(later(*args), affine_silu(*args))
+    assert (later.compiled, later.loaded) == (3, 1) and len(artifacts(tmp_path)) == 4
+    # Another module of the same structure shares the artifact: weights are inputs, not constants.
+    other = torch.nn.Linear(8, 16).requires_grad_(False)
+    torch.testing.assert_close(later(x, other, 0.5), affine_silu(x, other, 0.5))
+    assert later.compiled == 3
+
+
+@torch.no_grad()
+def test_broken_or_mismatched_artifact_is_compiled_again_with_a_warning(tmp_path):
+    layer = torch.nn.Linear(8, 16).requires_grad_(False)
+    x, y = torch.randn(4, 8), torch.randn(3, 8)
+    f = PrecompiledFunction(affine_silu, tmp_path)
+    f(x, layer, 1.0)
+    path = f.path(f.key((x, layer, 1.0)))
+
+    path.write_bytes(b"not an artifact")  # truncated by a crash, or written by another torch
+    g = PrecompiledFunction(affine_silu, tmp_path)
+    with pytest.warns(UserWarning, match="recompiling"):
+        torch.testing.assert_close(g(x, layer, 1.0), affine_silu(x, layer, 1.0))
+    assert g.compiled == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # replaced by a good one: the next caller loads it quietly
+        h = PrecompiledFunction(affine_silu, tmp_path)
+        h(x, layer, 1.0)
+    assert (h.compiled, h.loaded) == (0, 1)
+
+    # An artifact under the wrong key (its guards see another shape) is never run on these inputs.
+    shutil.copy(path, f.path(f.key((y, layer, 1.0))))
+    k = PrecompiledFunction(affine_silu, tmp_path)
+    with pytest.warns(UserWarning, match="guards reject"):
+        torch.testing.assert_close(k(y, layer, 1.0), affine_silu(y, layer, 1.0))
+    assert k.compiled == 1
+
+
+def test_cache_folder_errors_are_one_line(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for bad in (a_file, a_file / "sub"):
+        with pytest.raises(InputError, match="cannot use .* as a compile cache") as e:
+            precompiled.check_cache_dir(bad)
+        assert "\n" not in str(e.value)
+    precompiled.check_cache_dir(tmp_path / "new" / "dir")  # made on the way
+    assert (tmp_path / "new" / "dir").is_dir()
+    monkeypatch.setattr(precompiled, "supported", lambda: False)
+    with pytest.raises(InputError, match="needs torch 2.10"):
+        Pipeline.from_config("tiny").compile(cache_dir=tmp_path)
+
+
+def test_pipeline_compile_cache_is_loaded_by_the_next_pipeline(tiny_model_dir, tmp_path):
+    """The whole step and every decoder block shape are saved by the first compiled pipeline and loaded by the next
+    one (another process in real use) without compiling; both give eager's frames to float rounding."""
+    kw = dict(image=make_image(), height=32, width=48, num_frames=3, num_inference_steps=2, output_type="pt")
+    first = Pipeline.from_pretrained(tiny_model_dir)
+    first.set_progress_bar_config(disable=True)
+    ref = first(generator=torch.manual_seed(5), decode_chunk_size=2, **kw).frames
+    first.compile(cache_dir=tmp_path)
+    out = first(generator=torch.manual_seed(5), decode_chunk_size=2, **kw).frames
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+    def functions(p: Pipeline) -> list[PrecompiledFunction]:
+        blocks = [m for m in p.vae.decoder.modules() if isinstance(m, DECODER_BLOCKS)]
+        return [p._step, *{id(m.forward.func): m.forward.func for m in blocks}.values()]
+
+    saved = len(artifacts(tmp_path))
+    assert saved == sum(f.compiled for f in functions(first)) >= 3  # the step and decoder blocks of several shapes
+
+    second = Pipeline.from_pretrained(tiny_model_dir).compile(cache_dir=tmp_path)
+    second.set_progress_bar_config(disable=True)
+    again = second(generator=torch.manual_seed(5), decode_chunk_size=2, **kw).frames
+    torch.testing.assert_close(again, ref, rtol=0, atol=1e-4)
+    assert sum(f.compiled for f in functions(second)) == 0 and sum(f.loaded for f in functions(second)) == saved
+
+    second.compile()  # back to plain torch.compile: the blocks' cache bindings are gone
+    assert not any("forward" in vars(m) for m in second.vae.decoder.modules())
