@@ -38,3 +38,9 @@ def test_profile_script_runs(tmp_path: Path) -> None:
     out = _run("svd_profile.py", "--skip", "micro,pipe", out=tmp_path)
     assert "UNet step eager" in out and "VAE decode 8 frames eager" in out
     assert (tmp_path / "profile_summary.txt").exists()
+
+
+def test_decode_variants_script_runs(tmp_path: Path) -> None:
+    out = _run("svd_decode.py", "--variants", "nchw:2", out=tmp_path)
+    row = next(line for line in out.splitlines() if line.startswith("| nchw:2 |"))
+    assert float(row.split("|")[4]) < 1e-4  # float32 on the CPU: compiled blocks give the eager decode
