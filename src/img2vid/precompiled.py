@@ -79,9 +79,8 @@ def _cuda_name(index: int) -> str:
 
 class PrecompiledFunction:
     """`fn(*args)` run through an ahead-of-time compiled artifact for the static signature of args (shapes,
-    strides, dtypes, devices, module structure, plain values), loaded from `folder` or compiled and saved there.
-
-    Call under the same grad mode each time (the pipeline calls under no_grad): the artifact's guards check it."""
+    strides, dtypes, devices, module structure, plain values, grad mode), loaded from `folder` or compiled and
+    saved there. Tested with the default compile mode, the one `Pipeline.compile` uses."""
 
     def __init__(self, fn: Callable[..., Any], folder: str | os.PathLike, mode: str | None = None) -> None:
         self.fn = fn
