@@ -124,3 +124,8 @@ def test_pipeline_compile_cache_is_loaded_by_the_next_pipeline(tiny_model_dir, t
 
     second.compile()  # back to plain torch.compile: the blocks' cache bindings are gone
     assert not any("forward" in vars(m) for m in second.vae.decoder.modules())
+    second.compile(cache_dir=tmp_path)  # and forth: plain compile's block wrappers are gone, the cache is read again
+    blocks = [m for m in second.vae.decoder.modules() if isinstance(m, DECODER_BLOCKS)]
+    assert all(m._compiled_call_impl is None and "forward" in vars(m) for m in blocks)
+    torch.testing.assert_close(second(generator=torch.manual_seed(5), decode_chunk_size=2, **kw).frames, again)
+    assert sum(f.compiled for f in functions(second)) == 0

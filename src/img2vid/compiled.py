@@ -156,6 +156,7 @@ def compile_decoder(
         if isinstance(m, DECODER_BLOCKS):
             m.__dict__.pop("forward", None)  # an earlier compile(cache_dir=...)'s binding
             if precompiled:
+                m._compiled_call_impl = None  # an earlier plain compile() (Module.compile's wrapper) would trace it
                 m.forward = functools.partial(precompiled[type(m)], m)
             else:
                 m.compile(fullgraph=True, mode=mode, dynamic=False)
