@@ -19,6 +19,19 @@ ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 Generator = torch.Generator | list[torch.Generator] | None
 
 
+def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse: int, output_type: str) -> None:
+    """The pipeline call's counts and choices, each a one-line InputError (sizes: images.check_size)."""
+    for name, v in (("num_frames", frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
+        if not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(nv, int) or nv < 1:
+        raise InputError(f"num_videos_per_prompt must be a positive integer, got {nv!r}")
+    if not isinstance(guidance_reuse, int) or guidance_reuse < 1:
+        raise InputError(f"guidance_reuse must be an integer >= 1 (1: exact guidance), got {guidance_reuse!r}")
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+
+
 def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Gaussian noise drawn exactly as diffusers' randn_tensor draws it (so seeds carry over): on the generator's
     device (a CPU generator draws on the CPU, then moves), one draw per batch item when given a list of generators."""

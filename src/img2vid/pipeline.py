@@ -23,7 +23,16 @@ from img2vid.configs import PipelineConfig, preset
 from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
 from img2vid.image_encoder import ImageEncoder, preprocess
 from img2vid.images import InputError, check_size
-from img2vid.inputs import Generator, ImageInput, as_images, postprocess, randn, resize_for_vae, to_tensor
+from img2vid.inputs import (
+    Generator,
+    ImageInput,
+    as_images,
+    check_call_args,
+    postprocess,
+    randn,
+    resize_for_vae,
+    to_tensor,
+)
 from img2vid.layers import channels_last_
 from img2vid.offload import SequentialOffload, move_module
 from img2vid.unet import UNet
@@ -281,11 +290,10 @@ class Pipeline:
         num_frames = num_frames if num_frames is not None else self.config.num_frames
         if decode_chunk_size is None:
             decode_chunk_size = min(self.default_decode_chunk_size or num_frames, num_frames)
-        self._check(height, width, num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt)
-        if not isinstance(guidance_reuse, int) or guidance_reuse < 1:
-            raise InputError(f"guidance_reuse must be an integer >= 1 (1: exact guidance), got {guidance_reuse!r}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+        check_size(width, height, self.config.size_multiple)
+        check_call_args(
+            num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt, guidance_reuse, output_type
+        )
         images = as_images(image)
         n_img, nv = len(images), num_videos_per_prompt
         batch = n_img * nv
@@ -396,14 +404,6 @@ class Pipeline:
                 progress("decode", k + 1, len(chunks))
         frames = torch.cat(out)  # (B*F, 3, H, W)
         return frames.view(b, f, *frames.shape[1:])  # -> (B, F, 3, H, W)
-
-    def _check(self, height: int, width: int, frames: int, steps: int, chunk: int, nv: int) -> None:
-        check_size(width, height, self.config.size_multiple)
-        for name, v in (("num_frames", frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
-            if not isinstance(v, int) or v < 1:
-                raise InputError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(nv, int) or nv < 1:
-            raise InputError(f"num_videos_per_prompt must be a positive integer, got {nv!r}")
 
     def _default_progress(self) -> ProgressFn:
         if self._progress_disabled:
