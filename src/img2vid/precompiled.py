@@ -41,25 +41,26 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
-def _module_signature(m: torch.nn.Module) -> tuple[Any, ...]:
+def _module_signature(m: torch.nn.Module) -> str:
     """What a compiled graph depends on in a module argument: its class, structure (repr: layer sizes, eps,
-    groups) and every parameter's and buffer's name, shape and dtype. Device is covered by the tensors' keys."""
+    groups) and every parameter's and buffer's name, shape and dtype, as one digest (a UNet's repr is ~100 kB:
+    re-hashed on every step it cost a millisecond). The caller adds where the weights lie."""
     tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in [*m.named_parameters(), *m.named_buffers()]]
-    return (type(m).__qualname__, repr(m), tuple(tensors))
+    return hashlib.sha256(repr((type(m).__qualname__, repr(m), tensors)).encode()).hexdigest()
 
 
-def _arg_signature(a: Any, modules: dict[Any, tuple[weakref.ref, tuple[Any, ...]]]) -> Any:
+def _arg_signature(a: Any, modules: dict[Any, tuple[weakref.ref, str]]) -> Any:
     if isinstance(a, torch.Tensor):
         return ("T", tuple(a.shape), a.stride(), str(a.dtype), str(a.device))
     if isinstance(a, torch.nn.Module):
         # Memoized per module, device and dtype: walking a UNet's repr and tensors every step costs milliseconds.
         first = next(a.parameters(), None)
-        memo = (id(a), None if first is None else (first.device, first.dtype))
-        ref, sig = modules.get(memo, (None, None))
+        place = None if first is None else (str(first.device), str(first.dtype))  # a moved or cast module: new memo
+        ref, sig = modules.get((id(a), place), (None, None))
         if ref is None or ref() is not a:
             sig = _module_signature(a)
-            modules[memo] = (weakref.ref(a), sig)
-        return ("M", sig)
+            modules[(id(a), place)] = (weakref.ref(a), sig)
+        return ("M", sig, place)
     if a is None or isinstance(a, (bool, int, float, str)):
         return ("V", type(a).__name__, a)
     raise TypeError(f"cannot key a precompiled call on an argument of type {type(a).__name__}")
@@ -88,7 +89,7 @@ class PrecompiledFunction:
         self.mode = mode
         self.name = f"{fn.__module__}.{fn.__qualname__}"
         self._loaded: dict[str, Callable[..., Any]] = {}
-        self._modules: dict[Any, tuple[weakref.ref, tuple[Any, ...]]] = {}
+        self._modules: dict[Any, tuple[weakref.ref, str]] = {}
         self.compiled = 0  # artifacts compiled in this process (the rest were loaded): for tests and benchmarks
         self.loaded = 0
 
