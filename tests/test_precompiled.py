@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,26 @@ def test_broken_or_mismatched_artifact_is_compiled_again_with_a_warning(tmp_path
     with pytest.warns(UserWarning, match="guards reject"):
         torch.testing.assert_close(k(y, layer, 1.0), affine_silu(y, layer, 1.0))
     assert k.compiled == 1
+
+
+@torch.no_grad()
+def test_a_failed_save_warns_and_the_call_still_returns(tmp_path, monkeypatch):
+    layer = torch.nn.Linear(8, 16).requires_grad_(False)
+    x = torch.randn(4, 8)
+
+    def disk_full(self, path, external_data=None):  # torch's writer, failing half way through the file
+        Path(path).write_bytes(b"half an artifact")
+        raise OSError(28, "No space left on device")
+
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", disk_full)
+    f = PrecompiledFunction(affine_silu, tmp_path)
+    with pytest.warns(UserWarning, match="not cached .*No space left"):
+        torch.testing.assert_close(f(x, layer, 1.0), affine_silu(x, layer, 1.0))
+    assert artifacts(tmp_path) == []  # no temporary file left behind either
+    torch.testing.assert_close(f(x, layer, 1.0), affine_silu(x, layer, 1.0))  # kept in memory: compiled once
+    assert f.compiled == 1
 
 
 def test_cache_folder_errors_are_one_line(tmp_path, monkeypatch):

@@ -145,6 +145,13 @@ class PrecompiledFunction:
             compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=self.mode)
         fn = compiled.aot_compile((args, {}))
         self.compiled += 1
+        try:
+            self._save(fn, key)
+        except OSError as e:  # a full disk or a folder gone read-only: this run keeps its compiled function
+            warnings.warn(f"img2vid: compiled function not cached in {self.folder} ({e})", stacklevel=3)
+        return fn
+
+    def _save(self, fn: Any, key: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         # Written beside its final name and renamed: a killed process never leaves half an artifact to load.
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=FILE_SUFFIX)
@@ -155,7 +162,6 @@ class PrecompiledFunction:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return fn
 
 
 def supported() -> bool:
