@@ -197,6 +197,25 @@ def test_export_options_and_compile(models, images, tmp_path, capsys, monkeypatc
     assert len(compiled) == 2 and compiled[1]["cache_dir"] == "cc"
 
 
+def test_our_warnings_are_one_line_notes(models, images, tmp_path, capsys, monkeypatch):
+    import warnings
+
+    def compile_with_a_stale_artifact(self, *a, **k):
+        warnings.warn("img2vid: recompiling denoise_step-0123.aot (its guards reject these inputs)", stacklevel=2)
+        warnings.warn("somebody else's note", DeprecationWarning, stacklevel=2)
+        return self
+
+    monkeypatch.setattr(Pipeline, "compile", compile_with_a_stale_artifact)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        rc, _, err = generate(capsys, images["landscape"], tmp_path / "w.mp4", models["folder"], "--compile-cache c")
+    assert rc == 0, err
+    lines = err.splitlines()
+    assert "img2vid: recompiling denoise_step-0123.aot (its guards reject these inputs)" in lines
+    assert any("DeprecationWarning: somebody else's note" in line for line in lines)  # others keep their form
+    assert warnings.showwarning.__module__ != "img2vid.cli"  # the CLI's printer is gone after the call
+
+
 def test_random_seed_is_printed_and_stored(models, images, tmp_path, capsys):
     out = tmp_path / "clip.mp4"
     rc = main(["generate", str(images["landscape"]), "-o", str(out), "--model", str(models["folder"]), *SMALL[:-1]])

@@ -15,6 +15,7 @@ import re
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and argparse errors: return the code for in-process callers
         return e.code if isinstance(e.code, int) else 2
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # restored on exit: in-process callers keep theirs
+            return args.func(args)
     except KeyboardInterrupt:
         print("img2vid: interrupted", file=sys.stderr)
         return 130
@@ -188,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
             text, code = f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", 1
         print(f"img2vid: error: {text}", file=sys.stderr)
         return code
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
+    """Our own warnings ("img2vid: ..." notes, such as a compile-cache file compiled again) as one line on stderr;
+    everyone else's in Python's usual form."""
+    if str(message).startswith("img2vid: "):
+        print(f"{message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno).rstrip(), file=sys.stderr)
 
 
 # ---- generate ------------------------------------------------------------------------------------------------------
