@@ -70,12 +70,24 @@ def _device_name(args: tuple[Any, ...]) -> str:
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type == "cuda":
             return _cuda_name(a.device.index or 0)
-    return platform.processor() or platform.machine()
+    return _cpu_name()
 
 
 @cache
 def _cuda_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
+
+
+@cache
+def _cpu_name() -> str:
+    """The CPU's model and instruction-set flags: inductor's CPU kernels use the vector instructions of the machine
+    that compiled them, and a cache folder shared with an older CPU must not hand it those."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()
 
 
 class PrecompiledFunction:
