@@ -8,8 +8,9 @@ and loads it in later processes instead of tracing.
 
 The artifacts are pickles written by torch (as are the entries of torch's own inductor cache): only a folder the
 user passed explicitly is read, and it must be as trusted as the code itself. Every key covers the img2vid
-sources, torch/CUDA/Python versions and the card, so a stale artifact is never picked; one that fails to load or
-whose guards reject the inputs is compiled again and replaced, with a warning.
+sources, torch/CUDA/Python versions and the card (or the CPU model and its instruction set), so a stale artifact is
+never picked; one that fails to load or whose guards reject the inputs is compiled again and replaced, with a
+warning.
 """
 
 from __future__ import annotations
