@@ -7,7 +7,8 @@
 Random full-size fp16 weights; 25 frames of 72x128 latents decoded in chunks of 8 (8, 8, 8, 1) like the pipeline's
 decode_chunk_size=8, through `compiled.compile_decoder` (block by block). A variant is LAYOUT:SLICE, LAYOUT nchw or
 channels_last (weights and activations), SLICE the decoder's frames per slice (`VAE.spatial_frame_chunk`). Prints
-median seconds of 5 decodes, the activation peak over the weights, and the error against the eager NCHW decode.
+median seconds of 5 decodes, the activation peak over the weights, and the error against the eager NCHW decode,
+and writes the same table to --out/svd_decode.txt.
 """
 
 from __future__ import annotations
@@ -79,11 +80,15 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if DEV.type == "cuda" else float("nan")
         rows.append((variant, sorted(times)[2], peak, err, first))
-    print(f"{torch.cuda.get_device_name(0) if DEV.type == 'cuda' else 'cpu'} torch {torch.__version__}")
-    print("| variant | decode s | activation peak GiB | rel err vs eager NCHW | first call s |")
-    print("|---|---|---|---|---|")
-    for v, t, p, e, f in rows:
-        print(f"| {v} | {t:.3f} | {p:.2f} | {e:.1e} | {f:.0f} |")
+    lines = [
+        f"{torch.cuda.get_device_name(0) if DEV.type == 'cuda' else 'cpu'} torch {torch.__version__}",
+        "| variant | decode s | activation peak GiB | rel err vs eager NCHW | first call s |",
+        "|---|---|---|---|---|",
+        *(f"| {v} | {t:.3f} | {p:.2f} | {e:.1e} | {f:.0f} |" for v, t, p, e, f in rows),
+    ]
+    print("\n".join(lines))
+    with open(os.path.join(args.out, "svd_decode.txt"), "w") as out:  # the table, kept with the other results
+        out.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,4 @@ def test_decode_variants_script_runs(tmp_path: Path) -> None:
     out = _run("svd_decode.py", "--variants", "nchw:2", out=tmp_path)
     row = next(line for line in out.splitlines() if line.startswith("| nchw:2 |"))
     assert float(row.split("|")[4]) < 1e-4  # float32 on the CPU: compiled blocks give the eager decode
+    assert row in (tmp_path / "svd_decode.txt").read_text().splitlines()
