@@ -43,7 +43,8 @@ ap.add_argument(
     "--modes",
     default="eager,compiled,low-memory",
     help="comma list: eager, compiled, low-memory, low-memory-nosplit; eager/compiled take the approximate options "
-    "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them",
+    "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them, and "
+    "+unfused (the GEGLU projections without the fused kernel: an A/B of it)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
@@ -346,6 +347,11 @@ def main() -> None:
             note = f"APPROXIMATE: {pipe.enable_fp8()} linears in fp8"
         if reuse > 1:
             note = f"{note}; APPROXIMATE: guidance reuse {reuse}".lstrip("; ")
+        if "unfused" in options:  # A/B: the GEGLU projections as cuBLAS + a gating kernel (before session 5)
+            for m in pipe.unet.modules():
+                if hasattr(m, "fused"):
+                    m.fused = False
+            note = f"{note}; GEGLU unfused".lstrip("; ")
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
@@ -398,6 +404,10 @@ def main() -> None:
             def _window_flops(frames_shape, weight_shape, bias_shape, out_shape=None, **kw) -> int:
                 b, f, _, p = frames_shape
                 return 2 * b * f * p * weight_shape[0] * weight_shape[1]
+
+            @register_flop_formula(torch.ops.img2vid.geglu_linear)
+            def _geglu_flops(x_shape, weight_shape, bias_shape, out_shape=None, **kw) -> int:
+                return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
 
             x, t, emb, ids = unet_inputs(CFG.unet.in_channels, CFG.unet.cross_attention_dim[0])
             fc = FlopCounterMode(display=False)

@@ -3,10 +3,13 @@ random model, diffusers as the oracle), so CI catches a script that no longer ru
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,11 @@ def test_decode_variants_script_runs(tmp_path: Path) -> None:
     row = next(line for line in out.splitlines() if line.startswith("| nchw:2 |"))
     assert float(row.split("|")[4]) < 1e-4  # float32 on the CPU: compiled blocks give the eager decode
     assert row in (tmp_path / "svd_decode.txt").read_text().splitlines()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernels_script_runs(tmp_path: Path) -> None:
+    out = _run("svd_kernels.py", out=tmp_path)  # --tiny: Triton's CPU interpreter, tiny shapes
+    errs = [float(line.split("err ")[1].split(",")[0]) for line in out.splitlines() if "err " in line]
+    assert len(errs) >= 4 and max(errs) < 1e-3
+    assert (tmp_path / "svd_kernels.txt").read_text().splitlines() == out.splitlines()

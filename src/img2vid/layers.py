@@ -7,6 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+SHORT_KEYS = 64  # key sequences up to this length go to the memory-efficient kernel on CUDA (see attention)
+MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis, which CUDA caps here
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head attention over (B, L, heads*D) projections; returns (B, L, heads*D).
@@ -23,6 +26,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     v = v.view(b, v.shape[1], heads, d).transpose(1, 2)
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    elif q.is_cuda and k.shape[2] <= SHORT_KEYS and b <= MAX_GRID_Z and q.dtype in (torch.float16, torch.bfloat16):
+        # The temporal blocks attend over the 25 frames of each pixel: many tiny problems, where the
+        # memory-efficient kernel is ~1.5x faster than the flash / cuDNN kernels SDPA would pick on an H100
+        # (benchmarks/svd_kernels.py). Same maths (float32 softmax), only the kernel differs.
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     # (B, H, L, D) -> (B, L, H*D)
@@ -52,8 +60,23 @@ def video_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
     H100). var_mean spreads the reduction over the whole GPU and reads the view where it lies. Same maths as the
     reference: biased variance, statistics finished in float32, the output keeps x's layout."""
     g = norm.num_groups
+    b, c, f = x.shape[:3]
     xg = x.unflatten(1, (g, -1))  # (B, C, F, H, W) -> (B, G, C/G, F, H, W), a view
-    var, mean = torch.var_mean(xg, dim=(2, 3, 4, 5), correction=0, keepdim=True)  # (B, G, 1, 1, 1, 1)
+    frames = x.transpose(1, 2)  # (B, F, C, H, W)
+    if frames.is_contiguous() and f > 1:
+        # The usual case, a transposed view of frames: each (video, frame, group) is one contiguous row, so the
+        # statistics are taken per row (B*F*G rows: the whole GPU busy, coalesced reads) and combined over the
+        # frames by the law of total variance (equal counts). One (video, group) reduction over the strided view
+        # left most of the GPU idle (B*32 rows of millions of values: 2.5 ms a call at SVD's first level under
+        # torch.compile on an H100, 12x the time to read the tensor).
+        rows = frames.reshape(b, f, g, -1)  # (B, F, C, H, W) -> (B, F, G, C/G*H*W), a view
+        var_f, mean_f = torch.var_mean(rows, dim=-1, correction=0)  # (B, F, G) each
+        mean_f = mean_f.float()
+        mean = mean_f.mean(1, keepdim=True)  # (B, 1, G)
+        var = var_f.float().mean(1, keepdim=True) + (mean_f - mean).square().mean(1, keepdim=True)
+        mean, var = (t.view(b, g, 1, 1, 1, 1) for t in (mean, var))  # (B, 1, G) -> (B, G, 1, 1, 1, 1)
+    else:
+        var, mean = torch.var_mean(xg, dim=(2, 3, 4, 5), correction=0, keepdim=True)  # (B, G, 1, 1, 1, 1)
     rstd = torch.rsqrt(var.float() + norm.eps)
     scale = norm.weight.float().view(1, g, -1, 1, 1, 1) * rstd  # (B, G, C/G, 1, 1, 1)
     shift = norm.bias.float().view(1, g, -1, 1, 1, 1) - mean.float() * scale

@@ -1,0 +1,74 @@
+"""The fused GEGLU kernel (`fused.geglu_linear`) against the plain ops. Its Triton kernel runs on the CPU under
+Triton's interpreter (in a subprocess: the interpreter is chosen when the kernel is first built), so CI checks the
+kernel's maths and its edge tiles without a GPU; speed is measured by benchmarks/svd_kernels.py on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from img2vid import fused
+from img2vid.unet_blocks import GEGLU
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+@needs_triton
+def test_kernel_matches_reference_under_interpreter() -> None:
+    # Shapes with ragged edges: M and N not multiples of the tile, K not a multiple of BLOCK_K, and more tiles than
+    # programs (the CPU counts as 4 SMs), so each persistent program loops over several tiles.
+    script = textwrap.dedent(
+        """
+        import torch
+        from img2vid import fused
+        torch.manual_seed(0)
+        for m, k, n, tiles in [
+            (256, 64, 64, fused.Tiles(64, 32, 32, 4, 2, 1)),
+            (200, 96, 40, fused.Tiles(64, 32, 32, 4, 2, 1)),
+            (130, 72, 48, fused.Tiles(32, 16, 32, 4, 2, 2)),
+        ]:
+            x = torch.randn(m, k, dtype=torch.float64)
+            w = torch.randn(2 * n, k, dtype=torch.float64) / k**0.5
+            b = torch.randn(2 * n, dtype=torch.float64)
+            exact = fused.geglu_reference(x, w, b)
+            half = fused.geglu_reference(x.half(), w.half(), b.half()).double()
+            out = torch.full((m, n), float("nan"), dtype=torch.float16)
+            fused.launch_geglu(x.half(), w.half(), b.half(), out, tiles)
+            err = ((out.double() - exact).norm() / exact.norm()).item()
+            ref_err = ((half - exact).norm() / exact.norm()).item()
+            print(m, k, n, err, ref_err, bool(torch.isfinite(out).all()))
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split("\n")
+    rows = [line.split() for line in lines if line.strip()]
+    assert len(rows) == 3
+    for m, k, n, err, ref_err, finite in rows:
+        assert finite == "True", (m, k, n)  # every output element written
+        # The same function as the plain float16 ops: its error from the exact value is theirs, up to rounding.
+        assert float(err) < 1e-3 and float(err) < 1.5 * float(ref_err) + 1e-4, (m, k, n, err, ref_err)
+
+
+def test_op_computes_the_reference_where_the_kernel_cannot_run() -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(10, 16), torch.randn(24, 16), torch.randn(24)
+    assert not fused.kernel_fits(x, w)  # not a CUDA tensor
+    torch.testing.assert_close(fused.geglu_linear(x, w, b), fused.geglu_reference(x, w, b))
+    torch.library.opcheck(fused.geglu_linear, (x, w, b))
+
+
+def test_geglu_module_off_gpu_uses_the_plain_ops() -> None:
+    torch.manual_seed(0)
+    m = GEGLU(8, 12)
+    x = torch.randn(2, 5, 8)
+    assert not fused.geglu_supported(x, m.proj.weight)
+    h, gate = m.proj(x).chunk(2, dim=-1)
+    torch.testing.assert_close(m(x), h * torch.nn.functional.gelu(gate))
