@@ -7,6 +7,10 @@ written and read again, 15 times a step, for a product with K = 320 that is itse
 each program computes the same tile of h and of gate (two accumulators over the same x tiles) and writes only the
 gated (M, N) result: half the bytes out, none read back.
 
+What it measured on an H100 (BENCHMARKS.md, session 5): in the compiled step no faster than cuBLAS plus inductor's
+gating kernel (the kernel itself runs below cuBLAS's rate), but 0.54 GiB less activation memory; in eager and
+low-memory runs, where nothing else fuses the gating, 6% off the step.
+
 Same function as the reference: h and gate are rounded to the input dtype before the gating, as cuBLAS' output is,
 and the gelu is the exact erf form (diffusers `GEGLU`). Triton is imported lazily: CPU-only installs of torch do not
 ship it, and they never reach these kernels (`geglu_supported`, `kernel_fits`). The tile shapes are fixed (picked from
@@ -33,8 +37,8 @@ class Tiles(NamedTuple):
     per_sm: int  # persistent programs per SM
 
 
-# Swept on an H100 (benchmarks/svd_kernels.py, BENCHMARKS.md): the fastest at three of SVD's four UNet levels and
-# within 4% of the fastest at the fourth (the mid block, the smallest).
+# Swept on H100s (benchmarks/svd_kernels.py, runs 21-22 in BENCHMARKS.md): the fastest or within 7% of the fastest
+# tile shape at each of SVD's four UNet levels.
 DEFAULT_TILES = Tiles(128, 64, 64, 8, 3, 2)
 
 
@@ -50,12 +54,13 @@ def has_triton() -> bool:
 
 
 def geglu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether to call `geglu_linear` for these operands: a CUDA half-precision forward (float32 would run the dot
-    products in TF32, a different function; autograd goes through the plain ops). Tensor properties only, so that
+    """Whether to call `geglu_linear` for these operands: a CUDA float16 forward (float32 would run the dot products
+    in TF32, a different function; bfloat16 is left to the plain ops until the kernel is checked on a GPU in it:
+    Triton's CPU interpreter cannot run bfloat16; autograd goes through the plain ops). Tensor properties only, so that
     torch.compile decides this while tracing; whether the kernel itself can run is decided inside the op."""
     return (
         x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dtype == torch.float16
         and weight.dtype == x.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
@@ -67,6 +72,7 @@ def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     k, n2 = x.shape[1], weight.shape[0]
     return (
         x.is_cuda
+        and x.dtype == weight.dtype == torch.float16  # the dtype measured and checked (see geglu_supported)
         and x.shape[0] > 0
         and has_triton()
         and torch.cuda.get_device_capability(x.device) >= (9, 0)

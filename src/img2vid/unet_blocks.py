@@ -174,7 +174,7 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """h * gelu(gate) for (h, gate) = proj(x).chunk(2, -1). On CUDA in half precision one fused kernel computes it
+    """h * gelu(gate) for (h, gate) = proj(x).chunk(2, -1). On CUDA in float16 one fused kernel computes it
     without writing the 2x-wide projection (`fused.geglu_linear`); `fused = False` keeps the plain ops (the
     benchmarks' A/B switch)."""
 
