@@ -8,8 +8,8 @@ each program computes the same tile of h and of gate (two accumulators over the 
 gated (M, N) result: half the bytes out, none read back.
 
 What it measured on an H100 (BENCHMARKS.md, session 5): in the compiled step no faster than cuBLAS plus inductor's
-gating kernel (the kernel itself runs below cuBLAS's rate), but 0.54 GiB less activation memory; in eager and
-low-memory runs, where nothing else fuses the gating, 6% off the step.
+gating kernel (the kernel itself runs below cuBLAS's rate), but 0.54 GiB less activation memory; in eager runs,
+where nothing else fuses the gating, 6% off the step (low-memory runs take the same eager path; not measured apart).
 
 Same function as the reference: h and gate are rounded to the input dtype before the gating, as cuBLAS' output is,
 and the gelu is the exact erf form (diffusers `GEGLU`). Triton is imported lazily: CPU-only installs of torch do not
