@@ -26,9 +26,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     v = v.view(b, v.shape[1], heads, d).transpose(1, 2)
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-    elif q.is_cuda and k.shape[2] <= SHORT_KEYS and b <= MAX_GRID_Z and q.dtype in (torch.float16, torch.bfloat16):
+    elif (
+        q.is_cuda
+        and k.shape[2] <= SHORT_KEYS
+        and b <= MAX_GRID_Z
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and d % 8 == 0  # the kernel's alignment; SVD's heads are 64 wide
+    ):
         # The temporal blocks attend over the 25 frames of each pixel: many tiny problems, where the
-        # memory-efficient kernel is ~1.5x faster than the flash / cuDNN kernels SDPA would pick on an H100
+        # memory-efficient kernel is 1.3-1.7x faster than the cuDNN kernel SDPA picks on an H100
         # (benchmarks/svd_kernels.py). Same maths (float32 softmax), only the kernel differs.
         out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
     else:
