@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from bench_utils import median_event_ms, unfuse_geglu  # noqa: E402
+
 from img2vid.configs import preset  # noqa: E402
 from img2vid.layers import temporal_conv  # noqa: E402
 from img2vid.unet import UNet  # noqa: E402
@@ -63,16 +65,7 @@ def bench(fn: Callable[[], object], reps: int = 10) -> float:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return median_event_ms(fn, reps) / 1e3
 
 
 def category(name: str) -> str:
@@ -277,9 +270,7 @@ def unet_part() -> None:
     if args.compiled:
         compiled_step(step, base)
         if args.unfused_too:  # A/B of the fused GEGLU kernel (fused.geglu_linear) in the compiled step
-            for m in unet.modules():
-                if hasattr(m, "fused"):
-                    m.fused = False
+            unfuse_geglu(unet)
             log("-- GEGLU unfused --")
             torch._dynamo.reset()
             compiled_step(step, base, "_unfused")

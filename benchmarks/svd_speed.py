@@ -31,6 +31,8 @@ import PIL.Image
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from bench_utils import rel, unfuse_geglu  # noqa: E402
+
 from img2vid import Pipeline  # noqa: E402
 from img2vid.configs import preset, scheduler_to_diffusers, unet_to_diffusers, vae_to_diffusers  # noqa: E402
 from img2vid.image_encoder import ImageEncoder  # noqa: E402
@@ -248,11 +250,6 @@ def unet_inputs(in_ch: int, ctx: int) -> tuple:
     return x, t, emb, ids
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -348,9 +345,7 @@ def main() -> None:
         if reuse > 1:
             note = f"{note}; APPROXIMATE: guidance reuse {reuse}".lstrip("; ")
         if "unfused" in options:  # A/B: the GEGLU projections as cuBLAS + a gating kernel (before session 5)
-            for m in pipe.unet.modules():
-                if hasattr(m, "fused"):
-                    m.fused = False
+            unfuse_geglu(pipe.unet)
             note = f"{note}; GEGLU unfused".lstrip("; ")
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
