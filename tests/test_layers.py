@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from img2vid.layers import frame_window_conv, temporal_conv, video_group_norm
+from img2vid.layers import channel_group_norm, frame_window_conv, group_norm, temporal_conv, video_group_norm
 
 
 def _frames(b: int, f: int, c: int, h: int, w: int, channels_last: bool) -> torch.Tensor:
@@ -25,13 +25,17 @@ def test_temporal_conv_equals_conv3d(frames: int, batch: int, channels_last: boo
     torch.manual_seed(frames * 10 + batch)
     conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0)).double()
     x5 = _frames(batch, frames, 6, 3, 4, channels_last)
+    expected = F.conv3d(x5.contiguous(), conv.weight, conv.bias, padding=(1, 0, 0))  # plain NCDHW
+    if channels_last:  # as `channels_last_` stores them
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
     out = temporal_conv(x5, conv)
     assert out.shape == (batch, 5, frames, 3, 4)
-    torch.testing.assert_close(out, conv(x5), rtol=1e-12, atol=1e-12)
-    # The result is again a view of frames in the input's layout (the block's next ops read it in place).
-    back = out.transpose(1, 2).flatten(0, 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert back.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if not channels_last:
+        # NCHW frames run as matrix products whose result is again a view of NCHW frames (the block's next ops
+        # read it in place). channels-last frames run the conv, whose output layout is the backend's (NDHWC with
+        # cuDNN; the CPU's float64 kernel returns NCDHW).
+        assert out.transpose(1, 2).flatten(0, 1).is_contiguous()
 
 
 def test_temporal_conv_without_bias_and_odd_layout_falls_back() -> None:
@@ -92,3 +96,50 @@ def test_video_group_norm_per_frame_statistics_are_stable() -> None:
     out = video_group_norm(x5, norm)
     one_pass = F.group_norm(x5.contiguous(), 4, norm.weight, norm.bias, 1e-6)
     assert (out.double() - exact).abs().max() <= 2 * (one_pass.double() - exact).abs().max() + 1e-5
+
+
+def _norm(groups: int, channels: int, eps: float) -> torch.nn.GroupNorm:
+    norm = torch.nn.GroupNorm(groups, channels, eps=eps).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    return norm
+
+
+@pytest.mark.parametrize("video", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_group_norm_equals_group_norm(video: bool, channels_last: bool) -> None:
+    """Per-channel (and per-frame) moments combined per group give the group's statistics, in either layout."""
+    torch.manual_seed(int(video) * 2 + int(channels_last))
+    norm = _norm(3, 12, 1e-6)
+    frames = torch.randn(2 * 4, 12, 5, 3, dtype=torch.float64) * torch.rand(1, 12, 1, 1) * 4 + torch.randn(1, 12, 1, 1)
+    if channels_last:
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    x = frames.unflatten(0, (2, 4)).transpose(1, 2) if video else frames  # (B, C, F, H, W) view or (N, C, H, W)
+    expected = F.group_norm(x, 3, norm.weight, norm.bias, 1e-6)
+    torch.testing.assert_close(channel_group_norm(x, norm), expected, rtol=1e-10, atol=1e-10)
+    # float16 in, float16 out, statistics in float32: as close to the float64 result as the half kernel's rounding.
+    half = channel_group_norm(x.half(), norm.half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), expected, rtol=4e-3, atol=4e-3)
+
+
+def test_norms_take_the_channel_form_inside_compiled_graphs() -> None:
+    """group_norm / video_group_norm trace to `channel_group_norm` under torch.compile (eager: the GroupNorm
+    kernels); both forms give the module's numbers."""
+    torch._dynamo.reset()
+    norm = _norm(2, 6, 1e-5)
+    x = torch.randn(6, 6, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x5 = x.unflatten(0, (2, 3)).transpose(1, 2)
+    expected = (F.group_norm(x, 2, norm.weight, norm.bias, 1e-5), F.group_norm(x5, 2, norm.weight, norm.bias, 1e-5))
+    traced: list[str] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        traced.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    fn = torch.compile(lambda x, x5: (group_norm(x, norm), video_group_norm(x5, norm)), fullgraph=True, backend=backend)
+    for got, want in zip(fn(x, x5), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any("var_mean" in t for t in traced) and not any("group_norm" in t for t in traced)
+    for got, want in zip((group_norm(x, norm), video_group_norm(x5, norm)), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -57,24 +57,60 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
     return emb
 
 
+def channel_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """`norm(x)` for x = (N, C, H, W) or a video (B, C, F, H, W), in the form that compiles well in any layout.
+
+    Why: torch.compile stores convolution outputs channels-last (inductor's layout optimisation; `Pipeline.compile`
+    also makes the weights channels-last), and inductor's GroupNorm then reduces each (sample, group) over rows of
+    C/G channels that lie C apart: 8-16 contiguous bytes at a time, 2-20x slower than reading the tensor (up to
+    17 ms a call in the decoder on an H100). Here the moments are taken per (sample, channel[, frame]) over H and W,
+    which is a coalesced reduction in either layout, and combined per group by the law of total variance (equal
+    counts): the same statistics, finished in float32 as the reference's kernel does.
+
+    For compiled graphs, where the float32 upcast and the affine fuse into the reduction and the output kernels.
+    Run eagerly it would materialise float32 copies of x; `group_norm` and `video_group_norm` send eager calls to
+    the GroupNorm kernels instead."""
+    n, c = x.shape[:2]
+    g = norm.num_groups
+    acc = torch.promote_types(x.dtype, torch.float32)  # half inputs: float32 statistics; float64 stays float64
+    xa = x.to(acc)
+    var_c, mean_c = torch.var_mean(xa, dim=(-2, -1), correction=0)  # (N, C) or (B, C, F)
+    mean_c, var_c = mean_c.reshape(n, g, -1), var_c.reshape(n, g, -1)  # -> (N, G, C/G[*F])
+    mean = mean_c.mean(-1, keepdim=True)  # (N, G, 1)
+    var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
+    scale = norm.weight.to(acc).view(1, g, -1) * torch.rsqrt(var + norm.eps)  # (N, G, C/G)
+    shift = norm.bias.to(acc).view(1, g, -1) - mean * scale
+    shape = (n, c) + (1,) * (x.dim() - 2)  # (N, C, 1, 1[, 1]): broadcast over frames and pixels
+    return torch.addcmul(shift.reshape(shape), xa, scale.reshape(shape)).to(x.dtype)
+
+
+def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """`norm(x)` for (N, C, H, W): the module's kernel when eager, `channel_group_norm` inside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return channel_group_norm(x, norm)
+    return norm(x)
+
+
 def video_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
     """`norm(x)` for x = (B, C, F, H, W): statistics per (video, group) over all frames, then one multiply-add.
 
-    Why not F.group_norm: x is a transposed view of frames, which F.group_norm first copies to NCDHW (and its output
-    stays NCDHW, so the (3,1,1) conv after it cannot read frames in place); and its CUDA kernel gives each (video,
-    group) row one thread block, i.e. only B*32 blocks for gigabytes of data (60 ms a call at 25 x 576 x 1024 on an
-    H100). var_mean spreads the reduction over the whole GPU and reads the view where it lies. Same maths as the
-    reference: biased variance, statistics finished in float32, the output keeps x's layout."""
+    Compiled graphs take `channel_group_norm`. Eager: why not F.group_norm: x is a transposed view of frames, which
+    F.group_norm first copies to NCDHW (and its output stays NCDHW, so the (3,1,1) conv after it cannot read frames
+    in place); and its CUDA kernel gives each (video, group) row one thread block, i.e. only B*32 blocks for
+    gigabytes of data (60 ms a call at 25 x 576 x 1024 on an H100). var_mean spreads the reduction over the whole
+    GPU and reads the view where it lies. Same maths as the reference: biased variance, statistics finished in
+    float32, the output keeps x's layout."""
+    if torch.compiler.is_compiling():
+        return channel_group_norm(x, norm)
     g = norm.num_groups
     b, c, f = x.shape[:3]
     xg = x.unflatten(1, (g, -1))  # (B, C, F, H, W) -> (B, G, C/G, F, H, W), a view
     frames = x.transpose(1, 2)  # (B, F, C, H, W)
     if frames.is_contiguous() and f > 1:
-        # The usual case, a transposed view of frames: each (video, frame, group) is one contiguous row, so the
-        # statistics are taken per row (B*F*G rows: the whole GPU busy, coalesced reads) and combined over the
-        # frames by the law of total variance (equal counts). One (video, group) reduction over the strided view
-        # left most of the GPU idle (B*32 rows of millions of values: 2.5 ms a call at SVD's first level under
-        # torch.compile on an H100, 12x the time to read the tensor).
+        # The usual eager case, a transposed view of NCHW frames: each (video, frame, group) is one contiguous row,
+        # so the statistics are taken per row (B*F*G rows: the whole GPU busy, coalesced reads) and combined over
+        # the frames by the law of total variance (equal counts). One (video, group) reduction over the strided
+        # view left most of the GPU idle.
         rows = frames.reshape(b, f, g, -1)  # (B, F, C, H, W) -> (B, F, G, C/G*H*W), a view
         var_f, mean_f = torch.var_mean(rows, dim=-1, correction=0)  # (B, F, G) each
         mean_f = mean_f.float()
@@ -148,38 +184,26 @@ frame_window_conv.register_autograd(_frame_window_conv_backward, setup_context=_
 
 
 def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d) -> torch.Tensor:
-    """`conv(x5)` for a (3, 1, 1) Conv3d with padding (1, 0, 0) over x5 = (B, C, F, H, W), as matrix products.
+    """`conv(x5)` for a (3, 1, 1) Conv3d with padding (1, 0, 0) over x5 = (B, C, F, H, W), a view of frames.
 
-    Why: x5 is a transposed view of frames (B*F, C, H, W), which cuDNN cannot read as it is: it first copies the
-    view to NCDHW, converts that to NDHWC, and converts its output back, about five full-size tensors at once (the
-    VAE decode's memory peak) and most of the conv's time. The kernel only mixes a pixel with itself in the frames
-    before and after. NCHW frames: one product per output frame over a window of three frames (`frame_window_conv`).
-    channels_last frames: every pixel of every frame is a row, and out[f] = x[f-1] @ W0 + x[f] @ W1 + x[f+1] @ W2
-    accumulates in place (each tap rounds once: ~5e-4 relative in float16). Other layouts fall back to conv."""
+    NCHW frames: x5 is a transposed view that cuDNN cannot read as it is: it first copies the view to NCDHW,
+    converts that to NDHWC, and converts its output back, about five full-size tensors at once (the VAE decode's
+    memory peak) and most of the conv's time. The kernel only mixes a pixel with itself in the frames before and
+    after, so it runs as one matrix product per output frame over a window of three frames (`frame_window_conv`).
+    channels_last frames: x5 is then exactly NDHWC (channels_last_3d), the layout cuDNN's kernels read natively, so
+    the conv itself runs in place, with the reference's single rounding (the compiled channels-last decoder took
+    564 ms a video this way against 691 ms with three accumulating matrix products: H100, run 28). Other layouts:
+    the conv too."""
     b, c, f, h, w = x5.shape
+    frames = x5.transpose(1, 2)  # (B, F, C, H, W)
+    if not frames.is_contiguous():
+        return conv(x5)
     taps = conv.weight.flatten(2)  # (Cout, Cin, 3, 1, 1) -> (Cout, Cin, 3)
     cout = taps.shape[0]
     bias = conv.bias if conv.bias is not None else taps.new_zeros(cout)
-    frames = x5.transpose(1, 2)  # (B, F, C, H, W)
-    if frames.is_contiguous():
-        weight = taps.permute(0, 2, 1).reshape(cout, 3 * c)  # (Cout, Cin, 3) -> (Cout, 3, Cin) -> (Cout, 3*Cin)
-        out = frame_window_conv(frames.reshape(b, f, c, h * w), weight, bias)  # (B, F, Cout, H*W)
-        return out.view(b, f, cout, h, w).transpose(1, 2)  # -> (B, Cout, F, H, W)
-    pixels = frames.permute(0, 1, 3, 4, 2)  # (B, F, H, W, C)
-    if pixels.is_contiguous():
-        # channels_last frames: every pixel of every frame is a row; frame f is rows f*H*W .. (f+1)*H*W.
-        x = pixels.reshape(b, f * h * w, c)
-        hw = h * w
-        videos = []
-        for i in range(b):
-            o = torch.addmm(bias, x[i], taps[:, :, 1].t())  # (F*H*W, Cout)
-            if f > 1:
-                o[hw:].addmm_(x[i, :-hw], taps[:, :, 0].t())
-                o[:-hw].addmm_(x[i, hw:], taps[:, :, 2].t())
-            videos.append(o)
-        out = videos[0][None] if b == 1 else torch.stack(videos)  # (B, F*H*W, Cout)
-        return out.view(b, f, h, w, cout).permute(0, 4, 1, 2, 3)  # -> (B, Cout, F, H, W)
-    return conv(x5)
+    weight = taps.permute(0, 2, 1).reshape(cout, 3 * c)  # (Cout, Cin, 3) -> (Cout, 3, Cin) -> (Cout, 3*Cin)
+    out = frame_window_conv(frames.reshape(b, f, c, h * w), weight, bias)  # (B, F, Cout, H*W)
+    return out.view(b, f, cout, h, w).transpose(1, 2)  # -> (B, Cout, F, H, W)
 
 
 def channels_last_(module: torch.nn.Module) -> None:

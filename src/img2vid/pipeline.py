@@ -232,15 +232,17 @@ class Pipeline:
         self,
         mode: str | None = None,
         decoder: bool = True,
-        channels_last: bool = False,
+        channels_last: bool = True,
         cache_dir: str | os.PathLike | None = None,
     ) -> Pipeline:
         """Speed mode (gpt-fast style): one compiled graph for a whole denoising step (scale, both guidance halves
         through the UNet, guidance, Euler) with static shapes and sigmas as device tensors, so no step syncs with the
         host; the VAE decoder is compiled too. Same function: outputs agree with eager to within kernel rounding.
         The first call compiles (minutes for the full model; torch caches the result on disk for later processes).
-        channels_last is off by default: measured on an H100 it gave the compiled UNet nothing and made the
-        decoder's cuDNN convolutions slower.
+        channels_last (default) stores the conv weights NHWC / NDHWC, so activations stay channels-last from the
+        first conv on: cuDNN's native layout, with the norms written to compile well in it (`channel_group_norm`)
+        and the temporal convs as cuDNN convs (H100, session 6: decode 714 -> 564 ms, UNet step 421 -> 396 ms).
+        It changes the modules in place; eager calls after it still give the same numbers.
 
         cache_dir keeps the compiled graphs in that folder ahead of time (`precompiled`): a later process loads them
         instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""

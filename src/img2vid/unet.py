@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import UNetConfig
-from img2vid.layers import channels_last_, timestep_embedding
+from img2vid.layers import channels_last_, group_norm, timestep_embedding
 from img2vid.unet_blocks import (
     Downsample,
     SpatialTransformerBlock,
@@ -258,7 +258,7 @@ class UNet(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if skips else None
             x = up(x, block_skips, temb, encoder_hidden_states, f, size)
 
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_out(F.silu(group_norm(x, self.conv_norm_out)))
         return x.reshape(b, f, *x.shape[1:])  # (B*F, C, h, w) -> (B, F, C, h, w)
 
     def to_channels_last(self) -> UNet:

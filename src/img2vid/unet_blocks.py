@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid import fused
-from img2vid.layers import attention, temporal_conv, timestep_embedding, video_group_norm
+from img2vid.layers import attention, group_norm, temporal_conv, timestep_embedding, video_group_norm
 
 
 class TimeEmbedding(nn.Module):
@@ -66,9 +66,9 @@ class SpatialResBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B*F, C_in, H, W); temb: (B*F, T), already through silu."""
         # SiLU in place on the norm's fresh output: one fewer full-size temporary in eager runs.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv1(F.silu(group_norm(x, self.norm1), inplace=True))
         h = h + self.time_emb_proj(temb)[:, :, None, None]  # (B*F, C) -> (B*F, C, 1, 1)
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h = self.conv2(F.silu(group_norm(h, self.norm2), inplace=True))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -333,7 +333,8 @@ class SpatioTemporalTransformer(nn.Module):
         """x: (B*F, C, H, W); context: (B, S, D)."""
         bf, c, h, w = x.shape
         residual = x
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (B*F, C, H, W) -> (B*F, H*W, C)
+        # (B*F, C, H, W) -> (B*F, H*W, C): a view for channels-last activations
+        tokens = group_norm(x, self.norm).permute(0, 2, 3, 1).reshape(bf, h * w, c)
         tokens = self.proj_in(tokens)
 
         # Frame-position embedding: sinusoids of the frame index 0..F-1 through an MLP, one row per frame.

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import attention, temporal_conv, video_group_norm
+from img2vid.layers import attention, group_norm, temporal_conv, video_group_norm
 
 # diffusers hard-codes these; sgm's VideoDecoder uses the same values.
 _EPS = 1e-6  # every spatial GroupNorm of encoder and decoders
@@ -46,9 +46,9 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # One statement per step so each intermediate dies as soon as it is consumed, and SiLU overwrites the norm's
         # fresh output: at 25 x 576 x 1024 every live (N, C, H, W) temporary is gigabytes (the decode's peak).
-        h = F.silu(self.norm1(x), inplace=True)
+        h = F.silu(group_norm(x, self.norm1), inplace=True)
         h = self.conv1(h)
-        h = F.silu(self.norm2(h), inplace=True)
+        h = F.silu(group_norm(h, self.norm2), inplace=True)
         h = self.conv2(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         # In place into the conv's fresh output (autograd-safe: conv backward does not need its output).
@@ -160,7 +160,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         # (N, C, H, W) -> (N, C, H*W) -> (N, H*W, C); a free view for channels_last activations.
-        t = self.group_norm(x).flatten(2).transpose(1, 2)
+        t = group_norm(x, self.group_norm).flatten(2).transpose(1, 2)
         # One head as wide as the block (head_dim = C): SDPA's default scale 1/sqrt(C) is the reference's.
         o = self.to_out[0](attention(self.to_q(t), self.to_k(t), self.to_v(t), heads=1))
         # (N, H*W, C) -> (N, C, H*W) -> (N, C, H, W)
@@ -280,7 +280,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x, num_frames=1)
-        x = F.silu(self.conv_norm_out(x), inplace=True)
+        x = F.silu(group_norm(x, self.conv_norm_out), inplace=True)
         return self.conv_out(x)
 
 
@@ -311,7 +311,7 @@ class Decoder(nn.Module):
 
     def _head(self, x: Tensor) -> Tensor:
         # norm, SiLU and conv_out are per frame: `per_frame` can run them on a few frames at a time.
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
+        return self.conv_out(F.silu(group_norm(x, self.conv_norm_out), inplace=True))
 
     def forward(self, z: Tensor, num_frames: int, frame_chunk: int | None = None) -> Tensor:
         """frame_chunk: run the up blocks' per-frame layers (2D resnets, upsamplers, output head) on that many
