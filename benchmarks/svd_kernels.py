@@ -10,6 +10,9 @@
    same maths in float32.
 2. Attention over 25 frames (the temporal blocks): SDPA's default choice against the memory-efficient kernel
    (`layers.attention` picks it for short key sequences), both compiled.
+3. The VAE mid block's single 512-wide head over a 72x128 latent frame, 8 frames (a decode chunk): SDPA (its
+   memory-efficient kernel: flash and cuDNN stop at head dim 256) against `layers.wide_head_attention` compiled
+   (what compiled graphs run), errors against float64 on the first frame.
 Prints median milliseconds of 20 calls and writes the same table to --out/svd_kernels.txt.
 """
 
@@ -59,6 +62,8 @@ TILES = (
 )
 # (name, batch, heads, frames): temporal attention per level, batch = 2 x pixels
 ATTN_SHAPES = [("tiny", 6, 2, 5)] if args.tiny else [("L1", 18432, 5, 25), ("L2", 4608, 10, 25), ("L3", 1152, 20, 25)]
+# (frames, tokens, head dim) of the VAE mid-block attention; the tiny check runs float32 (no half bmm on the CPU)
+WIDE_SHAPE = (2, 20, 300) if args.tiny else (8, 9216, 512)
 ROWS: list[str] = []
 
 
@@ -126,11 +131,31 @@ def attention_rows() -> None:
             say(f"attention {name} [{batch}x{heads}x{frames}x64] {label}: {ms:.3f} ms, err {rel(out, truth):.1e}")
 
 
+@torch.no_grad()
+def wide_attention_rows() -> None:
+    frames, tokens, d = WIDE_SHAPE
+    dt = DT if DEV.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # Scores of a few units (q twice as large as k, v), a sharper softmax than unit ones
+    q, k, v = (torch.randn(frames, 1, tokens, d, generator=g).mul(s).to(DEV, dt) for s in (2.0, 1.0, 1.0))
+    truth = F.scaled_dot_product_attention(q[:1].double(), k[:1].double(), v[:1].double())
+    cwide = torch.compile(layers.wide_head_attention, fullgraph=True, dynamic=False) if DEV.type == "cuda" else None
+    for label, fn in (
+        ("sdpa", F.scaled_dot_product_attention),
+        ("wide_head_attention", cwide or layers.wide_head_attention),
+    ):
+        out = fn(q, k, v)
+        ms = median_ms(partial(fn, q, k, v), 10)
+        err = rel(out[:1], truth)
+        say(f"wide attention [{frames}x1x{tokens}x{d}] {label}: {ms:.2f} ms, first-frame err {err:.1e}")
+
+
 def main() -> None:
     if DEV.type == "cuda":
         say(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
     geglu_rows()
     attention_rows()
+    wide_attention_rows()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "svd_kernels.txt"), "w") as f:
         f.write("\n".join(ROWS) + "\n")

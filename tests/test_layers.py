@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from img2vid.layers import channel_group_norm, frame_window_conv, group_norm, temporal_conv, video_group_norm
+from img2vid.layers import (
+    channel_group_norm,
+    frame_window_conv,
+    group_norm,
+    temporal_conv,
+    video_group_norm,
+    wide_head_attention,
+)
 
 
 def _frames(b: int, f: int, c: int, h: int, w: int, channels_last: bool) -> torch.Tensor:
@@ -143,3 +150,14 @@ def test_norms_take_the_channel_form_inside_compiled_graphs() -> None:
     assert any("var_mean" in t for t in traced) and not any("group_norm" in t for t in traced)
     for got, want in zip((group_norm(x, norm), video_group_norm(x5, norm)), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_head_attention_equals_sdpa(dtype: torch.dtype) -> None:
+    """The two-product form for heads wider than the fused kernels (the VAE's 512) is softmax attention."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 300, dtype=dtype) for _ in range(3))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(
+        wide_head_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=tol, atol=tol
+    )

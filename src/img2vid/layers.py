@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 SHORT_KEYS = 64  # key sequences up to this length go to the memory-efficient kernel on CUDA (see attention)
 MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis, which CUDA caps here
+FUSED_HEAD_DIM = 256  # the widest head the flash / cuDNN kernels take (the VAE's mid-block head is 512 wide)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -37,10 +38,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
         # memory-efficient kernel is 1.3-1.7x faster than the cuDNN kernel SDPA picks on an H100
         # (benchmarks/svd_kernels.py). Same maths (float32 softmax), only the kernel differs.
         out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
+    elif q.is_cuda and d > FUSED_HEAD_DIM and torch.compiler.is_compiling():
+        out = wide_head_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     # (B, H, L, D) -> (B, L, H*D)
     return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over (B, H, L, D) heads, as two matrix products per (batch, head) row.
+
+    For heads wider than the fused kernels take: SDPA then runs the memory-efficient kernel, at about 120 TFLOP/s
+    for the VAE's 512-wide head on an H100 (37 ms a 25-frame decode, run 28). Same maths as that kernel: scores
+    come out of the half-precision product in float32 (bmm's out_dtype), the softmax is taken in float32, and the
+    probabilities are rounded to the inputs' dtype for the second product. One (batch) row at a time, so the
+    float32 scores (L x L: 340 MB for a 72 x 128 latent frame) exist for one frame only. Used inside compiled graphs,
+    where the scaling, softmax and rounding fuse into one kernel; eager calls keep SDPA."""
+    b, _, _, d = q.shape
+    scores_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty_like(q)
+    for i in range(b):
+        if q.dtype == scores_dtype:
+            s = torch.matmul(q[i], k[i].transpose(1, 2))  # (H, L, L)
+        else:
+            s = torch.bmm(q[i], k[i].transpose(1, 2), out_dtype=scores_dtype)  # (H, L, L) float32, no rounding
+        p = torch.softmax(s * d**-0.5, dim=-1).to(q.dtype)
+        out[i] = torch.matmul(p, v[i])  # (H, L, D)
+    return out
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0) -> torch.Tensor:
