@@ -15,6 +15,7 @@ from conftest import make_image
 from img2vid import Pipeline, precompiled
 from img2vid.compiled import DECODER_BLOCKS
 from img2vid.images import InputError
+from img2vid.layers import channels_last_
 from img2vid.precompiled import FILE_SUFFIX, PrecompiledFunction
 
 pytestmark = [
@@ -150,3 +151,20 @@ def test_pipeline_compile_cache_is_loaded_by_the_next_pipeline(tiny_model_dir, t
     assert all(m._compiled_call_impl is None and "forward" in vars(m) for m in blocks)
     torch.testing.assert_close(second(generator=torch.manual_seed(5), decode_chunk_size=2, **kw).frames, again)
     assert sum(f.compiled for f in functions(second)) == 0
+
+
+def conv_silu(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    return torch.nn.functional.silu(conv(x))
+
+
+@torch.no_grad()
+def test_keyed_on_the_weights_layout(tmp_path):
+    """Channels-last weights (what Pipeline.compile stores by default) and NCHW weights are different graphs: the
+    same module, re-laid-out in place, must not load the other layout's artifact."""
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 3, 5, 6)
+    fn = PrecompiledFunction(conv_silu, tmp_path)
+    torch.testing.assert_close(fn(x, conv), conv_silu(x, conv))
+    channels_last_(conv)
+    torch.testing.assert_close(fn(x, conv), conv_silu(x, conv))
+    assert fn.compiled == 2 and len(artifacts(tmp_path)) == 2

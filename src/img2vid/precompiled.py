@@ -44,9 +44,10 @@ def _sources_digest() -> str:
 
 def _module_signature(m: torch.nn.Module) -> str:
     """What a compiled graph depends on in a module argument: its class, structure (repr: layer sizes, eps,
-    groups) and every parameter's and buffer's name, shape and dtype, as one digest (a UNet's repr is ~100 kB:
+    groups) and every parameter's and buffer's name, shape, dtype and strides (generated kernels index weights with
+    the strides they were compiled for: channels-last convs differ), as one digest (a UNet's repr is ~100 kB:
     re-hashed on every step it cost a millisecond). The caller adds where the weights lie."""
-    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+    tensors = [(n, tuple(t.shape), str(t.dtype), t.stride()) for n, t in [*m.named_parameters(), *m.named_buffers()]]
     return hashlib.sha256(repr((type(m).__qualname__, repr(m), tensors)).encode()).hexdigest()
 
 
@@ -56,7 +57,11 @@ def _arg_signature(a: Any, modules: dict[Any, tuple[weakref.ref, str]]) -> Any:
     if isinstance(a, torch.nn.Module):
         # Memoized per module, device and dtype: walking a UNet's repr and tensors every step costs milliseconds.
         first = next(a.parameters(), None)
-        place = None if first is None else (str(first.device), str(first.dtype))  # a moved or cast module: new memo
+        # A moved, cast or re-laid-out module (`channels_last_` swaps weights' layouts in place): a new memo. The
+        # first conv weight stands for the layout (they change together), found near the start of the list.
+        conv = next((p for p in a.parameters() if p.dim() >= 4), None)
+        layout = None if conv is None else conv.stride()
+        place = None if first is None else (str(first.device), str(first.dtype), layout)
         ref, sig = modules.get((id(a), place), (None, None))
         if ref is None or ref() is not a:
             sig = _module_signature(a)
