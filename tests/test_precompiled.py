@@ -133,7 +133,7 @@ def test_pipeline_compile_cache_is_loaded_by_the_next_pipeline(tiny_model_dir, t
 
     def functions(p: Pipeline) -> list[PrecompiledFunction]:
         blocks = [m for m in p.vae.decoder.modules() if isinstance(m, DECODER_BLOCKS)]
-        return [p._step, *{id(m.forward.func): m.forward.func for m in blocks}.values()]
+        return [p._step, p.vae.decoder._head.func, *{id(m.forward.func): m.forward.func for m in blocks}.values()]
 
     saved = len(artifacts(tmp_path))
     assert saved == sum(f.compiled for f in functions(first)) >= 3  # the step and decoder blocks of several shapes
@@ -144,8 +144,9 @@ def test_pipeline_compile_cache_is_loaded_by_the_next_pipeline(tiny_model_dir, t
     torch.testing.assert_close(again, ref, rtol=0, atol=1e-4)
     assert sum(f.compiled for f in functions(second)) == 0 and sum(f.loaded for f in functions(second)) == saved
 
-    second.compile()  # back to plain torch.compile: the blocks' cache bindings are gone
+    second.compile()  # back to plain torch.compile: the blocks' and the head's cache bindings are gone
     assert not any("forward" in vars(m) for m in second.vae.decoder.modules())
+    assert not hasattr(second.vae.decoder._head, "func")
     second.compile(cache_dir=tmp_path)  # and forth: plain compile's block wrappers are gone, the cache is read again
     blocks = [m for m in second.vae.decoder.modules() if isinstance(m, DECODER_BLOCKS)]
     assert all(m._compiled_call_impl is None and "forward" in vars(m) for m in blocks)
