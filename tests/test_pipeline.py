@@ -291,6 +291,10 @@ def test_compile_gives_the_same_video(tiny_model_dir):
     blocks = [m for m in p.vae.decoder.modules() if isinstance(m, DECODER_BLOCKS)]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     assert "_head" in vars(p.vae.decoder)  # the output head, compiled as a function
+    # Channels-last weights for what is compiled; the eager encoder keeps NCHW.
+    assert p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert p.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert p.vae.encoder.conv_in.weight.is_contiguous()
     out = p(generator=torch.manual_seed(5), decode_chunk_size=3, **kw).frames
     torch._dynamo.reset()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
