@@ -106,6 +106,24 @@ def test_parity_with_diffusers(cfg: dict[str, Any], frames: int, h: int, w: int,
     assert _rel(got, expected) < 1e-4
 
 
+def test_one_token_context_skips_the_cross_attention_norms(model_a: tuple[torch.nn.Module, UNet]) -> None:
+    """With SVD's one-token context the cross-attention update ignores its queries, so their LayerNorm never runs
+    (the parity test above checks the numbers); with several tokens it does."""
+    _, ours = model_a
+    norms = [m.norm2 for m in ours.modules() if hasattr(m, "attn2")]
+    calls: list[int] = []
+    hooks = [n.register_forward_hook(lambda *_: calls.append(1)) for n in norms]
+    try:
+        with torch.no_grad():
+            ours(*_inputs(2, 3, 8, 8, 1, 32, seed=3))
+            assert norms and not calls
+            ours(*_inputs(2, 3, 8, 8, 2, 32, seed=3))
+            assert len(calls) == len(norms)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_forward_chunking_changes_nothing(model_a: tuple[torch.nn.Module, UNet]) -> None:
     _, ours = model_a
     inputs = _inputs(2, 3, 8, 8, 1, 32, seed=3)

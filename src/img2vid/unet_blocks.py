@@ -250,7 +250,10 @@ def _cross_attend(x: Tensor, norm: nn.LayerNorm, attn: Attention, context: Tenso
     """
     nm, seq, c = x.shape
     grouped = x.reshape(context.shape[0], -1, c)  # (N*M, L, C) -> (N, M*L, C)
-    grouped = grouped + attn(norm(grouped), context)  # the update is (N, M*L, C) or, for one context token, (N, 1, C)
+    # With one context token the update ignores the queries (see Attention.forward), so their norm is not computed:
+    # eager runs used to compute and drop it (a LayerNorm over every token; compiled graphs dropped it already).
+    queries = grouped if context.shape[1] == 1 else norm(grouped)
+    grouped = grouped + attn(queries, context)  # the update is (N, M*L, C) or, for one context token, (N, 1, C)
     return grouped.reshape(nm, seq, c)  # (N, M*L, C) -> (N*M, L, C)
 
 
