@@ -241,9 +241,9 @@ class Pipeline:
         The first call compiles (minutes for the full model; torch caches the result on disk for later processes).
         channels_last (default) stores the UNet's and the decoder's conv weights NHWC / NDHWC, so activations stay
         channels-last from the first conv on: cuDNN's native layout, with the norms written to compile well in it
-        (`channel_group_norm`) and the temporal convs as cuDNN convs (H100 runs 28-29: decode 714 -> 564 ms in the
-        decode experiment, step 0.409 -> 0.389 s, video 11.31 -> 10.77 s). It changes the modules in place; eager
-        calls after it still give the same numbers.
+        (`channel_group_norm`) and the temporal convs as cuDNN convs (H100 run 29 against run 24: step 0.409 ->
+        0.389 s, decode 0.706 -> 0.624 s, video 11.31 -> 10.77 s). It changes the modules in place; eager calls
+        after it still give the same numbers.
 
         cache_dir keeps the compiled graphs in that folder ahead of time (`precompiled`): a later process loads them
         instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""
