@@ -82,6 +82,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
     return emb
 
 
+def _pooled_moments(mean: torch.Tensor, var: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of the union of equal-sized parts, from each part's along `dim` (kept as size 1):
+    the law of total variance, mean of the variances plus the variance of the means."""
+    pooled = mean.mean(dim, keepdim=True)
+    return pooled, var.mean(dim, keepdim=True) + (mean - pooled).square().mean(dim, keepdim=True)
+
+
 def channel_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
     """`norm(x)` for x = (N, C, H, W) or a video (B, C, F, H, W), in the form that compiles well in any layout.
 
@@ -100,9 +107,7 @@ def channel_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tenso
     acc = torch.promote_types(x.dtype, torch.float32)  # half inputs: float32 statistics; float64 stays float64
     xa = x.to(acc)
     var_c, mean_c = torch.var_mean(xa, dim=(-2, -1), correction=0)  # (N, C) or (B, C, F)
-    mean_c, var_c = mean_c.reshape(n, g, -1), var_c.reshape(n, g, -1)  # -> (N, G, C/G[*F])
-    mean = mean_c.mean(-1, keepdim=True)  # (N, G, 1)
-    var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
+    mean, var = _pooled_moments(mean_c.reshape(n, g, -1), var_c.reshape(n, g, -1), -1)  # (N, G, C/G[*F]) -> (N, G, 1)
     scale = norm.weight.to(acc).view(1, g, -1) * torch.rsqrt(var + norm.eps)  # (N, G, C/G)
     shift = norm.bias.to(acc).view(1, g, -1) - mean * scale
     shape = (n, c) + (1,) * (x.dim() - 2)  # (N, C, 1, 1[, 1]): broadcast over frames and pixels
@@ -138,9 +143,7 @@ def video_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
         # view left most of the GPU idle.
         rows = frames.reshape(b, f, g, -1)  # (B, F, C, H, W) -> (B, F, G, C/G*H*W), a view
         var_f, mean_f = torch.var_mean(rows, dim=-1, correction=0)  # (B, F, G) each
-        mean_f = mean_f.float()
-        mean = mean_f.mean(1, keepdim=True)  # (B, 1, G)
-        var = var_f.float().mean(1, keepdim=True) + (mean_f - mean).square().mean(1, keepdim=True)
+        mean, var = _pooled_moments(mean_f.float(), var_f.float(), 1)  # (B, 1, G) each
         mean, var = (t.view(b, g, 1, 1, 1, 1) for t in (mean, var))  # (B, 1, G) -> (B, G, 1, 1, 1, 1)
     else:
         var, mean = torch.var_mean(xg, dim=(2, 3, 4, 5), correction=0, keepdim=True)  # (B, G, 1, 1, 1, 1)
