@@ -53,6 +53,9 @@ ap.add_argument("--model", default="svd-xt")
 ap.add_argument("--steps", type=int, default=25)
 ap.add_argument("--decode-chunk-size", type=int, default=8)
 ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --modes compiled (default inductor)")
+ap.add_argument(
+    "--compile-cache", default=None, help="compiled modes: Pipeline.compile(cache_dir=...), for svd_startup.py after"
+)
 ap.add_argument("--vae-frame-chunk", type=int, default=None, help="vae.spatial_frame_chunk for img2vid modes")
 ap.add_argument("--load", action="store_true", help="also time Pipeline.from_pretrained of an fp16 folder")
 ap.add_argument("--save-folder", default=None, help="with --load: keep the fp16 folder here (for svd_startup.py)")
@@ -221,6 +224,12 @@ def run_video(
         f"[{name}] video {total:.2f}s  step median {per * 1e3:.1f} ms (n={len(steps)})  decode {row['decode']:.3f}s  "
         f"peak {row['peak']:.2f} GiB  finite={row['finite']}  {note}"
     )
+    if steps:  # where the video's time goes: a slow first step or the work around the loop hides behind a median
+        rest = total - sum(steps) - row["decode"]
+        log(
+            f"[{name}] steps sum {sum(steps):.2f}s (first {steps[0] * 1e3:.0f} ms, min {min(steps) * 1e3:.0f}, "
+            f"max {max(steps) * 1e3:.0f})  outside the steps and the decode {rest:.2f}s"
+        )
     return frames
 
 
@@ -351,7 +360,7 @@ def main() -> None:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
         if base == "compiled":
-            pipe.compile(mode=args.compile_mode)
+            pipe.compile(mode=args.compile_mode, cache_dir=args.compile_cache)
         kw = dict(call_kw, guidance_reuse=reuse)
         if base.startswith("low-memory"):
             kw.pop("decode_chunk_size")
@@ -364,6 +373,9 @@ def main() -> None:
             note = f"{note}; first call (compile) {warm:.1f}s".lstrip("; ")
         dec: list = []
         timed_decode(pipe, "decode_latents", dec)
+        enc: list = []  # the work before the loop, for the time outside steps and decode
+        timed_decode(pipe, "_encode", enc)
+        timed_decode(pipe.image_encoder, "forward", enc)
 
         def hook(ev, pipe=pipe):
             pipe._step = ev.wrap(pipe._step)
@@ -377,6 +389,8 @@ def main() -> None:
             note,
             mean_step=reuse > 1,  # full and conditional-only steps alternate
         )
+        if len(enc) >= 2:
+            log(f"[img2vid {mode}] CLIP {enc[-2]:.3f}s  VAE encode {enc[-1]:.3f}s (synced; last video)")
         row = ROWS[-1]
         if "video" in ref:
             row["psnr"] = psnr(frames, ref["video"])
