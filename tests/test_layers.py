@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import img2vid.layers as layers
 from img2vid.layers import (
+    attention,
     channel_group_norm,
+    frame_attention,
     frame_window_conv,
     group_norm,
     temporal_conv,
@@ -161,6 +164,27 @@ def test_wide_head_attention_equals_sdpa(dtype: torch.dtype) -> None:
     torch.testing.assert_close(
         wide_head_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=tol, atol=tol
     )
+
+
+@pytest.mark.parametrize("grid", [None, 7])
+def test_frame_attention_equals_attention_over_transposed_tokens(monkeypatch: pytest.MonkeyPatch, grid: int) -> None:
+    """Frame-major tokens attended along the frame axis in place give what the reference computes: transpose to
+    (B*N, F, C), attend, transpose back. grid=7 runs the (pixel, head) pairs in pieces (the CUDA grid cap, made
+    small) with a remainder piece."""
+    if grid is not None:
+        monkeypatch.setattr(layers, "MAX_GRID_Z", grid)
+    torch.manual_seed(0)
+    b, f, n, heads, d = 2, 5, 6, 3, 4
+    q, k, v = (torch.randn(b * f, n, heads * d, dtype=torch.float64) for _ in range(3))
+
+    def to_pixels(t: torch.Tensor) -> torch.Tensor:  # (B*F, N, C) -> (B*N, F, C)
+        return t.unflatten(0, (b, f)).transpose(1, 2).reshape(b * n, f, -1)
+
+    want = attention(to_pixels(q), to_pixels(k), to_pixels(v), heads)  # (B*N, F, C)
+    want = want.unflatten(0, (b, n)).transpose(1, 2).reshape(b * f, n, -1)  # -> (B*F, N, C)
+    got = frame_attention(q, k, v, heads, f)
+    assert got.shape == (b * f, n, heads * d)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_channel_group_norm_statistics_are_stable() -> None:

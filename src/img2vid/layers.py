@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 SHORT_KEYS = 64  # key sequences up to this length go to the memory-efficient kernel on CUDA (see attention)
-MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis, which CUDA caps here
+MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis and the heads on y, which CUDA caps here
 FUSED_HEAD_DIM = 256  # the widest head the flash / cuDNN kernels take (the VAE's mid-block head is 512 wide)
 
 
@@ -17,7 +17,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
 
     Goes through scaled_dot_product_attention so the GPU picks flash / cuDNN / memory-efficient kernels. Those keep
     the softmax and its accumulation in float32, which is what stops SVD's large keys from overflowing in float16.
-    The CPU's math fallback would compute the scores in half precision, so half inputs are upcast there.
     """
     b, lq, inner = q.shape
     d = inner // heads
@@ -25,25 +24,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     q = q.view(b, lq, heads, d).transpose(1, 2)
     k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
     v = v.view(b, v.shape[1], heads, d).transpose(1, 2)
-    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-    elif (
-        q.is_cuda
-        and k.shape[2] <= SHORT_KEYS
-        and b <= MAX_GRID_Z
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and d % 8 == 0  # the kernel's alignment; SVD's heads are 64 wide
-    ):
-        # The temporal blocks attend over the 25 frames of each pixel: many tiny problems, where the
-        # memory-efficient kernel is 1.3-1.7x faster than the cuDNN kernel SDPA picks on an H100
-        # (benchmarks/svd_kernels.py). Same maths (float32 softmax), only the kernel differs.
-        out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
-    elif q.is_cuda and d > FUSED_HEAD_DIM and torch.compiler.is_compiling():
+    if q.is_cuda and b > MAX_GRID_Z:  # more rows than the memory-efficient kernel's grid takes
+        out = F.scaled_dot_product_attention(q, k, v)
+    elif q.is_cuda and d > FUSED_HEAD_DIM and k.shape[2] > SHORT_KEYS and torch.compiler.is_compiling():
         out = wide_head_attention(q, k, v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = _sdpa(q, k, v)
     # (B, H, L, D) -> (B, L, H*D)
     return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
+    """Attention along the frame axis for tokens stored frame-major: q, k, v and the result are (B*F, N, heads*D),
+    and each (pixel, head) pair attends over its own F frames (the temporal transformer blocks).
+
+    The reference transposes the tokens to (B*N, F, C) around the whole temporal block so that each pixel is one
+    batch row; every layer but this one is per token, so the transposition only serves the attention. Viewed as
+    (B, F, N*heads, D), each (pixel, head) pair is one attention head of an F-long sequence, and the kernels read
+    it in place through the strides: no transposing copy in or out (two full-size copies per temporal block)."""
+    bf, n, inner = q.shape
+    b, d = bf // frames, inner // heads
+    # (B*F, N, H*D) -> (B, F, N*H, D) -> (B, N*H, F, D): strided views, the memory stays frame-major
+    q4, k4, v4 = (t.view(b, frames, n * heads, d).transpose(1, 2) for t in (q, k, v))
+    # The CUDA kernels put the heads on a grid axis capped at 65535 (46080 pairs at 576x1024): larger frames run
+    # in pieces, joined by a copy (on every device, so the CPU tests cover it).
+    parts = [
+        _sdpa(*(t[:, s : s + MAX_GRID_Z] for t in (q4, k4, v4))).transpose(1, 2)  # (B, F, n_part, D)
+        for s in range(0, n * heads, MAX_GRID_Z)
+    ]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, F, N*H, D)
+    return out.reshape(bf, n, inner)  # a view when the kernel wrote (B, F, N*H, D) in one piece
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over (B, H, L, D) through scaled_dot_product_attention's kernels.
+
+    The CPU's math fallback would compute the scores in half precision, so half inputs are upcast there.
+    Short key sequences on CUDA (the temporal blocks attend over the 25 frames of each pixel: many tiny problems)
+    go straight to the memory-efficient kernel, 1.3-1.7x faster there than the cuDNN kernel SDPA picks on an H100
+    (benchmarks/svd_kernels.py). Same maths (float32 softmax), only the kernel differs."""
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    if (
+        q.is_cuda
+        and k.shape[2] <= SHORT_KEYS
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0  # the kernel's alignment; SVD's heads are 64 wide
+    ):
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

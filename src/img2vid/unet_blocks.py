@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid import fused
-from img2vid.layers import attention, group_norm, temporal_conv, timestep_embedding, video_group_norm
+from img2vid.layers import (
+    attention,
+    frame_attention,
+    group_norm,
+    temporal_conv,
+    timestep_embedding,
+    video_group_norm,
+)
 
 
 class TimeEmbedding(nn.Module):
@@ -159,17 +166,22 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # index 1 (dropout) holds no weights
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, frames: int | None = None) -> Tensor:
         """x: (N, L, query_dim); context: (N, S, context_dim) or None for self-attention.
 
         Returns (N, L, query_dim), or (N, 1, query_dim) when the context is a single token: softmax over one key is
         exactly 1, so every query receives that token's value. SVD's CLIP context is one token, so this skips the
         query/key projections and the output projection of every query (the caller broadcasts).
+        With `frames`, self-attention runs along the frame axis of frame-major tokens x: (B*F, H*W, query_dim)
+        (`frame_attention`), as the reference's attention over (B*H*W, F, query_dim) does.
         """
+        if context is not None and context.shape[1] == 1:
+            return self.to_out[0](self.to_v(context))
+        if frames is not None:
+            out = frame_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads, frames)
+            return self.to_out[0](out)
         if context is None:
             context = x
-        elif context.shape[1] == 1:
-            return self.to_out[0](self.to_v(context))
         return self.to_out[0](attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
@@ -210,18 +222,19 @@ class FeedForward(nn.Module):
 FF_SLICE_ELEMENTS = 1 << 27
 
 
-def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, dim: int) -> Tensor:
+def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, axis: int) -> Tensor:
     """The feed-forward in slices that bound its 8x-wide intermediate: when chunking is on, slices holding as many
-    tokens as `chunk_size` entries of `dim` would (diffusers' `_chunked_feed_forward`), or, in eager mode, slices
-    of at most FF_SLICE_ELEMENTS intermediate values.
+    tokens as `chunk_size` entries of an axis `axis` long would (diffusers' `_chunked_feed_forward`), or, in eager
+    mode, slices of at most FF_SLICE_ELEMENTS intermediate values.
 
-    Slices are always whole rows of dim 0, even when `dim` is 1: a slice across dim 1 is a strided view, which
-    the linear layers turn into one tiny matrix product per row (a 5-frame slice of the temporal blocks' (B*H*W,
-    F, C) tokens ran at half the speed of the whole step). The feed-forward is per token, so the slicing changes
-    no value beyond the matrix kernels' choice for another row count; a remainder slice is allowed."""
+    Slices are always whole rows of dim 0, whatever axis the reference slices: a slice across another dim is a
+    strided view, which the linear layers turn into one tiny matrix product per row (a 5-frame slice of the
+    reference's (B*H*W, F, C) temporal tokens ran at half the speed of the whole step). The feed-forward is per
+    token, so the slicing changes no value beyond the matrix kernels' choice for another row count; a remainder
+    slice is allowed."""
     rows = x.shape[0]
     if chunk_size is not None:
-        rows_per_slice = max(1, rows * min(chunk_size, x.shape[dim]) // x.shape[dim])
+        rows_per_slice = max(1, rows * min(chunk_size, axis) // axis)
     else:
         per_row = x[0].numel() * 8  # GEGLU: 2 x 4x wide per token
         if torch.compiler.is_compiling() or rows * per_row <= FF_SLICE_ELEMENTS:
@@ -279,7 +292,7 @@ class SpatialTransformerBlock(nn.Module):
         """x: (B*F, H*W, C); context: (B, S, D)."""
         x = x + self.attn1(self.norm1(x))
         x = _cross_attend(x, self.norm2, self.attn2, context)
-        return x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, self.chunk_dim)
+        return x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, x.shape[self.chunk_dim])
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -299,19 +312,19 @@ class TemporalTransformerBlock(nn.Module):
         self.chunk_size: int | None = None
 
     def set_chunk_feed_forward(self, chunk_size: int | None, dim: int) -> None:
-        # Like diffusers, always slice over frames (dim 1 of (B*H*W, F, C)): `dim` is ignored.
+        # Like diffusers, always slice over frames (as many tokens as `chunk_size` frames hold): `dim` is ignored.
         self.chunk_size = chunk_size
 
     def forward(self, x: Tensor, context: Tensor, num_frames: int) -> Tensor:
-        """x: (B*F, H*W, C); context: (B, S, D) (the reference also uses each video's first-frame context)."""
-        bf, n, c = x.shape
-        b = bf // num_frames
-        x = x.reshape(b, num_frames, n, c).permute(0, 2, 1, 3).reshape(b * n, num_frames, c)  # -> (B*H*W, F, C)
-        x = x + _feed_forward(self.ff_in, self.norm_in(x), self.chunk_size, 1)
-        x = x + self.attn1(self.norm1(x))
+        """x: (B*F, H*W, C); context: (B, S, D) (the reference also uses each video's first-frame context).
+
+        The reference transposes the tokens to (B*H*W, F, C) for this block and back after it. Every layer here but
+        the self-attention is per token, and that one runs along the frame axis in place (`frame_attention`), so
+        the tokens stay frame-major: two full-size transposing copies fewer per block."""
+        x = x + _feed_forward(self.ff_in, self.norm_in(x), self.chunk_size, num_frames)
+        x = x + self.attn1(self.norm1(x), frames=num_frames)
         x = _cross_attend(x, self.norm2, self.attn2, context)
-        x = x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, 1)
-        return x.reshape(b, n, num_frames, c).permute(0, 2, 1, 3).reshape(bf, n, c)  # -> (B*F, H*W, C)
+        return x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, num_frames)
 
 
 class SpatioTemporalTransformer(nn.Module):
