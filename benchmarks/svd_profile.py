@@ -268,6 +268,7 @@ def unet_part() -> None:
         log(f"   activation peak {(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB over weights")
     profile("unet_eager", step)
     if args.compiled:
+        unet.to_channels_last()  # as Pipeline.compile() does by default (the eager pipeline keeps NCHW)
         compiled_step(step, base)
         if args.unfused_too:  # A/B of the fused GEGLU kernel (fused.geglu_linear) in the compiled step
             unfuse_geglu(unet)
