@@ -1,11 +1,11 @@
 """Between the user's objects and the pipeline's tensors: images in (any accepted kind -> the tensors diffusers'
 pipeline would build from them), random draws in diffusers' order and placement, and frames out in diffusers'
-output forms."""
+output forms, and the call's progress reports."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from img2vid.images import InputError, load_image
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 Generator = torch.Generator | list[torch.Generator] | None
+ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
 
 
 def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse: int, output_type: str) -> None:
@@ -99,3 +100,23 @@ def postprocess(video: torch.Tensor, output_type: str) -> Any:
         return arr
     u8 = (arr * 255).round().astype(np.uint8)
     return [[PIL.Image.fromarray(fr) for fr in vid] for vid in u8]
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    """The ProgressFn of set_progress_bar_config(disable=True)."""
+
+
+def tqdm_progress() -> ProgressFn:
+    """A ProgressFn drawing one tqdm bar per stage, closed when the stage is done."""
+    from tqdm.auto import tqdm  # imported on use: `import img2vid` stays light
+
+    bars: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, leave=False)
+        bars[stage].update(done - bars[stage].n)
+        if done >= total:
+            bars.pop(stage).close()
+
+    return update

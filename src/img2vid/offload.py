@@ -14,6 +14,16 @@ import torch
 from torch import nn
 
 
+def accelerator(gpu_id: int | None, device: str | torch.device | None) -> torch.device:
+    """Where offloaded components run: `device` if given, else CUDA device `gpu_id` (default 0)."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", gpu_id or 0)
+    # No accelerator: offload degenerates to running on the CPU (kept so scripts written for GPUs still run).
+    return torch.device("cpu")
+
+
 def move_module(module: nn.Module, device: torch.device) -> None:
     """Move parameters in place (module.to keeps Parameter objects, so compiled graphs and hooks keep working)."""
     module.to(device)

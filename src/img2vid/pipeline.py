@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from img2vid import checkpoint, compiled, precompiled, sampling
+from img2vid import checkpoint, compiled, offload, precompiled, sampling
 from img2vid.configs import PipelineConfig, preset
 from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
 from img2vid.image_encoder import ImageEncoder, preprocess
@@ -26,12 +26,15 @@ from img2vid.images import InputError, check_size
 from img2vid.inputs import (
     Generator,
     ImageInput,
+    ProgressFn,
     as_images,
     check_call_args,
+    no_progress,
     postprocess,
     randn,
     resize_for_vae,
     to_tensor,
+    tqdm_progress,
 )
 from img2vid.layers import channels_last_
 from img2vid.offload import SequentialOffload, move_module
@@ -39,7 +42,6 @@ from img2vid.unet import UNet
 from img2vid.vae import VAE
 
 _FP8_STREAMING = "fp8 mode cannot stream weights (sequential offload, low memory): its weights are buffers"
-ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
 
 COMPONENTS = ("image_encoder", "unet", "vae")  # also the model-offload order
 
@@ -177,7 +179,7 @@ class Pipeline:
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
         """Components wait on the CPU and visit the GPU one at a time (image encoder -> UNet -> VAE)."""
-        self._device = _accelerator(gpu_id, device)
+        self._device = offload.accelerator(gpu_id, device)
         self._offload = "model"
         for c in COMPONENTS:
             move_module(_orig(getattr(self, c)), torch.device("cpu"))
@@ -190,7 +192,7 @@ class Pipeline:
         # buffers, which would stay on the CPU.
         if any(isinstance(m, Fp8Linear) for m in _orig(self.unet).modules()):
             raise InputError(_FP8_STREAMING)
-        self._device = _accelerator(gpu_id, device)
+        self._device = offload.accelerator(gpu_id, device)
         self._offload = "sequential"
         for c in COMPONENTS:
             m = _orig(getattr(self, c))
@@ -303,7 +305,7 @@ class Pipeline:
         batch = n_img * nv
         device, dtype = self._device, self.dtype
         cfg = max_guidance_scale > 1
-        progress = progress or self._default_progress()
+        progress = progress or (no_progress if self._progress_disabled else tqdm_progress())
 
         # 1. CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (batch, 1, D)
         self._stage("image_encoder")
@@ -409,32 +411,7 @@ class Pipeline:
         frames = torch.cat(out)  # (B*F, 3, H, W)
         return frames.view(b, f, *frames.shape[1:])  # -> (B, F, 3, H, W)
 
-    def _default_progress(self) -> ProgressFn:
-        if self._progress_disabled:
-            return lambda stage, done, total: None
-        from tqdm.auto import tqdm
-
-        bars: dict[str, Any] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = tqdm(total=total, desc=stage, leave=False)
-            bars[stage].update(done - bars[stage].n)
-            if done >= total:
-                bars.pop(stage).close()
-
-        return update
-
 
 def _orig(m: torch.nn.Module) -> torch.nn.Module:
     """The module behind a torch.compile wrapper (which users may assign to pipe.unet)."""
     return getattr(m, "_orig_mod", m)
-
-
-def _accelerator(gpu_id: int | None, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", gpu_id or 0)
-    # No accelerator: offload degenerates to running on the CPU (kept so scripts written for GPUs still run).
-    return torch.device("cpu")
