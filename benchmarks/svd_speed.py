@@ -233,7 +233,8 @@ def run_video(
     return frames
 
 
-def timed_decode(obj, attr: str, store: list) -> None:
+def timed_call(obj, attr: str, store: list) -> None:
+    """Wrap obj.attr so each call's seconds (synced before and after) are appended to store."""
     orig = getattr(obj, attr)
 
     def wrapped(*a, **k):
@@ -308,7 +309,7 @@ def main() -> None:
                 pipe.unet.enable_forward_chunking()
             kw = dict(call_kw, decode_chunk_size=DCS if dmode == "eager" else 2)
             pipe(img, num_inference_steps=2, generator=gen(), **kw)  # warm-up
-            timed_decode(pipe, "decode_latents", dec)
+            timed_call(pipe, "decode_latents", dec)
 
             def hook(ev, pipe=pipe):
                 pipe.unet.forward = ev.wrap(pipe.unet.forward)
@@ -372,10 +373,10 @@ def main() -> None:
         if base == "compiled":
             note = f"{note}; first call (compile) {warm:.1f}s".lstrip("; ")
         dec: list = []
-        timed_decode(pipe, "decode_latents", dec)
+        timed_call(pipe, "decode_latents", dec)
         enc: list = []  # the work before the loop, for the time outside steps and decode
-        timed_decode(pipe, "_encode", enc)
-        timed_decode(pipe.image_encoder, "forward", enc)
+        timed_call(pipe, "_encode", enc)
+        timed_call(pipe.image_encoder, "forward", enc)
 
         def hook(ev, pipe=pipe):
             pipe._step = ev.wrap(pipe._step)

@@ -222,10 +222,10 @@ class FeedForward(nn.Module):
 FF_SLICE_ELEMENTS = 1 << 27
 
 
-def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, axis: int) -> Tensor:
+def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, axis_size: int) -> Tensor:
     """The feed-forward in slices that bound its 8x-wide intermediate: when chunking is on, slices holding as many
-    tokens as `chunk_size` entries of an axis `axis` long would (diffusers' `_chunked_feed_forward`), or, in eager
-    mode, slices of at most FF_SLICE_ELEMENTS intermediate values.
+    tokens as `chunk_size` entries of the sliced axis (`axis_size` long) would (diffusers' `_chunked_feed_forward`),
+    or, in eager mode, slices of at most FF_SLICE_ELEMENTS intermediate values.
 
     Slices are always whole rows of dim 0, whatever axis the reference slices: a slice across another dim is a
     strided view, which the linear layers turn into one tiny matrix product per row (a 5-frame slice of the
@@ -234,7 +234,7 @@ def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, axis: int)
     slice is allowed."""
     rows = x.shape[0]
     if chunk_size is not None:
-        rows_per_slice = max(1, rows * min(chunk_size, axis) // axis)
+        rows_per_slice = max(1, rows * min(chunk_size, axis_size) // axis_size)
     else:
         per_row = x[0].numel() * 8  # GEGLU: 2 x 4x wide per token
         if torch.compiler.is_compiling() or rows * per_row <= FF_SLICE_ELEMENTS:
