@@ -50,14 +50,14 @@ TILES = (
     [fused.Tiles(64, 32, 32, 4, 2, 1)]
     if args.tiny
     else [
-        fused.DEFAULT_TILES,
-        fused.Tiles(128, 64, 64, 8, 3, 1),
-        fused.Tiles(128, 64, 64, 8, 4, 2),
-        fused.Tiles(128, 64, 32, 8, 4, 2),
-        fused.Tiles(128, 64, 64, 8, 2, 3),
+        fused.SHORT_K_TILES,
+        fused.LONG_K_TILES,
+        fused.Tiles(128, 64, 64, 8, 4, 1),
+        fused.Tiles(128, 64, 32, 8, 5, 2),
         fused.Tiles(128, 128, 64, 8, 3, 1),
-        fused.Tiles(128, 128, 64, 8, 4, 1),
-        fused.Tiles(128, 32, 64, 4, 3, 3),
+        fused.Tiles(128, 128, 32, 8, 6, 1),
+        fused.Tiles(64, 128, 64, 4, 3, 2),
+        fused.Tiles(256, 64, 64, 8, 3, 1),
     ]
 )
 # (name, batch, heads, frames): temporal attention per level, batch = 2 x pixels
@@ -104,7 +104,7 @@ def geglu_rows() -> None:
                 f"vs reference output {rel(out, ref):.1e}")  # fmt: skip
         if DEV.type == "cuda":
             got = fused.geglu_linear(x, w, b)  # the op with its tile choice
-            say(f"geglu {name:4s}   op tiles {tuple(fused.DEFAULT_TILES)}: err {rel(got, truth):.1e}")
+            say(f"geglu {name:4s}   op tiles {tuple(fused.tiles_for(k))}: err {rel(got, truth):.1e}")
 
 
 @torch.no_grad()

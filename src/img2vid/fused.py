@@ -7,9 +7,11 @@ written and read again, 15 times a step, for a product with K = 320 that is itse
 each program computes the same tile of h and of gate (two accumulators over the same x tiles) and writes only the
 gated (M, N) result: half the bytes out, none read back.
 
-What it measured on an H100 (BENCHMARKS.md, session 5): in the compiled step no faster than cuBLAS plus inductor's
-gating kernel (the kernel itself runs below cuBLAS's rate), but 0.54 GiB less activation memory; in eager runs,
-where nothing else fuses the gating, 6% off the step (low-memory runs take the same eager path; not measured apart).
+What it measured on an H100 (BENCHMARKS.md): in session 5, two products per tile (h and gate, 64 columns each),
+no faster in the compiled step than cuBLAS plus inductor's gating kernel, but 0.54 GiB less activation memory, and
+6% off the eager step. Session 8 (runs 39-40): one product per tile over W viewed as (2, N, K), whose (2, BLOCK_N,
+BLOCK_K) tile holds the h rows and the gate rows of the same columns, so each x tile feeds one wider matrix product
+instead of two narrow ones: 12-14% faster at every level (first level 2.31 -> 1.97 ms).
 
 Same function as the reference: h and gate are rounded to the input dtype before the gating, as cuBLAS' output is,
 and the gelu is the exact erf form (diffusers `GEGLU`). Triton is imported lazily: CPU-only installs of torch do not
@@ -37,9 +39,17 @@ class Tiles(NamedTuple):
     per_sm: int  # persistent programs per SM
 
 
-# Swept on H100s (benchmarks/svd_kernels.py, runs 21-22 in BENCHMARKS.md): the fastest or within 7% of the fastest
-# tile shape at each of SVD's four UNet levels.
-DEFAULT_TILES = Tiles(128, 64, 64, 8, 3, 2)
+# Swept on H100s (benchmarks/svd_kernels.py; runs 21-22 and 39-40 in BENCHMARKS.md). Short reductions (K = 320
+# and 640, SVD's first two levels) want two programs per SM, so that one program's epilogue (the erf) runs while the
+# other's products do; at K = 1280 wider tiles with a deeper pipeline win (their 192 KB of stages leave room for one
+# program per SM only). Either choice is within 4% of the other at K = 640.
+SHORT_K_TILES = Tiles(128, 64, 64, 8, 3, 2)
+LONG_K_TILES = Tiles(128, 128, 64, 8, 4, 1)
+
+
+def tiles_for(k: int) -> Tiles:
+    """The tile shape for a reduction of length k (the GEGLU's input width)."""
+    return SHORT_K_TILES if k < 1024 else LONG_K_TILES
 
 
 def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -92,7 +102,7 @@ def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
         return geglu_reference(x, weight, bias)
     x = x.contiguous()  # a fresh or whole tensor: TMA needs 16-byte aligned rows
     out = x.new_empty(x.shape[0], weight.shape[0] // 2)
-    launch_geglu(x, weight, bias.contiguous(), out, DEFAULT_TILES)
+    launch_geglu(x, weight, bias.contiguous(), out, tiles_for(x.shape[1]))
     return out
 
 
@@ -113,11 +123,13 @@ def launch_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out:
 
     m, k = x.shape
     n = out.shape[1]
+    # (2N, K) -> (2, N, K): a (2, BLOCK_N, BLOCK_K) box holds the h rows and the gate rows of the same columns
+    w_pairs = weight.view(2, n, k)
     tiles_total = triton_cdiv(m, tiles.block_m) * triton_cdiv(n, tiles.block_n)
     programs = min(tiles_total, tiles.per_sm * _sm_count(x.device))
     _kernel()[(programs,)](
         TensorDescriptor.from_tensor(x, [tiles.block_m, tiles.block_k]),
-        TensorDescriptor.from_tensor(weight, [tiles.block_n, tiles.block_k]),
+        TensorDescriptor.from_tensor(w_pairs, [2, tiles.block_n, tiles.block_k]),
         bias, TensorDescriptor.from_tensor(out, [tiles.block_m, tiles.block_n]), m, n, k, programs,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.warps, num_stages=tiles.stages,
@@ -153,20 +165,22 @@ def _kernel() -> Any:
             # Column tiles vary fastest: the programs working on one row tile of x at a time read it from L2.
             off_m = (tile // num_n) * BLOCK_M
             off_n = (tile % num_n) * BLOCK_N
-            acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)  # [h | gate] of this tile's columns
             for kb in range(k_blocks):
                 xt = x_desc.load([off_m, kb * BLOCK_K])  # (BLOCK_M, BLOCK_K); out-of-range rows read as zeros
-                wh = w_desc.load([off_n, kb * BLOCK_K])  # (BLOCK_N, BLOCK_K): rows of W for h
-                wg = w_desc.load([N + off_n, kb * BLOCK_K])  # the matching rows for gate
-                acc_h = tl.dot(xt, wh.T, acc_h)
-                acc_g = tl.dot(xt, wg.T, acc_g)
+                # (2, BLOCK_N, BLOCK_K) -> (2*BLOCK_N, BLOCK_K): h rows, then the gate rows of the same columns
+                wt = w_desc.load([0, off_n, kb * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K)
+                acc = tl.dot(xt, wt.T, acc)
+            # (BLOCK_M, 2*BLOCK_N) -> (BLOCK_M, BLOCK_N, 2) -> h, gate: each thread holds both halves' columns
+            acc_h, acc_g = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
             offs_n = off_n + tl.arange(0, BLOCK_N)
             bh = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
             bg = tl.load(b_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            h = (acc_h + bh[None, :]).to(dtype).to(tl.float32)
+            h = (acc_h + bh[None, :]).to(dtype)
             g = (acc_g + bg[None, :]).to(dtype).to(tl.float32)
-            gelu = (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(dtype).to(tl.float32)
-            out_desc.store([off_m, off_n], (h * gelu).to(dtype))  # rows and columns past (M, N) are not written
+            gelu = (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(dtype)
+            # A half-precision product of half-precision values is the float32 product rounded once (it is exact
+            # in float32), as the reference's; rows and columns past (M, N) are not written
+            out_desc.store([off_m, off_n], h * gelu)
 
     return geglu_kernel
