@@ -32,6 +32,8 @@ def test_kernel_matches_reference_under_interpreter() -> None:
             (256, 64, 64, fused.Tiles(64, 32, 32, 4, 2, 1)),
             (200, 96, 40, fused.Tiles(64, 32, 32, 4, 2, 1)),
             (130, 72, 48, fused.Tiles(32, 16, 32, 4, 2, 2)),
+            (136, 320, 80, fused.tiles_for(320)),  # the tiles the op runs at SVD's shapes, with ragged edges
+            (136, 1280, 72, fused.tiles_for(1280)),
         ]:
             x = torch.randn(m, k, dtype=torch.float64)
             w = torch.randn(2 * n, k, dtype=torch.float64) / k**0.5
@@ -50,7 +52,7 @@ def test_kernel_matches_reference_under_interpreter() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.split("\n")
     rows = [line.split() for line in lines if line.strip()]
-    assert len(rows) == 3
+    assert len(rows) == 5
     for m, k, n, err, ref_err, finite in rows:
         assert finite == "True", (m, k, n)  # every output element written
         # The same function as the plain float16 ops: its error from the exact value is theirs, up to rounding.

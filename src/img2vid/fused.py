@@ -4,7 +4,7 @@ The GEGLU projection: `h, gate = (x @ W.T + b).chunk(2, -1); out = h * gelu(gate
 (M, 2N) projection and a second kernel reads it back for the gating (inductor fuses the gelu and the product, but not
 into the matrix product, because the output reads two column ranges of it). At SVD's first level that is 2.4 GB
 written and read again, 15 times a step, for a product with K = 320 that is itself close to bandwidth-bound. Here
-each program computes the same tile of h and of gate (two accumulators over the same x tiles) and writes only the
+each program computes the same columns of h and of gate (one accumulator over the same x tiles) and writes only the
 gated (M, N) result: half the bytes out, none read back.
 
 What it measured on an H100 (BENCHMARKS.md): in session 5, two products per tile (h and gate, 64 columns each),
