@@ -171,7 +171,7 @@ def _kernel() -> Any:
                 # (2, BLOCK_N, BLOCK_K) -> (2*BLOCK_N, BLOCK_K): h rows, then the gate rows of the same columns
                 wt = w_desc.load([0, off_n, kb * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K)
                 acc = tl.dot(xt, wt.T, acc)
-            # (BLOCK_M, 2*BLOCK_N) -> (BLOCK_M, BLOCK_N, 2) -> h, gate: each thread holds both halves' columns
+            # (BLOCK_M, 2*BLOCK_N) -> (BLOCK_M, BLOCK_N, 2) -> h, gate (BLOCK_M, BLOCK_N) each
             acc_h, acc_g = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
             offs_n = off_n + tl.arange(0, BLOCK_N)
             bh = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
