@@ -60,9 +60,30 @@ def test_to_uint8_frames_inputs() -> None:
     assert np.abs(to_uint8_frames(tensor.to(torch.bfloat16)).astype(int) - frames).max() <= 2
 
 
+def test_float_tensors_round_like_numpy() -> None:
+    # Tensors are rounded on their own device (torch), arrays by numpy: the same bytes, halves included (both round
+    # half to even) and the decoder's slight overshoot clipped.
+    rng = np.random.default_rng(0)
+    values = rng.uniform(-0.005, 1.005, (3, 8, 8, 3)).astype(np.float32)
+    values[0, 0, :4, 0] = np.array([0.5, 1.5, 2.5, 254.5], np.float32) / 255  # near the rounding ties
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        tensor = torch.from_numpy(values).to(dtype)
+        expected = to_uint8_frames(tensor.float().numpy())
+        assert np.array_equal(to_uint8_frames(tensor), expected), dtype
+        assert np.array_equal(to_uint8_frames(tensor.permute(0, 3, 1, 2)), expected), dtype
+
+
 @pytest.mark.parametrize(
     "bad",
-    [[], np.zeros((4, 8, 8, 5), np.uint8), np.full((2, 8, 8, 3), 2.0), [np.zeros((8, 8, 3)), np.zeros((8, 9, 3))]],
+    [
+        [],
+        np.zeros((4, 8, 8, 5), np.uint8),
+        np.full((2, 8, 8, 3), 2.0),
+        [np.zeros((8, 8, 3)), np.zeros((8, 9, 3))],
+        torch.full((2, 3, 8, 8), 2.0),  # tensors: range and NaN checked where they are, as arrays are
+        torch.full((2, 3, 8, 8), float("nan")),
+        torch.zeros((2, 3, 0, 8)),
+    ],
 )
 def test_to_uint8_frames_errors(bad: object) -> None:
     with pytest.raises(InputError):

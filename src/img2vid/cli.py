@@ -398,12 +398,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chunks = -(-frames // params["decode_chunk_size"])
         update, close = _progress_bars(args.quiet, _stem(source), {"denoise": args.steps, "decode": chunks})
         try:
-            video = pipe(model_input, generator=generator, output_type="np", progress=update, **params).frames[0]
+            video = pipe(model_input, generator=generator, output_type="pt", progress=update, **params).frames[0]
         finally:
             close()
         metadata = {**run, "image": source, **params}
         export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
-        n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, H, W, 3) frames
+        n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, 3, H, W) frames
         print(f"wrote {path} ({n} frames, {width}x{height}, {time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -117,6 +117,15 @@ def _check_background(background: tuple[int, int, int]) -> tuple[int, int, int]:
     return (int(values[0]), int(values[1]), int(values[2]))
 
 
+def check_unit_floats(finite: bool, lo: float, hi: float, name: str) -> None:
+    """The check of float samples meant to lie in [0, 1] (`to_uint8` and `video.to_uint8_frames`' tensors)."""
+    if not finite:
+        raise InputError(f"{name} contains NaN or infinite values")
+    # A little slack for decoder overshoot; a real range error ([-1, 1] or [0, 255] data) is reported.
+    if lo < -0.01 or hi > 1.01:
+        raise InputError(f"{name} float values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+
+
 def to_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
     """Samples of any supported dtype -> uint8 with the full range mapped (16-bit scaled, never clipped)."""
     if array.dtype == np.uint8:
@@ -128,12 +137,8 @@ def to_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
         return np.rint(array.astype(np.float32) / 257.0).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float32)
-        if not np.isfinite(values).all():
-            raise InputError(f"{name} contains NaN or infinite values")
-        lo, hi = float(values.min()), float(values.max())
-        # A little slack for decoder overshoot; a real range error ([-1, 1] or [0, 255] data) is reported.
-        if lo < -0.01 or hi > 1.01:
-            raise InputError(f"{name} float values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        finite = bool(np.isfinite(values).all())
+        check_unit_floats(finite, float(values.min()) if finite else 0.0, float(values.max()) if finite else 0.0, name)
         return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
     raise InputError(f"{name} has unsupported dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
 

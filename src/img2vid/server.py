@@ -195,7 +195,7 @@ def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: s
     )
     seed = params["seed"] if "seed" in params else secrets.randbelow(2**32)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
-    video = pipe(model_input, generator=generator, output_type="np", progress=lambda *a: None, **run).frames[0]
+    video = pipe(model_input, generator=generator, output_type="pt", progress=lambda *a: None, **run).frames[0]
     info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, **run}
     with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
         path = export_video(video, Path(tmp) / f"video.{params['format']}", fps=run["fps"], metadata=info)

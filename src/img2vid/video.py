@@ -30,7 +30,7 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 
-from img2vid.images import InputError, is_tensor, to_uint8
+from img2vid.images import InputError, check_unit_floats, is_tensor, to_uint8
 
 if TYPE_CHECKING:
     import torch
@@ -69,14 +69,21 @@ def to_uint8_frames(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
     if is_tensor(frames):
         import torch  # already loaded: the caller holds a tensor
 
-        t = frames.detach().to("cpu")
+        t = frames.detach()
+        if t.is_floating_point():
+            # Rounded where the frames are, in their own layout (elementwise): for a GPU video a quarter of the
+            # bytes cross to the host, and no single numpy thread makes a pass over 44M samples. The same checks
+            # and float32 maths as images.to_uint8 (round half to even, like np.rint), so the same bytes.
+            v = t.float()
+            finite = bool(torch.isfinite(v).all())
+            lo, hi = (float(x) for x in torch.aminmax(v)) if finite and v.numel() else (0.0, 0.0)
+            check_unit_floats(finite, lo, hi, "frames")
+            t = v.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         if t.ndim == 5 and t.shape[0] == 1:
             t = t[0]  # (1, F, ...) -> (F, ...)
         if t.ndim == 4 and t.shape[1] in (1, 3) and (t.shape[-1] not in (1, 3) or t.shape[1] == t.shape[-1]):
             t = t.permute(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C): torch layout, also for ambiguous shapes
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()  # numpy has no bfloat16
-        return _stack_uint8(t.numpy())
+        return _stack_uint8(t.cpu().numpy())
     if isinstance(frames, np.ndarray):
         return _stack_uint8(frames)
     if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence) or len(frames) == 0:
