@@ -99,7 +99,7 @@ def postprocess(video: torch.Tensor, output_type: str) -> Any:
         return video.permute(0, 1, 3, 4, 2).cpu().float().numpy()  # (B, F, H, W, 3)
     # diffusers rounds (frames * 255) in float32 numpy; the same float32 maths (round half to even) on the frames'
     # device gives the same bytes, with a quarter of them to copy and no single-threaded numpy pass.
-    u8 = (video.float() * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, F, H, W, 3)
+    u8 = (video.float() * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
     return [[PIL.Image.fromarray(fr) for fr in vid] for vid in u8]
 
 
