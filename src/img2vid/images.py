@@ -138,7 +138,8 @@ def to_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float32)
         finite = bool(np.isfinite(values).all())
-        check_unit_floats(finite, float(values.min()) if finite else 0.0, float(values.max()) if finite else 0.0, name)
+        lo, hi = (float(values.min()), float(values.max())) if finite else (0.0, 0.0)  # unused when not finite
+        check_unit_floats(finite, lo, hi, name)
         return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
     raise InputError(f"{name} has unsupported dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
 
