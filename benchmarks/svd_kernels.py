@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Micro-benchmarks of img2vid's own kernels against what they replace, at SVD-XT's shapes.
 
-    python benchmarks/svd_kernels.py            # on the GPU: tile sweep of the fused GEGLU, short attention
+    python benchmarks/svd_kernels.py            # on the GPU: tile sweep of the fused GEGLU, frame attention
     python benchmarks/svd_kernels.py --tiny     # logic check on the CPU (Triton's interpreter, tiny shapes)
 
 1. The fused GEGLU projection (`fused.geglu_linear`) against the compiled reference (`torch.compile` of
    linear + chunk + gelu * h: cuBLAS for the product, one inductor kernel for the gating), per UNet level
    (M tokens = 2 guidance halves x 25 frames x pixels), for a sweep of tile shapes. Relative errors are against the
    same maths in float32.
-2. Attention over 25 frames (the temporal blocks): SDPA's default choice against the memory-efficient kernel
-   (`layers.attention` picks it for short key sequences), both compiled.
+2. Attention along the frame axis (the temporal blocks, frame-major q, k, v): SDPA's memory-efficient kernel on
+   strided views (`layers.frame_attention_sdpa`) against img2vid's Triton kernel (`fused.frame_attention`), both
+   compiled; errors against float64.
 3. The VAE mid block's single 512-wide head over a 72x128 latent frame, 8 frames (a decode chunk): SDPA (its
    memory-efficient kernel: flash and cuDNN stop at head dim 256) against `layers.wide_head_attention` compiled
    (what compiled graphs run), errors against float64 on the first frame.
@@ -60,8 +61,12 @@ TILES = (
         fused.Tiles(256, 64, 64, 8, 3, 1),
     ]
 )
-# (name, batch, heads, frames): temporal attention per level, batch = 2 x pixels
-ATTN_SHAPES = [("tiny", 6, 2, 5)] if args.tiny else [("L1", 18432, 5, 25), ("L2", 4608, 10, 25), ("L3", 1152, 20, 25)]
+# (name, videos, frames, pixels, heads): the temporal blocks' attention per UNet level (2 videos: the guidance halves)
+ATTN_SHAPES = (
+    [("tiny", 2, 5, 6, 2)]
+    if args.tiny
+    else [("L1", 2, 25, 9216, 5), ("L2", 2, 25, 2304, 10), ("L3", 2, 25, 576, 20), ("L4", 2, 25, 144, 20)]
+)
 # (frames, tokens, head dim) of the VAE mid-block attention; the tiny check runs float32 (no half bmm on the CPU)
 WIDE_SHAPE = (2, 20, 300) if args.tiny else (8, 9216, 512)
 ROWS: list[str] = []
@@ -109,26 +114,20 @@ def geglu_rows() -> None:
 
 @torch.no_grad()
 def attention_rows() -> None:
-    def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
-
-    def ours(q, k, v):  # what layers.attention runs, on (B, H, L, D) views
-        b, h, s, d = q.shape
-        flat = [t.transpose(1, 2).reshape(b, s, h * d) for t in (q, k, v)]
-        return layers.attention(*flat, heads=h)
-
-    for name, batch, heads, frames in ATTN_SHAPES:
+    for name, videos, frames, pixels, heads in ATTN_SHAPES:
         g = torch.Generator(device="cpu").manual_seed(0)
-        # (B, L, H, D) memory seen as (B, H, L, D), like the projections' views
-        q, k, v = (torch.randn(batch, frames, heads, 64, generator=g).to(DEV, DT).transpose(1, 2) for _ in range(3))
-        truth = sdpa(q.float(), k.float(), v.float()).transpose(1, 2).reshape(batch, frames, heads * 64)
-        for label, fn in (("sdpa default", sdpa), ("layers.attention", ours)):
+        # frame-major projections (B*F, N, heads*64), as the temporal blocks hand them to layers.frame_attention
+        q, k, v = (torch.randn(videos * frames, pixels, heads * 64, generator=g).to(DEV, DT) for _ in range(3))
+        truth = layers.frame_attention_sdpa(q.double(), k.double(), v.double(), heads, frames)
+        gb = 4 * q.numel() * q.element_size() / 1e9  # q, k, v read and the output written once
+        # SDPA's memory-efficient kernel on strided views (before session 9), and the Triton kernel (fused.py;
+        # on the CPU the op falls back to the SDPA path)
+        for label, fn in (("sdpa path", layers.frame_attention_sdpa), ("frame kernel", fused.frame_attention)):
             cfn = torch.compile(fn, fullgraph=True, dynamic=False) if DEV.type == "cuda" else fn
-            out = cfn(q, k, v)
-            if out.shape != truth.shape:
-                out = out.transpose(1, 2).reshape(truth.shape)
-            ms = median_ms(partial(cfn, q, k, v), 20)
-            say(f"attention {name} [{batch}x{heads}x{frames}x64] {label}: {ms:.3f} ms, err {rel(out, truth):.1e}")
+            out = cfn(q, k, v, heads, frames)
+            ms = median_ms(partial(cfn, q, k, v, heads, frames), 20)
+            say(f"frame attention {name} [{videos}x{frames} frames x {pixels} px x {heads} heads x 64] {label}: "
+                f"{ms:.3f} ms ({gb / ms:.2f} TB/s), err vs float64 {rel(out, truth):.1e}")  # fmt: skip
 
 
 @torch.no_grad()

@@ -419,6 +419,12 @@ def main() -> None:
             def _geglu_flops(x_shape, weight_shape, bias_shape, out_shape=None, **kw) -> int:
                 return 2 * x_shape[0] * x_shape[1] * weight_shape[0]
 
+            # The frame attention as SDPA is counted: two (F x D) x (D x F)-sized products per (pixel, head)
+            @register_flop_formula(torch.ops.img2vid.frame_attention)
+            def _frame_flops(q_shape, k_shape, v_shape, heads, frames, out_shape=None, **kw) -> int:
+                bf, n, inner = q_shape
+                return 4 * bf * n * inner * frames
+
             x, t, emb, ids = unet_inputs(CFG.unet.in_channels, CFG.unet.cross_attention_dim[0])
             fc = FlopCounterMode(display=False)
             with fc, torch.no_grad():

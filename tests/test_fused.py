@@ -74,3 +74,61 @@ def test_geglu_module_off_gpu_uses_the_plain_ops() -> None:
     assert not fused.geglu_supported(x, m.proj.weight)
     h, gate = m.proj(x).chunk(2, dim=-1)
     torch.testing.assert_close(m(x), h * torch.nn.functional.gelu(gate))
+
+
+# ---- the frame-attention kernel ----------------------------------------------------------------------------------
+
+
+@needs_triton
+def test_frame_kernel_matches_float64_under_interpreter() -> None:
+    # Frame counts that pad to 32 and to 16, pair counts that are not multiples of the pairs per program (the last
+    # program of each video is partial), two videos (the per-video offset), and every head width the kernel takes.
+    script = textwrap.dedent(
+        """
+        import torch
+        import torch.nn.functional as F
+        from img2vid import fused
+        torch.manual_seed(0)
+        for b, f, n, heads, d, per, warps in [
+            (2, 25, 6, 2, 64, fused.FRAME_PAIRS_PER_PROGRAM, fused.FRAME_WARPS),
+            (2, 14, 13, 3, 32, 4, 4),
+            (1, 3, 5, 1, 128, 2, 2),
+            (2, 25, 7, 1, 64, 4, 4),
+        ]:
+            q, k, v = (torch.randn(b * f, n, heads * d, dtype=torch.float64) for _ in range(3))
+            def heads_view(t):  # (B*F, N, H*D) -> (B, N*H, F, D)
+                return t.view(b, f, n * heads, d).transpose(1, 2)
+            def frames_view(t):  # (B, N*H, F, D) -> (B*F, N, H*D)
+                return t.transpose(1, 2).reshape(b * f, n, heads * d)
+            exact = frames_view(F.scaled_dot_product_attention(*(heads_view(t) for t in (q, k, v))))
+            q16, k16, v16 = q.half(), k.half(), v.half()
+            # what torch computes from the same half inputs in float32, rounded once: the bar to meet
+            bar = frames_view(F.scaled_dot_product_attention(*(heads_view(t.float()) for t in (q16, k16, v16)))).half()
+            out = torch.full_like(q16, float("nan"))
+            fused.launch_frame_attention(q16, k16, v16, out, heads, f, per, warps)
+            err = ((out.double() - exact).norm() / exact.norm()).item()
+            bar_err = ((bar.double() - exact).norm() / exact.norm()).item()
+            print(b, f, n, heads, d, err, bar_err, bool(torch.isfinite(out).all()))
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.split("\n") if line.strip()]
+    assert len(rows) == 4
+    for *shape, err, bar_err, finite in rows:
+        assert finite == "True", shape  # every (frame, pair) of every video written
+        assert float(err) < 1e-3 and float(err) < 1.2 * float(bar_err) + 1e-5, (shape, err, bar_err)
+
+
+def test_frame_attention_op_runs_sdpa_where_the_kernel_cannot() -> None:
+    from img2vid import layers
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2 * 5, 6, 2 * 8) for _ in range(3))  # 2 videos of 5 frames, 6 pixels, 2 heads of 8
+    assert not fused.frame_attention_supported(q, k, v, 2)  # a CPU tensor: layers keeps SDPA itself
+    assert not fused.frame_kernel_fits(q, k, v, 5)
+    out = fused.frame_attention(q, k, v, 2, 5)
+    torch.testing.assert_close(out, layers.frame_attention_sdpa(q, k, v, 2, 5))
+    assert out.is_contiguous()
+    torch.library.opcheck(fused.frame_attention, (q, k, v, 2, 5))
