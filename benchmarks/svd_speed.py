@@ -46,7 +46,8 @@ ap.add_argument(
     default="eager,compiled,low-memory",
     help="comma list: eager, compiled, low-memory, low-memory-nosplit; eager/compiled take the approximate options "
     "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them, and "
-    "+unfused (the GEGLU projections without the fused kernel: an A/B of it)",
+    "+unfused (the GEGLU projections without the fused kernel: an A/B of it); low-memory modes take +ffchunkN (forward "
+    "chunks of N frames instead of enable_low_memory's)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
@@ -348,6 +349,10 @@ def main() -> None:
         note = ""
         if base.startswith("low-memory"):
             pipe.enable_low_memory(device=DEV, split_guidance=base != "low-memory-nosplit")
+            ffchunk = next((int(o[7:]) for o in options if o.startswith("ffchunk")), None)
+            if ffchunk is not None:  # another forward-chunking size than enable_low_memory's
+                pipe.unet.enable_forward_chunking(ffchunk)
+                note = f"forward chunks of {ffchunk} frames"
         else:
             pipe.to(DEV)
         if fp8:

@@ -193,8 +193,8 @@ def _kernel() -> Any:
 # memory-efficient kernel ran them at ~1.2 TB/s, 40% of an H100's bandwidth, for a job that reads q, k and v and
 # writes the output once. Here a program takes a few consecutive (pixel, head) pairs of one video: at each frame they
 # are one contiguous run of P*D values, so its (P, F, D) tiles load as whole lines, and the P small attentions are two
-# batched tensor-core products in registers. Run 48: first level 1.00 -> 0.41 ms a call (2.9 TB/s).
-FRAME_PAIRS_PER_PROGRAM = 2  # swept on an H100 with the warp count (run 48): 2-4 pairs, 2-4 warps within 2%
+# batched tensor-core products in registers. Run 48b: first level 1.00 -> 0.41 ms a call (2.9 TB/s).
+FRAME_PAIRS_PER_PROGRAM = 2  # swept on an H100 with the warp count (run 48b): 2-4 pairs, 2-4 warps within 2%
 FRAME_WARPS = 2
 FRAME_HEAD_DIMS = (32, 64, 128)  # head widths the kernel is built for (SVD's are 64)
 
@@ -308,7 +308,7 @@ def _frame_kernel() -> Any:
         row_sum = tl.sum(p, axis=2)
         # p as a sum of two halves (the second is the first's rounding error, itself rounded: p to about 2**-22), so
         # the half-precision product with v adds no rounding beyond float32's: the memory-efficient kernel rounds p
-        # to half once (its error from float64 is 2.5e-4 against 2.1e-4 here, run 48), for 5% of this kernel's time
+        # to half once (its error from float64 is 2.5e-4 against 2.1e-4 here, run 48b), for 5% of this kernel's time
         p_hi = p.to(v.dtype)
         p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
         acc = tl.dot(p_hi, v, out_dtype=tl.float32)  # (P, F_pad, D)
