@@ -127,7 +127,7 @@ def attention_rows() -> None:
             out = cfn(q, k, v, heads, frames)
             ms = median_ms(partial(cfn, q, k, v, heads, frames), 20)
             say(f"frame attention {name} [{videos}x{frames} frames x {pixels} px x {heads} heads x 64] {label}: "
-                f"{ms:.3f} ms ({gb / ms:.2f} TB/s), err vs float64 {rel(out, truth):.1e}")  # fmt: skip
+                f"{ms:.3f} ms ({gb / ms:.2f} TB/s), err {rel(out, truth):.1e}, against float64")  # fmt: skip
 
 
 @torch.no_grad()
