@@ -132,3 +132,27 @@ def test_frame_attention_op_runs_sdpa_where_the_kernel_cannot() -> None:
     torch.testing.assert_close(out, layers.frame_attention_sdpa(q, k, v, 2, 5))
     assert out.is_contiguous()
     torch.library.opcheck(fused.frame_attention, (q, k, v, 2, 5))
+
+
+def test_layers_frame_attention_dispatches_to_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the op is supported, layers.frame_attention calls it (inside compiled graphs too: the op's fake
+    implementation traces); on the CPU the op itself then returns the SDPA path."""
+    from img2vid import layers
+
+    calls = []
+    real_op = fused.frame_attention
+
+    def spy(*args):
+        calls.append(args[3:])
+        return real_op(*args)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2 * 3, 4, 2 * 8) for _ in range(3))
+    expected = layers.frame_attention_sdpa(q, k, v, 2, 3)
+    monkeypatch.setattr(fused, "frame_attention_supported", lambda *a: True)
+    monkeypatch.setattr(fused, "frame_attention", spy)
+    torch.testing.assert_close(layers.frame_attention(q, k, v, 2, 3), expected)
+    assert calls == [(2, 3)]
+    monkeypatch.setattr(fused, "frame_attention", real_op)
+    compiled = torch.compile(layers.frame_attention, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(q, k, v, 2, 3), expected)
