@@ -215,9 +215,8 @@ class Pipeline:
         at a time by default (an explicit decode_chunk_size still wins; unlike the rest, decode chunking changes the
         temporal decoder's context, as in diffusers).
 
-        chunk_size 25 leaves SVD-XT's 25 frames whole: with the fused GEGLU kernel the feed-forward is not the peak
-        (H100 run 52: 2.86 GiB with chunks of 5 frames or of 25, and 14.70 -> 14.09 s a video); longer videos are
-        still chunked."""
+        chunk_size 25 keeps SVD-XT's frames whole: with the fused GEGLU the feed-forward is not this mode's peak, and
+        smaller chunks only cost time (BENCHMARKS.md, run 52); longer videos are still chunked."""
         self.enable_sequential_cpu_offload(device=device)
         _orig(self.unet).enable_forward_chunking(chunk_size)
         self._split_guidance = split_guidance  # False: half the weight traffic, more activation memory
@@ -247,9 +246,8 @@ class Pipeline:
         The first call compiles (minutes for the full model; torch caches the result on disk for later processes).
         channels_last (default) stores the UNet's and the decoder's conv weights NHWC / NDHWC, so activations stay
         channels-last from the first conv on: cuDNN's native layout, with the norms written to compile well in it
-        (`channel_group_norm`) and the temporal convs as cuDNN convs (H100 run 29 against run 24: step 0.409 ->
-        0.389 s, decode 0.706 -> 0.624 s, video 11.31 -> 10.77 s). It changes the modules in place; eager calls
-        after it still give the same numbers.
+        (`channel_group_norm`) and the temporal convs as cuDNN convs (BENCHMARKS.md, run 29 against run 24). It
+        changes the modules in place; eager calls after it still give the same numbers.
 
         cache_dir keeps the compiled graphs in that folder ahead of time (`precompiled`): a later process loads them
         instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""
