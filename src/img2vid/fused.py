@@ -195,7 +195,7 @@ def _kernel() -> Any:
 # are one contiguous run of P*D values, so its (P, F, D) tiles load as whole lines, and the P small attentions are two
 # batched tensor-core products in registers. Run 48b: first level 1.00 -> 0.41 ms a call (2.9 TB/s).
 # Swept on an H100 with the warp count (run 48b): 2 pairs on 2 warps and 4 on 4 are within 2% of each other, the
-# other pairings 15-100% slower (one warp per pair keeps the registers per thread low)
+# other pairings 15-100% slower (why was not profiled)
 FRAME_PAIRS_PER_PROGRAM = 2
 FRAME_WARPS = 2
 FRAME_HEAD_DIMS = (32, 64, 128)  # head widths the kernel is built for (SVD's are 64)
