@@ -64,6 +64,13 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def _kernels_run_on(device: torch.device) -> bool:
+    """Whether this CUDA device runs the kernels here: Triton present and a Hopper or later card (TMA, and where
+    the kernels were measured). Once per device, not once per call."""
+    return has_triton() and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def geglu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether to call `geglu_linear` for these operands: a CUDA float16 forward (float32 would run the dot products
     in TF32, a different function; bfloat16 is left to the plain ops until the kernel is checked on a GPU in it:
@@ -85,8 +92,7 @@ def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.is_cuda
         and x.dtype == weight.dtype == torch.float16  # the dtype measured and checked (see geglu_supported)
         and x.shape[0] > 0
-        and has_triton()
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and _kernels_run_on(x.device)
         and k % 8 == 0
         and n2 % 16 == 0
         and weight.is_contiguous()
@@ -225,8 +231,7 @@ def frame_kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames:
         and bf > 0
         and bf % frames == 0
         and q.numel() // (bf // frames) < 2**31
-        and has_triton()
-        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+        and _kernels_run_on(q.device)
     )
 
 
