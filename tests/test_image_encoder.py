@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
@@ -189,3 +190,15 @@ def test_preprocess_half_input_is_computed_in_float32() -> None:
     got = preprocess(images.half(), config)
     assert got.dtype == torch.float32
     assert (got - preprocess(images.half().float(), config)).abs().max().item() == 0.0
+
+
+def test_blur_taps_is_the_conv() -> None:
+    """Off the CPU the blur runs as a sum of shifted copies (no TF32 convolution): the same numbers as the conv."""
+    from img2vid.image_encoder import _blur_taps, _gaussian_kernel
+
+    torch.manual_seed(3)
+    x = torch.rand(3, 1, 40, 57) * 2 - 1
+    for taps, axis in ((3, 2), (7, 3), (9, 2)):
+        kernel = _gaussian_kernel(taps, taps / 4, torch.float32, torch.device("cpu"))
+        weight = kernel.view(1, 1, -1, 1) if axis == 2 else kernel.view(1, 1, 1, -1)
+        torch.testing.assert_close(_blur_taps(x, kernel, axis), F.conv2d(x, weight), rtol=1e-6, atol=1e-6)

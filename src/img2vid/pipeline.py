@@ -311,8 +311,9 @@ class Pipeline:
 
         # 1. CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (batch, 1, D)
         self._stage("image_encoder")
-        pixels = torch.cat([preprocess(to_tensor(im)[None], self.config.image_encoder) for im in images])
-        emb = self.image_encoder(pixels.to(device, dtype))[:, None].repeat_interleave(nv, dim=0)
+        # On the accelerator: its blur and resize took 39 ms on an H100 host's CPU, 7 ms on the card (run 53)
+        pixels = torch.cat([preprocess(to_tensor(im)[None].to(device), self.config.image_encoder) for im in images])
+        emb = self.image_encoder(pixels.to(dtype))[:, None].repeat_interleave(nv, dim=0)
 
         # 2. VAE latents of the noise-augmented WxH image. The noise is drawn before the initial latents.
         vae_in = torch.stack([resize_for_vae(im, height, width) for im in images]).to(device)  # (n_img, 3, H, W)

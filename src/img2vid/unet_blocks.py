@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid import fused
+from img2vid.add_norm import add_norm
 from img2vid.layers import (
     attention,
     frame_attention,
@@ -255,19 +256,28 @@ def _feed_forward(ff: FeedForward, x: Tensor, chunk_size: int | None, axis_size:
     return out
 
 
-def _cross_attend(x: Tensor, norm: nn.LayerNorm, attn: Attention, context: Tensor) -> Tensor:
-    """x + attn(norm(x), context) where x: (N*M, L, C) holds N videos and context: (N, S, D) one per video.
+def _cross_attend_norm(
+    x: Tensor, update: Tensor, attn: Attention, context: Tensor, norms: tuple[nn.LayerNorm, nn.LayerNorm]
+) -> tuple[Tensor, Tensor]:
+    """(x2, norm3(x2)) for x1 = x + update (the self-attention's output) and x2 = x1 + attn(norm2(x1), context),
+    where x, update: (N*M, L, C) hold N videos and context: (N, S, D) one per video; norms = (norm2, norm3).
 
     Queries never interact in attention, so all tokens of one video form a single query sequence against that
-    video's context instead of copying the context to every frame / pixel (which diffusers does).
+    video's context instead of copying the context to every frame / pixel (which diffusers does). With one context
+    token (SVD's) the cross-attention ignores its queries (see Attention.forward): its (N, 1, C) result is one vector
+    per video, added with the self-attention's output and normalized in one pass (`add_norm`), and norm2 is never
+    computed.
     """
     nm, seq, c = x.shape
-    grouped = x.reshape(context.shape[0], -1, c)  # (N*M, L, C) -> (N, M*L, C)
-    # With one context token the update ignores the queries (see Attention.forward), so their norm is not computed:
-    # eager runs used to compute and drop it (a LayerNorm over every token; compiled graphs dropped it already).
-    queries = grouped if context.shape[1] == 1 else norm(grouped)
-    grouped = grouped + attn(queries, context)  # the update is (N, M*L, C) or, for one context token, (N, 1, C)
-    return grouped.reshape(nm, seq, c)  # (N, M*L, C) -> (N*M, L, C)
+    n = context.shape[0]
+    norm2, norm3 = norms
+    if context.shape[1] == 1:
+        per_video = attn(x[:n, :1], context)[:, 0]  # (N, C); the queries are not read
+        return add_norm(x, update, norm3, per_video, nm // n * seq)  # rows of one video: M*L
+    grouped = (x + update).reshape(n, -1, c)  # (N*M, L, C) -> (N, M*L, C)
+    grouped = grouped + attn(norm2(grouped), context)  # (N, M*L, C)
+    x = grouped.reshape(nm, seq, c)  # (N, M*L, C) -> (N*M, L, C)
+    return x, norm3(x)
 
 
 class SpatialTransformerBlock(nn.Module):
@@ -290,9 +300,8 @@ class SpatialTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B*F, H*W, C); context: (B, S, D)."""
-        x = x + self.attn1(self.norm1(x))
-        x = _cross_attend(x, self.norm2, self.attn2, context)
-        return x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, x.shape[self.chunk_dim])
+        x, h = _cross_attend_norm(x, self.attn1(self.norm1(x)), self.attn2, context, (self.norm2, self.norm3))
+        return x + _feed_forward(self.ff, h, self.chunk_size, x.shape[self.chunk_dim])
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -315,16 +324,21 @@ class TemporalTransformerBlock(nn.Module):
         # Like diffusers, always slice over frames (as many tokens as `chunk_size` frames hold): `dim` is ignored.
         self.chunk_size = chunk_size
 
-    def forward(self, x: Tensor, context: Tensor, num_frames: int) -> Tensor:
-        """x: (B*F, H*W, C); context: (B, S, D) (the reference also uses each video's first-frame context).
+    def forward(self, x: Tensor, context: Tensor, num_frames: int, pos: Tensor) -> Tensor:
+        """The block on x + pos, for x: (B*F, H*W, C) and the frame embedding pos: (F, C) (added to each frame's
+        tokens first, as the reference does before the block); context: (B, S, D) (the reference also uses each
+        video's first-frame context).
 
         The reference transposes the tokens to (B*H*W, F, C) for this block and back after it. Every layer here but
         the self-attention is per token, and that one runs along the frame axis in place (`frame_attention`), so
-        the tokens stay frame-major: two full-size transposing copies fewer per block."""
-        x = x + _feed_forward(self.ff_in, self.norm_in(x), self.chunk_size, num_frames)
-        x = x + self.attn1(self.norm1(x), frames=num_frames)
-        x = _cross_attend(x, self.norm2, self.attn2, context)
-        return x + _feed_forward(self.ff, self.norm3(x), self.chunk_size, num_frames)
+        the tokens stay frame-major: two full-size transposing copies fewer per block. The sum x + pos is never
+        stored: the first norm takes it as a broadcast and the first residual add adds pos again (`add_norm`)."""
+        bf, seq, c = x.shape
+        x_in = x.view(-1, num_frames, seq, c) + pos[:, None]  # (B, F, L, C) view: pos broadcasts over each frame
+        h = _feed_forward(self.ff_in, self.norm_in(x_in).view(bf, seq, c), self.chunk_size, num_frames)
+        x, h = add_norm(x, h, self.norm1, pos, seq)  # token row r is in frame (r // L) % F
+        x, h = _cross_attend_norm(x, self.attn1(h, frames=num_frames), self.attn2, context, (self.norm2, self.norm3))
+        return x + _feed_forward(self.ff, h, self.chunk_size, num_frames)
 
 
 class SpatioTemporalTransformer(nn.Module):
@@ -356,11 +370,10 @@ class SpatioTemporalTransformer(nn.Module):
         # Frame-position embedding: sinusoids of the frame index 0..F-1 through an MLP, one row per frame.
         frame_index = torch.arange(num_frames, device=x.device)
         pos = self.time_pos_embed(timestep_embedding(frame_index, c))  # (F, C)
-        pos = pos.repeat(bf // num_frames, 1)[:, None, :]  # (F, C) -> (B*F, 1, C)
 
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks, strict=True):
             tokens = spatial(tokens, context)
-            tokens = self.time_mixer(tokens, temporal(tokens + pos, context, num_frames))
+            tokens = self.time_mixer(tokens, temporal(tokens, context, num_frames, pos))
 
         out = self.proj_out(tokens).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, H*W, C) -> (B*F, C, H, W)
         # residual first: the sum then takes the residual's memory format (NCHW or channels_last), with no copy.

@@ -1,0 +1,196 @@
+"""The transformer blocks' residual add fused with the LayerNorm that follows it: one Triton kernel reads the
+residual stream and the sub-layer's output once and writes both the new residual stream and its normalized copy.
+
+Why: at SVD's first level every residual sum is a 295 MB tensor that the next LayerNorm reads and the next residual
+add reads again. Eager, the add and the norm are two kernels (5 full-size passes: read 2 and write 1, read 1 and
+write 1). Compiled, inductor fuses the add into the norm but does not store the sum: each later reader recomputes it
+from its parts, so the norms' kernels and the time mixer's blend re-read two to four full-size tensors each (run 53:
+33 full-size passes in a first-level spatio-temporal transformer where 25 would do; the compiled kernels' own list is
+in BENCHMARKS.md). Here each sum is written once, beside its norm: 4 passes.
+
+Same function as the reference up to rounding: the sum is formed in float32 and rounded once (the reference rounds
+after each add, inductor once, as here), and the norm's statistics are taken in float32 from the rounded sum (as
+the reference's LayerNorm kernel does from its input). Triton is imported lazily (`fused`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from img2vid import fused
+
+ROWS_ELEMENTS = 4096  # elements of a program's tile (rows x the power-of-two width): a few KB per load per warp
+WARPS = 4
+
+
+def add_norm_supported(x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
+    """Whether to call `add_layer_norm` for these operands: a CUDA float16 forward over the last dim with an affine
+    norm (the dtype the kernel was measured in, as `fused.geglu_supported`). Tensor properties only, so that
+    torch.compile decides this while tracing."""
+    return (
+        x.is_cuda
+        and x.dtype == y.dtype == torch.float16
+        and x.shape == y.shape
+        and norm.weight is not None
+        and norm.bias is not None
+        and tuple(norm.normalized_shape) == (x.shape[-1],)
+        and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or norm.weight.requires_grad))
+    )
+
+
+def add_norm_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vec: torch.Tensor | None,
+    vec_div: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain ops of `add_layer_norm` (its fallback and its tests' reference), in x's dtype on x's device."""
+    s = x + y
+    if vec is not None:
+        s = _add_row_vectors(s, vec, vec_div)
+    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+
+
+def _add_row_vectors(s: torch.Tensor, vec: torch.Tensor, div: int) -> torch.Tensor:
+    """s (M, C) + vec[(r // div) % V] on row r, for vec (V, C), as a broadcast (no (M, C) copy of the vectors)."""
+    m, c = s.shape
+    v = vec.shape[0]
+    if m % (div * v):
+        rows = (torch.arange(m, device=s.device) // div) % v  # a ragged last period: index the rows instead
+        return s + vec[rows]
+    # (M, C) -> (M / (div V), V, div, C): row r sits at [r // (div V), (r // div) % V, r % div]
+    return (s.view(-1, v, div, c) + vec[:, None, :]).view(m, c)
+
+
+@torch.library.custom_op("img2vid::add_layer_norm", mutates_args=())
+def add_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vec: torch.Tensor | None,
+    vec_div: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, layer_norm(s)) for s = x + y (+ vec[(r // vec_div) % V] on row r): x, y (M, C); vec (V, C) or None,
+    a per-row vector (SVD: the one-token cross-attention update per video, the frame embedding per frame).
+
+    A custom op so torch.compile calls it as one opaque call: its two outputs are then stored tensors, which is the
+    point (see the module docstring). Where the kernel cannot run it returns the plain ops."""
+    if not _kernel_fits(x, y, vec):
+        return add_norm_reference(x, y, vec, vec_div, weight, bias, eps)
+    s, n = torch.empty_like(x), torch.empty_like(x)
+    launch_add_norm(x.contiguous(), y.contiguous(), vec, vec_div, weight, bias, eps, s, n)
+    return s, n
+
+
+@add_layer_norm.register_fake
+def _(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vec: torch.Tensor | None,
+    vec_div: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _kernel_fits(x: torch.Tensor, y: torch.Tensor, vec: torch.Tensor | None) -> bool:
+    """Whether the kernel runs here: Triton on a Hopper or later card (where it was measured), 2-D operands whose
+    elements 32-bit offsets address (the kernel's arithmetic), and a vector on the same device."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.shape[0] > 0
+        and x.numel() < 2**31
+        and x.is_contiguous()
+        and (vec is None or (vec.device == x.device and vec.dim() == 2 and vec.shape[1] == x.shape[1]))
+        and fused._kernels_run_on(x.device)
+    )
+
+
+def launch_add_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vec: torch.Tensor | None,
+    vec_div: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    s: torch.Tensor,
+    n: torch.Tensor,
+) -> None:
+    """Run the kernel into s and n; x, y, s, n contiguous (M, C). Also runs under Triton's CPU interpreter
+    (TRITON_INTERPRET=1), which is how the CPU tests check its maths and masks."""
+    m, c = x.shape
+    block_c = 1 << (c - 1).bit_length()
+    rows = max(1, ROWS_ELEMENTS // block_c)
+    has_vec = vec is not None
+    vec_arg = vec.contiguous() if has_vec else x  # an unread placeholder pointer
+    _kernel()[(fused.triton_cdiv(m, rows),)](
+        x, y, vec_arg, weight.contiguous(), bias.contiguous(), s, n, m, vec_div, vec.shape[0] if has_vec else 1, eps,
+        C=c, BLOCK_C=block_c, ROWS=rows, HAS_VEC=has_vec, num_warps=WARPS,
+    )  # fmt: skip
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The jitted kernel, built on first use: importing img2vid must not need Triton."""
+    import triton
+    import triton.language as tl
+
+    # Row counts and vector strides change with the level and the video: one build per width serves them all
+    @triton.jit(do_not_specialize=["M", "VEC_DIV", "VEC_ROWS"])
+    def add_norm_kernel(
+        x_ptr, y_ptr, v_ptr, w_ptr, b_ptr, s_ptr, n_ptr, M, VEC_DIV, VEC_ROWS, eps,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, HAS_VEC: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+        col = tl.arange(0, BLOCK_C)  # (BLOCK_C,): C padded to a power of two, the padding masked
+        row_ok = row < M
+        col_ok = col < C
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = row[:, None] * C + col[None, :]  # (ROWS, BLOCK_C)
+        s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s += tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_VEC:
+            vrow = (row // VEC_DIV) % VEC_ROWS  # (ROWS,): the vector row each token row adds
+            s += tl.load(v_ptr + vrow[:, None] * C + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        s_out = s.to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, s_out, mask=mask)
+        # The norm reads the sum as stored (rounded), as the reference's LayerNorm reads its input
+        t = s_out.to(tl.float32)
+        mean = tl.sum(t, axis=1) / C  # padded columns are zeros
+        d = tl.where(col_ok[None, :], t - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=1) / C + eps)
+        w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        out = d * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(n_ptr + offs, out.to(n_ptr.dtype.element_ty), mask=mask)
+
+    return add_norm_kernel
+
+
+def add_norm(
+    x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm, vec: torch.Tensor | None = None, vec_div: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s)) for s = x + y (+ vec[(r // vec_div) % V] on token row r) and x, y (..., C): the op where it is
+    supported (`add_norm_supported`), the plain ops otherwise. Token rows count over all leading dims."""
+    shape = x.shape
+    c = shape[-1]
+    if add_norm_supported(x, y, norm):
+        s, n = add_layer_norm(x.reshape(-1, c), y.reshape(-1, c), vec, vec_div, norm.weight, norm.bias, norm.eps)
+        return s.view(shape), n.view(shape)  # (M, C) -> (..., C)
+    s = x + y
+    if vec is not None:
+        s = _add_row_vectors(s.reshape(-1, c), vec, vec_div).view(shape)
+    return s, norm(s)
