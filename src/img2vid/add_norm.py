@@ -10,7 +10,9 @@ in BENCHMARKS.md). Here each sum is written once, beside its norm: 4 passes.
 
 Same function as the reference up to rounding: the sum is formed in float32 and rounded once (the reference rounds
 after each add, inductor once, as here), and the norm's statistics are taken in float32 from the rounded sum (as
-the reference's LayerNorm kernel does from its input). Triton is imported lazily (`fused`).
+the reference's LayerNorm kernel does from its input). The same kernel also serves the eager LayerNorms that follow
+no add (`layer_norm`): PyTorch's kernel took 0.71 ms a call at SVD's first level (C = 320), 3.5x its bandwidth floor
+(run 56). Triton is imported lazily (`fused`).
 """
 
 from __future__ import annotations
@@ -27,18 +29,19 @@ ROWS_ELEMENTS = 4096  # elements of a program's tile (rows x the power-of-two wi
 WARPS = 4
 
 
-def add_norm_supported(x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
-    """Whether to call `add_layer_norm` for these operands: a CUDA float16 forward over the last dim with an affine
-    norm (the dtype the kernel was measured in, as `fused.geglu_supported`). Tensor properties only, so that
-    torch.compile decides this while tracing."""
+def norm_supported(x: torch.Tensor, norm: torch.nn.LayerNorm, y: torch.Tensor | None = None) -> bool:
+    """Whether to call the ops for these operands: a CUDA float16 forward over the last dim with an affine norm (the
+    dtype the kernel was measured in, as `fused.geglu_supported`). Tensor properties only, so that torch.compile
+    decides this while tracing."""
     return (
         x.is_cuda
-        and x.dtype == y.dtype == torch.float16
-        and x.shape == y.shape
+        and x.dtype == torch.float16
+        and (y is None or (y.dtype == x.dtype and y.shape == x.shape))
         and norm.weight is not None
         and norm.bias is not None
         and tuple(norm.normalized_shape) == (x.shape[-1],)
-        and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or norm.weight.requires_grad))
+        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+        and not (torch.is_grad_enabled() and y is not None and y.requires_grad)
     )
 
 
@@ -47,15 +50,17 @@ def add_norm_reference(
     y: torch.Tensor,
     vec: torch.Tensor | None,
     vec_div: int,
+    vec_in_sum: bool,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain ops of `add_layer_norm` (its fallback and its tests' reference), in x's dtype on x's device."""
     s = x + y
-    if vec is not None:
+    if vec is not None and vec_in_sum:
         s = _add_row_vectors(s, vec, vec_div)
-    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+    t = _add_row_vectors(s, vec, vec_div) if vec is not None and not vec_in_sum else s
+    return s, F.layer_norm(t, t.shape[-1:], weight, bias, eps)
 
 
 def _add_row_vectors(s: torch.Tensor, vec: torch.Tensor, div: int) -> torch.Tensor:
@@ -75,19 +80,21 @@ def add_layer_norm(
     y: torch.Tensor,
     vec: torch.Tensor | None,
     vec_div: int,
+    vec_in_sum: bool,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, layer_norm(s)) for s = x + y (+ vec[(r // vec_div) % V] on row r): x, y (M, C); vec (V, C) or None,
-    a per-row vector (SVD: the one-token cross-attention update per video, the frame embedding per frame).
+    """(s, layer_norm(t)) for x, y (M, C) and s = x + y, where vec (V, C) or None adds vec[(r // vec_div) % V] to
+    row r of s (vec_in_sum) or only to the norm's input t = s + vec (otherwise; t = s without vec). SVD's vectors:
+    the one-token cross-attention update per video, the frame embedding per frame.
 
     A custom op so torch.compile calls it as one opaque call: its two outputs are then stored tensors, which is the
     point (see the module docstring). Where the kernel cannot run it returns the plain ops."""
-    if not _kernel_fits(x, y, vec):
-        return add_norm_reference(x, y, vec, vec_div, weight, bias, eps)
+    if not _kernel_fits(x, vec):
+        return add_norm_reference(x, y, vec, vec_div, vec_in_sum, weight, bias, eps)
     s, n = torch.empty_like(x), torch.empty_like(x)
-    launch_add_norm(x.contiguous(), y.contiguous(), vec, vec_div, weight, bias, eps, s, n)
+    launch_add_norm(x.contiguous(), y.contiguous(), vec, vec_div, vec_in_sum, weight, bias, eps, s, n)
     return s, n
 
 
@@ -97,6 +104,7 @@ def _(
     y: torch.Tensor,
     vec: torch.Tensor | None,
     vec_div: int,
+    vec_in_sum: bool,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
@@ -104,7 +112,22 @@ def _(
     return torch.empty_like(x), torch.empty_like(x)
 
 
-def _kernel_fits(x: torch.Tensor, y: torch.Tensor, vec: torch.Tensor | None) -> bool:
+@torch.library.custom_op("img2vid::layer_norm", mutates_args=())
+def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """layer_norm over the last dim of x (M, C) with the add kernel's norm (no add, no stored sum)."""
+    if not _kernel_fits(x, None):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    n = torch.empty_like(x)
+    launch_add_norm(x.contiguous(), None, None, 1, True, weight, bias, eps, None, n)
+    return n
+
+
+@layer_norm_rows.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _kernel_fits(x: torch.Tensor, vec: torch.Tensor | None) -> bool:
     """Whether the kernel runs here: Triton on a Hopper or later card (where it was measured), 2-D operands whose
     elements 32-bit offsets address (the kernel's arithmetic), and a vector on the same device."""
     return (
@@ -112,7 +135,6 @@ def _kernel_fits(x: torch.Tensor, y: torch.Tensor, vec: torch.Tensor | None) -> 
         and x.dim() == 2
         and x.shape[0] > 0
         and x.numel() < 2**31
-        and x.is_contiguous()
         and (vec is None or (vec.device == x.device and vec.dim() == 2 and vec.shape[1] == x.shape[1]))
         and fused._kernels_run_on(x.device)
     )
@@ -120,25 +142,28 @@ def _kernel_fits(x: torch.Tensor, y: torch.Tensor, vec: torch.Tensor | None) -> 
 
 def launch_add_norm(
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     vec: torch.Tensor | None,
     vec_div: int,
+    vec_in_sum: bool,
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
-    s: torch.Tensor,
+    s: torch.Tensor | None,
     n: torch.Tensor,
 ) -> None:
-    """Run the kernel into s and n; x, y, s, n contiguous (M, C). Also runs under Triton's CPU interpreter
+    """Run the kernel: n = layer_norm of (x [+ y] [+ vec rows]) and, if s is given, s = the sum (see
+    `add_layer_norm` for vec_in_sum); x, y, s, n contiguous (M, C). Also runs under Triton's CPU interpreter
     (TRITON_INTERPRET=1), which is how the CPU tests check its maths and masks."""
     m, c = x.shape
     block_c = 1 << (c - 1).bit_length()
     rows = max(1, ROWS_ELEMENTS // block_c)
-    has_vec = vec is not None
-    vec_arg = vec.contiguous() if has_vec else x  # an unread placeholder pointer
+    # unread placeholders for the absent operands (their loads and stores are compiled out)
     _kernel()[(fused.triton_cdiv(m, rows),)](
-        x, y, vec_arg, weight.contiguous(), bias.contiguous(), s, n, m, vec_div, vec.shape[0] if has_vec else 1, eps,
-        C=c, BLOCK_C=block_c, ROWS=rows, HAS_VEC=has_vec, num_warps=WARPS,
+        x, x if y is None else y, x if vec is None else vec.contiguous(), weight.contiguous(), bias.contiguous(),
+        n if s is None else s, n, m, vec_div, 1 if vec is None else vec.shape[0], eps,
+        C=c, BLOCK_C=block_c, ROWS=rows, HAS_Y=y is not None, HAS_VEC=vec is not None, VEC_IN_SUM=vec_in_sum,
+        STORE_SUM=s is not None, num_warps=WARPS,
     )  # fmt: skip
 
 
@@ -152,7 +177,8 @@ def _kernel() -> Any:
     @triton.jit(do_not_specialize=["M", "VEC_DIV", "VEC_ROWS"])
     def add_norm_kernel(
         x_ptr, y_ptr, v_ptr, w_ptr, b_ptr, s_ptr, n_ptr, M, VEC_DIV, VEC_ROWS, eps,
-        C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, HAS_VEC: tl.constexpr,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, HAS_Y: tl.constexpr, HAS_VEC: tl.constexpr,
+        VEC_IN_SUM: tl.constexpr, STORE_SUM: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
         col = tl.arange(0, BLOCK_C)  # (BLOCK_C,): C padded to a power of two, the padding masked
@@ -160,37 +186,64 @@ def _kernel() -> Any:
         col_ok = col < C
         mask = row_ok[:, None] & col_ok[None, :]
         offs = row[:, None] * C + col[None, :]  # (ROWS, BLOCK_C)
+        dtype = n_ptr.dtype.element_ty
         s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s += tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Y:
+            s += tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_VEC:
             vrow = (row // VEC_DIV) % VEC_ROWS  # (ROWS,): the vector row each token row adds
-            s += tl.load(v_ptr + vrow[:, None] * C + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        s_out = s.to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + offs, s_out, mask=mask)
-        # The norm reads the sum as stored (rounded), as the reference's LayerNorm reads its input
+            v = tl.load(v_ptr + vrow[:, None] * C + col[None, :], mask=mask, other=0.0).to(tl.float32)
+            if VEC_IN_SUM:
+                s += v
+        # The norm reads the sum as the reference holds it, rounded (and, for a vector outside the sum, the sum
+        # plus the vector rounded again), as the reference's LayerNorm reads its input
+        s_out = s.to(dtype)
+        if STORE_SUM:
+            tl.store(s_ptr + offs, s_out, mask=mask)
         t = s_out.to(tl.float32)
+        if HAS_VEC:
+            if not VEC_IN_SUM:
+                t = (t + v).to(dtype).to(tl.float32)
         mean = tl.sum(t, axis=1) / C  # padded columns are zeros
         d = tl.where(col_ok[None, :], t - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(d * d, axis=1) / C + eps)
         w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
         out = d * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(n_ptr + offs, out.to(n_ptr.dtype.element_ty), mask=mask)
+        tl.store(n_ptr + offs, out.to(dtype), mask=mask)
 
     return add_norm_kernel
 
 
 def add_norm(
-    x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm, vec: torch.Tensor | None = None, vec_div: int = 1
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: torch.nn.LayerNorm,
+    vec: torch.Tensor | None = None,
+    vec_div: int = 1,
+    vec_in_sum: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, norm(s)) for s = x + y (+ vec[(r // vec_div) % V] on token row r) and x, y (..., C): the op where it is
-    supported (`add_norm_supported`), the plain ops otherwise. Token rows count over all leading dims."""
+    """(s, norm(t)) for x, y (..., C) and s = x + y, with vec (V, C) added to token row r as vec[(r // vec_div) % V]
+    in s (vec_in_sum) or in t = s + vec only (otherwise; without vec t = s). Token rows count over all leading
+    dims. The op where it is supported (`norm_supported`), the plain ops otherwise."""
     shape = x.shape
     c = shape[-1]
-    if add_norm_supported(x, y, norm):
-        s, n = add_layer_norm(x.reshape(-1, c), y.reshape(-1, c), vec, vec_div, norm.weight, norm.bias, norm.eps)
+    if norm_supported(x, norm, y):
+        s, n = add_layer_norm(
+            x.reshape(-1, c), y.reshape(-1, c), vec, vec_div, vec_in_sum, norm.weight, norm.bias, norm.eps
+        )
         return s.view(shape), n.view(shape)  # (M, C) -> (..., C)
     s = x + y
-    if vec is not None:
-        s = _add_row_vectors(s.reshape(-1, c), vec, vec_div).view(shape)
-    return s, norm(s)
+    if vec is None:
+        return s, norm(s)
+    with_vec = _add_row_vectors(s.reshape(-1, c), vec, vec_div).view(shape)
+    return (with_vec, norm(with_vec)) if vec_in_sum else (s, norm(with_vec))
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """norm(x): eager CUDA float16 calls run the kernel above, compiled graphs keep the module (inductor's fused
+    LayerNorm is at the bandwidth floor already: 0.195 ms at SVD's first level, run 56)."""
+    if torch.compiler.is_compiling() or not norm_supported(x, norm):
+        return norm(x)
+    c = x.shape[-1]
+    return layer_norm_rows(x.reshape(-1, c), norm.weight, norm.bias, norm.eps).view(x.shape)  # (M, C) -> (..., C)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid import fused
-from img2vid.add_norm import add_norm
+from img2vid.add_norm import add_norm, layer_norm
 from img2vid.layers import (
     attention,
     frame_attention,
@@ -300,8 +300,15 @@ class SpatialTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B*F, H*W, C); context: (B, S, D)."""
-        x, h = _cross_attend_norm(x, self.attn1(self.norm1(x)), self.attn2, context, (self.norm2, self.norm3))
-        return x + _feed_forward(self.ff, h, self.chunk_size, x.shape[self.chunk_dim])
+        x, f = self.parts(x, context)
+        return x + f
+
+    def parts(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The block's output as its two addends (residual stream, feed-forward output), so that the caller can
+        form the sum together with the next norm (`add_norm`)."""
+        update = self.attn1(layer_norm(x, self.norm1))
+        x, h = _cross_attend_norm(x, update, self.attn2, context, (self.norm2, self.norm3))
+        return x, _feed_forward(self.ff, h, self.chunk_size, x.shape[self.chunk_dim])
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -332,10 +339,15 @@ class TemporalTransformerBlock(nn.Module):
         The reference transposes the tokens to (B*H*W, F, C) for this block and back after it. Every layer here but
         the self-attention is per token, and that one runs along the frame axis in place (`frame_attention`), so
         the tokens stay frame-major: two full-size transposing copies fewer per block. The sum x + pos is never
-        stored: the first norm takes it as a broadcast and the first residual add adds pos again (`add_norm`)."""
+        stored: the first norm adds pos to its input and the first residual add adds it again (`add_norm`)."""
         bf, seq, c = x.shape
         x_in = x.view(-1, num_frames, seq, c) + pos[:, None]  # (B, F, L, C) view: pos broadcasts over each frame
-        h = _feed_forward(self.ff_in, self.norm_in(x_in).view(bf, seq, c), self.chunk_size, num_frames)
+        return self.after_norm_in(x, layer_norm(x_in, self.norm_in).view(bf, seq, c), context, num_frames, pos)
+
+    def after_norm_in(self, x: Tensor, h: Tensor, context: Tensor, num_frames: int, pos: Tensor) -> Tensor:
+        """`forward` from h = norm_in(x + pos) on (`SpatioTemporalTransformer` forms h with the sum before it)."""
+        seq = x.shape[1]
+        h = _feed_forward(self.ff_in, h, self.chunk_size, num_frames)
         x, h = add_norm(x, h, self.norm1, pos, seq)  # token row r is in frame (r // L) % F
         x, h = _cross_attend_norm(x, self.attn1(h, frames=num_frames), self.attn2, context, (self.norm2, self.norm3))
         return x + _feed_forward(self.ff, h, self.chunk_size, num_frames)
@@ -372,8 +384,10 @@ class SpatioTemporalTransformer(nn.Module):
         pos = self.time_pos_embed(timestep_embedding(frame_index, c))  # (F, C)
 
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks, strict=True):
-            tokens = spatial(tokens, context)
-            tokens = self.time_mixer(tokens, temporal(tokens, context, num_frames, pos))
+            x, f = spatial.parts(tokens, context)  # the spatial block's output is x + f
+            # that sum stored once, with the temporal block's first norm of it plus the frame embedding
+            x, normed = add_norm(x, f, temporal.norm_in, pos, h * w, vec_in_sum=False)  # row r: frame (r // HW) % F
+            tokens = self.time_mixer(x, temporal.after_norm_in(x, normed, context, num_frames, pos))
 
         out = self.proj_out(tokens).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, H*W, C) -> (B*F, C, H, W)
         # residual first: the sum then takes the residual's memory format (NCHW or channels_last), with no copy.
