@@ -259,3 +259,45 @@ def test_compiles_fullgraph_on_cpu() -> None:
         expected = ours(*inputs)
         got = compiled(*inputs)
     assert _rel(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize("units", ["transformer blocks", "whole transformers"])
+def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequential offload brings a unit's weights to the device in the unit's forward pre-hook and takes them away
+    after it: a weight read outside its unit's own call would still be the CPU copy (on a GPU, a device error).
+    Here the CPU copies hold NaNs and only the copies a unit's hook brings in hold the weights, so any such read
+    poisons the output: the offloaded UNet must give the plain UNet's output exactly. Unit sizes as the planner
+    picks them for SVD-XT's 128 MB units: at the third level the spatial and temporal transformer blocks are units
+    of their own, at the first the whole spatio-temporal transformer is one. (Offloading to the CPU itself cannot
+    show this: there the copies are the weights.)"""
+    from img2vid.offload import SequentialOffload
+    from img2vid.unet_blocks import SpatialTransformerBlock, SpatioTemporalTransformer, TemporalTransformerBlock
+
+    def size(m: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    monkeypatch.setattr(SequentialOffload, "RESIDENT_BYTES", 0)
+    cfg = preset("tiny").unet
+    torch.manual_seed(0)
+    plain = UNet(cfg).eval()
+    unet = UNet(cfg).eval()
+    unet.load_state_dict(plain.state_dict())
+    kinds = (SpatialTransformerBlock, TemporalTransformerBlock)
+    if units == "whole transformers":
+        kinds = (SpatioTemporalTransformer,)
+    unit_bytes = max(size(m) for m in unet.modules() if isinstance(m, kinds))
+    offload = SequentialOffload(unet, torch.device("cpu"), unit_bytes=unit_bytes)
+    assert any(isinstance(m, kinds) for m in offload.streamed)  # the case this parameter is about
+    weights = {p: c.clone() for p, c in offload.cpu_copies.items()}
+    for c in offload.cpu_copies.values():
+        c.fill_(float("nan"))  # what a parameter holds outside its unit's call
+    monkeypatch.setattr(offload, "_copy", lambda m: [weights[p].clone() for p in offload.streamed[m]])
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, cfg.in_channels, 8, 12)
+    emb = torch.randn(2, 1, cfg.cross_attention_dim[0])
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * 2)
+    with torch.no_grad():
+        expected = plain(x, torch.tensor(0.5), emb, ids)
+        out = unet(x, torch.tensor(0.5), emb, ids)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -298,14 +298,10 @@ class SpatialTransformerBlock(nn.Module):
     def set_chunk_feed_forward(self, chunk_size: int | None, dim: int) -> None:
         self.chunk_size, self.chunk_dim = chunk_size, dim
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x: (B*F, H*W, C); context: (B, S, D)."""
-        x, f = self.parts(x, context)
-        return x + f
-
-    def parts(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
-        """The block's output as its two addends (residual stream, feed-forward output), so that the caller can
-        form the sum together with the next norm (`add_norm`)."""
+    def forward(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B*F, H*W, C); context: (B, S, D). Returns the block's output as its two addends (the residual stream
+        and the feed-forward's output), so that the next block forms their sum together with its first norm
+        (`add_norm`)."""
         update = self.attn1(layer_norm(x, self.norm1))
         x, h = _cross_attend_norm(x, update, self.attn2, context, (self.norm2, self.norm3))
         return x, _feed_forward(self.ff, h, self.chunk_size, x.shape[self.chunk_dim])
@@ -331,26 +327,25 @@ class TemporalTransformerBlock(nn.Module):
         # Like diffusers, always slice over frames (as many tokens as `chunk_size` frames hold): `dim` is ignored.
         self.chunk_size = chunk_size
 
-    def forward(self, x: Tensor, context: Tensor, num_frames: int, pos: Tensor) -> Tensor:
-        """The block on x + pos, for x: (B*F, H*W, C) and the frame embedding pos: (F, C) (added to each frame's
-        tokens first, as the reference does before the block); context: (B, S, D) (the reference also uses each
-        video's first-frame context).
+    def forward(self, x: Tensor, f: Tensor, context: Tensor, num_frames: int, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """The block on x + f + pos, where x + f is the spatial block's output (its two addends, x, f: (B*F, H*W, C))
+        and pos: (F, C) the frame embedding (added to each frame's tokens first, as the reference does before the
+        block); context: (B, S, D) (the reference also uses each video's first-frame context). Returns (x + f, the
+        block's output), the time mixer's two inputs.
 
         The reference transposes the tokens to (B*H*W, F, C) for this block and back after it. Every layer here but
         the self-attention is per token, and that one runs along the frame axis in place (`frame_attention`), so
-        the tokens stay frame-major: two full-size transposing copies fewer per block. The sum x + pos is never
-        stored: the first norm adds pos to its input and the first residual add adds it again (`add_norm`)."""
-        bf, seq, c = x.shape
-        x_in = x.view(-1, num_frames, seq, c) + pos[:, None]  # (B, F, L, C) view: pos broadcasts over each frame
-        return self.after_norm_in(x, layer_norm(x_in, self.norm_in).view(bf, seq, c), context, num_frames, pos)
-
-    def after_norm_in(self, x: Tensor, h: Tensor, context: Tensor, num_frames: int, pos: Tensor) -> Tensor:
-        """`forward` from h = norm_in(x + pos) on (`SpatioTemporalTransformer` forms h with the sum before it)."""
+        the tokens stay frame-major: two full-size transposing copies fewer per block. The spatial output x + f is
+        stored once, with this block's first norm of it plus pos, and x + f + pos never is: the first residual add
+        adds pos again (`add_norm`). All of it inside this module's call, where sequential offload has brought its
+        weights in."""
         seq = x.shape[1]
+        x, h = add_norm(x, f, self.norm_in, pos, seq, vec_in_sum=False)  # token row r is in frame (r // L) % F
+        spatial_out = x
         h = _feed_forward(self.ff_in, h, self.chunk_size, num_frames)
         x, h = add_norm(x, h, self.norm1, pos, seq)  # token row r is in frame (r // L) % F
         x, h = _cross_attend_norm(x, self.attn1(h, frames=num_frames), self.attn2, context, (self.norm2, self.norm3))
-        return x + _feed_forward(self.ff, h, self.chunk_size, num_frames)
+        return spatial_out, x + _feed_forward(self.ff, h, self.chunk_size, num_frames)
 
 
 class SpatioTemporalTransformer(nn.Module):
@@ -384,10 +379,8 @@ class SpatioTemporalTransformer(nn.Module):
         pos = self.time_pos_embed(timestep_embedding(frame_index, c))  # (F, C)
 
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks, strict=True):
-            x, f = spatial.parts(tokens, context)  # the spatial block's output is x + f
-            # that sum stored once, with the temporal block's first norm of it plus the frame embedding
-            x, normed = add_norm(x, f, temporal.norm_in, pos, h * w, vec_in_sum=False)  # row r: frame (r // HW) % F
-            tokens = self.time_mixer(x, temporal.after_norm_in(x, normed, context, num_frames, pos))
+            x, f = spatial(tokens, context)  # the spatial block's output is x + f
+            tokens = self.time_mixer(*temporal(x, f, context, num_frames, pos))
 
         out = self.proj_out(tokens).reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, H*W, C) -> (B*F, C, H, W)
         # residual first: the sum then takes the residual's memory format (NCHW or channels_last), with no copy.
