@@ -169,3 +169,29 @@ def test_keyed_on_the_weights_layout(tmp_path):
     channels_last_(conv)
     torch.testing.assert_close(fn(x, conv), conv_silu(x, conv))
     assert fn.compiled == 2 and len(artifacts(tmp_path)) == 2
+
+
+def custom_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """img2vid's custom ops as a compiled step calls them on a GPU (here each computes its fallback inside)."""
+    from img2vid import add_norm, fused
+
+    h = fused.geglu_linear(x, w, b)  # (6*4, 8) -> (24, 16)
+    s, n = add_norm.add_layer_norm(h, h * 0.5, vec, 4, False, b[:16], b[16:], 1e-5)  # vec (3, 16): one per 4 rows
+    q = n.view(6, 4, 16)  # 2 videos of 3 frames, 4 tokens, 2 heads of 8
+    return fused.frame_attention(q, q, s.view(6, 4, 16), 2, 3) + add_norm.layer_norm_rows(s, b[:16], b[16:], 1e-5).view(
+        6, 4, 16
+    )
+
+
+@torch.no_grad()
+def test_img2vid_ops_are_saved_in_and_loaded_from_artifacts(tmp_path):
+    """The compiled step's artifacts hold calls of img2vid's custom ops (with optional tensors, ints, floats and
+    bools among their arguments): a later caller loads and runs them without compiling."""
+    torch.manual_seed(0)
+    args = (torch.randn(24, 8), torch.randn(32, 8), torch.randn(32), torch.randn(3, 16))
+    want = custom_ops(*args)
+    first = PrecompiledFunction(custom_ops, tmp_path)
+    torch.testing.assert_close(first(*args), want)
+    later = PrecompiledFunction(custom_ops, tmp_path)
+    torch.testing.assert_close(later(*args), want)
+    assert (first.compiled, later.compiled, later.loaded) == (1, 0, 1)
