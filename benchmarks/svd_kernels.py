@@ -3,6 +3,7 @@
 
     python benchmarks/svd_kernels.py            # on the GPU: tile sweep of the fused GEGLU, frame attention
     python benchmarks/svd_kernels.py --tiny     # logic check on the CPU (Triton's interpreter, tiny shapes)
+    python benchmarks/svd_kernels.py --sections add_norm   # some of the sections below only
 
 1. The fused GEGLU projection (`fused.geglu_linear`) against the compiled reference (`torch.compile` of
    linear + chunk + gelu * h: cuBLAS for the product, one inductor kernel for the gating), per UNet level
@@ -14,6 +15,9 @@
 3. The VAE mid block's single 512-wide head over a 72x128 latent frame, 8 frames (a decode chunk): SDPA (its
    memory-efficient kernel: flash and cuDNN stop at head dim 256) against `layers.wide_head_attention` compiled
    (what compiled graphs run), errors against float64 on the first frame.
+4. The transformer blocks' residual add + LayerNorm per UNet level (s = x + y + a vector per video, n = norm(s),
+   both written): PyTorch's eager kernels, the same ops compiled (one inductor kernel), and img2vid's kernel
+   (`add_norm.add_layer_norm`); errors of n against float64.
 Prints median milliseconds of 20 calls and writes the same table to --out/svd_kernels.txt.
 """
 
@@ -30,10 +34,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_utils import median_event_ms, rel  # noqa: E402
 
-from img2vid import fused, layers  # noqa: E402
+from img2vid import add_norm, fused, layers  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--tiny", action="store_true")
+ap.add_argument("--sections", default="geglu,frame,wide,add_norm", help="comma list of: geglu, frame, wide, add_norm")
 ap.add_argument("--out", default=os.environ.get("OUT", "."))
 args = ap.parse_args()
 if args.tiny:
@@ -69,6 +74,10 @@ ATTN_SHAPES = (
 )
 # (frames, tokens, head dim) of the VAE mid-block attention; the tiny check runs float32 (no half bmm on the CPU)
 WIDE_SHAPE = (2, 20, 300) if args.tiny else (8, 9216, 512)
+# (name, rows M, channels C, videos): the residual stream per level (2 x 25 frames x pixels tokens)
+NORM_SHAPES = (
+    [("tiny", 60, 40, 2)] if args.tiny else [("L1", 460800, 320, 2), ("L2", 115200, 640, 2), ("L3", 28800, 1280, 2)]
+)
 ROWS: list[str] = []
 
 
@@ -149,12 +158,46 @@ def wide_attention_rows() -> None:
         say(f"wide attention [{frames}x1x{tokens}x{d}] {label}: {ms:.2f} ms, first-frame err {err:.1e}")
 
 
+def _add_then_norm(x, y, vec, div, w, b):
+    """The reference's ops: the residual add, the per-video vector, the LayerNorm (its fallback's maths)."""
+    return add_norm.add_norm_reference(x, y, vec, div, True, w, b, 1e-5)
+
+
+@torch.no_grad()
+def add_norm_rows() -> None:
+    compiled = torch.compile(_add_then_norm, fullgraph=True, dynamic=False) if DEV.type == "cuda" else _add_then_norm
+    for name, m, c, videos in NORM_SHAPES:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x, y = (torch.randn(m, c, generator=g).to(DEV, DT) for _ in range(2))
+        vec = torch.randn(videos, c, generator=g).to(DEV, DT)
+        w, b = (torch.randn(c, generator=g).to(DEV, DT) for _ in range(2))
+        div = m // videos
+        truth = _add_then_norm(x.double(), y.double(), vec.double(), div, w.double(), b.double())[1]
+        gb = 4 * m * c * x.element_size() / 1e9  # x, y read; s, n written
+
+        def kernel(x=x, y=y, vec=vec, div=div, w=w, b=b):
+            s, n = torch.empty_like(x), torch.empty_like(x)  # the op's outputs
+            add_norm.launch_add_norm(x, y, vec, div, True, w, b, 1e-5, s, n)
+            return s, n
+
+        eager = partial(_add_then_norm, x.float(), y.float(), vec.float(), div, w.float(), b.float())
+        variants = [("eager ops", partial(_add_then_norm, x, y, vec, div, w, b) if DEV.type == "cuda" else eager)]
+        if DEV.type == "cuda":
+            variants.append(("compiled ops", partial(compiled, x, y, vec, div, w, b)))
+        variants.append(("add_norm kernel", kernel))  # on the CPU: Triton's interpreter
+        for label, fn in variants:
+            n = fn()[1]
+            ms = median_ms(fn, 20)
+            say(f"add+norm {name} [{m}x{c}] {label}: {ms:.3f} ms ({gb / ms:.2f} TB/s), err {rel(n, truth):.1e}, "
+                f"against float64")  # fmt: skip
+
+
 def main() -> None:
     if DEV.type == "cuda":
         say(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
-    geglu_rows()
-    attention_rows()
-    wide_attention_rows()
+    sections = {"geglu": geglu_rows, "frame": attention_rows, "wide": wide_attention_rows, "add_norm": add_norm_rows}
+    for name in args.sections.split(","):
+        sections[name]()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "svd_kernels.txt"), "w") as f:
         f.write("\n".join(ROWS) + "\n")
