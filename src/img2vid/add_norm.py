@@ -56,11 +56,20 @@ def add_norm_reference(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain ops of `add_layer_norm` (its fallback and its tests' reference), in x's dtype on x's device."""
-    s = x + y
-    if vec is not None and vec_in_sum:
-        s = _add_row_vectors(s, vec, vec_div)
-    t = _add_row_vectors(s, vec, vec_div) if vec is not None and not vec_in_sum else s
+    s, t = _sum_and_norm_input(x, y, vec, vec_div, vec_in_sum)
     return s, F.layer_norm(t, t.shape[-1:], weight, bias, eps)
+
+
+def _sum_and_norm_input(
+    x: torch.Tensor, y: torch.Tensor, vec: torch.Tensor | None, vec_div: int, vec_in_sum: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) of the plain ops for x, y (..., C): the sum s = x + y (with the row vectors if vec_in_sum) and the
+    norm's input t (s, plus the row vectors if they are not in it). Token rows count over all leading dims."""
+    s = x + y
+    if vec is None:
+        return s, s
+    with_vec = _add_row_vectors(s.reshape(-1, s.shape[-1]), vec, vec_div).view(s.shape)
+    return (with_vec, with_vec) if vec_in_sum else (s, with_vec)
 
 
 def _add_row_vectors(s: torch.Tensor, vec: torch.Tensor, div: int) -> torch.Tensor:
@@ -233,11 +242,8 @@ def add_norm(
             x.reshape(-1, c), y.reshape(-1, c), vec, vec_div, vec_in_sum, norm.weight, norm.bias, norm.eps
         )
         return s.view(shape), n.view(shape)  # (M, C) -> (..., C)
-    s = x + y
-    if vec is None:
-        return s, norm(s)
-    with_vec = _add_row_vectors(s.reshape(-1, c), vec, vec_div).view(shape)
-    return (with_vec, norm(with_vec)) if vec_in_sum else (s, norm(with_vec))
+    s, t = _sum_and_norm_input(x, y, vec, vec_div, vec_in_sum)
+    return s, norm(t)
 
 
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
