@@ -33,14 +33,16 @@ def plain(x, y, vec, div, norm, vec_in_sum=True):
 def test_kernel_matches_float64_under_interpreter() -> None:
     # Widths that pad to a power of two (320 -> 512, 40 -> 64) and one that does not pad, rows that leave the last
     # program partial, vectors per video and per frame, in the sum or in the norm's input only, one with a ragged
-    # last period; and the plain norm (no y, no vector, no stored sum: the rows with y = 0 below)
+    # last period; and the plain norm (no y, no stored sum: the rows with y = 0 below), alone and of the input plus a
+    # bias vector (`layer_norm_rows`)
     script = textwrap.dedent(
         """
         import torch
         from img2vid import add_norm as an
         torch.manual_seed(0)
         for m, c, v, div, in_sum, has_y in [(64, 320, 2, 32, 1, 1), (50, 40, 5, 3, 1, 1), (7, 1280, 0, 1, 1, 1),
-                                            (33, 96, 4, 1, 0, 1), (21, 64, 3, 5, 0, 1), (40, 320, 0, 1, 1, 0)]:
+                                            (33, 96, 4, 1, 0, 1), (21, 64, 3, 5, 0, 1), (40, 320, 0, 1, 1, 0),
+                                            (48, 320, 1, 1, 0, 0)]:
             x, y = torch.randn(m, c, dtype=torch.float64), torch.randn(m, c, dtype=torch.float64)
             y = y if has_y else torch.zeros_like(x)
             vec = torch.randn(v, c, dtype=torch.float64) if v else None
@@ -53,7 +55,7 @@ def test_kernel_matches_float64_under_interpreter() -> None:
             if has_y:
                 an.launch_add_norm(h[0], h[1], h[2], div, bool(in_sum), h[3], h[4], 1e-5, s, n)
             else:
-                an.launch_add_norm(h[0], None, None, 1, True, h[3], h[4], 1e-5, None, n)
+                an.launch_add_norm(h[0], None, h[2], div, bool(in_sum), h[3], h[4], 1e-5, None, n)
                 s = h[0]  # not written: the input itself is the sum
             rel = lambda a, r: ((a.double() - r).norm() / r.norm()).item()
             finite = bool(torch.isfinite(s).all() and torch.isfinite(n).all())
@@ -66,7 +68,7 @@ def test_kernel_matches_float64_under_interpreter() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split() for line in proc.stdout.split("\n") if line.strip()]
-    assert len(rows) == 6
+    assert len(rows) == 7
     for m, c, err_s, err_n, bar, finite in rows:
         assert finite == "True", (m, c)  # every row and column written
         assert float(err_s) < 1e-3 and float(err_n) < 1e-3, (m, c, err_s, err_n)
@@ -92,8 +94,11 @@ def test_op_off_gpu_is_the_plain_ops(vec_rows: int, div: int, vec_in_sum: bool) 
         torch.testing.assert_close(got[0], expected[0])
         torch.testing.assert_close(got[1], expected[1])
     torch.library.opcheck(an.add_layer_norm, (x, y, vec, div, vec_in_sum, w, b, norm.eps))
-    torch.library.opcheck(an.layer_norm_rows, (x, w, b, norm.eps))
+    row = torch.randn(16)
+    for v in (None, row[None]):
+        torch.library.opcheck(an.layer_norm_rows, (x, v, w, b, norm.eps))
     torch.testing.assert_close(an.layer_norm(x, norm), norm(x))
+    torch.testing.assert_close(an.layer_norm(x, norm, row), norm(x + row))  # a bias left to the norm
 
 
 def test_wrapper_dispatches_to_the_op(monkeypatch: pytest.MonkeyPatch) -> None:

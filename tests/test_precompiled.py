@@ -178,9 +178,9 @@ def custom_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, vec: torch.Ten
     h = fused.geglu_linear(x, w, b)  # (6*4, 8) -> (24, 16)
     s, n = add_norm.add_layer_norm(h, h * 0.5, vec, 4, False, b[:16], b[16:], 1e-5)  # vec (3, 16): one per 4 rows
     q = n.view(6, 4, 16)  # 2 videos of 3 frames, 4 tokens, 2 heads of 8
-    return fused.frame_attention(q, q, s.view(6, 4, 16), 2, 3) + add_norm.layer_norm_rows(s, b[:16], b[16:], 1e-5).view(
-        6, 4, 16
-    )
+    return fused.frame_attention(q, q, s.view(6, 4, 16), 2, 3) + add_norm.layer_norm_rows(
+        s, vec[:1], b[:16], b[16:], 1e-5
+    ).view(6, 4, 16)
 
 
 @torch.no_grad()

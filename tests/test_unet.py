@@ -149,7 +149,9 @@ def test_eager_feed_forward_slicing_changes_nothing(
     inputs = _inputs(2, 3, 8, 8, 1, 32, seed=5)
     calls: list[int] = []
     orig = blocks.FeedForward.forward
-    monkeypatch.setattr(blocks.FeedForward, "forward", lambda self, x: calls.append(len(x)) or orig(self, x))
+    monkeypatch.setattr(
+        blocks.FeedForward, "forward", lambda self, x, fold=True: calls.append(len(x)) or orig(self, x, fold)
+    )
     with torch.no_grad():
         base = ours(*inputs)
         whole = len(calls)
@@ -261,7 +263,7 @@ def test_compiles_fullgraph_on_cpu() -> None:
     assert _rel(got, expected) < 1e-4
 
 
-@pytest.mark.parametrize("units", ["transformer blocks", "whole transformers"])
+@pytest.mark.parametrize("units", ["transformer blocks", "whole transformers", "layers"])
 def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequential offload brings a unit's weights to the device in the unit's forward pre-hook and takes them away
     after it: a weight read outside its unit's own call would still be the CPU copy (on a GPU, a device error).
@@ -269,9 +271,15 @@ def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: p
     poisons the output: the offloaded UNet must give the plain UNet's output exactly. Unit sizes as the planner
     picks them for SVD-XT's 128 MB units: at the third level the spatial and temporal transformer blocks are units
     of their own, at the first the whole spatio-temporal transformer is one. (Offloading to the CPU itself cannot
-    show this: there the copies are the weights.)"""
+    show this: there the copies are the weights.) And units as small as single layers: modules whose forward reads
+    a child's weights (`weights_read_here`, e.g. a projection whose bias the caller adds) keep that child whole."""
     from img2vid.offload import SequentialOffload
-    from img2vid.unet_blocks import SpatialTransformerBlock, SpatioTemporalTransformer, TemporalTransformerBlock
+    from img2vid.unet_blocks import (
+        Attention,
+        SpatialTransformerBlock,
+        SpatioTemporalTransformer,
+        TemporalTransformerBlock,
+    )
 
     def size(m: torch.nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
@@ -282,10 +290,13 @@ def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: p
     plain = UNet(cfg).eval()
     unet = UNet(cfg).eval()
     unet.load_state_dict(plain.state_dict())
-    kinds = (SpatialTransformerBlock, TemporalTransformerBlock)
+    kinds: tuple[type[torch.nn.Module], ...] = (SpatialTransformerBlock, TemporalTransformerBlock)
     if units == "whole transformers":
         kinds = (SpatioTemporalTransformer,)
     unit_bytes = max(size(m) for m in unet.modules() if isinstance(m, kinds))
+    if units == "layers":  # an attention's output projection fits a unit, the attention does not
+        kinds = (torch.nn.Linear,)
+        unit_bytes = max(size(m.to_out[0]) for m in unet.modules() if isinstance(m, Attention))
     offload = SequentialOffload(unet, torch.device("cpu"), unit_bytes=unit_bytes)
     assert any(isinstance(m, kinds) for m in offload.streamed)  # the case this parameter is about
     weights = {p: c.clone() for p, c in offload.cpu_copies.items()}

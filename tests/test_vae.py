@@ -297,3 +297,39 @@ def test_spatial_frame_chunk_channels_last_and_rejects_zero() -> None:
     ours.spatial_frame_chunk = 0
     with pytest.raises(ValueError, match="spatial_frame_chunk"):
         ours.decode(z, num_frames=2)
+
+
+@pytest.mark.parametrize("temporal", [True, False])
+def test_streamed_weights_are_read_inside_their_units(temporal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the UNet's test of the same name: the offloaded CPU copies hold NaNs and only a unit's own hook brings the
+    weights in, with units as small as single layers (every weight streamed), so any weight read outside the call
+    of its unit (or of a module that names it in `weights_read_here`) poisons the frames."""
+    from img2vid.offload import SequentialOffload
+
+    def size(m: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    monkeypatch.setattr(SequentialOffload, "RESIDENT_BYTES", 0)
+    torch.manual_seed(0)
+    cfg = VAEConfig(block_out_channels=(32, 64), layers_per_block=2, temporal_decoder=temporal)
+    plain = VAE(cfg).eval()
+    perturb_(plain, 1)
+    model = VAE(cfg).eval()
+    model.load_state_dict(plain.state_dict())
+    # Units the size of the widest temporal (or, 2D, spatial) conv: the resnets that read their layers' weights
+    # (`weights_read_here`) are split, and every other layer that fits streams on its own
+    kind = torch.nn.Conv3d if temporal else torch.nn.Conv2d
+    unit_bytes = max(size(m) for m in model.modules() if isinstance(m, kind))
+    offload = SequentialOffload(model, torch.device("cpu"), unit_bytes=unit_bytes)
+    split = [m for m in model.modules() if getattr(m, "weights_read_here", ()) and size(m) > unit_bytes]
+    assert split and len(offload.streamed) > 10
+    weights = {p: c.clone() for p, c in offload.cpu_copies.items()}
+    for c in offload.cpu_copies.values():
+        c.fill_(float("nan"))
+    monkeypatch.setattr(offload, "_copy", lambda m: [weights[p].clone() for p in offload.streamed[m]])
+    x = torch.rand(4, 3, 16, 24) * 2 - 1
+    with torch.no_grad():
+        expected = plain.decode(plain.encode(x), num_frames=2)
+        out = model.decode(model.encode(x), num_frames=2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -122,17 +122,21 @@ def _(
 
 
 @torch.library.custom_op("img2vid::layer_norm", mutates_args=())
-def layer_norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """layer_norm over the last dim of x (M, C) with the add kernel's norm (no add, no stored sum)."""
-    if not _kernel_fits(x, None):
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+def layer_norm_rows(
+    x: torch.Tensor, vec: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """layer_norm over the last dim of x (M, C), or of x + vec for vec (1, C) (a bias its producer left to this
+    norm), with the add kernel's norm (no stored sum)."""
+    if not _kernel_fits(x, vec):
+        t = x if vec is None else x + vec
+        return F.layer_norm(t, t.shape[-1:], weight, bias, eps)
     n = torch.empty_like(x)
-    launch_add_norm(x.contiguous(), None, None, 1, True, weight, bias, eps, None, n)
+    launch_add_norm(x.contiguous(), None, vec, 1, vec is None, weight, bias, eps, None, n)
     return n
 
 
 @layer_norm_rows.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def _(x: torch.Tensor, vec: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -246,10 +250,12 @@ def add_norm(
     return s, norm(t)
 
 
-def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    """norm(x): eager CUDA float16 calls run the kernel above, compiled graphs keep the module (inductor's fused
-    LayerNorm is at the bandwidth floor already: 0.195 ms at SVD's first level, run 56)."""
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, vec: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x), or norm(x + vec) for a row vector vec (C,): eager CUDA float16 calls run the kernel above, compiled
+    graphs keep the module (inductor's fused LayerNorm is at the bandwidth floor already: 0.195 ms at SVD's first
+    level, run 56, and it fuses the vector's add)."""
     if torch.compiler.is_compiling() or not norm_supported(x, norm):
-        return norm(x)
+        return norm(x if vec is None else x + vec)
     c = x.shape[-1]
-    return layer_norm_rows(x.reshape(-1, c), norm.weight, norm.bias, norm.eps).view(x.shape)  # (M, C) -> (..., C)
+    rows = None if vec is None else vec.view(1, c)
+    return layer_norm_rows(x.reshape(-1, c), rows, norm.weight, norm.bias, norm.eps).view(x.shape)  # (M, C) -> (..., C)

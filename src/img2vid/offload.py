@@ -33,7 +33,9 @@ def plan_units(module: nn.Module, unit_bytes: int, resident_bytes: int) -> tuple
     """Split `module` into streaming units and always-resident parameters (no side effects).
 
     The root is never a unit (models are entered through methods such as vae.encode, not forward), nor is a
-    container without a forward of its own (ModuleList / ModuleDict): their hooks would never fire."""
+    container without a forward of its own (ModuleList / ModuleDict): their hooks would never fire. Nor is a child
+    that its parent names in `weights_read_here` (children whose weights the parent's own forward reads, such as a
+    projection whose bias the parent adds elsewhere): when such a parent is split, those children stay resident."""
     units: list[nn.Module] = []
     resident: list[nn.Parameter] = list(module.parameters(recurse=False))
 
@@ -45,8 +47,12 @@ def plan_units(module: nn.Module, unit_bytes: int, resident_bytes: int) -> tuple
             units.append(m)
         else:
             resident.extend(m.parameters(recurse=False))
-            for child in m.children():
-                visit(child)
+            read_here = getattr(m, "weights_read_here", ())
+            for name, child in m.named_children():
+                if name in read_here:
+                    resident.extend(child.parameters())
+                else:
+                    visit(child)
 
     for child in module.children():
         visit(child)

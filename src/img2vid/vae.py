@@ -34,6 +34,10 @@ _TIME_PADDING = (1, 0, 0)
 class ResnetBlock2D(nn.Module):
     """diffusers `ResnetBlock2D` without a time embedding: x + conv(silu(norm(conv(silu(norm(x))))))."""
 
+    # Children whose weights this module's own forward reads (compiled graphs' group_norm), so that sequential
+    # offload never streams them as units of their own (offload.plan_units); likewise in the modules below.
+    weights_read_here = ("norm1", "norm2")
+
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=_EPS)
@@ -88,6 +92,8 @@ class TemporalResnetBlock(nn.Module):
 
     GroupNorm over the 5D tensor takes its statistics across all frames of a video, as the reference does."""
 
+    weights_read_here = ("norm1", "conv1", "norm2", "conv2")  # read by video_group_norm and temporal_conv
+
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, channels, eps=_TEMPORAL_EPS)
@@ -139,6 +145,8 @@ class SpatioTemporalResBlock(nn.ModuleDict):
     input alive in the caller through the temporal half, and at full resolution that input is gigabytes. A ModuleDict
     so that forward-hook users (sequential offload) hook its halves, which are what actually run."""
 
+    weights_read_here = ("time_mixer",)  # its logit is read by whoever runs the halves
+
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.spatial_res_block = ResnetBlock2D(in_channels, out_channels, groups)
@@ -148,6 +156,8 @@ class SpatioTemporalResBlock(nn.ModuleDict):
 
 class Attention(nn.Module):
     """The single-head self-attention of the mid blocks (diffusers `Attention` with group norm and residual)."""
+
+    weights_read_here = ("group_norm",)
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -262,6 +272,8 @@ class UpDecoderBlock(nn.ModuleDict):
 class Encoder(nn.Module):
     """diffusers `Encoder` with DownEncoderBlock2D blocks; outputs 2 * latent_channels moments (mean, logvar)."""
 
+    weights_read_here = ("conv_norm_out",)
+
     def __init__(self, c: VAEConfig) -> None:
         super().__init__()
         ch = c.block_out_channels
@@ -286,6 +298,8 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """diffusers `TemporalDecoder` (temporal=True) or the 2D `Decoder` with UpDecoderBlock2D blocks."""
+
+    weights_read_here = ("conv_norm_out",)
 
     def __init__(self, c: VAEConfig, temporal: bool) -> None:
         super().__init__()
