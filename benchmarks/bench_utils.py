@@ -31,7 +31,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def unfuse_geglu(unet: nn.Module) -> None:
     """A/B switch: the UNet's GEGLU projections run as the plain ops instead of `fused.geglu_linear`."""
-    from img2vid.unet_blocks import GEGLU
+    from img2vid.unet_transformer import GEGLU
 
     for m in unet.modules():
         if isinstance(m, GEGLU):

@@ -135,7 +135,7 @@ def test_transformer_blocks_take_the_fused_path_per_video_and_per_frame(monkeypa
     """The spatio-temporal transformer sends its residual adds through add_norm, with the cross-attention update
     as one vector per video and the frame embedding as one vector per frame (its values against diffusers are
     test_unet's parity tests)."""
-    from img2vid import unet_blocks as ub
+    from img2vid import unet_transformer as ub
 
     torch.manual_seed(0)
     m = ub.SpatioTemporalTransformer(32, 2, 16, 1, 8).eval()

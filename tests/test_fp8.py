@@ -12,7 +12,8 @@ from torch import nn
 from img2vid.configs import preset
 from img2vid.fp8 import AMAX_FLOOR, E4M3_MAX, Fp8Linear, has_fp8_matmul, quantize_rows, quantize_unet_fp8
 from img2vid.unet import UNet
-from img2vid.unet_blocks import SpatioTemporalTransformer, TimeEmbedding
+from img2vid.unet_blocks import TimeEmbedding
+from img2vid.unet_transformer import SpatioTemporalTransformer
 
 HAS_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from img2vid import fused
-from img2vid.unet_blocks import GEGLU
+from img2vid.unet_transformer import GEGLU
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 

@@ -143,7 +143,7 @@ def test_eager_feed_forward_slicing_changes_nothing(
 ) -> None:
     """Eager runs slice large feed-forwards (FF_SLICE_ELEMENTS) on their own: a bound small enough to slice every
     block of the tiny model, including remainder slices, gives the same numbers."""
-    import img2vid.unet_blocks as blocks
+    import img2vid.unet_transformer as blocks
 
     _, ours = model_a
     inputs = _inputs(2, 3, 8, 8, 1, 32, seed=5)
@@ -274,7 +274,7 @@ def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: p
     show this: there the copies are the weights.) And units as small as single layers: modules whose forward reads
     a child's weights (`weights_read_here`, e.g. a projection whose bias the caller adds) keep that child whole."""
     from img2vid.offload import SequentialOffload
-    from img2vid.unet_blocks import (
+    from img2vid.unet_transformer import (
         Attention,
         SpatialTransformerBlock,
         SpatioTemporalTransformer,

@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from img2vid.unet_blocks import SpatioTemporalTransformer, TimeEmbedding
+from img2vid.unet_blocks import TimeEmbedding
+from img2vid.unet_transformer import SpatioTemporalTransformer
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # Smallest row maximum that gets a scale of its own: an all-zero row (padding, dead weights) would otherwise divide

@@ -13,15 +13,8 @@ from torch import Tensor, nn
 
 from img2vid.configs import UNetConfig
 from img2vid.layers import channels_last_, group_norm, timestep_embedding
-from img2vid.unet_blocks import (
-    Downsample,
-    SpatialTransformerBlock,
-    SpatioTemporalResBlock,
-    SpatioTemporalTransformer,
-    TemporalTransformerBlock,
-    TimeEmbedding,
-    Upsample,
-)
+from img2vid.unet_blocks import Downsample, SpatioTemporalResBlock, TimeEmbedding, Upsample
+from img2vid.unet_transformer import SpatialTransformerBlock, SpatioTemporalTransformer, TemporalTransformerBlock
 
 
 def _transformers(n: int, ch: int, heads: int, context_dim: int, depth: int, groups: int) -> nn.ModuleList:
