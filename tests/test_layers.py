@@ -56,6 +56,15 @@ def test_temporal_conv_without_bias_and_odd_layout_falls_back() -> None:
     torch.testing.assert_close(temporal_conv(contiguous_5d, conv), conv(x5), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_temporal_conv_can_leave_the_bias_to_the_caller(channels_last: bool) -> None:
+    torch.manual_seed(3)
+    conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0)).double()
+    x5 = _frames(2, 4, 6, 3, 4, channels_last)
+    expected = F.conv3d(x5.contiguous(), conv.weight, None, padding=(1, 0, 0))
+    torch.testing.assert_close(temporal_conv(x5, conv, with_bias=False), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_frame_window_conv_gradients_match_conv3d() -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(3, 4, (3, 1, 1), padding=(1, 0, 0)).double()
@@ -76,6 +85,8 @@ def test_frame_window_conv_compiles_as_one_op() -> None:
     compiled = torch.compile(lambda x, w, b: frame_window_conv(x * 2, w, b) + 1, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, w, b), frame_window_conv(x * 2, w, b) + 1)
     torch.library.opcheck(frame_window_conv, (x, w, b))
+    torch.library.opcheck(frame_window_conv, (x, w, None))
+    torch.testing.assert_close(frame_window_conv(x, w, None) + b[:, None], frame_window_conv(x, w, b))
 
 
 @pytest.mark.parametrize("frames", [1, 3])

@@ -109,6 +109,23 @@ def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out
 
 
+def with_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + bias, or x when a layer's bias is None or was already added."""
+    return x if bias is None else x + bias
+
+
+def vector_sum(*vectors: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of the given row vectors ((C,) or (V, C), broadcast), None if none is given: the biases and
+    per-frame / per-video vectors that the UNet's blocks add in one place instead of one kernel each."""
+    present = [v for v in vectors if v is not None]
+    if not present:
+        return None
+    total = present[0]
+    for v in present[1:]:
+        total = total + v
+    return total
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0) -> torch.Tensor:
     """Sinusoidal embedding of (N,) values -> (N, dim), in float32 (diffusers `get_timestep_embedding`, max_period
     10000, downscale_freq_shift `shift`). flip_sin_to_cos puts cos first, as SVD was trained."""
@@ -196,9 +213,9 @@ def video_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
 
 
 @torch.library.custom_op("img2vid::frame_window_conv", mutates_args=())
-def frame_window_conv(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def frame_window_conv(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The (3, 1, 1) temporal conv over NCHW frames (B, F, C, P) with weight (Cout, 3*C) (tap-major: columns
-    t*C .. (t+1)*C hold tap t) and bias (Cout,); returns (B, F, Cout, P).
+    t*C .. (t+1)*C hold tap t) and bias (Cout,) or None; returns (B, F, Cout, P).
 
     Frame f of a video is the (C, P) matrix at rows f*C .. (f+1)*C of the video's (F*C, P) memory, so the three
     frames f-1, f, f+1 that output frame f reads are ONE contiguous (3C, P) matrix: out[f] = weight @ window(f), a
@@ -210,31 +227,43 @@ def frame_window_conv(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     cout = weight.shape[0]
     x = frames.contiguous()
     out = x.new_empty(b, f, cout, p)
-    bias2 = bias[:, None]  # (Cout, 1): broadcast over pixels
+    bias2 = None if bias is None else bias[:, None]  # (Cout, 1): broadcast over pixels
     for i in range(b):
         rows = x[i].reshape(f * c, p)  # (F, C, P) -> (F*C, P)
         if f == 1:
-            torch.addmm(bias2, weight[:, c : 2 * c], rows, out=out[i, 0])
+            _product_into(out[i, 0], weight[:, c : 2 * c], rows, bias2)
             continue
-        torch.addmm(bias2, weight[:, c:], rows[: 2 * c], out=out[i, 0])  # taps 1, 2 on frames 0, 1
-        torch.addmm(bias2, weight[:, : 2 * c], rows[(f - 2) * c :], out=out[i, f - 1])  # taps 0, 1 on F-2, F-1
+        _product_into(out[i, 0], weight[:, c:], rows[: 2 * c], bias2)  # taps 1, 2 on frames 0, 1
+        _product_into(out[i, f - 1], weight[:, : 2 * c], rows[(f - 2) * c :], bias2)  # taps 0, 1 on F-2, F-1
         if f > 2:
             windows = rows.as_strided((f - 2, 3 * c, p), (c * p, p, 1))  # window(f) for f = 1 .. F-2, overlapping
-            torch.baddbmm(bias2, weight.expand(f - 2, cout, 3 * c), windows, out=out[i, 1 : f - 1])
+            _product_into(out[i, 1 : f - 1], weight.expand(f - 2, cout, 3 * c), windows, bias2)
     return out
 
 
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias2: torch.Tensor | None) -> None:
+    """out = a @ b (+ bias2), for matrices or batches of them. With a bias PyTorch first copies it, broadcast, into
+    out (a full pass over the output) and accumulates the product onto it."""
+    if a.dim() == 3:
+        torch.bmm(a, b, out=out) if bias2 is None else torch.baddbmm(bias2, a, b, out=out)
+    else:
+        torch.mm(a, b, out=out) if bias2 is None else torch.addmm(bias2, a, b, out=out)
+
+
 @frame_window_conv.register_fake
-def _(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     b, f, _, p = frames.shape
     return frames.new_empty(b, f, weight.shape[0], p)
 
 
 def _frame_window_conv_setup(ctx: object, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
     ctx.save_for_backward(inputs[0], inputs[1])  # type: ignore[attr-defined]
+    ctx.has_bias = inputs[2] is not None  # type: ignore[attr-defined]
 
 
-def _frame_window_conv_backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _frame_window_conv_backward(
+    ctx: object, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients through the equivalent Conv3d (training is not this engine's job, but autograd must not break)."""
     frames, weight = ctx.saved_tensors  # type: ignore[attr-defined]
     b, f, c, p = frames.shape
@@ -246,14 +275,15 @@ def _frame_window_conv_backward(ctx: object, grad: torch.Tensor) -> tuple[torch.
     gw = torch.nn.grad.conv3d_weight(x5, w5.shape, g5, padding=(1, 0, 0))
     gx = gx[..., 0].permute(0, 2, 1, 3)  # -> (B, F, C, P)
     gw = gw[..., 0, 0].permute(0, 2, 1).reshape(cout, 3 * c)  # (Cout, C, 3) -> (Cout, 3*C)
-    return gx, gw, grad.sum(dim=(0, 1, 3))
+    return gx, gw, grad.sum(dim=(0, 1, 3)) if ctx.has_bias else None  # type: ignore[attr-defined]
 
 
 frame_window_conv.register_autograd(_frame_window_conv_backward, setup_context=_frame_window_conv_setup)
 
 
-def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d) -> torch.Tensor:
-    """`conv(x5)` for a (3, 1, 1) Conv3d with padding (1, 0, 0) over x5 = (B, C, F, H, W), a view of frames.
+def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d, with_bias: bool = True) -> torch.Tensor:
+    """`conv(x5)` for a (3, 1, 1) Conv3d with padding (1, 0, 0) over x5 = (B, C, F, H, W), a view of frames;
+    without the conv's bias if not with_bias (for a caller that adds it where it costs nothing).
 
     NCHW frames: x5 is a transposed view that cuDNN cannot read as it is: it first copies the view to NCDHW,
     converts that to NDHWC, and converts its output back, about five full-size tensors at once (the VAE decode's
@@ -265,11 +295,11 @@ def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d) -> torch.Tensor:
     the conv too."""
     b, c, f, h, w = x5.shape
     frames = x5.transpose(1, 2)  # (B, F, C, H, W)
+    bias = conv.bias if with_bias else None
     if not frames.is_contiguous():
-        return conv(x5)
+        return F.conv3d(x5, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     taps = conv.weight.flatten(2)  # (Cout, Cin, 3, 1, 1) -> (Cout, Cin, 3)
     cout = taps.shape[0]
-    bias = conv.bias if conv.bias is not None else taps.new_zeros(cout)
     weight = taps.permute(0, 2, 1).reshape(cout, 3 * c)  # (Cout, Cin, 3) -> (Cout, 3, Cin) -> (Cout, 3*Cin)
     out = frame_window_conv(frames.reshape(b, f, c, h * w), weight, bias)  # (B, F, Cout, H*W)
     return out.view(b, f, cout, h, w).transpose(1, 2)  # -> (B, Cout, F, H, W)

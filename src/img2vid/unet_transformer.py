@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from img2vid import fused
 from img2vid.add_norm import add_norm, layer_norm
-from img2vid.layers import attention, frame_attention, group_norm, timestep_embedding
+from img2vid.layers import attention, frame_attention, group_norm, timestep_embedding, vector_sum, with_bias
 from img2vid.unet_blocks import TimeEmbedding, TimeMixer
 
 
@@ -33,21 +33,6 @@ def _product(lin: nn.Module, x: Tensor, fold: bool = True) -> tuple[Tensor, Tens
     if fold and type(lin) is nn.Linear and lin.bias is not None:
         return F.linear(x, lin.weight), lin.bias.detach()
     return lin(x), None
-
-
-def _with_bias(x: Tensor, bias: Tensor | None) -> Tensor:
-    return x if bias is None else x + bias
-
-
-def _vector_sum(*vectors: Tensor | None) -> Tensor | None:
-    """The sum of the given row vectors ((C,) or (V, C), broadcast), None if none is given."""
-    present = [v for v in vectors if v is not None]
-    if not present:
-        return None
-    total = present[0]
-    for v in present[1:]:
-        total = total + v
-    return total
 
 
 class Attention(nn.Module):
@@ -188,9 +173,9 @@ def _cross_attend_norm(
     norm2, norm3 = norms
     if context.shape[1] == 1:
         per_video = attn(x[:n, :1], context)[0][:, 0]  # (N, C); the queries are not read
-        return add_norm(x, update, norm3, _vector_sum(per_video, bias), nm // n * seq)  # rows of one video: M*L
-    grouped = (x + _with_bias(update, bias)).reshape(n, -1, c)  # (N*M, L, C) -> (N, M*L, C)
-    grouped = grouped + _with_bias(*attn(norm2(grouped), context))  # (N, M*L, C)
+        return add_norm(x, update, norm3, vector_sum(per_video, bias), nm // n * seq)  # rows of one video: M*L
+    grouped = (x + with_bias(update, bias)).reshape(n, -1, c)  # (N*M, L, C) -> (N, M*L, C)
+    grouped = grouped + with_bias(*attn(norm2(grouped), context))  # (N, M*L, C)
     x = grouped.reshape(nm, seq, c)  # (N, M*L, C) -> (N*M, L, C)
     return x, norm3(x)
 
@@ -221,7 +206,7 @@ class SpatialTransformerBlock(nn.Module):
         stream, the feed-forward's product and, in compiled graphs, that product's bias (C,), else None), so that
         the next block forms their sum together with its first norm (`add_norm`)."""
         update, bias = self.attn1(layer_norm(x, self.norm1, x_bias))
-        x, h = _cross_attend_norm(x, update, _vector_sum(bias, x_bias), self.attn2, context, (self.norm2, self.norm3))
+        x, h = _cross_attend_norm(x, update, vector_sum(bias, x_bias), self.attn2, context, (self.norm2, self.norm3))
         # Eager, an extra add of the bias would cost a full pass: only compiled graphs fold it (into the mixer)
         f, f_bias = _feed_forward(self.ff, h, self.chunk_size, x.shape[self.chunk_dim], torch.compiler.is_compiling())
         return x, f, f_bias
@@ -265,15 +250,15 @@ class TemporalTransformerBlock(nn.Module):
         weights in."""
         seq = x.shape[1]
         # token row r is in frame (r // L) % F; the stored sum x + f leaves f_bias to its readers
-        x, h = add_norm(x, f, self.norm_in, _vector_sum(pos, f_bias), seq, vec_in_sum=False)
-        spatial_out = _with_bias(x, f_bias)  # compiled graphs only, where the add fuses into the mixer's kernel
+        x, h = add_norm(x, f, self.norm_in, vector_sum(pos, f_bias), seq, vec_in_sum=False)
+        spatial_out = with_bias(x, f_bias)  # compiled graphs only, where the add fuses into the mixer's kernel
         h, bias = _feed_forward(self.ff_in, h, self.chunk_size, num_frames)
-        x, h = add_norm(x, h, self.norm1, _vector_sum(pos, bias, f_bias), seq)
+        x, h = add_norm(x, h, self.norm1, vector_sum(pos, bias, f_bias), seq)
         update, bias = self.attn1(h, frames=num_frames)
         x, h = _cross_attend_norm(x, update, bias, self.attn2, context, (self.norm2, self.norm3))
         # as in the spatial block: the last bias is folded in compiled graphs only
         out, bias = _feed_forward(self.ff, h, self.chunk_size, num_frames, torch.compiler.is_compiling())
-        return spatial_out, x + _with_bias(out, bias)
+        return spatial_out, x + with_bias(out, bias)
 
 
 class SpatioTemporalTransformer(nn.Module):
@@ -314,7 +299,7 @@ class SpatioTemporalTransformer(nn.Module):
             bias = None
 
         # compiled graphs fold the bias into the residual add's kernel; eager, the product's epilogue adds it
-        out = _with_bias(*_product(self.proj_out, tokens, torch.compiler.is_compiling()))
+        out = with_bias(*_product(self.proj_out, tokens, torch.compiler.is_compiling()))
         out = out.reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, H*W, C) -> (B*F, C, H, W)
         # residual first: the sum then takes the residual's memory format (NCHW or channels_last), with no copy.
         return residual + out
