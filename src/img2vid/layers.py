@@ -244,10 +244,11 @@ def frame_window_conv(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias2: torch.Tensor | None) -> None:
     """out = a @ b (+ bias2), for matrices or batches of them. With a bias PyTorch first copies it, broadcast, into
     out (a full pass over the output) and accumulates the product onto it."""
-    if a.dim() == 3:
-        torch.bmm(a, b, out=out) if bias2 is None else torch.baddbmm(bias2, a, b, out=out)
+    batched = a.dim() == 3
+    if bias2 is None:
+        (torch.bmm if batched else torch.mm)(a, b, out=out)
     else:
-        torch.mm(a, b, out=out) if bias2 is None else torch.addmm(bias2, a, b, out=out)
+        (torch.baddbmm if batched else torch.addmm)(bias2, a, b, out=out)
 
 
 @frame_window_conv.register_fake
