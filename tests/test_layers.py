@@ -62,7 +62,7 @@ def test_temporal_conv_can_leave_the_bias_to_the_caller(channels_last: bool) -> 
     conv = torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0)).double()
     x5 = _frames(2, 4, 6, 3, 4, channels_last)
     expected = F.conv3d(x5.contiguous(), conv.weight, None, padding=(1, 0, 0))
-    torch.testing.assert_close(temporal_conv(x5, conv, with_bias=False), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(temporal_conv(x5, conv, add_bias=False), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_frame_window_conv_gradients_match_conv3d() -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from img2vid import fused
+from img2vid.layers import with_bias
 
 ROWS_ELEMENTS = 4096  # elements of a program's tile (rows x the power-of-two width): a few KB per load per warp
 WARPS = 4
@@ -128,7 +129,7 @@ def layer_norm_rows(
     """layer_norm over the last dim of x (M, C), or of x + vec for vec (1, C) (a bias its producer left to this
     norm), with the add kernel's norm (no stored sum)."""
     if not _kernel_fits(x, vec):
-        t = x if vec is None else x + vec
+        t = with_bias(x, vec)
         return F.layer_norm(t, t.shape[-1:], weight, bias, eps)
     n = torch.empty_like(x)
     launch_add_norm(x.contiguous(), None, vec, 1, vec is None, weight, bias, eps, None, n)
@@ -255,7 +256,7 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, vec: torch.Tensor | No
     graphs keep the module (inductor's fused LayerNorm is at the bandwidth floor already: 0.195 ms at SVD's first
     level, run 56, and it fuses the vector's add)."""
     if torch.compiler.is_compiling() or not norm_supported(x, norm):
-        return norm(x if vec is None else x + vec)
+        return norm(with_bias(x, vec))
     c = x.shape[-1]
     rows = None if vec is None else vec.view(1, c)
     return layer_norm_rows(x.reshape(-1, c), rows, norm.weight, norm.bias, norm.eps).view(x.shape)  # (M, C) -> (..., C)

@@ -282,9 +282,9 @@ def _frame_window_conv_backward(
 frame_window_conv.register_autograd(_frame_window_conv_backward, setup_context=_frame_window_conv_setup)
 
 
-def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d, with_bias: bool = True) -> torch.Tensor:
+def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d, add_bias: bool = True) -> torch.Tensor:
     """`conv(x5)` for a (3, 1, 1) Conv3d with padding (1, 0, 0) over x5 = (B, C, F, H, W), a view of frames;
-    without the conv's bias if not with_bias (for a caller that adds it where it costs nothing).
+    without the conv's bias if not add_bias (for a caller that adds it where it costs nothing).
 
     NCHW frames: x5 is a transposed view that cuDNN cannot read as it is: it first copies the view to NCDHW,
     converts that to NDHWC, and converts its output back, about five full-size tensors at once (the VAE decode's
@@ -296,7 +296,7 @@ def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d, with_bias: bool = Tru
     the conv too."""
     b, c, f, h, w = x5.shape
     frames = x5.transpose(1, 2)  # (B, F, C, H, W)
-    bias = conv.bias if with_bias else None
+    bias = conv.bias if add_bias else None
     if not frames.is_contiguous():
         return F.conv3d(x5, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     taps = conv.weight.flatten(2)  # (Cout, Cin, 3, 1, 1) -> (Cout, Cin, 3)

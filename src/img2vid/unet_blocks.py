@@ -108,7 +108,7 @@ class TemporalResBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B, C, F, H, W); temb: (B, F, T), already through silu."""
         # the first conv's bias joins the time embedding's per-frame vector (see _conv)
-        h = temporal_conv(F.silu(video_group_norm(x, self.norm1), inplace=True), self.conv1, with_bias=False)
+        h = temporal_conv(F.silu(video_group_norm(x, self.norm1), inplace=True), self.conv1, add_bias=False)
         t = with_bias(self.time_emb_proj(temb), self.conv1.bias)  # (B, F, C)
         h = h + t.permute(0, 2, 1)[:, :, :, None, None]  # (B, F, C) -> (B, C, F, 1, 1)
         h = temporal_conv(F.silu(video_group_norm(h, self.norm2), inplace=True), self.conv2)

@@ -250,10 +250,11 @@ class TemporalTransformerBlock(nn.Module):
         weights in."""
         seq = x.shape[1]
         # token row r is in frame (r // L) % F; the stored sum x + f leaves f_bias to its readers
-        x, h = add_norm(x, f, self.norm_in, vector_sum(pos, f_bias), seq, vec_in_sum=False)
+        pos_f = vector_sum(pos, f_bias)  # (F, C)
+        x, h = add_norm(x, f, self.norm_in, pos_f, seq, vec_in_sum=False)
         spatial_out = with_bias(x, f_bias)  # compiled graphs only, where the add fuses into the mixer's kernel
         h, bias = _feed_forward(self.ff_in, h, self.chunk_size, num_frames)
-        x, h = add_norm(x, h, self.norm1, vector_sum(pos, bias, f_bias), seq)
+        x, h = add_norm(x, h, self.norm1, vector_sum(pos_f, bias), seq)
         update, bias = self.attn1(h, frames=num_frames)
         x, h = _cross_attend_norm(x, update, bias, self.attn2, context, (self.norm2, self.norm3))
         # as in the spatial block: the last bias is folded in compiled graphs only
