@@ -13,6 +13,7 @@ from conftest import make_image, rel_err
 
 from img2vid import Pipeline
 from img2vid.images import InputError
+from img2vid.inputs import to_host
 
 H, W = 32, 48  # non-square; tiny VAE (2 levels) and UNet (2-3 levels) need multiples of 8
 
@@ -97,6 +98,39 @@ def test_same_seed_same_frames_and_output_types(pipes):
     np.testing.assert_array_equal(np.asarray(pil[0][1]), (a[0, 1] * 255).round().astype(np.uint8))
     tup = p(generator=torch.manual_seed(7), output_type="np", return_dict=False, **kw)
     assert np.array_equal(tup, a)
+    assert a.flags.c_contiguous  # laid out where the frames were made, one copy to the host
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_to_host_gives_the_same_contiguous_values(device):
+    """Frames leave the GPU through small pinned stages (inputs.to_host): chunk counts of one, several with a
+    remainder, and an exact multiple, for float32 and uint8, from a permuted (non-contiguous) tensor."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.uint8):
+        t = (torch.rand(2, 5, 3, 6, 7, generator=g) * 255).to(dtype).to(device).permute(0, 1, 3, 4, 2)
+        size = t.numel() * t.element_size()
+        for stage in (size, size // 7, size // 5, 2**20):
+            out = to_host(t, stage_bytes=stage)
+            assert out.device.type == "cpu" and out.is_contiguous() and out.dtype == dtype
+            assert torch.equal(out, t.cpu())
+
+
+def test_float16_encode_runs_the_encoder_in_float32_and_restores_it(tiny_model_dirs):
+    """force_upcast VAEs encode in float32 (the encoder overflows in half precision): only the encoder and
+    quant_conv are cast, and back afterwards, so the result is the float32 encoder's and the decoder stays half."""
+    p = Pipeline.from_pretrained(tiny_model_dirs["a"], torch_dtype=torch.float16)
+    assert p.config.vae.force_upcast
+    x = torch.rand(1, 3, H, W) * 2 - 1
+    decoder_before = {k: v.clone() for k, v in p.vae.decoder.state_dict().items()}
+    out = p._encode(x)
+    ref = Pipeline.from_pretrained(tiny_model_dirs["a"], torch_dtype=torch.float16).vae.float().encode(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert {prm.dtype for prm in p.vae.parameters()} == {torch.float16}
+    for k, v in p.vae.decoder.state_dict().items():
+        assert torch.equal(v, decoder_before[k])
 
 
 def test_offload_and_chunking_leave_frames_unchanged(tiny_model_dir, monkeypatch):

@@ -389,11 +389,15 @@ class Pipeline:
                     return vae.encode(pixels.float())
                 finally:
                     self._sequential["vae"].set_compute_dtype(None)
-            vae.float()
+            # The encoder and quant_conv only: casting the decoder too, there and back, took 8 ms more (run 72)
+            parts = (vae.encoder, vae.quant_conv)
+            for m in parts:
+                m.float()
             try:
                 return vae.encode(pixels.float())
             finally:
-                vae.to(dtype)
+                for m in parts:
+                    m.to(dtype)
         return vae.encode(pixels.to(dtype))
 
     def decode_latents(

@@ -83,7 +83,9 @@ def to_uint8_frames(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
             t = t[0]  # (1, F, ...) -> (F, ...)
         if t.ndim == 4 and t.shape[1] in (1, 3) and (t.shape[-1] not in (1, 3) or t.shape[1] == t.shape[-1]):
             t = t.permute(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C): torch layout, also for ambiguous shapes
-        return _stack_uint8(t.contiguous().cpu().numpy())  # the (F, H, W, C) copy made where the frames are
+        from img2vid.inputs import to_host  # imported on use, as torch
+
+        return _stack_uint8(to_host(t).numpy())  # the (F, H, W, C) copy made where the frames are
     if isinstance(frames, np.ndarray):
         return _stack_uint8(frames)
     if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence) or len(frames) == 0:
