@@ -210,3 +210,50 @@ def test_channel_group_norm_statistics_are_stable() -> None:
         out = channel_group_norm(xs, norm)
         # ~1.5e-5 against one pass's 0.7-3.2e-5 here; a sum-of-squares variance is off by 3e-3
         assert (out.double() - exact).abs().max() <= 3 * (one_pass.double() - exact).abs().max()
+
+
+class _NotPlainLinear(torch.nn.Linear):
+    """Stands in for an fp8 projection: not exactly nn.Linear, so Attention keeps its forward."""
+
+
+@pytest.mark.parametrize("plain", [True, False])
+@pytest.mark.parametrize("frames", [None, 5])
+def test_spatial_self_attention_projects_qkv_with_one_product(plain: bool, frames: int | None) -> None:
+    """Self-attention over a frame's pixels computes q, k, v with one product of the stacked weights (no
+    projection's own call) and gives what three separate projections give; projections that are not plain Linears
+    (fp8) are called one by one, and so are all three along the frame axis."""
+    from img2vid.unet_transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(24, 24, heads=3, head_dim=8).eval()
+    if not plain:
+        for name in ("to_q", "to_k", "to_v"):
+            replaced = _NotPlainLinear(24, 24, bias=False)
+            replaced.load_state_dict(getattr(attn, name).state_dict())
+            setattr(attn, name, replaced)
+    calls: list[str] = []
+    for name in ("to_q", "to_k", "to_v"):
+        getattr(attn, name).register_forward_hook(lambda m, args, out, name=name: calls.append(name))
+    x = torch.randn(2 * 5, 6, 24)  # 2 videos of 5 frames, 6 tokens each
+    with torch.no_grad():
+        out, bias = attn(x, frames=frames)
+        separate = ["to_q", "to_k", "to_v"] if (frames is not None or not plain) else []
+        assert calls == separate
+        qkv = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        ref = attention(*qkv, 3) if frames is None else frame_attention(*qkv, 3, frames)
+        want = attn.to_out[0](ref)
+    torch.testing.assert_close(layers.with_bias(out, bias), want, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_spatial_self_attention_matches_eager() -> None:
+    """The stacked-weight product and its strided q, k, v views trace into one graph and give the eager numbers."""
+    from img2vid.unet_transformer import Attention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    attn = Attention(24, 24, heads=3, head_dim=8).eval()
+    x = torch.randn(2 * 5, 6, 24)
+    with torch.no_grad():
+        want = layers.with_bias(*attn(x))
+        got = layers.with_bias(*torch.compile(attn, fullgraph=True, dynamic=False)(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     """
     b, lq, inner = q.shape
     d = inner // heads
-    # (B, L, H*D) -> (B, H, L, D)
+    # (B, L, H*D) -> (B, H, L, D): views, also of the strided q, k, v of one fused projection (`Attention`), which
+    # the SDPA kernels read through their strides (no copy)
     q = q.view(b, lq, heads, d).transpose(1, 2)
     k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
     v = v.view(b, v.shape[1], heads, d).transpose(1, 2)
