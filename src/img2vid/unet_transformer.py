@@ -41,10 +41,11 @@ class Attention(nn.Module):
 
     Self-attention over a frame's pixels computes q, k and v with one product against the three weights stacked
     (`_self_qkv`), which reads x once instead of three times: at SVD's first level (460800 tokens x 320 channels,
-    H100) one 320 -> 960 product took 0.51-0.59 ms against 0.62-0.67 ms for three 320 -> 320 ones (runs 64, 73).
-    q, k and v are then strided views of its output, which every SDPA kernel reads where they lie. The attention
-    along the frame axis keeps three products: its SDPA fallback (GPUs before Hopper, bfloat16) would have to copy
-    such views (three copies to save two reads), and on Hopper the gain was ~0.08 ms a call."""
+    H100) one 320 -> 960 product took 0.51-0.59 ms against 0.62-0.67 ms for three 320 -> 320 ones (run 64 and a
+    later check; 0.50 against 0.86 ms in run 73's compiled level-1 block). q, k and v are then strided views of its
+    output, which every SDPA kernel reads where they lie. The attention along the frame axis keeps three products:
+    its SDPA fallback (GPUs before Hopper, bfloat16) would have to copy such views (three copies to save two
+    reads), and on Hopper the gain was ~0.08 ms a call."""
 
     weights_read_here = ("to_q", "to_k", "to_v", "to_out")  # see _product and _self_qkv
 
