@@ -312,3 +312,24 @@ def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: p
         out = unet(x, torch.tensor(0.5), emb, ids)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("out_bias", [True, False])
+def test_transformer_nchw_path_leaves_its_input_and_matches_channels_last(out_bias: bool) -> None:
+    """Eager NCHW activations take the transformer's layout-preserving products (tokens read through their
+    strides, proj_out adding the residual as its C operand); channels-last ones the token-layout path. Same
+    numbers, and the input (the residual) is never written."""
+    from img2vid.unet_transformer import SpatioTemporalTransformer
+
+    torch.manual_seed(0)
+    m = SpatioTemporalTransformer(32, 2, 16, 1, 8).eval()
+    if not out_bias:
+        m.proj_out.bias = None
+    x, ctx = torch.randn(2 * 3, 32, 4, 5), torch.randn(2, 1, 16)
+    before = x.clone()
+    with torch.no_grad():
+        nchw = m(x, ctx, 3)
+        cl = m(x.contiguous(memory_format=torch.channels_last), ctx, 3)
+    assert torch.equal(x, before)
+    assert nchw.is_contiguous()
+    torch.testing.assert_close(nchw, cl, rtol=1e-5, atol=1e-5)

@@ -312,8 +312,10 @@ class SpatioTemporalTransformer(nn.Module):
         """x: (B*F, C, H, W); context: (B, S, D)."""
         bf, c, h, w = x.shape
         residual = x
-        # (B*F, C, H, W) -> (B*F, H*W, C): a view for channels-last activations
-        tokens = group_norm(x, self.norm).permute(0, 2, 3, 1).reshape(bf, h * w, c)
+        # (B*F, C, H, W) -> (B*F, H*W, C), a view: contiguous for channels-last activations (compiled); for NCHW
+        # ones (eager) transposed, which the product reads through its strides (cuBLAS takes the transposed operand)
+        # rather than after a transposing copy of the whole activation
+        tokens = group_norm(x, self.norm).flatten(2).transpose(1, 2)
         tokens, bias = _product(self.proj_in, tokens)  # the first block adds the bias (to its norm and its sum)
 
         # Frame-position embedding: sinusoids of the frame index 0..F-1 through an MLP, one row per frame.
@@ -325,8 +327,17 @@ class SpatioTemporalTransformer(nn.Module):
             tokens = self.time_mixer(*temporal(x, f, f_bias, context, num_frames, pos))
             bias = None
 
+        lin = self.proj_out
+        if not torch.compiler.is_compiling() and residual.is_contiguous() and type(lin) is nn.Linear:
+            # Eager, NCHW: W @ tokens^T per frame lands in the residual's (B*F, C, H*W) layout, and the product adds
+            # the residual (plus the bias) as its C operand, instead of a product in the tokens' layout and a
+            # strided add across the two layouts
+            out = residual.clone() if lin.bias is None else residual + lin.bias.view(1, c, 1, 1)  # not x itself
+            weight = lin.weight.expand(bf, c, c)  # (C, C) -> (B*F, C, C), a stride-0 view
+            out.view(bf, c, h * w).baddbmm_(weight, tokens.transpose(1, 2))  # += (B*F, C, C) @ (B*F, C, H*W)
+            return out
         # compiled graphs fold the bias into the residual add's kernel; eager, the product's epilogue adds it
-        out = with_bias(*_product(self.proj_out, tokens, torch.compiler.is_compiling()))
+        out = with_bias(*_product(lin, tokens, torch.compiler.is_compiling()))
         out = out.reshape(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, H*W, C) -> (B*F, C, H, W)
         # residual first: the sum then takes the residual's memory format (NCHW or channels_last), with no copy.
         return residual + out
