@@ -313,8 +313,8 @@ class SpatioTemporalTransformer(nn.Module):
         bf, c, h, w = x.shape
         residual = x
         # (B*F, C, H, W) -> (B*F, H*W, C), a view: contiguous for channels-last activations (compiled); for NCHW
-        # ones (eager) transposed, which the product reads through its strides (cuBLAS takes the transposed operand)
-        # rather than after a transposing copy of the whole activation
+        # ones (eager) transposed, which ATen hands to a batched product as a transposed operand instead of making
+        # the tokens contiguous first (run 76's kernel list still shows one transposing copy: see BENCHMARKS.md)
         tokens = group_norm(x, self.norm).flatten(2).transpose(1, 2)
         tokens, bias = _product(self.proj_in, tokens)  # the first block adds the bias (to its norm and its sum)
 
