@@ -314,7 +314,8 @@ class SpatioTemporalTransformer(nn.Module):
         residual = x
         # (B*F, C, H, W) -> (B*F, H*W, C), a view: contiguous for channels-last activations (compiled); for NCHW
         # ones (eager) transposed, which ATen hands to a batched product as a transposed operand instead of making
-        # the tokens contiguous first (run 76's kernel list still shows one transposing copy: see BENCHMARKS.md)
+        # the tokens contiguous first, when the weights are frozen as the pipeline holds them (with trainable ones
+        # matmul copies on purpose, sparing the weight gradient a large intermediate)
         tokens = group_norm(x, self.norm).flatten(2).transpose(1, 2)
         tokens, bias = _product(self.proj_in, tokens)  # the first block adds the bias (to its norm and its sum)
 
