@@ -261,8 +261,11 @@ def test_compiles_fullgraph_on_cpu() -> None:
     assert _rel(got, expected) < 1e-4
 
 
-@pytest.mark.parametrize("units", ["transformer blocks", "whole transformers", "layers"])
-def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("units", ["transformer blocks", "whole transformers", "feed-forwards", "layers"])
+def test_streamed_weights_are_read_inside_their_units(
+    units: str, chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Sequential offload brings a unit's weights to the device in the unit's forward pre-hook and takes them away
     after it: a weight read outside its unit's own call would still be the CPU copy (on a GPU, a device error).
     Here the CPU copies hold NaNs and only the copies a unit's hook brings in hold the weights, so any such read
@@ -270,10 +273,13 @@ def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: p
     picks them for SVD-XT's 128 MB units: at the third level the spatial and temporal transformer blocks are units
     of their own, at the first the whole spatio-temporal transformer is one. (Offloading to the CPU itself cannot
     show this: there the copies are the weights.) And units as small as single layers: modules whose forward reads
-    a child's weights (`weights_read_here`, e.g. a projection whose bias the caller adds) keep that child whole."""
+    a child's weights (`weights_read_here`, e.g. a projection whose bias the caller adds) keep that child whole.
+    chunked: forward chunking on (as low-memory mode runs), whose feed-forward slices read the output projection's
+    weights in the transformer block's own call."""
     from img2vid.offload import SequentialOffload
     from img2vid.unet_transformer import (
         Attention,
+        FeedForward,
         SpatialTransformerBlock,
         SpatioTemporalTransformer,
         TemporalTransformerBlock,
@@ -288,15 +294,24 @@ def test_streamed_weights_are_read_inside_their_units(units: str, monkeypatch: p
     plain = UNet(cfg).eval()
     unet = UNet(cfg).eval()
     unet.load_state_dict(plain.state_dict())
+    if chunked:  # both: the same slices, so the same matrix products to the last bit
+        plain.enable_forward_chunking(1)
+        unet.enable_forward_chunking(1)
     kinds: tuple[type[torch.nn.Module], ...] = (SpatialTransformerBlock, TemporalTransformerBlock)
     if units == "whole transformers":
         kinds = (SpatioTemporalTransformer,)
     unit_bytes = max(size(m) for m in unet.modules() if isinstance(m, kinds))
+    if units == "feed-forwards":  # a feed-forward fits a unit, its transformer block does not
+        kinds = (SpatialTransformerBlock, TemporalTransformerBlock)
+        unit_bytes = max(size(m) for m in unet.modules() if isinstance(m, FeedForward))
     if units == "layers":  # an attention's output projection fits a unit, the attention does not
         kinds = (torch.nn.Linear,)
         unit_bytes = max(size(m.to_out[0]) for m in unet.modules() if isinstance(m, Attention))
     offload = SequentialOffload(unet, torch.device("cpu"), unit_bytes=unit_bytes)
-    assert any(isinstance(m, kinds) for m in offload.streamed)  # the case this parameter is about
+    if units == "feed-forwards":  # the case: a block is split (so its feed-forward could be a unit of its own)
+        assert any(isinstance(m, kinds) and m not in offload.streamed for m in unet.modules())
+    else:
+        assert any(isinstance(m, kinds) for m in offload.streamed)  # the case this parameter is about
     weights = {p: c.clone() for p, c in offload.cpu_copies.items()}
     for c in offload.cpu_copies.values():
         c.fill_(float("nan"))  # what a parameter holds outside its unit's call

@@ -166,7 +166,8 @@ def _feed_forward(
     lin = ff.net[2]
     if type(lin) is nn.Linear and not torch.compiler.is_compiling():
         # Eager: each slice's output product writes its rows of the result in place (a torch.cat would hold every
-        # piece and the joined copy at once; assigning each piece cost a copy of it: 0.51 ms a first-level block)
+        # piece and the joined copy at once; assigning each piece cost a copy of it: 0.51 ms a first-level block).
+        # lin's weights are read here, in the calling block's forward: the blocks name ff in weights_read_here
         out = x.new_empty(x.shape[:-1] + (lin.out_features,))  # (..., C)
         bias = lin.bias.detach() if fold_bias and lin.bias is not None else None  # see _product
         for start in range(0, rows, rows_per_slice):
@@ -223,7 +224,9 @@ class SpatialTransformerBlock(nn.Module):
     """Self-attention over a frame's pixels, cross-attention to the image embedding, GEGLU feed-forward
     (diffusers `BasicTransformerBlock`)."""
 
-    weights_read_here = ("norm1", "norm3")  # the fused add + norm reads them (offload.plan_units)
+    # the fused add + norm reads the norms (offload.plan_units); eager feed-forward slices read ff's output
+    # projection (_feed_forward)
+    weights_read_here = ("norm1", "norm3", "ff")
 
     def __init__(self, dim: int, heads: int, context_dim: int) -> None:
         super().__init__()
@@ -255,7 +258,7 @@ class TemporalTransformerBlock(nn.Module):
     """The same three sub-layers over each pixel's sequence of frames, preceded by an extra residual feed-forward
     (diffusers `TemporalBasicTransformerBlock`; its `time_mix_inner_dim` always equals `dim` here)."""
 
-    weights_read_here = ("norm_in", "norm1", "norm3")  # the fused add + norm reads them (offload.plan_units)
+    weights_read_here = ("norm_in", "norm1", "norm3", "ff_in", "ff")  # as SpatialTransformerBlock's
 
     def __init__(self, dim: int, heads: int, context_dim: int) -> None:
         super().__init__()
