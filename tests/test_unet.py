@@ -346,3 +346,22 @@ def test_transformer_nchw_path_leaves_its_input_and_matches_channels_last(out_bi
     assert torch.equal(x, before)
     assert nchw.is_contiguous()
     torch.testing.assert_close(nchw, cl, rtol=1e-5, atol=1e-5)
+
+
+def test_sliced_feed_forward_keeps_autograd() -> None:
+    """Inference writes each feed-forward slice's rows in place (out=, which autograd cannot follow); with
+    gradients on, the slices are joined the differentiable way, with the same values."""
+    from img2vid.unet_transformer import FeedForward, _feed_forward
+
+    torch.manual_seed(0)
+    ff = FeedForward(16)
+    x = torch.randn(6, 5, 16, requires_grad=True)
+    for fold in (False, True):
+        out, bias = _feed_forward(ff, x, 1, 6, fold_bias=fold)  # six slices of one row
+        out.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        x.grad = None
+        with torch.no_grad():
+            fast, fast_bias = _feed_forward(ff, x, 1, 6, fold_bias=fold)
+        torch.testing.assert_close(fast, out.detach(), rtol=1e-6, atol=1e-6)
+        assert (bias is None) == (fast_bias is None) == (not fold)

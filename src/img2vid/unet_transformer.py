@@ -164,10 +164,11 @@ def _feed_forward(
     if rows_per_slice >= rows:
         return ff(x, fold_bias)
     lin = ff.net[2]
-    if type(lin) is nn.Linear and not torch.compiler.is_compiling():
-        # Eager: each slice's output product writes its rows of the result in place (a torch.cat would hold every
-        # piece and the joined copy at once; assigning each piece cost a copy of it: 0.51 ms a first-level block).
-        # lin's weights are read here, in the calling block's forward: the blocks name ff in weights_read_here
+    if type(lin) is nn.Linear and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        # Eager inference: each slice's output product writes its rows of the result in place (a torch.cat would
+        # hold every piece and the joined copy at once; assigning each piece cost a copy of it: 0.51 ms a
+        # first-level block). out= has no autograd, hence inference only. lin's weights are read here, in the
+        # calling block's forward: the blocks name ff in weights_read_here
         out = x.new_empty(x.shape[:-1] + (lin.out_features,))  # (..., C)
         bias = lin.bias.detach() if fold_bias and lin.bias is not None else None  # see _product
         for start in range(0, rows, rows_per_slice):
