@@ -120,20 +120,23 @@ def to_host(t: torch.Tensor, stage_bytes: int = 32 * 2**20) -> torch.Tensor:
     free = [torch.empty(min(n, src.numel()), dtype=t.dtype, pin_memory=True) for _ in range(2)]
     pending: list[tuple[torch.cuda.Event, torch.Tensor, int, int]] = []  # (done, buffer, start, count), in order
     stream = torch.cuda.current_stream(t.device)
+
+    def drain_oldest() -> None:  # wait for the oldest transfer, empty its buffer into the output, free it
+        done, buf, s0, m0 = pending.pop(0)
+        done.synchronize()
+        dst[s0 : s0 + m0].copy_(buf[:m0])
+        free.append(buf)
+
     for start in range(0, src.numel(), n):
-        if not free:  # both buffers in flight: empty the older one into the output first
-            done, buf, s0, m0 = pending.pop(0)
-            done.synchronize()
-            dst[s0 : s0 + m0].copy_(buf[:m0])
-            free.append(buf)
+        if not free:  # both buffers in flight
+            drain_oldest()
         buf, m = free.pop(), min(n, src.numel() - start)
         buf[:m].copy_(src[start : start + m], non_blocking=True)  # on stream: the tensor's device's current one
         done = torch.cuda.Event()
         done.record(stream)
         pending.append((done, buf, start, m))
-    for done, buf, s0, m0 in pending:
-        done.synchronize()
-        dst[s0 : s0 + m0].copy_(buf[:m0])
+    while pending:
+        drain_oldest()
     return out
 
 

@@ -170,14 +170,17 @@ def _feed_forward(
         # first-level block). out= has no autograd, hence inference only. lin's weights are read here, in the
         # calling block's forward: the blocks name ff in weights_read_here
         out = x.new_empty(x.shape[:-1] + (lin.out_features,))  # (..., C)
-        bias = lin.bias.detach() if fold_bias and lin.bias is not None else None  # see _product
+        folded = fold_bias and lin.bias is not None
+        bias = lin.bias.detach() if folded else None  # returned for the caller to add (see _product)
+        added = None if folded else lin.bias  # added by the product itself, or None
         for start in range(0, rows, rows_per_slice):
             h = ff.net[0](x[start : start + rows_per_slice])  # (n, ..., 4C), contiguous
+            h2 = h.view(-1, h.shape[-1])  # (n*..., 4C)
             rows_out = out[start : start + rows_per_slice].view(-1, lin.out_features)  # (n*..., C), contiguous
-            if lin.bias is None or bias is not None:
-                torch.mm(h.view(-1, h.shape[-1]), lin.weight.t(), out=rows_out)
+            if added is None:
+                torch.mm(h2, lin.weight.t(), out=rows_out)
             else:
-                torch.addmm(lin.bias, h.view(-1, h.shape[-1]), lin.weight.t(), out=rows_out)
+                torch.addmm(added, h2, lin.weight.t(), out=rows_out)
         return out, bias
     parts = x.split(rows_per_slice)
     first, bias = ff(parts[0], fold_bias)
