@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 
 from img2vid.configs import VAEConfig, vae_from_diffusers
-from img2vid.vae import VAE
+from img2vid.vae import VAE, ResnetBlock2D
 
 # Reference constructor kwargs. Temporal: the brief's two shapes plus layers_per_block 3 (the mid block's zip quirk)
 # with another latent width; 2D: different norm_num_groups too.
@@ -226,7 +226,8 @@ def test_forward_hooks_see_every_heavy_layer(temporal: bool, chunk: int | None) 
     """Sequential offload streams weights from forward hooks, so every module that owns weights must either have its
     forward run, or be a ModuleList/ModuleDict container (whose layers are hooked instead), or be a tiny parameter
     holder read by its parent (the blend logit, the temporal GroupNorms that video_group_norm reads, the temporal
-    convs that temporal_conv reads as matrices: their parent's forward runs, so its hook sees them)."""
+    convs that temporal_conv reads as matrices, the resnets' convs that layers.conv2d reads without their biases:
+    their parent's forward runs, so its hook sees them)."""
     model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=2, temporal_decoder=temporal)).eval()
     model.spatial_frame_chunk = chunk  # slices (and upsamplers run inside them) still go through each forward
     ran: set[str] = set()
@@ -240,10 +241,14 @@ def test_forward_hooks_see_every_heavy_layer(temporal: bool, chunk: int | None) 
         if name and name not in ran and not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))
     ]
     silent = {type(model.get_submodule(n)).__name__ for n in silent_names}
-    assert silent <= {"AlphaBlender", "GroupNorm", "Conv3d"}
+    assert silent <= {"AlphaBlender", "GroupNorm", "Conv3d", "Conv2d"}
     for n in silent_names:
+        parent, leaf = n.rsplit(".", 1)
         if isinstance(model.get_submodule(n), torch.nn.Conv3d):
-            assert n.rsplit(".", 1)[0].endswith("temporal_res_block") and n.rsplit(".", 1)[0] in ran
+            assert parent.endswith("temporal_res_block") and parent in ran
+        if isinstance(model.get_submodule(n), torch.nn.Conv2d):  # a resnet's convs, read by layers.conv2d
+            assert isinstance(model.get_submodule(parent), ResnetBlock2D) and parent in ran, n
+            assert leaf in ResnetBlock2D.weights_read_here, n
     assert ("AlphaBlender" in silent) == temporal
 
 

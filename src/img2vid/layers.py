@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from img2vid import fused
+from img2vid import fused, norm_act
 
 SHORT_KEYS = 64  # key sequences up to this length go to the memory-efficient kernel on CUDA (see attention)
 MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis and the heads on y, which CUDA caps here
@@ -173,24 +173,90 @@ def channel_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tenso
     return torch.addcmul(shift.reshape(shape), xa, scale.reshape(shape)).to(x.dtype)
 
 
-def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
-    """`norm(x)` for (N, C, H, W): the module's kernel when eager, `channel_group_norm` inside a compiled graph."""
+def group_norm(
+    x: torch.Tensor,
+    norm: torch.nn.GroupNorm,
+    silu: bool = False,
+    vec: torch.Tensor | None = None,
+    reuse_input: bool = False,
+) -> torch.Tensor:
+    """`norm(x + vec)` for (N, C, H, W), then SiLU if silu. vec (N, C) or None: a per-(frame, channel) vector added
+    first (the UNet resnets' time embedding). reuse_input: x is not needed after the call, so the result may be
+    written over it. Compiled graphs take `channel_group_norm` (inductor fuses the add and the SiLU); eager CUDA
+    calls the kernels of `norm_act` (NCHW frames); anything else, the module."""
     if torch.compiler.is_compiling():
-        return channel_group_norm(x, norm)
-    return norm(x)
+        y = channel_group_norm(x if vec is None else x + vec[:, :, None, None], norm)
+        return F.silu(y) if silu else y
+    if norm_act.supported(x, norm, vec):
+        n, c = x.shape[:2]
+        # (N, C, H, W) -> (N, C, H*W): each frame a sample of its own
+        return norm_act.group_norm_rows(x.view(n, c, -1), norm, 1, silu, vec, reuse_input).view(x.shape)
+    y = norm(x if vec is None else x + vec[:, :, None, None])
+    return F.silu(y, inplace=True) if silu else y
 
 
-def video_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
-    """`norm(x)` for x = (B, C, F, H, W): statistics per (video, group) over all frames, then one multiply-add.
+def conv2d(conv: torch.nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv(x) with `bias` instead of the conv's own (None: none; the caller adds it where it costs nothing: a norm's
+    `vec`, `conv_epilogue`). Why: PyTorch adds a cuDNN convolution's bias in a kernel of its own, a full pass over
+    the output (see `norm_act`). Compiled graphs peel it off by themselves (inductor), so this helps eager runs (and
+    low-memory mode). The caller's forward reads conv's weights: it names conv in its `weights_read_here`
+    (offload.plan_units)."""
+    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """h + bias (per channel, (C,) or None) + skip (h's shape, or None) for h = (N, C, H, W), a conv's output computed
+    without its bias; h is written over (it is the conv's fresh output). Eager CUDA calls add both in one pass
+    (`norm_act.conv_epilogue`); compiled graphs leave the adds to inductor."""
+    if torch.compiler.is_compiling():
+        out = h if bias is None else h + bias[:, None, None]
+        return out if skip is None else out + skip
+    if norm_act.epilogue_supported(h, bias, skip):
+        n, c = h.shape[:2]
+        flat = None if skip is None else skip.view(n, c, -1)
+        return norm_act.conv_epilogue(h.view(n, c, -1), bias, flat).view(h.shape)  # (N, C, H, W) <-> (N, C, H*W)
+    if bias is not None:
+        h = h.add_(bias[:, None, None]) if not torch.is_grad_enabled() else h + bias[:, None, None]
+    if skip is not None:
+        h = h.add_(skip) if not torch.is_grad_enabled() else h + skip
+    return h
+
+
+def video_group_norm(
+    x: torch.Tensor,
+    norm: torch.nn.GroupNorm,
+    silu: bool = False,
+    vec: torch.Tensor | None = None,
+    reuse_input: bool = False,
+) -> torch.Tensor:
+    """`norm(x + vec)` for x = (B, C, F, H, W), then SiLU if silu: statistics per (video, group) over all frames,
+    then one multiply-add. vec (B, F, C) or None: a per-(frame, channel) vector added first; reuse_input as in
+    `group_norm`.
 
     Compiled graphs take `channel_group_norm`. Eager: why not F.group_norm: x is a transposed view of frames, which
     F.group_norm first copies to NCDHW (and its output stays NCDHW, so the (3,1,1) conv after it cannot read frames
     in place); and its CUDA kernel gives each (video, group) row one thread block, i.e. only B*32 blocks for
-    gigabytes of data (60 ms a call at 25 x 576 x 1024 on an H100). var_mean spreads the reduction over the whole
-    GPU and reads the view where it lies. Same maths as the reference: biased variance, statistics finished in
-    float32, the output keeps x's layout."""
+    gigabytes of data (60 ms a call at 25 x 576 x 1024 on an H100). On CUDA the kernels of `norm_act` read the
+    frames where they lie; elsewhere var_mean spreads the reduction over the device and reads the view where it
+    lies. Same maths as the reference: biased variance, statistics finished in float32, the output keeps x's
+    layout."""
+    b, c, f = x.shape[:3]
     if torch.compiler.is_compiling():
-        return channel_group_norm(x, norm)
+        y = channel_group_norm(x if vec is None else x + vec.permute(0, 2, 1)[..., None, None], norm)
+        return F.silu(y) if silu else y
+    frames = x.transpose(1, 2)  # (B, F, C, H, W)
+    if frames.is_contiguous() and norm_act.supported(frames, norm, vec):
+        rows = frames.view(b * f, c, -1)  # (B, F, C, H, W) -> (B*F, C, H*W): each video a sample
+        out = norm_act.group_norm_rows(rows, norm, f, silu, None if vec is None else vec.reshape(b * f, c), reuse_input)
+        return out.view(frames.shape).transpose(1, 2)  # -> (B, C, F, H, W), x's layout
+    if vec is not None:
+        x = x + vec.permute(0, 2, 1)[..., None, None]  # (B, F, C) -> (B, C, F, 1, 1)
+    y = _video_group_norm_plain(x, norm)
+    return F.silu(y, inplace=True) if silu else y
+
+
+def _video_group_norm_plain(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """`video_group_norm` without the kernels: var_mean statistics and an addcmul, in x's layout."""
     g = norm.num_groups
     b, c, f = x.shape[:3]
     xg = x.unflatten(1, (g, -1))  # (B, C, F, H, W) -> (B, G, C/G, F, H, W), a view

@@ -251,7 +251,7 @@ class UNet(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if skips else None
             x = up(x, block_skips, temb, encoder_hidden_states, f, size)
 
-        x = self.conv_out(F.silu(group_norm(x, self.conv_norm_out)))
+        x = self.conv_out(group_norm(x, self.conv_norm_out, silu=True, reuse_input=True))
         return x.reshape(b, f, *x.shape[1:])  # (B*F, C, h, w) -> (B, F, C, h, w)
 
     def to_channels_last(self) -> UNet:

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from img2vid.layers import group_norm, temporal_conv, vector_sum, video_group_norm, with_bias
+from img2vid.layers import (
+    conv2d,
+    conv_epilogue,
+    group_norm,
+    temporal_conv,
+    vector_sum,
+    video_group_norm,
+    with_bias,
+)
 
 
 class TimeEmbedding(nn.Module):
@@ -51,19 +59,10 @@ class TimeMixer(nn.Module):
 # Resnets
 
 
-def _conv(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor:
-    """conv(x) with `bias` instead of the conv's own (None: none; the caller adds it where it costs nothing). Why:
-    PyTorch adds a cuDNN convolution's bias in a kernel of its own, a full pass over the output (at SVD's first
-    level 0.45 ms of a 1.75 ms 3x3 conv, H100, run 65). Compiled graphs peel it off by themselves (inductor), so
-    this helps eager runs (and low-memory mode). The caller's forward reads conv's weights: it names conv in its
-    `weights_read_here` (offload.plan_units)."""
-    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 class SpatialResBlock(nn.Module):
     """Per-frame resnet (diffusers `ResnetBlock2D` with default options)."""
 
-    # read by _conv and by compiled graphs' group_norm (offload.plan_units)
+    # read by conv2d and group_norm (offload.plan_units)
     weights_read_here = ("norm1", "conv1", "norm2", "conv2", "conv_shortcut")
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, eps: float, groups: int) -> None:
@@ -77,15 +76,17 @@ class SpatialResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B*F, C_in, H, W); temb: (B*F, T), already through silu."""
-        # SiLU in place on the norm's fresh output: one fewer full-size temporary in eager runs. The first conv's
-        # bias joins the time embedding's per-frame vector, and a shortcut's the second conv's (see _conv).
-        h = _conv(self.conv1, F.silu(group_norm(x, self.norm1), inplace=True), None)
-        h = h + with_bias(self.time_emb_proj(temb), self.conv1.bias)[:, :, None, None]  # (B*F, C) -> (B*F, C, 1, 1)
-        h = F.silu(group_norm(h, self.norm2), inplace=True)
-        if self.conv_shortcut is None:
-            return x + self.conv2(h)
-        h = _conv(self.conv2, h, vector_sum(self.conv2.bias, self.conv_shortcut.bias))
-        return _conv(self.conv_shortcut, x, None) + h
+        # The SiLUs are the norms' (one kernel with them on CUDA). The first conv's bias joins the time embedding's
+        # per-frame vector, which the second norm adds as it reads h (its output overwrites h: one fewer full-size
+        # temporary in eager runs); the second conv's and a shortcut's biases join the residual add (conv2d,
+        # conv_epilogue: one pass after the convs instead of PyTorch's bias kernels and the add).
+        h = conv2d(self.conv1, group_norm(x, self.norm1, silu=True), None)
+        vec = with_bias(self.time_emb_proj(temb), self.conv1.bias)  # (B*F, C), added to h inside the norm
+        h = group_norm(h, self.norm2, silu=True, vec=vec, reuse_input=True)
+        h = conv2d(self.conv2, h, None)
+        shortcut = self.conv_shortcut
+        skip = x if shortcut is None else conv2d(shortcut, x, None)
+        return conv_epilogue(h, vector_sum(self.conv2.bias, None if shortcut is None else shortcut.bias), skip)
 
 
 class TemporalResBlock(nn.Module):
@@ -108,10 +109,9 @@ class TemporalResBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B, C, F, H, W); temb: (B, F, T), already through silu."""
         # the first conv's bias joins the time embedding's per-frame vector (see _conv)
-        h = temporal_conv(F.silu(video_group_norm(x, self.norm1), inplace=True), self.conv1, add_bias=False)
-        t = with_bias(self.time_emb_proj(temb), self.conv1.bias)  # (B, F, C)
-        h = h + t.permute(0, 2, 1)[:, :, :, None, None]  # (B, F, C) -> (B, C, F, 1, 1)
-        h = temporal_conv(F.silu(video_group_norm(h, self.norm2), inplace=True), self.conv2)
+        h = temporal_conv(video_group_norm(x, self.norm1, silu=True), self.conv1, add_bias=False)
+        vec = with_bias(self.time_emb_proj(temb), self.conv1.bias)  # (B, F, C), added to h inside the norm
+        h = temporal_conv(video_group_norm(h, self.norm2, silu=True, vec=vec, reuse_input=True), self.conv2)
         return x + h
 
 

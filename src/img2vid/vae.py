@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import attention, group_norm, temporal_conv, video_group_norm
+from img2vid.layers import (
+    attention,
+    conv2d,
+    conv_epilogue,
+    group_norm,
+    temporal_conv,
+    vector_sum,
+    video_group_norm,
+)
 
 # diffusers hard-codes these; sgm's VideoDecoder uses the same values.
 _EPS = 1e-6  # every spatial GroupNorm of encoder and decoders
@@ -36,7 +44,7 @@ class ResnetBlock2D(nn.Module):
 
     # Children whose weights this module's own forward reads (compiled graphs' group_norm), so that sequential
     # offload never streams them as units of their own (offload.plan_units); likewise in the modules below.
-    weights_read_here = ("norm1", "norm2")
+    weights_read_here = ("norm1", "conv1", "norm2", "conv2", "conv_shortcut")
 
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
@@ -48,15 +56,19 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
-        # One statement per step so each intermediate dies as soon as it is consumed, and SiLU overwrites the norm's
-        # fresh output: at 25 x 576 x 1024 every live (N, C, H, W) temporary is gigabytes (the decode's peak).
-        h = F.silu(group_norm(x, self.norm1), inplace=True)
-        h = self.conv1(h)
-        h = F.silu(group_norm(h, self.norm2), inplace=True)
-        h = self.conv2(h)
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        # In place into the conv's fresh output (autograd-safe: conv backward does not need its output).
-        return h.add_(skip)
+        # One statement per step so each intermediate dies as soon as it is consumed, SiLU goes with its norm, and
+        # the second norm may write over the conv output it reads: at 25 x 576 x 1024 every live (N, C, H, W)
+        # temporary is gigabytes (the decode's peak).
+        # The convs' biases go where they cost no pass of their own (conv2d): the first conv's into the norm that
+        # reads its output, the second's (and a shortcut's) into the residual add, in place into the conv's output.
+        h = group_norm(x, self.norm1, silu=True)
+        h = conv2d(self.conv1, h, None)
+        bias1 = None if self.conv1.bias is None else self.conv1.bias.expand(h.shape[0], -1)  # (C,) -> (N, C)
+        h = group_norm(h, self.norm2, silu=True, vec=bias1, reuse_input=True)
+        h = conv2d(self.conv2, h, None)
+        shortcut = self.conv_shortcut
+        skip = x if shortcut is None else conv2d(shortcut, x, None)
+        return conv_epilogue(h, vector_sum(self.conv2.bias, None if shortcut is None else shortcut.bias), skip)
 
 
 def per_frame(layer: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> Tensor:
@@ -107,9 +119,9 @@ class TemporalResnetBlock(nn.Module):
         x5 = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
         # Same memory discipline as ResnetBlock2D; the norms are the GroupNorm modules' maths (see video_group_norm).
         # The convs as in-place matrix products (see temporal_conv): cuDNN's layout copies were the decode's peak.
-        h = F.silu(video_group_norm(x5, self.norm1), inplace=True)
+        h = video_group_norm(x5, self.norm1, silu=True)
         h = temporal_conv(h, self.conv1)
-        h = F.silu(video_group_norm(h, self.norm2), inplace=True)
+        h = video_group_norm(h, self.norm2, silu=True, reuse_input=True)
         h = temporal_conv(h, self.conv2)
         # Reference: (1 - s) * x + s * (x + h); algebraically x + s * h, which is one fused kernel and keeps the
         # layout of x (the first operand), so the way back below is a view again.
@@ -292,7 +304,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x, num_frames=1)
-        x = F.silu(group_norm(x, self.conv_norm_out), inplace=True)
+        x = group_norm(x, self.conv_norm_out, silu=True, reuse_input=True)
         return self.conv_out(x)
 
 
@@ -325,7 +337,7 @@ class Decoder(nn.Module):
 
     def _head(self, x: Tensor) -> Tensor:
         # norm, SiLU and conv_out are per frame: `per_frame` can run them on a few frames at a time.
-        return self.conv_out(F.silu(group_norm(x, self.conv_norm_out), inplace=True))
+        return self.conv_out(group_norm(x, self.conv_norm_out, silu=True))
 
     def forward(self, z: Tensor, num_frames: int, frame_chunk: int | None = None) -> Tensor:
         """frame_chunk: run the up blocks' per-frame layers (2D resnets, upsamplers, output head) on that many

@@ -1,0 +1,265 @@
+"""The eager work around the resnets' convolutions, as Triton kernels: the GroupNorm before a conv (optionally after
+a per-channel add, optionally followed by SiLU), and the bias and residual adds after one (`conv_epilogue`).
+
+Why: eager SVD calls PyTorch's GroupNorm kernel, whose statistics give each (sample, group) one thread block. In the
+VAE decoder that is 64 blocks for a 600 MB tensor (two frames of 128 x 576 x 1024): 102 of an 8-frame decode's 382
+ms went to that one kernel on an H100 (run 80), ~10x its bandwidth floor. The norm's output then makes another
+full-size pass through SiLU, and in the UNet's resnets the time embedding's per-channel add makes one before it.
+Here the work is split so that every kernel keeps the whole GPU busy, and fused so that each full-size tensor is
+read twice (statistics, then the output pass) and written once:
+
+1. `stats`: one program per tile of a (frame, channel) row: the tile's mean and M2 (sum of squared deviations) in
+   float32, from the values as the reference holds them (x + vec rounded to x's dtype).
+2. `finish`: one program per (sample, group): the group's mean and variance from its tiles' (two passes over the
+   partials: the mean, then the squared deviations, which is exact where E[x^2] - E[x]^2 would cancel), then each
+   channel's scale = weight * rsqrt(var + eps) and shift = bias - mean * scale.
+3. `apply`: out = x * scale + shift per (frame, channel) row, rounded to x's dtype as the reference's norm output
+   is, then SiLU in float32 and rounded again, as F.silu computes it.
+
+A sample is one frame for the per-frame norms and one whole video for the temporal resnets' norms (statistics over
+all its frames, as trained). Same function as `F.group_norm` (biased variance, float32 statistics, eps inside the
+square root) up to the order of float32 additions. Eager calls only: compiled graphs take `layers.channel_group_norm`,
+which inductor fuses with its neighbours. Triton is imported lazily (as in `fused`); the CPU tests run the kernels
+under Triton's CPU interpreter.
+
+After a conv, PyTorch adds a cuDNN convolution's bias in a kernel of its own, a broadcast (non-vectorized) pass over
+the output, and the resnet's residual add is another pass (at SVD's first level 0.45 ms of a 1.75 ms 3x3 conv,
+run 65). `conv_epilogue` adds both to a conv output computed without its bias in one pass, in place.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from img2vid import fused
+
+MAX_TILE = 4096  # elements a program reads in `stats` and `apply` (8 KB of float16)
+MIN_TILE = 256  # below this a row's tile is not shrunk to divide it: the last tile is masked instead
+FINISH_TILE = 1024  # partials a `finish` program reads at a time
+WARPS = 4
+
+
+def supported(x: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | None = None) -> bool:
+    """Whether `group_norm_rows` runs for x viewed as contiguous (rows, C, P) frames: a CUDA float16 or float32
+    inference call on a Hopper or later card (where it was measured, as the other kernels), an affine norm.
+    float16 and float32 are the dtypes checked on a GPU (bfloat16 keeps PyTorch's kernel)."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.float32)
+        and x.is_contiguous()
+        and x.numel() > 0
+        and norm.affine
+        and (vec is None or (vec.device == x.device and vec.is_floating_point()))
+        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+        and not (torch.is_grad_enabled() and vec is not None and vec.requires_grad)
+        and fused._kernels_run_on(x.device)
+    )
+
+
+def tile_for(p: int) -> tuple[int, int]:
+    """(rows, tile): a program of `stats` and `apply` reads `rows` (frame, channel) rows times `tile` elements.
+    A row of up to MAX_TILE elements is one tile (p rounded up to a power of two), several rows to a program
+    (tiny programs would cost more than their bytes: SVD's fourth level has 144 pixels a row). A longer row is cut
+    into the largest power of two up to MAX_TILE that divides it (no masked lanes), or into MAX_TILE tiles with a
+    masked last one when only tiles under MIN_TILE would divide it."""
+    if p <= MAX_TILE:
+        tile = 1 << (p - 1).bit_length()
+        return MAX_TILE // tile, tile
+    tile = MAX_TILE
+    while tile > MIN_TILE and p % tile:
+        tile //= 2
+    return 1, tile if p % tile == 0 else MAX_TILE
+
+
+def group_norm_rows(
+    frames: torch.Tensor,
+    norm: torch.nn.GroupNorm,
+    frames_per_sample: int,
+    silu: bool,
+    vec: torch.Tensor | None = None,
+    reuse_input: bool = False,
+) -> torch.Tensor:
+    """GroupNorm of frames (R, C, P), contiguous: R frames of C channels of P pixels, whose statistics are taken per
+    (sample, group) over frames_per_sample consecutive frames; vec (R, C) or None is added to each (frame, channel)
+    row first; silu applies SiLU to the result. reuse_input: frames is not needed after the call, and the result
+    is written over it (one full-size tensor less at the peak). Returns (R, C, P) in frames' dtype."""
+    r, c, p = frames.shape
+    g = norm.num_groups
+    if r % frames_per_sample or c % g:
+        raise ValueError(f"{r} frames of {c} channels are not whole {frames_per_sample}-frame samples of {g} groups")
+    samples = r // frames_per_sample
+    rows, tile = tile_for(p)
+    tiles = fused.triton_cdiv(p, tile)
+    partials = torch.empty(2, r * c * tiles, device=frames.device, dtype=torch.float32)  # tile means, tile M2s
+    scale_shift = torch.empty(2, samples * c, device=frames.device, dtype=torch.float32)
+    out = frames if reuse_input else torch.empty_like(frames)
+    vec_rows = frames if vec is None else vec.reshape(r * c).contiguous()  # an unread placeholder when absent
+    stats, finish, apply = _kernels()
+    grid = (fused.triton_cdiv(r * c, rows), tiles)
+    stats[grid](frames, vec_rows, partials[0], partials[1], r * c, p, tiles, ROWS=rows, TILE=tile,
+                HAS_VEC=vec is not None, num_warps=WARPS)  # fmt: skip
+    finish[(samples * g,)](
+        partials[0], partials[1], norm.weight, norm.bias, scale_shift[0], scale_shift[1], p, tiles, c,
+        frames_per_sample, c // g, norm.eps, TILE=tile, FINISH_TILE=FINISH_TILE, num_warps=WARPS,
+    )  # fmt: skip
+    apply[grid](frames, vec_rows, scale_shift[0], scale_shift[1], out, r * c, p, c, frames_per_sample * c,
+                ROWS=rows, TILE=tile, HAS_VEC=vec is not None, SILU=silu, num_warps=WARPS)  # fmt: skip
+    return out
+
+
+def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
+    """h += bias (per channel) + skip, for h (R, C, P) contiguous (a conv's fresh output, computed without its bias),
+    bias (C,) or None, skip (R, C, P) contiguous or None; the sum is formed in float32 and rounded once (the
+    reference rounds after each add, inductor once, as here). Returns h."""
+    r, c, p = h.shape
+    rows, tile = tile_for(p)
+    _epilogue_kernel()[(fused.triton_cdiv(r * c, rows), fused.triton_cdiv(p, tile))](
+        h, h if skip is None else skip, h if bias is None else bias, r * c, p, c,
+        ROWS=rows, TILE=tile, HAS_SKIP=skip is not None, HAS_BIAS=bias is not None, num_warps=WARPS,
+    )  # fmt: skip
+    return h
+
+
+def epilogue_supported(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None) -> bool:
+    """Whether `conv_epilogue` runs for these operands (as `supported`: CUDA float16 / float32 inference on a
+    Hopper or later card), h and skip contiguous and of one shape and dtype."""
+    return (
+        h.is_cuda
+        and h.dtype in (torch.float16, torch.float32)
+        and h.dim() >= 2
+        and h.is_contiguous()
+        and h.numel() > 0
+        and (skip is None or (skip.shape == h.shape and skip.dtype == h.dtype and skip.is_contiguous()))
+        and (bias is None or (bias.device == h.device and bias.shape == (h.shape[1],)))
+        and not torch.is_grad_enabled()
+        and fused._kernels_run_on(h.device)
+    )
+
+
+@functools.cache
+def _epilogue_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv_epilogue(
+        h_ptr, s_ptr, b_ptr, RC, P, C,
+        ROWS: tl.constexpr, TILE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,): (frame, channel) rows
+        idx = tl.program_id(1) * TILE + tl.arange(0, TILE)
+        row_ok = row < RC
+        mask = row_ok[:, None] & (idx < P)[None, :]  # (ROWS, TILE)
+        offs = row.to(tl.int64)[:, None] * P + idx[None, :]
+        y = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + row % C, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        if HAS_SKIP:
+            y += tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(h_ptr + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
+
+    return conv_epilogue
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any, Any]:
+    """The jitted kernels, built on first use: importing img2vid must not need Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def stats(
+        x_ptr, v_ptr, mean_ptr, m2_ptr, RC, P, TILES,
+        ROWS: tl.constexpr, TILE: tl.constexpr, HAS_VEC: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,): (frame, channel) rows
+        t = tl.program_id(1)  # their tile
+        idx = t * TILE + tl.arange(0, TILE)  # (TILE,)
+        row_ok = row < RC
+        mask = row_ok[:, None] & (idx < P)[None, :]  # (ROWS, TILE)
+        x = tl.load(x_ptr + row.to(tl.int64)[:, None] * P + idx[None, :], mask=mask, other=0.0)
+        if HAS_VEC:
+            # the reference's norm reads x + vec as a stored tensor: rounded to x's dtype
+            v = tl.load(v_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) + v[:, None]).to(x_ptr.dtype.element_ty)
+        xf = tl.where(mask, x.to(tl.float32), 0.0)
+        count = tl.minimum(P - t * TILE, TILE).to(tl.float32)
+        mean = tl.sum(xf, axis=1) / count  # (ROWS,)
+        d = tl.where(mask, xf - mean[:, None], 0.0)
+        out = row.to(tl.int64) * TILES + t
+        tl.store(mean_ptr + out, mean, mask=row_ok)
+        tl.store(m2_ptr + out, tl.sum(d * d, axis=1), mask=row_ok)
+
+    # Sample and group counts change with the level and the video: one build serves them all (and a value of 1,
+    # which Triton would otherwise make a compile-time constant, stays a run-time integer)
+    @triton.jit(do_not_specialize=["P", "TILES", "C", "FRAMES", "CPG"])
+    def finish(
+        mean_ptr, m2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, P, TILES, C, FRAMES, CPG, eps,
+        TILE: tl.constexpr, FINISH_TILE: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)  # a (sample, group)
+        groups = C // CPG
+        s = pid // groups
+        g = pid % groups
+        run = CPG * TILES  # one frame's partials of this group: its channels' tiles, consecutive
+        lanes = tl.arange(0, FINISH_TILE)
+        # pass 1: the group's mean, sum(n_t * mean_t) / sum(n_t)
+        acc = tl.zeros((FINISH_TILE,), dtype=tl.float32)
+        for f in range(FRAMES):
+            base = ((s * FRAMES + f) * C + g * CPG).to(tl.int64) * TILES
+            for j0 in range(0, run, FINISH_TILE):
+                j = j0 + lanes
+                ok = j < run
+                n = tl.minimum(P - (j % TILES) * TILE, TILE).to(tl.float32)
+                acc += tl.where(ok, n * tl.load(mean_ptr + base + j, mask=ok, other=0.0), 0.0)
+        total = FRAMES * 1.0 * CPG * P  # float32: no int32 overflow
+        mean = tl.sum(acc, axis=0) / total
+        # pass 2: M2 = sum(M2_t + n_t * (mean_t - mean)^2), the law of total variance
+        acc = tl.zeros((FINISH_TILE,), dtype=tl.float32)
+        for f in range(FRAMES):
+            base = ((s * FRAMES + f) * C + g * CPG).to(tl.int64) * TILES
+            for j0 in range(0, run, FINISH_TILE):
+                j = j0 + lanes
+                ok = j < run
+                n = tl.minimum(P - (j % TILES) * TILE, TILE).to(tl.float32)
+                dm = tl.load(mean_ptr + base + j, mask=ok, other=0.0) - mean
+                acc += tl.where(ok, tl.load(m2_ptr + base + j, mask=ok, other=0.0) + n * dm * dm, 0.0)
+        rstd = tl.rsqrt(tl.sum(acc, axis=0) / total + eps)
+        for c0 in range(0, CPG, FINISH_TILE):
+            cc = c0 + lanes
+            ok = cc < CPG
+            ch = g * CPG + cc
+            scale = tl.load(w_ptr + ch, mask=ok, other=0.0).to(tl.float32) * rstd
+            shift = tl.load(b_ptr + ch, mask=ok, other=0.0).to(tl.float32) - mean * scale
+            tl.store(scale_ptr + s * C + ch, scale, mask=ok)
+            tl.store(shift_ptr + s * C + ch, shift, mask=ok)
+
+    @triton.jit
+    def apply(
+        x_ptr, v_ptr, scale_ptr, shift_ptr, out_ptr, RC, P, C, SAMPLE_ROWS,
+        ROWS: tl.constexpr, TILE: tl.constexpr, HAS_VEC: tl.constexpr, SILU: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,): (frame, channel) rows
+        t = tl.program_id(1)
+        row_ok = row < RC
+        at = (row // SAMPLE_ROWS) * C + row % C  # their (sample, channel)
+        scale = tl.load(scale_ptr + at, mask=row_ok, other=0.0)
+        shift = tl.load(shift_ptr + at, mask=row_ok, other=0.0)
+        idx = t * TILE + tl.arange(0, TILE)
+        mask = row_ok[:, None] & (idx < P)[None, :]  # (ROWS, TILE)
+        offs = row.to(tl.int64)[:, None] * P + idx[None, :]
+        dtype = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if HAS_VEC:
+            v = tl.load(v_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) + v[:, None]).to(dtype)
+        y = x.to(tl.float32) * scale[:, None] + shift[:, None]
+        if SILU:
+            y = y.to(dtype).to(tl.float32)  # the norm's output as stored, which F.silu then reads
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(out_ptr + offs, y.to(dtype), mask=mask)
+
+    return stats, finish, apply

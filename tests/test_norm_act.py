@@ -1,0 +1,212 @@
+"""GroupNorm (+ per-channel add, + SiLU) for eager runs (`norm_act`): its Triton kernels under Triton's CPU
+interpreter against float64, the dispatch in `layers.group_norm` / `video_group_norm` off the GPU, and the kernels
+against PyTorch's on a GPU where there is one. Speed is a benchmark's business (BENCHMARKS.md), not a test's."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from img2vid import layers, norm_act
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def reference(frames: torch.Tensor, norm: torch.nn.GroupNorm, fps: int, silu: bool, vec: torch.Tensor | None):
+    """float64 GroupNorm of (R, C, P) frames with statistics over fps-frame samples, of frames + vec (rounded to
+    the frames' dtype, as a stored tensor is), then SiLU of the norm's output rounded to that dtype."""
+    r, c, p = frames.shape
+    x = frames if vec is None else (frames.float() + vec.float()[:, :, None]).to(frames.dtype)
+    s = r // fps
+    # (R, C, P) -> (S, fps, C, P) -> (S, C, fps*P): one sample's frames side by side
+    xv = x.double().view(s, fps, c, p).transpose(1, 2).reshape(s, c, fps * p)
+    y = F.group_norm(xv, norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
+    y = y.view(s, c, fps, p).transpose(1, 2).reshape(r, c, p)
+    return F.silu(y.to(frames.dtype).double()) if silu else y
+
+
+@needs_triton
+def test_kernels_match_float64_under_interpreter() -> None:
+    # Small tiles so that rows span several tiles (the tile that divides the row, and a masked last tile when none
+    # does), short rows share a program (several to a tile, the last program's rows partly masked), and a group's
+    # partials span several finishing chunks (and frames): per-frame and per-video samples, float32 and float16,
+    # with and without the added vector and the SiLU, the result written over the input.
+    script = textwrap.dedent(
+        """
+        import torch
+        from img2vid import norm_act
+        from tests.test_norm_act import reference
+        norm_act.MAX_TILE, norm_act.MIN_TILE, norm_act.FINISH_TILE = 64, 16, 8
+        torch.manual_seed(0)
+        for r, c, p, fps, g, half, silu, has_vec, reuse in [
+            (2, 8, 96, 1, 4, 0, 1, 0, 0), (6, 8, 100, 3, 2, 0, 1, 1, 0), (4, 6, 130, 2, 3, 1, 1, 1, 1),
+            (3, 4, 7, 1, 4, 0, 0, 0, 0), (4, 12, 200, 4, 1, 1, 0, 1, 0), (2, 16, 64, 2, 4, 1, 1, 0, 1),
+            (5, 6, 12, 5, 3, 1, 1, 1, 0), (3, 10, 33, 1, 5, 0, 1, 1, 1),
+        ]:
+            dt = torch.float16 if half else torch.float32
+            norm = torch.nn.GroupNorm(g, c, eps=1e-6)
+            with torch.no_grad():
+                norm.weight.normal_(1.0, 0.5)
+                norm.bias.normal_()
+            norm = norm.to(dt)
+            frames = (torch.randn(r, c, p) * 3 + 5).to(dt)  # an offset mean: where sums of squares would cancel
+            vec = torch.randn(r, c).to(dt) if has_vec else None
+            want = reference(frames, norm, fps, bool(silu), vec)
+            x = frames.clone()
+            with torch.no_grad():
+                out = norm_act.group_norm_rows(x, norm, fps, bool(silu), vec, reuse_input=bool(reuse))
+            err = ((out.double() - want).abs().max() / want.abs().max()).item()
+            print(r, c, p, half, err, bool(torch.isfinite(out).all()), out.data_ptr() == x.data_ptr(), reuse)
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = [sys.executable, "-c", script]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.split("\n") if line.strip()]
+    assert len(rows) == 8
+    for r, c, p, half, err, finite, same_memory, reuse in rows:
+        assert finite == "True", (r, c, p)  # every element written
+        # float32: float rounding only; float16: the output's own rounding (2^-11 relative) and the SiLU's input's
+        assert float(err) < (2e-3 if half == "1" else 1e-6), (r, c, p, err)
+        assert same_memory == str(reuse == "1"), (r, c, p)
+
+
+@needs_triton
+def test_conv_epilogue_under_interpreter() -> None:
+    # h + bias + skip in one pass, in place, summed in float32 and rounded once to h's dtype (the plain ops round
+    # after each add); rows that share a program and rows cut into tiles; each operand absent
+    script = textwrap.dedent(
+        """
+        import torch
+        from img2vid import norm_act
+        norm_act.MAX_TILE, norm_act.MIN_TILE = 64, 16
+        torch.manual_seed(0)
+        for r, c, p, half, has_bias, has_skip in [(2, 3, 10, 0, 1, 1), (3, 4, 200, 1, 1, 1), (2, 5, 96, 0, 0, 1),
+                                                  (4, 2, 7, 1, 1, 0)]:
+            dt = torch.float16 if half else torch.float32
+            h, skip = torch.randn(r, c, p).to(dt), torch.randn(r, c, p).to(dt)
+            bias = torch.randn(c).to(dt)
+            want = h.float() + (bias.float()[:, None] if has_bias else 0) + (skip.float() if has_skip else 0)
+            x = h.clone()
+            out = norm_act.conv_epilogue(x, bias if has_bias else None, skip if has_skip else None)
+            exact = torch.equal(out, want.to(dt))  # the same float32 adds in the same order, one rounding to dt
+            print(r, c, p, exact, out.data_ptr() == x.data_ptr())
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = [sys.executable, "-c", script]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.split("\n") if line.strip()]
+    assert len(rows) == 4
+    for r, c, p, exact, in_place in rows:
+        assert exact == "True" and in_place == "True", (r, c, p)
+
+
+@pytest.mark.parametrize("shortcut", [False, True])
+def test_conv_epilogue_off_gpu(shortcut: bool) -> None:
+    torch.manual_seed(0)
+    h, skip, bias = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5), torch.randn(4)
+    assert not norm_act.epilogue_supported(h, bias, skip)
+    want = h + bias[:, None, None] + skip
+    with torch.no_grad():
+        got = layers.conv_epilogue(h.clone(), bias, skip if shortcut else None)
+    torch.testing.assert_close(got, want if shortcut else want - skip)
+    # with autograd on, the plain ops run out of place and keep the graph
+    hg = h.clone().requires_grad_()
+    out = layers.conv_epilogue(hg, bias, skip)
+    out.sum().backward()
+    assert torch.equal(hg.grad, torch.ones_like(h))
+
+
+def test_tile_for() -> None:
+    assert norm_act.tile_for(576 * 1024) == (1, norm_act.MAX_TILE)  # the decoder's full resolution: 144 whole tiles
+    assert norm_act.tile_for(72 * 128) == (1, 1024)  # the UNet's first level: 9 whole tiles a row
+    assert norm_act.tile_for(100_003) == (1, norm_act.MAX_TILE)  # a prime: a masked last tile
+    assert norm_act.tile_for(36 * 64) == (1, 4096)  # the second level: one masked tile a row
+    assert norm_act.tile_for(9 * 16) == (norm_act.MAX_TILE // 256, 256)  # the fourth level: rows to a program
+
+
+@pytest.mark.parametrize("vec", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_off_gpu_is_the_module(silu: bool, vec: bool) -> None:
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    x = torch.randn(3, 8, 5, 6)
+    v = torch.randn(3, 8) if vec else None
+    assert not norm_act.supported(x, norm, v)  # CPU: the kernels are for CUDA
+    want = norm(x if v is None else x + v[:, :, None, None])
+    want = F.silu(want) if silu else want
+    keep = x.clone()
+    got = layers.group_norm(x, norm, silu=silu, vec=v, reuse_input=True)
+    assert torch.equal(got, want)
+    assert torch.equal(x, keep)  # the fallback never writes over its input
+
+
+@pytest.mark.parametrize("vec", [False, True])
+def test_video_group_norm_off_gpu(vec: bool) -> None:
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(2, 6)
+    frames = torch.randn(2, 5, 6, 4, 3)  # (B, F, C, H, W) NCHW frames
+    v = torch.randn(2, 5, 6) if vec else None  # (B, F, C)
+    x5 = frames.transpose(1, 2)  # (B, C, F, H, W), the view the temporal blocks see
+    got = layers.video_group_norm(x5, norm, silu=True, vec=v)
+    xin = x5 if v is None else x5 + v.permute(0, 2, 1)[..., None, None]
+    want = F.silu(F.group_norm(xin.contiguous(), 2, norm.weight, norm.bias, norm.eps))
+    assert got.stride() == x5.stride()  # the frames' layout is kept
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kernels_on_gpu(dtype: torch.dtype) -> None:
+    # Where the kernels run (Hopper or later), they agree with float64 as closely as PyTorch's own kernel does
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for r, c, p, fps in [(2, 128, 96 * 160, 1), (6, 64, 48 * 64, 3), (4, 96, 1000, 2)]:
+        norm = torch.nn.GroupNorm(32, c, eps=1e-6).cuda().to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(c, generator=g, device="cuda") * 0.5 + 1)
+            norm.bias.copy_(torch.randn(c, generator=g, device="cuda"))
+        frames = (torch.randn(r, c, p, generator=g, device="cuda") * 2 + 1).to(dtype)
+        vec = torch.randn(r, c, generator=g, device="cuda").to(dtype)
+        with torch.no_grad():
+            x5 = frames.view(r // fps, fps, c, p, 1).transpose(1, 2)  # (B, C, F, P, 1)
+            got = layers.video_group_norm(x5, norm, silu=True, vec=vec.view(r // fps, fps, c))
+            want = reference(frames, norm, fps, True, vec)
+            torch_kernel = F.silu(
+                F.group_norm(
+                    x5.contiguous() + vec.view(r // fps, fps, c).permute(0, 2, 1)[..., None, None],
+                    32,
+                    norm.weight,
+                    norm.bias,
+                    norm.eps,
+                )
+            )
+        got = got.transpose(1, 2).reshape(r, c, p).double()
+        torch_kernel = torch_kernel.transpose(1, 2).reshape(r, c, p).double()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        bar = ((torch_kernel - want).abs().max() / want.abs().max()).item()
+        assert err <= 1.5 * bar + 1e-6, (r, c, p, err, bar)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_conv_epilogue_on_gpu() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, c, hw in [(2, 128, (48, 64)), (3, 40, (9, 16))]:
+        h = torch.randn(n, c, *hw, generator=g, device="cuda").half()
+        skip = torch.randn(n, c, *hw, generator=g, device="cuda").half()
+        bias = torch.randn(c, generator=g, device="cuda").half()
+        want = (h.float() + bias.float()[:, None, None] + skip.float()).half()  # float32 adds, one rounding
+        with torch.no_grad():
+            got = layers.conv_epilogue(h.clone(), bias, skip)
+        assert torch.equal(got, want)
