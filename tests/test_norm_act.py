@@ -32,6 +32,17 @@ def reference(frames: torch.Tensor, norm: torch.nn.GroupNorm, fps: int, silu: bo
     return F.silu(y.to(frames.dtype).double()) if silu else y
 
 
+def interpreted(script: str) -> list[list[str]]:
+    """Run script under Triton's CPU interpreter in a process of its own (the variable must be set before Triton is
+    imported); returns its printed lines, split into words. The repository root is importable (tests.*)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = [sys.executable, "-c", script]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [line.split() for line in proc.stdout.split("\n") if line.strip()]
+
+
 @needs_triton
 def test_kernels_match_float64_under_interpreter() -> None:
     # Small tiles so that rows span several tiles (the tile that divides the row, and a masked last tile when none
@@ -66,12 +77,7 @@ def test_kernels_match_float64_under_interpreter() -> None:
             print(r, c, p, half, err, bool(torch.isfinite(out).all()), out.data_ptr() == x.data_ptr(), reuse)
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    run = [sys.executable, "-c", script]
-    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split() for line in proc.stdout.split("\n") if line.strip()]
+    rows = interpreted(script)
     assert len(rows) == 8
     for r, c, p, half, err, finite, same_memory, reuse in rows:
         assert finite == "True", (r, c, p)  # every element written
@@ -102,12 +108,7 @@ def test_conv_epilogue_under_interpreter() -> None:
             print(r, c, p, exact, out.data_ptr() == x.data_ptr())
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    run = [sys.executable, "-c", script]
-    proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split() for line in proc.stdout.split("\n") if line.strip()]
+    rows = interpreted(script)
     assert len(rows) == 4
     for r, c, p, exact, in_place in rows:
         assert exact == "True" and in_place == "True", (r, c, p)

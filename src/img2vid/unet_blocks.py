@@ -15,15 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from img2vid.layers import (
-    conv2d,
-    conv_epilogue,
-    group_norm,
-    temporal_conv,
-    vector_sum,
-    video_group_norm,
-    with_bias,
-)
+from img2vid.layers import conv2d, conv_epilogue, group_norm, temporal_conv, vector_sum, video_group_norm, with_bias
 
 
 class TimeEmbedding(nn.Module):

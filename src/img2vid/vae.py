@@ -22,15 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import (
-    attention,
-    conv2d,
-    conv_epilogue,
-    group_norm,
-    temporal_conv,
-    vector_sum,
-    video_group_norm,
-)
+from img2vid.layers import attention, conv2d, conv_epilogue, group_norm, temporal_conv, vector_sum, video_group_norm
 
 # diffusers hard-codes these; sgm's VideoDecoder uses the same values.
 _EPS = 1e-6  # every spatial GroupNorm of encoder and decoders
