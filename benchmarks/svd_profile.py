@@ -69,14 +69,26 @@ def bench(fn: Callable[[], object], reps: int = 10) -> float:
 
 
 def category(name: str) -> str:
+    """A GPU kernel's kind, from its name. Inductor's Triton kernels first: their names list the ops they fused
+    ("triton_poi_fused_add_convolution_silu_..." is a pointwise kernel, not a convolution)."""
     n = name.lower()
+    if n.startswith(("triton_per", "triton_red")):
+        return "norm/reduce"
+    if n.startswith("triton_poi"):
+        return "elementwise/other"
+    if "geglu" in n:
+        return "gemm"
+    if n.startswith(("gn_stats", "gn_finish")):  # img2vid's eager GroupNorm (norm_act)
+        return "norm/reduce"
+    if n.startswith(("gn_apply", "conv_epilogue")):
+        return "elementwise/other"
     if "flash" in n or "fmha" in n or "attention" in n or "cudnn_generated_fort_native_sdpa" in n or "sdpa" in n:
         return "attention"
     if "conv" in n or "implicit" in n or "xmma_fprop" in n or "sm90_xmma" in n or "fprop" in n or "dgrad" in n:
         return "conv"
     if "gemm" in n or "cutlass" in n or "nvjet" in n or "matmul" in n or "sm90" in n:
         return "gemm"
-    if "norm" in n or "welford" in n or "var_mean" in n or "reduce" in n or "red_" in n or "per_fused" in n:
+    if "norm" in n or "welford" in n or "var_mean" in n or "reduce" in n or "red_" in n or "rowwisemoments" in n:
         return "norm/reduce"
     if "copy" in n or "cat" in n or "transpose" in n or "permute" in n or "nchw" in n or "nhwc" in n:
         return "copy/layout"
@@ -104,12 +116,14 @@ def profile(name: str, fn: Callable[[], object]) -> None:
     if DEV.type != "cuda":
         log(f"[{name}] cpu wall {wall:.3f}s (kernel breakdown needs a GPU)")
         return
-    # Kernels only: the aten ops' device time repeats their kernels' (and "Command Buffer Full" is a wait).
-    kern = [
-        (e.key, e.self_device_time_total, e.count)
-        for e in ev
-        if e.self_device_time_total > 0 and not e.key.startswith(("aten::", "Command Buffer"))
-    ]
+    # Kernels only, each once: the device-side events (key_averages also lists a Triton kernel or a custom op under
+    # its launching op's name, with the same device time, and "Command Buffer Full" is a wait).
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name][0] += e.device_time_total
+            per_kernel[e.name][1] += 1
+    kern = [(k, t, int(n)) for k, (t, n) in per_kernel.items()]
     total = sum(k[1] for k in kern) / 1e6
     cats: dict[str, float] = defaultdict(float)
     for k, t, _ in kern:

@@ -8,12 +8,12 @@ full-size pass through SiLU, and in the UNet's resnets the time embedding's per-
 Here the work is split so that every kernel keeps the whole GPU busy, and fused so that each full-size tensor is
 read twice (statistics, then the output pass) and written once:
 
-1. `stats`: one program per tile of a (frame, channel) row: the tile's mean and M2 (sum of squared deviations) in
+1. `gn_stats`: one program per tile of a (frame, channel) row: the tile's mean and M2 (sum of squared deviations) in
    float32, from the values as the reference holds them (x + vec rounded to x's dtype).
-2. `finish`: one program per (sample, group): the group's mean and variance from its tiles' (two passes over the
+2. `gn_finish`: one program per (sample, group): the group's mean and variance from its tiles' (two passes over the
    partials: the mean, then the squared deviations, which is exact where E[x^2] - E[x]^2 would cancel), then each
    channel's scale = weight * rsqrt(var + eps) and shift = bias - mean * scale.
-3. `apply`: out = x * scale + shift per (frame, channel) row, rounded to x's dtype as the reference's norm output
+3. `gn_apply`: out = x * scale + shift per (frame, channel) row, rounded to x's dtype as the reference's norm output
    is, then SiLU in float32 and rounded again, as F.silu computes it.
 
 A sample is one frame for the per-frame norms and one whole video for the temporal resnets' norms (statistics over
@@ -36,9 +36,9 @@ import torch
 
 from img2vid import fused
 
-MAX_TILE = 4096  # elements a program reads in `stats` and `apply` (8 KB of float16)
+MAX_TILE = 4096  # elements a program reads in `gn_stats` and `gn_apply` (8 KB of float16)
 MIN_TILE = 256  # below this a row's tile is not shrunk to divide it: the last tile is masked instead
-FINISH_TILE = 1024  # partials a `finish` program reads at a time
+FINISH_TILE = 1024  # partials a `gn_finish` program reads at a time
 WARPS = 4
 
 
@@ -60,7 +60,7 @@ def supported(x: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | Non
 
 
 def tile_for(p: int) -> tuple[int, int]:
-    """(rows, tile): a program of `stats` and `apply` reads `rows` (frame, channel) rows times `tile` elements.
+    """(rows, tile): a program of `gn_stats` and `gn_apply` reads `rows` (frame, channel) rows times `tile` elements.
     A row of up to MAX_TILE elements is one tile (p rounded up to a power of two), several rows to a program
     (tiny programs would cost more than their bytes: SVD's fourth level has 144 pixels a row). A longer row is cut
     into the largest power of two up to MAX_TILE that divides it (no masked lanes), or into MAX_TILE tiles with a
@@ -145,7 +145,7 @@ def _epilogue_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def conv_epilogue(
+    def conv_epilogue_kernel(
         h_ptr, s_ptr, b_ptr, RC, P, C,
         ROWS: tl.constexpr, TILE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):  # fmt: skip
@@ -161,7 +161,7 @@ def _epilogue_kernel() -> Any:
             y += tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(h_ptr + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
 
-    return conv_epilogue
+    return conv_epilogue_kernel
 
 
 @functools.cache
@@ -171,7 +171,7 @@ def _kernels() -> tuple[Any, Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def stats(
+    def gn_stats(
         x_ptr, v_ptr, mean_ptr, m2_ptr, RC, P, TILES,
         ROWS: tl.constexpr, TILE: tl.constexpr, HAS_VEC: tl.constexpr,
     ):  # fmt: skip
@@ -196,7 +196,7 @@ def _kernels() -> tuple[Any, Any, Any]:
     # Sample and group counts change with the level and the video: one build serves them all (and a value of 1,
     # which Triton would otherwise make a compile-time constant, stays a run-time integer)
     @triton.jit(do_not_specialize=["P", "TILES", "C", "FRAMES", "CPG"])
-    def finish(
+    def gn_finish(
         mean_ptr, m2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, P, TILES, C, FRAMES, CPG, eps,
         TILE: tl.constexpr, FINISH_TILE: tl.constexpr,
     ):  # fmt: skip
@@ -238,7 +238,7 @@ def _kernels() -> tuple[Any, Any, Any]:
             tl.store(shift_ptr + s * C + ch, shift, mask=ok)
 
     @triton.jit
-    def apply(
+    def gn_apply(
         x_ptr, v_ptr, scale_ptr, shift_ptr, out_ptr, RC, P, C, SAMPLE_ROWS,
         ROWS: tl.constexpr, TILE: tl.constexpr, HAS_VEC: tl.constexpr, SILU: tl.constexpr,
     ):  # fmt: skip
@@ -262,4 +262,4 @@ def _kernels() -> tuple[Any, Any, Any]:
             y = y / (1.0 + tl.exp(-y))
         tl.store(out_ptr + offs, y.to(dtype), mask=mask)
 
-    return stats, finish, apply
+    return gn_stats, gn_finish, gn_apply
