@@ -100,7 +100,7 @@ class TemporalResBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B, C, F, H, W); temb: (B, F, T), already through silu."""
-        # the first conv's bias joins the time embedding's per-frame vector (see _conv)
+        # the first conv's bias joins the time embedding's per-frame vector, which the second norm adds as it reads h
         h = temporal_conv(video_group_norm(x, self.norm1, silu=True), self.conv1, add_bias=False)
         vec = with_bias(self.time_emb_proj(temb), self.conv1.bias)  # (B, F, C), added to h inside the norm
         h = temporal_conv(video_group_norm(h, self.norm2, silu=True, vec=vec, reuse_input=True), self.conv2)

@@ -34,8 +34,8 @@ _TIME_PADDING = (1, 0, 0)
 class ResnetBlock2D(nn.Module):
     """diffusers `ResnetBlock2D` without a time embedding: x + conv(silu(norm(conv(silu(norm(x))))))."""
 
-    # Children whose weights this module's own forward reads (compiled graphs' group_norm), so that sequential
-    # offload never streams them as units of their own (offload.plan_units); likewise in the modules below.
+    # Children whose weights this module's own forward reads (group_norm, conv2d), so that sequential offload never
+    # streams them as units of their own (offload.plan_units); likewise in the modules below.
     weights_read_here = ("norm1", "conv1", "norm2", "conv2", "conv_shortcut")
 
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
