@@ -3,7 +3,7 @@
 candidate replacements (SDPA backends per attention shape, the (3,1,1) temporal conv written several ways).
 
     python benchmarks/svd_profile.py                      # eager profiles + micro-benchmarks (no compile)
-    python benchmarks/svd_profile.py --compiled           # also the compiled step (minutes of compiling)
+    python benchmarks/svd_profile.py --compiled           # also the compiled step and decoder (minutes of compiling)
     python benchmarks/svd_profile.py --tiny               # logic check on the CPU
 
 Random full-size weights, fp16, batch 2 x 25 frames at 576x1024 (latents 72x128). Prints short tables; the full
@@ -29,13 +29,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_utils import median_event_ms, unfuse_geglu  # noqa: E402
 
 from img2vid.configs import preset  # noqa: E402
-from img2vid.layers import temporal_conv  # noqa: E402
+from img2vid.layers import channels_last_, temporal_conv  # noqa: E402
 from img2vid.unet import UNet  # noqa: E402
 from img2vid.vae import VAE  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--tiny", action="store_true")
-ap.add_argument("--compiled", action="store_true", help="profile the compiled UNet too")
+ap.add_argument("--compiled", action="store_true", help="profile the compiled UNet step and decoder too")
 ap.add_argument("--unfused-too", action="store_true", help="with --compiled: also without the fused GEGLU kernel")
 ap.add_argument("--skip", default="", help="comma list of parts to skip: micro, unet, vae")
 ap.add_argument("--lowmem-only", action="store_true")
@@ -326,8 +326,15 @@ def vae_part() -> None:
         t = bench(dec, 3)
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if DEV.type == "cuda" else float("nan")
         log(f"== VAE decode {n} frames eager, frame chunk {chunk}: {t:.3f} s, activation peak {peak:.2f} GiB ==")
-    vae.spatial_frame_chunk = 4
+    vae.spatial_frame_chunk = 2  # as the pipeline decodes
     profile("vae_eager", lambda: vae.decode(z, n))
+    if args.compiled:  # as Pipeline.compile() runs the decoder: channels-last, compiled block by block
+        from img2vid.compiled import compile_decoder
+
+        channels_last_(vae.decoder)
+        dec = compile_decoder(vae)
+        log(f"== VAE decode {n} frames compiled, frame chunk 2: {bench(lambda: dec(z, n), 3):.3f} s ==")
+        profile("vae_compiled", lambda: dec(z, n))
 
 
 def pipe_part() -> None:
