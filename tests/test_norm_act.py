@@ -1,6 +1,7 @@
-"""GroupNorm (+ per-channel add, + SiLU) for eager runs (`norm_act`): its Triton kernels under Triton's CPU
-interpreter against float64, the dispatch in `layers.group_norm` / `video_group_norm` off the GPU, and the kernels
-against PyTorch's on a GPU where there is one. Speed is a benchmark's business (BENCHMARKS.md), not a test's."""
+"""The eager kernels around the resnets' convs (`norm_act`): GroupNorm (+ per-channel add, + SiLU) and the conv
+epilogue (bias + residual). Their Triton kernels under Triton's CPU interpreter against float64, the dispatch in
+`layers.group_norm` / `video_group_norm` / `conv_epilogue` off the GPU (and under autograd), and the kernels against
+PyTorch's on a GPU where there is one. Speed is a benchmark's business (BENCHMARKS.md), not a test's."""
 
 from __future__ import annotations
 
