@@ -4,7 +4,6 @@ benchmark's business (BENCHMARKS.md), not a test's."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,10 +12,9 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_triton
 
 from img2vid import add_norm as an
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 def plain(x, y, vec, div, norm, vec_in_sum=True):

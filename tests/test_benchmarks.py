@@ -3,13 +3,12 @@ random model, diffusers as the oracle), so CI catches a script that no longer ru
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import needs_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +49,7 @@ def test_decode_variants_script_runs(tmp_path: Path) -> None:
     assert row in (tmp_path / "svd_decode.txt").read_text().splitlines()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_kernels_script_runs(tmp_path: Path) -> None:
     out = _run("svd_kernels.py", out=tmp_path)  # --tiny: Triton's CPU interpreter, tiny shapes
     errs = [float(line.split("err ")[1].split(",")[0]) for line in out.splitlines() if "err " in line]

@@ -4,7 +4,6 @@ kernel's maths and its edge tiles without a GPU; speed is measured by benchmarks
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,11 +11,10 @@ import textwrap
 
 import pytest
 import torch
+from conftest import needs_triton
 
 from img2vid import fused
 from img2vid.unet_transformer import GEGLU
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 @needs_triton

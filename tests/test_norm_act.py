@@ -5,7 +5,6 @@ PyTorch's on a GPU where there is one. Speed is a benchmark's business (BENCHMAR
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,10 +13,9 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_triton
 
 from img2vid import layers, norm_act
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 def reference(frames: torch.Tensor, norm: torch.nn.GroupNorm, fps: int, silu: bool, vec: torch.Tensor | None):
@@ -37,7 +35,8 @@ def interpreted(script: str) -> list[list[str]]:
     """Run script under Triton's CPU interpreter in a process of its own (the variable must be set before Triton is
     imported); returns its printed lines, split into words. The repository root is importable (tests.*)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    path = [root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")]  # tests.* and their conftest
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(path))
     run = [sys.executable, "-c", script]
     proc = subprocess.run(run, capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
