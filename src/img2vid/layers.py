@@ -184,15 +184,15 @@ def group_norm(
     first (the UNet resnets' time embedding). reuse_input: x is not needed after the call, so the result may be
     written over it. Compiled graphs take `channel_group_norm` (inductor fuses the add and the SiLU); eager CUDA
     calls the kernels of `norm_act` (NCHW frames); anything else, the module."""
-    if torch.compiler.is_compiling():
-        y = channel_group_norm(x if vec is None else x + vec[:, :, None, None], norm)
-        return F.silu(y) if silu else y
-    if norm_act.supported(x, norm, vec):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and norm_act.supported(x, norm, vec):
         n, c = x.shape[:2]
         # (N, C, H, W) -> (N, C, H*W): each frame a sample of its own
         return norm_act.group_norm_rows(x.view(n, c, -1), norm, 1, silu, vec, reuse_input).view(x.shape)
-    y = norm(x if vec is None else x + vec[:, :, None, None])
-    return F.silu(y, inplace=True) if silu else y
+    if vec is not None:
+        x = x + vec[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
+    y = channel_group_norm(x, norm) if compiling else norm(x)
+    return F.silu(y, inplace=True) if silu else y  # y is fresh
 
 
 def conv2d(conv: torch.nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -208,17 +208,15 @@ def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor
     """h + bias (per channel, (C,) or None) + skip (h's shape, or None) for h = (N, C, H, W), a conv's output computed
     without its bias; h is written over (it is the conv's fresh output). Eager CUDA calls add both in one pass
     (`norm_act.conv_epilogue`); compiled graphs leave the adds to inductor."""
-    if torch.compiler.is_compiling():
-        out = h if bias is None else h + bias[:, None, None]
-        return out if skip is None else out + skip
-    if norm_act.epilogue_supported(h, bias, skip):
+    if not torch.compiler.is_compiling() and norm_act.epilogue_supported(h, bias, skip):
         n, c = h.shape[:2]
         flat = None if skip is None else skip.view(n, c, -1)
         return norm_act.conv_epilogue(h.view(n, c, -1), bias, flat).view(h.shape)  # (N, C, H, W) <-> (N, C, H*W)
+    in_place = not torch.is_grad_enabled()  # autograd may need h; compiled graphs functionalize either form
     if bias is not None:
-        h = h.add_(bias[:, None, None]) if not torch.is_grad_enabled() else h + bias[:, None, None]
+        h = h.add_(bias[:, None, None]) if in_place else h + bias[:, None, None]
     if skip is not None:
-        h = h.add_(skip) if not torch.is_grad_enabled() else h + skip
+        h = h.add_(skip) if in_place else h + skip
     return h
 
 
@@ -241,18 +239,16 @@ def video_group_norm(
     lies. Same maths as the reference: biased variance, statistics finished in float32, the output keeps x's
     layout."""
     b, c, f = x.shape[:3]
-    if torch.compiler.is_compiling():
-        y = channel_group_norm(x if vec is None else x + vec.permute(0, 2, 1)[..., None, None], norm)
-        return F.silu(y) if silu else y
+    compiling = torch.compiler.is_compiling()
     frames = x.transpose(1, 2)  # (B, F, C, H, W)
-    if frames.is_contiguous() and norm_act.supported(frames, norm, vec):
+    if not compiling and frames.is_contiguous() and norm_act.supported(frames, norm, vec):
         rows = frames.view(b * f, c, -1)  # (B, F, C, H, W) -> (B*F, C, H*W): each video a sample
         out = norm_act.group_norm_rows(rows, norm, f, silu, None if vec is None else vec.reshape(b * f, c), reuse_input)
         return out.view(frames.shape).transpose(1, 2)  # -> (B, C, F, H, W), x's layout
     if vec is not None:
         x = x + vec.permute(0, 2, 1)[..., None, None]  # (B, F, C) -> (B, C, F, 1, 1)
-    y = _video_group_norm_plain(x, norm)
-    return F.silu(y, inplace=True) if silu else y
+    y = channel_group_norm(x, norm) if compiling else _video_group_norm_plain(x, norm)
+    return F.silu(y, inplace=True) if silu else y  # y is fresh
 
 
 def _video_group_norm_plain(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
