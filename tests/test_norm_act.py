@@ -1,7 +1,8 @@
-"""The eager kernels around the resnets' convs (`norm_act`): GroupNorm (+ per-channel add, + SiLU) and the conv
-epilogue (bias + residual). Their Triton kernels under Triton's CPU interpreter against float64, the dispatch in
-`layers.group_norm` / `video_group_norm` / `conv_epilogue` off the GPU (and under autograd), and the kernels against
-PyTorch's on a GPU where there is one. Speed is a benchmark's business (BENCHMARKS.md), not a test's."""
+"""The eager kernels around the resnets' convs (`norm_act`): GroupNorm (+ per-channel add, + SiLU), the conv
+epilogue (bias + residual) and the UNet's time mixer (`time_mix`). Their Triton kernels under Triton's CPU
+interpreter against float64 or the reference's ops, the dispatch in `layers.group_norm` / `video_group_norm` /
+`conv_epilogue` / `TimeMixer` off the GPU (and under autograd), and the kernels against PyTorch's on a GPU where
+there is one. Speed is a benchmark's business (BENCHMARKS.md), not a test's."""
 
 from __future__ import annotations
 
@@ -114,6 +115,55 @@ def test_conv_epilogue_under_interpreter() -> None:
         assert exact == "True" and in_place == "True", (r, c, p)
 
 
+def mix_reference(alpha: torch.Tensor, spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The reference's time mixer after its temporal residual add, op by op (each rounded to the dtype)."""
+    return alpha * spatial + (1.0 - alpha) * (x + update)
+
+
+@needs_triton
+def test_time_mix_under_interpreter() -> None:
+    # One pass, bit-identical to the reference's four ops (each product and sum rounded as they store it), written
+    # over `update`; spatial a tensor of its own or x itself; a masked last block
+    script = textwrap.dedent(
+        """
+        import torch
+        from img2vid import norm_act
+        from tests.test_norm_act import mix_reference
+        norm_act.MIX_BLOCK = 64
+        torch.manual_seed(0)
+        for n, half, same in [(64 * 5, 1, 0), (1000, 1, 1), (130, 0, 0), (777, 0, 1)]:
+            dt = torch.float16 if half else torch.float32
+            alpha = torch.sigmoid(torch.randn(1)).to(dt)
+            x, u = torch.randn(n).to(dt) * 4, torch.randn(n).to(dt)
+            s = x if same else torch.randn(n).to(dt) * 4
+            want = mix_reference(alpha, s, x, u)
+            upd = u.clone()
+            out = norm_act.time_mix(alpha, 1.0 - alpha, s, x, upd)
+            print(n, torch.equal(out, want), out.data_ptr() == upd.data_ptr(), bool((want != x + u).any()))
+        """
+    )
+    rows = interpreted(script)
+    assert len(rows) == 4
+    for n, exact, in_place, mixed in rows:
+        assert exact == "True" and in_place == "True" and mixed == "True", n
+
+
+def test_time_mixer_off_gpu() -> None:
+    # The module's fallback is the reference's expression; the kernel is for CUDA
+    from img2vid.unet_blocks import TimeMixer
+
+    torch.manual_seed(0)
+    mixer = TimeMixer()
+    with torch.no_grad():
+        mixer.mix_factor.fill_(0.3)
+    s, x, u = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    assert not norm_act.time_mix_supported(s, x, u)
+    alpha = torch.sigmoid(mixer.mix_factor)
+    with torch.no_grad():
+        assert torch.equal(mixer(s, x, u), mix_reference(alpha, s, x, u))
+        assert torch.equal(mixer(x, x, u), mix_reference(alpha, x, x, u))
+
+
 @pytest.mark.parametrize("shortcut", [False, True])
 def test_conv_epilogue_off_gpu(shortcut: bool) -> None:
     torch.manual_seed(0)
@@ -211,3 +261,26 @@ def test_conv_epilogue_on_gpu() -> None:
         with torch.no_grad():
             got = layers.conv_epilogue(h.clone(), bias, skip)
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_time_mix_on_gpu(dtype: torch.dtype) -> None:
+    # Where the kernel runs (Hopper or later), the UNet's time mixer equals the reference's four kernels bit for bit
+    from img2vid.unet_blocks import TimeMixer
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mixer = TimeMixer().cuda().to(dtype)
+    with torch.no_grad():
+        mixer.mix_factor.fill_(-0.7)
+    alpha = torch.sigmoid(mixer.mix_factor).to(dtype)
+    for shape in [(50, 320, 72, 128), (6, 1000, 7)]:
+        s, x, u = (torch.randn(shape, generator=g, device="cuda").to(dtype) for _ in range(3))
+        for spatial in (s, x):
+            want = mix_reference(alpha, spatial, x, u)
+            upd = u.clone()
+            with torch.no_grad():
+                hopper = torch.cuda.get_device_capability() >= (9, 0)
+                assert norm_act.time_mix_supported(spatial, x, upd) == hopper
+                got = mixer(spatial, x, upd)
+            assert torch.equal(got, want)

@@ -25,6 +25,10 @@ under Triton's CPU interpreter.
 After a conv, PyTorch adds a cuDNN convolution's bias in a kernel of its own, a broadcast (non-vectorized) pass over
 the output, and the resnet's residual add is another pass (at SVD's first level 0.45 ms of a 1.75 ms 3x3 conv,
 run 65). `conv_epilogue` adds both to a conv output computed without its bias in one pass, in place.
+
+The UNet's temporal layers end in a residual add and a learned blend, alpha * x + (1 - alpha) * (x + h): four
+full-size kernels in eager PyTorch (a first-level tensor is 295 MB). `time_mix` is one pass, with the reference's
+rounding after each op, so its result is the reference's exactly.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ MAX_TILE = 4096  # elements a program reads in `gn_stats` and `gn_apply` (8 KB o
 MIN_TILE = 256  # below this a row's tile is not shrunk to divide it: the last tile is masked instead
 FINISH_TILE = 1024  # partials a `gn_finish` program reads at a time
 WARPS = 4
+MIX_BLOCK = 2048  # elements a `time_mix` program reads of each operand
 
 
 def supported(x: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | None = None) -> bool:
@@ -137,6 +142,57 @@ def epilogue_supported(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.T
         and not torch.is_grad_enabled()
         and fused._kernels_run_on(h.device)
     )
+
+
+def time_mix(
+    alpha: torch.Tensor, beta: torch.Tensor, spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor
+) -> torch.Tensor:
+    """alpha * spatial + beta * (x + update), elementwise over tensors of one shape, all contiguous (`spatial` may be
+    `x` itself), alpha and beta one-element tensors of their dtype; written over `update` (dead after the call) and
+    returned. Each op is rounded to the tensors' dtype as the reference's four kernels round it (x + update, the two
+    products, the sum), so the result is the reference's bit for bit: one pass (three tensors read, one written)
+    instead of four (nine)."""
+    n = update.numel()
+    _mix_kernel()[(fused.triton_cdiv(n, MIX_BLOCK),)](
+        spatial, x, update, alpha, beta, n, SAME=spatial is x, BLOCK=MIX_BLOCK, num_warps=WARPS,
+        enable_fp_fusion=False,  # else Triton drops the roundings between the ops and fuses them (run 87)
+    )  # fmt: skip
+    return update
+
+
+def time_mix_supported(spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor) -> bool:
+    """Whether `time_mix` runs for these operands (as `supported`: CUDA float16 / float32 inference on a Hopper or
+    later card), all three contiguous and of one shape and dtype."""
+    return (
+        update.is_cuda
+        and update.dtype in (torch.float16, torch.float32)
+        and update.numel() > 0
+        and all(t.shape == update.shape and t.dtype == update.dtype and t.is_contiguous() for t in (spatial, x, update))
+        and not torch.is_grad_enabled()
+        and fused._kernels_run_on(update.device)
+    )
+
+
+@functools.cache
+def _mix_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def time_mix_kernel(s_ptr, x_ptr, u_ptr, a_ptr, b_ptr, N, SAME: tl.constexpr, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < N
+        dtype = u_ptr.dtype.element_ty
+        a = tl.load(a_ptr).to(tl.float32)
+        b = tl.load(b_ptr).to(tl.float32)
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        s = x if SAME else tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        t = (x + tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)).to(dtype)  # the temporal output
+        # each product rounded before the sum, as the reference stores it
+        y = (a * s).to(dtype).to(tl.float32) + (b * t.to(tl.float32)).to(dtype).to(tl.float32)
+        tl.store(u_ptr + idx, y.to(dtype), mask=mask)
+
+    return time_mix_kernel
 
 
 @functools.cache

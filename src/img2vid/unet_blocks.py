@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from img2vid import norm_act
 from img2vid.layers import conv2d, conv_epilogue, group_norm, temporal_conv, vector_sum, video_group_norm, with_bias
 
 
@@ -41,10 +42,16 @@ class TimeMixer(nn.Module):
         super().__init__()
         self.mix_factor = nn.Parameter(torch.full((1,), 0.5))
 
-    def forward(self, spatial: Tensor, temporal: Tensor) -> Tensor:
+    def forward(self, spatial: Tensor, x: Tensor, update: Tensor) -> Tensor:
+        """The blend of the spatial output and the temporal branch's output x + update (its residual add is done
+        here); spatial may be x itself. update is dead after the call: eager CUDA runs write the result over it."""
         alpha = torch.sigmoid(self.mix_factor).to(spatial.dtype)
-        # Same expression (and so the same half-precision rounding) as the reference, not a lerp.
-        return alpha * spatial + (1.0 - alpha) * temporal
+        beta = 1.0 - alpha
+        # Same expression (and so the same half-precision rounding) as the reference, not a lerp: on CUDA in one
+        # pass (norm_act.time_mix), elsewhere as the reference's four ops (compiled graphs fuse them).
+        if not torch.compiler.is_compiling() and norm_act.time_mix_supported(spatial, x, update):
+            return norm_act.time_mix(alpha, beta, spatial, x, update)
+        return alpha * spatial + beta * (x + update)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,13 +105,14 @@ class TemporalResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, ch, eps=eps)
         self.conv2 = nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0))
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        """x: (B, C, F, H, W); temb: (B, F, T), already through silu."""
+    def forward(self, x: Tensor, temb: Tensor, residual: bool = True) -> Tensor:
+        """x: (B, C, F, H, W); temb: (B, F, T), already through silu. Returns x + h, or h alone if not residual
+        (for a caller that adds x where it costs nothing: `TimeMixer`)."""
         # the first conv's bias joins the time embedding's per-frame vector, which the second norm adds as it reads h
         h = temporal_conv(video_group_norm(x, self.norm1, silu=True), self.conv1, add_bias=False)
         vec = with_bias(self.time_emb_proj(temb), self.conv1.bias)  # (B, F, C), added to h inside the norm
         h = temporal_conv(video_group_norm(h, self.norm2, silu=True, vec=vec, reuse_input=True), self.conv2)
-        return x + h
+        return x + h if residual else h
 
 
 class SpatioTemporalResBlock(nn.Module):
@@ -120,11 +128,11 @@ class SpatioTemporalResBlock(nn.Module):
         x = self.spatial_res_block(x, temb)
         bf, c, h, w = x.shape
         b = bf // num_frames
-        # A view, not a copy, whatever the memory format.
+        # Views, not copies, whatever the memory format: the temporal branch keeps the frames' layout.
         video = x.reshape(b, num_frames, c, h, w).permute(0, 2, 1, 3, 4)  # (B*F, C, H, W) -> (B, C, F, H, W)
-        temporal = self.temporal_res_block(video, temb.reshape(b, num_frames, -1))  # temb (B*F, T) -> (B, F, T)
-        mixed = self.time_mixer(video, temporal)
-        return mixed.permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)  # (B, C, F, H, W) -> (B*F, C, H, W)
+        branch = self.temporal_res_block(video, temb.reshape(b, num_frames, -1), residual=False)  # temb -> (B, F, T)
+        branch = branch.permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)  # (B, C, F, H, W) -> (B*F, C, H, W)
+        return self.time_mixer(x, x, branch)  # the temporal resnet's output is x + branch
 
 
 class Downsample(nn.Module):

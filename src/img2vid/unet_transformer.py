@@ -282,11 +282,12 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(
         self, x: Tensor, f: Tensor, f_bias: Tensor | None, context: Tensor, num_frames: int, pos: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The block on x + f + f_bias + pos, where x + f + f_bias is the spatial block's output (its addends,
         x, f: (B*F, H*W, C), f_bias (C,) or None) and pos: (F, C) the frame embedding (added to each frame's tokens
         first, as the reference does before the block); context: (B, S, D) (the reference also uses each video's
-        first-frame context). Returns (x + f + f_bias, the block's output), the time mixer's two inputs.
+        first-frame context). Returns (x + f + f_bias, x', u), the time mixer's inputs: the spatial output and the
+        block's output x' + u as its last residual add's two addends (the mixer adds them, in one pass on CUDA).
 
         The reference transposes the tokens to (B*H*W, F, C) for this block and back after it. Every layer here but
         the self-attention is per token, and that one runs along the frame axis in place (`frame_attention`), so
@@ -305,7 +306,7 @@ class TemporalTransformerBlock(nn.Module):
         x, h = _cross_attend_norm(x, update, bias, self.attn2, context, (self.norm2, self.norm3))
         # as in the spatial block: the last bias is folded in compiled graphs only
         out, bias = _feed_forward(self.ff, h, self.chunk_size, num_frames, torch.compiler.is_compiling())
-        return spatial_out, x + with_bias(out, bias)
+        return spatial_out, x, with_bias(out, bias)
 
 
 class SpatioTemporalTransformer(nn.Module):
