@@ -4,6 +4,9 @@ folders diffusers itself saved), plus behaviour: determinism, output types, offl
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import PIL.Image
@@ -12,6 +15,7 @@ import torch
 from conftest import make_image, rel_err
 
 from img2vid import Pipeline
+from img2vid.configs import preset
 from img2vid.images import InputError
 from img2vid.inputs import to_host
 
@@ -346,3 +350,37 @@ def test_compiled_guidance_reuse_matches_eager(tiny_model_dir):
     out = p(generator=torch.manual_seed(5), guidance_reuse=2, **kw).frames
     torch._dynamo.reset()
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+def test_eager_video_never_imports_dynamo(device: str) -> None:
+    # A custom op's first call imports torch._dynamo (seconds of a new process's first video); plain eager inference
+    # calls the ops' functions directly (fused.direct_calls), so a whole video leaves dynamo unimported. A process
+    # of its own: this test process may have imported it already. On CUDA in float16, img2vid's kernels run.
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import PIL.Image
+        import torch
+        from img2vid import Pipeline, fused
+        pipe = Pipeline.from_config("tiny", torch.float16 if "{device}" == "cuda" else torch.float32).to("{device}")
+        pipe.set_progress_bar_config(disable=True)
+        img = PIL.Image.fromarray(np.zeros((64, 64, 3), np.uint8))
+        frames = pipe(img, num_inference_steps=2, output_type="np", height=64, width=64).frames
+        print(frames.shape[1], "torch._dynamo" in sys.modules)
+        with torch.no_grad():
+            direct = fused.direct_calls()
+        from torch.utils.flop_counter import FlopCounterMode
+        with torch.no_grad(), FlopCounterMode(display=False):
+            watched = fused.direct_calls()  # a dispatch mode sees the ops (their FLOP formulas), not their insides
+        print(direct, watched, fused.direct_calls())  # the last with autograd on: the ops' backward
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = proc.stdout.split("\n")[:2]
+    assert first.split() == [str(preset("tiny").num_frames), "False"]
+    assert second.split() == ["True", "False", "False"]

@@ -84,8 +84,7 @@ def _add_row_vectors(s: torch.Tensor, vec: torch.Tensor, div: int) -> torch.Tens
     return (s.view(-1, v, div, c) + vec[:, None, :]).view(m, c)
 
 
-@torch.library.custom_op("img2vid::add_layer_norm", mutates_args=())
-def add_layer_norm(
+def add_layer_norm_impl(
     x: torch.Tensor,
     y: torch.Tensor,
     vec: torch.Tensor | None,
@@ -99,13 +98,17 @@ def add_layer_norm(
     row r of s (vec_in_sum) or only to the norm's input t = s + vec (otherwise; t = s without vec). SVD's vectors:
     the one-token cross-attention update per video, the frame embedding per frame.
 
-    A custom op so torch.compile calls it as one opaque call: its two outputs are then stored tensors, which is the
-    point (see the module docstring). Where the kernel cannot run it returns the plain ops."""
+    Called through the custom op `add_layer_norm` so that torch.compile calls it as one opaque call: its two outputs
+    are then stored tensors, which is the point (see the module docstring); directly where that is not needed
+    (`fused.direct_calls`). Where the kernel cannot run it returns the plain ops."""
     if not _kernel_fits(x, vec):
         return add_norm_reference(x, y, vec, vec_div, vec_in_sum, weight, bias, eps)
     s, n = torch.empty_like(x), torch.empty_like(x)
     launch_add_norm(x.contiguous(), y.contiguous(), vec, vec_div, vec_in_sum, weight, bias, eps, s, n)
     return s, n
+
+
+add_layer_norm = torch.library.custom_op("img2vid::add_layer_norm", add_layer_norm_impl, mutates_args=())
 
 
 @add_layer_norm.register_fake
@@ -122,18 +125,21 @@ def _(
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("img2vid::layer_norm", mutates_args=())
-def layer_norm_rows(
+def layer_norm_rows_impl(
     x: torch.Tensor, vec: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """layer_norm over the last dim of x (M, C), or of x + vec for vec (1, C) (a bias its producer left to this
-    norm), with the add kernel's norm (no stored sum)."""
+    norm), with the add kernel's norm (no stored sum). Through the custom op `layer_norm_rows` as `add_layer_norm_impl`
+    is through its op."""
     if not _kernel_fits(x, vec):
         t = with_bias(x, vec)
         return F.layer_norm(t, t.shape[-1:], weight, bias, eps)
     n = torch.empty_like(x)
     launch_add_norm(x.contiguous(), None, vec, 1, vec is None, weight, bias, eps, None, n)
     return n
+
+
+layer_norm_rows = torch.library.custom_op("img2vid::layer_norm", layer_norm_rows_impl, mutates_args=())
 
 
 @layer_norm_rows.register_fake
@@ -243,9 +249,8 @@ def add_norm(
     shape = x.shape
     c = shape[-1]
     if norm_supported(x, norm, y):
-        s, n = add_layer_norm(
-            x.reshape(-1, c), y.reshape(-1, c), vec, vec_div, vec_in_sum, norm.weight, norm.bias, norm.eps
-        )
+        op = add_layer_norm_impl if fused.direct_calls() else add_layer_norm
+        s, n = op(x.reshape(-1, c), y.reshape(-1, c), vec, vec_div, vec_in_sum, norm.weight, norm.bias, norm.eps)
         return s.view(shape), n.view(shape)  # (M, C) -> (..., C)
     s, t = _sum_and_norm_input(x, y, vec, vec_div, vec_in_sum)
     return s, norm(t)
@@ -259,4 +264,5 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, vec: torch.Tensor | No
         return norm(with_bias(x, vec))
     c = x.shape[-1]
     rows = None if vec is None else vec.view(1, c)
-    return layer_norm_rows(x.reshape(-1, c), rows, norm.weight, norm.bias, norm.eps).view(x.shape)  # (M, C) -> (..., C)
+    op = layer_norm_rows_impl if fused.direct_calls() else layer_norm_rows
+    return op(x.reshape(-1, c), rows, norm.weight, norm.bias, norm.eps).view(x.shape)  # (M, C) -> (..., C)

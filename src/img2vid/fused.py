@@ -100,17 +100,31 @@ def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("img2vid::geglu_linear", mutates_args=())
-def geglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def direct_calls() -> bool:
+    """Whether img2vid's custom ops may be skipped for their functions: plain eager inference (not traced by
+    torch.compile, no autograd, no dispatch mode such as FlopCounterMode watching the ops). Why: a custom op runs its
+    function under dynamo.disable, so its first call imports torch._dynamo (and sympy, ...): 2.8 s on a CPU with
+    bytecode caches, ~6 s of a new process's first video on the H100 machine (run 89). Each call also pays the
+    dispatcher's wrapping, ~20,000 calls a video."""
+    return (
+        not torch.compiler.is_compiling() and not torch.is_grad_enabled() and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def geglu_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Fused GEGLU projection: x (M, K), weight (2N, K), bias (2N,) -> (M, N).
 
-    A custom op so torch.compile calls it as one opaque call (as `layers.frame_window_conv`)."""
+    Called through the custom op `geglu_linear` so that torch.compile calls it as one opaque call (as
+    `layers.frame_window_conv`), directly where that is not needed (`direct_calls`)."""
     if not kernel_fits(x, weight):
         return geglu_reference(x, weight, bias)
     x = x.contiguous()  # a fresh or whole tensor: TMA needs 16-byte aligned rows
     out = x.new_empty(x.shape[0], weight.shape[0] // 2)
     launch_geglu(x, weight, bias.contiguous(), out, tiles_for(x.shape[1]))
     return out
+
+
+geglu_linear = torch.library.custom_op("img2vid::geglu_linear", geglu_linear_impl, mutates_args=())
 
 
 @geglu_linear.register_fake
@@ -235,11 +249,11 @@ def frame_kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames:
     )
 
 
-@torch.library.custom_op("img2vid::frame_attention", mutates_args=())
-def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
+def frame_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v along the frame axis of frame-major q, k, v (B*F, N, heads*D) -> (B*F, N, heads*D).
 
-    A custom op so torch.compile calls it as one opaque call; where the kernel cannot run it returns the SDPA path."""
+    Called through the custom op `frame_attention` so that torch.compile calls it as one opaque call, directly where
+    that is not needed (`direct_calls`); where the kernel cannot run it returns the SDPA path."""
     if not frame_kernel_fits(q, k, v, frames):
         from img2vid.layers import frame_attention_sdpa  # layers imports this module: imported here, not at the top
 
@@ -247,6 +261,9 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     launch_frame_attention(q.contiguous(), k.contiguous(), v.contiguous(), out, heads, frames)
     return out
+
+
+frame_attention = torch.library.custom_op("img2vid::frame_attention", frame_attention_impl, mutates_args=())
 
 
 @frame_attention.register_fake

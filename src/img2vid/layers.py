@@ -49,7 +49,8 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     On a Hopper GPU in float16 this is img2vid's Triton kernel (`fused.frame_attention`, 2.5x PyTorch's
     memory-efficient kernel here); elsewhere `frame_attention_sdpa`."""
     if fused.frame_attention_supported(q, k, v, heads):
-        return fused.frame_attention(q, k, v, heads, frames)
+        op = fused.frame_attention_impl if fused.direct_calls() else fused.frame_attention
+        return op(q, k, v, heads, frames)
     return frame_attention_sdpa(q, k, v, heads, frames)
 
 
@@ -275,8 +276,7 @@ def _video_group_norm_plain(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.
     return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).flatten(1, 2)  # (B, G, C/G, ...) -> (B, C, ...)
 
 
-@torch.library.custom_op("img2vid::frame_window_conv", mutates_args=())
-def frame_window_conv(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def frame_window_conv_impl(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The (3, 1, 1) temporal conv over NCHW frames (B, F, C, P) with weight (Cout, 3*C) (tap-major: columns
     t*C .. (t+1)*C hold tap t) and bias (Cout,) or None; returns (B, F, Cout, P).
 
@@ -285,7 +285,9 @@ def frame_window_conv(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     matrix product with K = 3C and a single rounding like cuDNN's. Windows of consecutive frames overlap (the batch
     stride is one frame); cuBLAS reads them as they lie, so there is no im2col copy and no padding: the first and
     last frames, whose outer neighbour is the zero padding, use two thirds of the weight on a two-frame window.
-    A custom op so that torch.compile calls it as one opaque kernel instead of tracing the overlapping views."""
+    Called through the custom op `frame_window_conv` so that torch.compile calls it as one opaque kernel instead of
+    tracing the overlapping views (and autograd has a backward), directly where that is not needed
+    (`fused.direct_calls`)."""
     b, f, c, p = frames.shape
     cout = weight.shape[0]
     x = frames.contiguous()
@@ -312,6 +314,9 @@ def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias2: to
         (torch.bmm if batched else torch.mm)(a, b, out=out)
     else:
         (torch.baddbmm if batched else torch.addmm)(bias2, a, b, out=out)
+
+
+frame_window_conv = torch.library.custom_op("img2vid::frame_window_conv", frame_window_conv_impl, mutates_args=())
 
 
 @frame_window_conv.register_fake
@@ -365,7 +370,8 @@ def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d, add_bias: bool = True
     taps = conv.weight.flatten(2)  # (Cout, Cin, 3, 1, 1) -> (Cout, Cin, 3)
     cout = taps.shape[0]
     weight = taps.permute(0, 2, 1).reshape(cout, 3 * c)  # (Cout, Cin, 3) -> (Cout, 3, Cin) -> (Cout, 3*Cin)
-    out = frame_window_conv(frames.reshape(b, f, c, h * w), weight, bias)  # (B, F, Cout, H*W)
+    op = frame_window_conv_impl if fused.direct_calls() else frame_window_conv
+    out = op(frames.reshape(b, f, c, h * w), weight, bias)  # (B, F, Cout, H*W)
     return out.view(b, f, cout, h, w).transpose(1, 2)  # -> (B, Cout, F, H, W)
 
 

@@ -113,7 +113,8 @@ class GEGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # type() rather than isinstance: an fp8 or otherwise replaced projection keeps its own forward
         if self.fused and type(self.proj) is nn.Linear and fused.geglu_supported(x, self.proj.weight):
-            out = fused.geglu_linear(x.reshape(-1, x.shape[-1]), self.proj.weight, self.proj.bias)  # (M, N)
+            op = fused.geglu_linear_impl if fused.direct_calls() else fused.geglu_linear
+            out = op(x.reshape(-1, x.shape[-1]), self.proj.weight, self.proj.bias)  # (M, N)
             return out.view(*x.shape[:-1], out.shape[-1])  # (M, N) -> (..., N)
         h, gate = self.proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
