@@ -100,14 +100,20 @@ def test_op_off_gpu_is_the_plain_ops(vec_rows: int, div: int, vec_in_sum: bool) 
 
 
 def test_wrapper_dispatches_to_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the op is supported, add_norm calls it with the tokens flattened to rows (inside compiled graphs too:
-    the op's fake implementation traces); on the CPU the op itself then returns the plain ops."""
-    calls = []
-    real_op = an.add_layer_norm
+    """Where the op is supported, add_norm calls it with the tokens flattened to rows: eager inference its function
+    directly (fused.direct_calls), the custom op itself under a dispatch mode and inside compiled graphs (the op's
+    fake implementation traces); on the CPU the function then returns the plain ops."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def spy(*args):
-        calls.append((tuple(args[0].shape), args[3], args[4]))
-        return real_op(*args)
+    calls = []
+    real_impl, real_op = an.add_layer_norm_impl, an.add_layer_norm
+
+    def spy(kind, fn):
+        def call(*args):
+            calls.append((kind, tuple(args[0].shape), args[3], args[4]))
+            return fn(*args)
+
+        return call
 
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(8).eval()
@@ -115,13 +121,17 @@ def test_wrapper_dispatches_to_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
     pos = torch.randn(3, 8)  # one vector per frame: token row r is in frame (r // 5) % 3
     expected = plain(x.reshape(30, 8), y.reshape(30, 8), pos, 5, norm, vec_in_sum=False)
     monkeypatch.setattr(an, "norm_supported", lambda *a: True)
-    monkeypatch.setattr(an, "add_layer_norm", spy)
+    monkeypatch.setattr(an, "add_layer_norm_impl", spy("impl", real_impl))
+    monkeypatch.setattr(an, "add_layer_norm", spy("op", real_op))
     with torch.no_grad():
         s, n = an.add_norm(x, y, norm, pos, 5, vec_in_sum=False)
+        with FlopCounterMode(display=False):
+            an.add_norm(x, y, norm, pos, 5, vec_in_sum=False)
     assert s.shape == n.shape == (6, 5, 8)
     torch.testing.assert_close(s.reshape(30, 8), expected[0])
     torch.testing.assert_close(n.reshape(30, 8), expected[1])
-    assert calls == [((30, 8), 5, False)]
+    assert calls == [("impl", (30, 8), 5, False), ("op", (30, 8), 5, False)]
+    monkeypatch.setattr(an, "add_layer_norm_impl", real_impl)
     monkeypatch.setattr(an, "add_layer_norm", real_op)
     compiled = torch.compile(lambda *a: an.add_norm(*a), fullgraph=True, dynamic=False)
     with torch.no_grad():

@@ -134,23 +134,31 @@ def test_frame_attention_op_runs_sdpa_where_the_kernel_cannot() -> None:
 
 def test_layers_frame_attention_dispatches_to_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the op is supported, layers.frame_attention calls it (inside compiled graphs too: the op's fake
-    implementation traces); on the CPU the op itself then returns the SDPA path."""
+    implementation traces), or in eager inference its function directly (fused.direct_calls); on the CPU the
+    function then returns the SDPA path."""
     from img2vid import layers
 
     calls = []
-    real_op = fused.frame_attention
+    real_impl, real_op = fused.frame_attention_impl, fused.frame_attention
 
-    def spy(*args):
-        calls.append(args[3:])
-        return real_op(*args)
+    def spy(kind, fn):
+        def call(*args):
+            calls.append((kind, *args[3:]))
+            return fn(*args)
+
+        return call
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2 * 3, 4, 2 * 8) for _ in range(3))
     expected = layers.frame_attention_sdpa(q, k, v, 2, 3)
     monkeypatch.setattr(fused, "frame_attention_supported", lambda *a: True)
-    monkeypatch.setattr(fused, "frame_attention", spy)
-    torch.testing.assert_close(layers.frame_attention(q, k, v, 2, 3), expected)
-    assert calls == [(2, 3)]
+    monkeypatch.setattr(fused, "frame_attention_impl", spy("impl", real_impl))
+    monkeypatch.setattr(fused, "frame_attention", spy("op", real_op))
+    torch.testing.assert_close(layers.frame_attention(q, k, v, 2, 3), expected)  # autograd on: the op
+    with torch.no_grad():
+        torch.testing.assert_close(layers.frame_attention(q, k, v, 2, 3), expected)
+    assert calls == [("op", 2, 3), ("impl", 2, 3)]
+    monkeypatch.setattr(fused, "frame_attention_impl", real_impl)
     monkeypatch.setattr(fused, "frame_attention", real_op)
     compiled = torch.compile(layers.frame_attention, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(q, k, v, 2, 3), expected)
