@@ -106,9 +106,10 @@ def direct_calls() -> bool:
     function under dynamo.disable, so its first call imports torch._dynamo (and sympy, ...): 2.8 s on a CPU with
     bytecode caches, ~6 s of a new process's first video on the H100 machine (run 89). Each call also pays the
     dispatcher's wrapping, ~20,000 calls a video."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the C call below
+        return False
     # the depth of the Python dispatch-mode stack, as torch.utils._python_dispatch reads it (no public accessor)
-    watched = torch._C._len_torch_dispatch_stack() > 0
-    return not torch.compiler.is_compiling() and not torch.is_grad_enabled() and not watched
+    return not torch.is_grad_enabled() and torch._C._len_torch_dispatch_stack() == 0
 
 
 def geglu_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
