@@ -47,20 +47,28 @@ WARPS = 4
 MIX_BLOCK = 2048  # elements a `time_mix` program reads of each operand
 
 
-def supported(x: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | None = None) -> bool:
-    """Whether `group_norm_rows` runs for x viewed as contiguous (rows, C, P) frames: a CUDA float16 or float32
-    inference call on a Hopper or later card (where it was measured, as the other kernels), an affine norm.
-    float16 and float32 are the dtypes checked on a GPU (bfloat16 keeps PyTorch's kernel)."""
+def _kernel_tensor(t: torch.Tensor) -> bool:
+    """What every kernel here asks of its main operand: a non-empty, contiguous CUDA float16 or float32 tensor on a
+    Hopper or later card (where the kernels were measured, as the other kernels). float16 and float32 are the dtypes
+    checked on a GPU (bfloat16 keeps PyTorch's ops)."""
     return (
-        x.is_cuda
-        and x.dtype in (torch.float16, torch.float32)
-        and x.is_contiguous()
-        and x.numel() > 0
+        t.is_cuda
+        and t.dtype in (torch.float16, torch.float32)
+        and t.is_contiguous()
+        and t.numel() > 0
+        and fused._kernels_run_on(t.device)
+    )
+
+
+def supported(x: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | None = None) -> bool:
+    """Whether `group_norm_rows` runs for x viewed as contiguous (rows, C, P) frames: `_kernel_tensor`, an inference
+    call (nothing that needs a gradient), an affine norm."""
+    return (
+        _kernel_tensor(x)
         and norm.affine
         and (vec is None or (vec.device == x.device and vec.is_floating_point()))
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
         and not (torch.is_grad_enabled() and vec is not None and vec.requires_grad)
-        and fused._kernels_run_on(x.device)
     )
 
 
@@ -129,18 +137,14 @@ def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor
 
 
 def epilogue_supported(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None) -> bool:
-    """Whether `conv_epilogue` runs for these operands (as `supported`: CUDA float16 / float32 inference on a
-    Hopper or later card), h and skip contiguous and of one shape and dtype."""
+    """Whether `conv_epilogue` runs for these operands: `_kernel_tensor` h, no autograd, skip contiguous and of h's
+    shape and dtype."""
     return (
-        h.is_cuda
-        and h.dtype in (torch.float16, torch.float32)
+        _kernel_tensor(h)
         and h.dim() >= 2
-        and h.is_contiguous()
-        and h.numel() > 0
         and (skip is None or (skip.shape == h.shape and skip.dtype == h.dtype and skip.is_contiguous()))
         and (bias is None or (bias.device == h.device and bias.shape == (h.shape[1],)))
         and not torch.is_grad_enabled()
-        and fused._kernels_run_on(h.device)
     )
 
 
@@ -161,15 +165,12 @@ def time_mix(
 
 
 def time_mix_supported(spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor) -> bool:
-    """Whether `time_mix` runs for these operands (as `supported`: CUDA float16 / float32 inference on a Hopper or
-    later card), all three contiguous and of one shape and dtype."""
+    """Whether `time_mix` runs for these operands: `_kernel_tensor` update, no autograd, spatial and x contiguous
+    and of its shape and dtype."""
     return (
-        update.is_cuda
-        and update.dtype in (torch.float16, torch.float32)
-        and update.numel() > 0
-        and all(t.shape == update.shape and t.dtype == update.dtype and t.is_contiguous() for t in (spatial, x, update))
+        _kernel_tensor(update)
+        and all(t.shape == update.shape and t.dtype == update.dtype and t.is_contiguous() for t in (spatial, x))
         and not torch.is_grad_enabled()
-        and fused._kernels_run_on(update.device)
     )
 
 
