@@ -31,6 +31,7 @@ ap.add_argument("--tiny", action="store_true")
 ap.add_argument("--variants", default="nchw:2,nchw:4,channels_last:2,channels_last:4")
 ap.add_argument("--out", default=os.environ.get("OUT", "."))
 args = ap.parse_args()
+os.makedirs(args.out, exist_ok=True)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
 DT = torch.float16 if DEV.type == "cuda" else torch.float32

@@ -41,6 +41,7 @@ ap.add_argument("--skip", default="", help="comma list of parts to skip: micro, 
 ap.add_argument("--lowmem-only", action="store_true")
 ap.add_argument("--out", default=os.environ.get("OUT", "."))
 args = ap.parse_args()
+os.makedirs(args.out, exist_ok=True)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
 DT = torch.float16 if DEV.type == "cuda" else torch.float32

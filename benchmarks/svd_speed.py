@@ -71,6 +71,7 @@ H, W = (32, 48) if args.tiny else (576, 1024)
 F = CFG.num_frames
 STEPS = 3 if args.tiny else args.steps
 DCS = 2 if args.tiny else args.decode_chunk_size
+os.makedirs(args.out, exist_ok=True)
 LOG = open(os.path.join(args.out, "svd_speed.log"), "a")
 ROWS: list[dict] = []
 

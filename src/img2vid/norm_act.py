@@ -263,28 +263,30 @@ def _kernels() -> tuple[Any, Any, Any]:
         g = pid % groups
         run = CPG * TILES  # one frame's partials of this group: its channels' tiles, consecutive
         lanes = tl.arange(0, FINISH_TILE)
-        # pass 1: the group's mean, sum(n_t * mean_t) / sum(n_t)
-        acc = tl.zeros((FINISH_TILE,), dtype=tl.float32)
-        for f in range(FRAMES):
-            base = ((s * FRAMES + f) * C + g * CPG).to(tl.int64) * TILES
-            for j0 in range(0, run, FINISH_TILE):
-                j = j0 + lanes
-                ok = j < run
-                n = tl.minimum(P - (j % TILES) * TILE, TILE).to(tl.float32)
-                acc += tl.where(ok, n * tl.load(mean_ptr + base + j, mask=ok, other=0.0), 0.0)
         total = FRAMES * 1.0 * CPG * P  # float32: no int32 overflow
-        mean = tl.sum(acc, axis=0) / total
-        # pass 2: M2 = sum(M2_t + n_t * (mean_t - mean)^2), the law of total variance
-        acc = tl.zeros((FINISH_TILE,), dtype=tl.float32)
-        for f in range(FRAMES):
-            base = ((s * FRAMES + f) * C + g * CPG).to(tl.int64) * TILES
-            for j0 in range(0, run, FINISH_TILE):
-                j = j0 + lanes
-                ok = j < run
-                n = tl.minimum(P - (j % TILES) * TILE, TILE).to(tl.float32)
-                dm = tl.load(mean_ptr + base + j, mask=ok, other=0.0) - mean
-                acc += tl.where(ok, tl.load(m2_ptr + base + j, mask=ok, other=0.0) + n * dm * dm, 0.0)
-        rstd = tl.rsqrt(tl.sum(acc, axis=0) / total + eps)
+        mean = 0.0
+        m2 = 0.0
+        # pass 0: the group's mean, sum(n_t * mean_t) / sum(n_t); pass 1: M2 = sum(M2_t + n_t * (mean_t - mean)^2),
+        # the law of total variance. Unrolled at compile time, so each pass's branch is fixed.
+        for second in tl.static_range(2):
+            acc = tl.zeros((FINISH_TILE,), dtype=tl.float32)
+            for f in range(FRAMES):
+                base = ((s * FRAMES + f) * C + g * CPG).to(tl.int64) * TILES
+                for j0 in range(0, run, FINISH_TILE):
+                    j = j0 + lanes
+                    ok = j < run
+                    n = tl.minimum(P - (j % TILES) * TILE, TILE).to(tl.float32)
+                    m = tl.load(mean_ptr + base + j, mask=ok, other=0.0)
+                    if second:
+                        dm = m - mean
+                        acc += tl.where(ok, tl.load(m2_ptr + base + j, mask=ok, other=0.0) + n * dm * dm, 0.0)
+                    else:
+                        acc += tl.where(ok, n * m, 0.0)
+            if second:
+                m2 = tl.sum(acc, axis=0)
+            else:
+                mean = tl.sum(acc, axis=0) / total
+        rstd = tl.rsqrt(m2 / total + eps)
         for c0 in range(0, CPG, FINISH_TILE):
             cc = c0 + lanes
             ok = cc < CPG
