@@ -265,6 +265,8 @@ def unet_part() -> None:
     torch.manual_seed(0)
     with torch.device(DEV):
         unet = UNet(CFG.unet).to(DT).eval()
+    # frozen, as Pipeline holds them: ATen's matmul copies operands for a weight gradient otherwise (runs 76-77)
+    unet.requires_grad_(False)
     x = torch.randn(2, NF, CFG.unet.in_channels, LH, LW, device=DEV, dtype=DT)
     t = torch.tensor(0.3, device=DEV)
     emb = torch.randn(2, 1, CFG.unet.cross_attention_dim[0], device=DEV, dtype=DT)
@@ -310,6 +312,7 @@ def vae_part() -> None:
     torch.manual_seed(0)
     with torch.device(DEV):
         vae = VAE(CFG.vae).to(DT).eval()
+    vae.requires_grad_(False)
     n = 8
     z = torch.randn(n, 4, LH, LW, device=DEV, dtype=DT)
     for chunk in (None, 4, 2):

@@ -52,16 +52,21 @@ def test_kernels_match_float64_under_interpreter() -> None:
     # with and without the added vector and the SiLU, the result written over the input.
     script = textwrap.dedent(
         """
+        import itertools
         import torch
-        from img2vid import norm_act
+        from img2vid import norm_act, norm_act_nhwc
         from tests.test_norm_act import reference
         norm_act.MAX_TILE, norm_act.MIN_TILE, norm_act.FINISH_TILE = 64, 16, 8
+        # channels-last: 4-channel blocks (the last one masked where C is not a multiple), 8-pixel blocks merged
+        # three to a partial (a row's last partial part past its end)
+        norm_act_nhwc.CHANNELS, norm_act_nhwc.PIXELS, norm_act_nhwc.TILE_BLOCKS = 4, 8, 3
         torch.manual_seed(0)
-        for r, c, p, fps, g, half, silu, has_vec, reuse in [
+        cases = [
             (2, 8, 96, 1, 4, 0, 1, 0, 0), (6, 8, 100, 3, 2, 0, 1, 1, 0), (4, 6, 130, 2, 3, 1, 1, 1, 1),
             (3, 4, 7, 1, 4, 0, 0, 0, 0), (4, 12, 200, 4, 1, 1, 0, 1, 0), (2, 16, 64, 2, 4, 1, 1, 0, 1),
             (5, 6, 12, 5, 3, 1, 1, 1, 0), (3, 10, 33, 1, 5, 0, 1, 1, 1),
-        ]:
+        ]
+        for (r, c, p, fps, g, half, silu, has_vec, reuse), last in itertools.product(cases, (0, 1)):
             dt = torch.float16 if half else torch.float32
             norm = torch.nn.GroupNorm(g, c, eps=1e-6)
             with torch.no_grad():
@@ -71,17 +76,20 @@ def test_kernels_match_float64_under_interpreter() -> None:
             frames = (torch.randn(r, c, p) * 3 + 5).to(dt)  # an offset mean: where sums of squares would cancel
             vec = torch.randn(r, c).to(dt) if has_vec else None
             want = reference(frames, norm, fps, bool(silu), vec)
-            x = frames.clone()
+            # (R, C, P) rows, contiguous or channels-last: (R, P, C) in memory
+            x = frames.transpose(1, 2).contiguous().transpose(1, 2) if last else frames.clone()
+            assert norm_act.channels_last_rows(x) == bool(last)
             with torch.no_grad():
                 out = norm_act.group_norm_rows(x, norm, fps, bool(silu), vec, reuse_input=bool(reuse))
             err = ((out.double() - want).abs().max() / want.abs().max()).item()
-            print(r, c, p, half, err, bool(torch.isfinite(out).all()), out.data_ptr() == x.data_ptr(), reuse)
+            same_memory, same_layout = out.data_ptr() == x.data_ptr(), out.stride() == x.stride()
+            print(r, c, p, half, err, bool(torch.isfinite(out).all()), same_memory, reuse, same_layout)
         """
     )
     rows = interpreted(script)
-    assert len(rows) == 8
-    for r, c, p, half, err, finite, same_memory, reuse in rows:
-        assert finite == "True", (r, c, p)  # every element written
+    assert len(rows) == 16
+    for r, c, p, half, err, finite, same_memory, reuse, same_layout in rows:
+        assert finite == "True" and same_layout == "True", (r, c, p)  # every element written, in x's layout
         # float32: float rounding only; float16: the output's own rounding (2^-11 relative) and the SiLU's input's
         assert float(err) < (2e-3 if half == "1" else 1e-6), (r, c, p, err)
         assert same_memory == str(reuse == "1"), (r, c, p)
@@ -93,26 +101,30 @@ def test_conv_epilogue_under_interpreter() -> None:
     # after each add); rows that share a program and rows cut into tiles; each operand absent
     script = textwrap.dedent(
         """
+        import itertools
         import torch
-        from img2vid import norm_act
+        from img2vid import norm_act, norm_act_nhwc
         norm_act.MAX_TILE, norm_act.MIN_TILE = 64, 16
+        norm_act_nhwc.CHANNELS, norm_act_nhwc.PIXELS = 4, 8
         torch.manual_seed(0)
-        for r, c, p, half, has_bias, has_skip in [(2, 3, 10, 0, 1, 1), (3, 4, 200, 1, 1, 1), (2, 5, 96, 0, 0, 1),
-                                                  (4, 2, 7, 1, 1, 0)]:
+        cases = [(2, 3, 10, 0, 1, 1), (3, 4, 200, 1, 1, 1), (2, 5, 96, 0, 0, 1), (4, 2, 7, 1, 1, 0)]
+        for (r, c, p, half, has_bias, has_skip), last in itertools.product(cases, (0, 1)):
             dt = torch.float16 if half else torch.float32
             h, skip = torch.randn(r, c, p).to(dt), torch.randn(r, c, p).to(dt)
+            if last:  # channels-last rows: (R, P, C) in memory
+                h, skip = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (h, skip))
             bias = torch.randn(c).to(dt)
             want = h.float() + (bias.float()[:, None] if has_bias else 0) + (skip.float() if has_skip else 0)
             x = h.clone()
             out = norm_act.conv_epilogue(x, bias if has_bias else None, skip if has_skip else None)
             exact = torch.equal(out, want.to(dt))  # the same float32 adds in the same order, one rounding to dt
-            print(r, c, p, exact, out.data_ptr() == x.data_ptr())
+            print(r, c, p, exact, out.data_ptr() == x.data_ptr(), norm_act.channels_last_rows(x) == bool(last))
         """
     )
     rows = interpreted(script)
-    assert len(rows) == 4
-    for r, c, p, exact, in_place in rows:
-        assert exact == "True" and in_place == "True", (r, c, p)
+    assert len(rows) == 8
+    for r, c, p, exact, in_place, layout in rows:
+        assert exact == "True" and in_place == "True" and layout == "True", (r, c, p)
 
 
 def mix_reference(alpha: torch.Tensor, spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -131,11 +143,14 @@ def test_time_mix_under_interpreter() -> None:
         from tests.test_norm_act import mix_reference
         norm_act.MIX_BLOCK = 64
         torch.manual_seed(0)
-        for n, half, same in [(64 * 5, 1, 0), (1000, 1, 1), (130, 0, 0), (777, 0, 1)]:
+        # flat tensors, and channels-last (B*F, C, H, W) ones of 2 * 3 * 5 * 7 = 210 elements (the kernel walks memory)
+        for n, half, same in [(64 * 5, 1, 0), (1000, 1, 1), (130, 0, 0), (777, 0, 1), (210, 1, 0)]:
             dt = torch.float16 if half else torch.float32
             alpha = torch.sigmoid(torch.randn(1)).to(dt)
-            x, u = torch.randn(n).to(dt) * 4, torch.randn(n).to(dt)
-            s = x if same else torch.randn(n).to(dt) * 4
+            x, u, s = (torch.randn(n).to(dt) * k for k in (4, 1, 4))
+            if n == 210:
+                x, u, s = (t.view(2, 3, 5, 7).contiguous(memory_format=torch.channels_last) for t in (x, u, s))
+            s = x if same else s
             want = mix_reference(alpha, s, x, u)
             upd = u.clone()
             out = norm_act.time_mix(alpha, 1.0 - alpha, s, x, upd)
@@ -143,7 +158,7 @@ def test_time_mix_under_interpreter() -> None:
         """
     )
     rows = interpreted(script)
-    assert len(rows) == 4
+    assert len(rows) == 5
     for n, exact, in_place, mixed in rows:
         assert exact == "True" and in_place == "True" and mixed == "True", n
 
@@ -220,8 +235,10 @@ def test_video_group_norm_off_gpu(vec: bool) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_kernels_on_gpu(dtype: torch.dtype) -> None:
-    # Where the kernels run (Hopper or later), they agree with float64 as closely as PyTorch's own kernel does
+@pytest.mark.parametrize("last", [False, True])
+def test_kernels_on_gpu(dtype: torch.dtype, last: bool) -> None:
+    # Where the kernels run (Hopper or later), they agree with float64 as closely as PyTorch's own kernel does, on
+    # NCHW frames and on channels-last ones (whose layout the output keeps)
     g = torch.Generator(device="cuda").manual_seed(0)
     for r, c, p, fps in [(2, 128, 96 * 160, 1), (6, 64, 48 * 64, 3), (4, 96, 1000, 2)]:
         norm = torch.nn.GroupNorm(32, c, eps=1e-6).cuda().to(dtype)
@@ -230,9 +247,12 @@ def test_kernels_on_gpu(dtype: torch.dtype) -> None:
             norm.bias.copy_(torch.randn(c, generator=g, device="cuda"))
         frames = (torch.randn(r, c, p, generator=g, device="cuda") * 2 + 1).to(dtype)
         vec = torch.randn(r, c, generator=g, device="cuda").to(dtype)
+        if last:  # (R, P, C) in memory
+            frames = frames.transpose(1, 2).contiguous().transpose(1, 2)
         with torch.no_grad():
             x5 = frames.view(r // fps, fps, c, p, 1).transpose(1, 2)  # (B, C, F, P, 1)
             got = layers.video_group_norm(x5, norm, silu=True, vec=vec.view(r // fps, fps, c))
+            assert got.stride() == x5.stride()
             want = reference(frames, norm, fps, True, vec)
             torch_kernel = F.silu(
                 F.group_norm(
@@ -251,11 +271,13 @@ def test_kernels_on_gpu(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_conv_epilogue_on_gpu() -> None:
+@pytest.mark.parametrize("last", [False, True])
+def test_conv_epilogue_on_gpu(last: bool) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
+    fmt = torch.channels_last if last else torch.contiguous_format
     for n, c, hw in [(2, 128, (48, 64)), (3, 40, (9, 16))]:
-        h = torch.randn(n, c, *hw, generator=g, device="cuda").half()
-        skip = torch.randn(n, c, *hw, generator=g, device="cuda").half()
+        h = torch.randn(n, c, *hw, generator=g, device="cuda").half().contiguous(memory_format=fmt)
+        skip = torch.randn(n, c, *hw, generator=g, device="cuda").half().contiguous(memory_format=fmt)
         bias = torch.randn(c, generator=g, device="cuda").half()
         want = (h.float() + bias.float()[:, None, None] + skip.float()).half()  # float32 adds, one rounding
         with torch.no_grad():
@@ -274,8 +296,10 @@ def test_time_mix_on_gpu(dtype: torch.dtype) -> None:
     with torch.no_grad():
         mixer.mix_factor.fill_(-0.7)
     alpha = torch.sigmoid(mixer.mix_factor).to(dtype)
-    for shape in [(50, 320, 72, 128), (6, 1000, 7)]:
+    for shape, fmt in [((50, 320, 72, 128), torch.contiguous_format), ((6, 1000, 7), torch.contiguous_format),
+                       ((10, 64, 9, 16), torch.channels_last)]:  # fmt: skip
         s, x, u = (torch.randn(shape, generator=g, device="cuda").to(dtype) for _ in range(3))
+        s, x, u = (t.contiguous(memory_format=fmt) for t in (s, x, u))
         for spatial in (s, x):
             want = mix_reference(alpha, spatial, x, u)
             upd = u.clone()

@@ -167,6 +167,43 @@ def test_offload_and_chunking_leave_frames_unchanged(tiny_model_dir, monkeypatch
             assert all(len(s.streamed) > 1 for s in p._sequential.values())  # weights really were streamed
 
 
+def test_conv_layout_leaves_frames_unchanged(tiny_model_dir):
+    """Channels-last conv weights (what eager GPU runs and compile() choose, `Pipeline._fit_layout`) make every
+    activation of the UNet and the decoder channels-last: the same numbers up to float rounding."""
+    from img2vid.layers import channels_last_
+
+    kw = dict(image=make_image(), height=H, width=W, num_frames=4, num_inference_steps=2, output_type="pt")
+    frames = []
+    for last in (False, True):
+        p = Pipeline.from_pretrained(tiny_model_dir)
+        p.set_progress_bar_config(disable=True)
+        channels_last_(p.unet, last)
+        channels_last_(p.vae.decoder, last)
+        assert p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == last
+        frames.append(p(generator=torch.manual_seed(3), decode_chunk_size=2, **kw).frames)
+    torch.testing.assert_close(frames[1], frames[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eager_gpu_layout_leaves_frames_unchanged():
+    # On a GPU where norm_act's kernels run, the first call lays the conv weights channels-last (once); the frames
+    # agree with an NCHW run to float16 rounding (the norms' float32 sums in another order)
+    from img2vid import fused
+
+    kw = dict(image=make_image(), height=64, width=64, num_inference_steps=2, output_type="pt")
+    frames = []
+    for fit in (False, True):
+        pipe = Pipeline.from_config("tiny", torch.float16).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        pipe._laid_out = not fit  # False: let the first call choose
+        frames.append(pipe(generator=torch.manual_seed(0), **kw).frames)
+        last = pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert last == (fit and fused._kernels_run_on(torch.device("cuda")))
+    # values in [0, 1]; a few elements a float16 ulp or two of a late step apart, the rest far closer
+    torch.testing.assert_close(frames[1], frames[0], rtol=0, atol=1e-2)
+    assert (frames[1].float() - frames[0].float()).abs().mean() < 1e-3
+
+
 def test_guidance_reuse_skips_the_uncond_half_between_full_steps(tiny_model_dir, monkeypatch):
     """guidance_reuse=N (approximate): the UNet sees both guidance halves (batch 2B) on every N-th step only and the
     conditional half (batch B) in between; 1 is exactly the default path. The video moves, but by far less than

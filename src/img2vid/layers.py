@@ -184,12 +184,11 @@ def group_norm(
     """`norm(x + vec)` for (N, C, H, W), then SiLU if silu. vec (N, C) or None: a per-(frame, channel) vector added
     first (the UNet resnets' time embedding). reuse_input: x is not needed after the call, so the result may be
     written over it. Compiled graphs take `channel_group_norm` (inductor fuses the add and the SiLU); eager CUDA
-    calls the kernels of `norm_act` (NCHW frames); anything else, the module."""
+    calls the kernels of `norm_act` (NCHW or channels-last frames); anything else, the module."""
     compiling = torch.compiler.is_compiling()
-    if not compiling and norm_act.supported(x, norm, vec):
-        n, c = x.shape[:2]
-        # (N, C, H, W) -> (N, C, H*W): each frame a sample of its own
-        return norm_act.group_norm_rows(x.view(n, c, -1), norm, 1, silu, vec, reuse_input).view(x.shape)
+    rows = None if compiling else norm_act.rows_view(x, 1)  # (N, C, H, W) -> (N, C, H*W): each frame a sample
+    if rows is not None and norm_act.supported(rows, norm, vec):
+        return norm_act.group_norm_rows(rows, norm, 1, silu, vec, reuse_input).view(x.shape)
     if vec is not None:
         x = x + vec[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
     y = channel_group_norm(x, norm) if compiling else norm(x)
@@ -209,10 +208,12 @@ def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor
     """h + bias (per channel, (C,) or None) + skip (h's shape, or None) for h = (N, C, H, W), a conv's output computed
     without its bias; h is written over (it is the conv's fresh output). Eager CUDA calls add both in one pass
     (`norm_act.conv_epilogue`); compiled graphs leave the adds to inductor."""
-    if not torch.compiler.is_compiling() and norm_act.epilogue_supported(h, bias, skip):
-        n, c = h.shape[:2]
-        flat = None if skip is None else skip.view(n, c, -1)
-        return norm_act.conv_epilogue(h.view(n, c, -1), bias, flat).view(h.shape)  # (N, C, H, W) <-> (N, C, H*W)
+    # (N, C, H, W) -> (N, C, H*W) views, NCHW or channels-last
+    rows = None if torch.compiler.is_compiling() else norm_act.rows_view(h, 1)
+    skip_rows = None if skip is None or rows is None else norm_act.rows_view(skip, 1)
+    kernel = rows is not None and (skip is None) == (skip_rows is None)  # a skip in another layout: the plain adds
+    if kernel and norm_act.epilogue_supported(rows, bias, skip_rows):
+        return norm_act.conv_epilogue(rows, bias, skip_rows).view(h.shape)
     in_place = not torch.is_grad_enabled()  # autograd may need h; compiled graphs functionalize either form
     if bias is not None:
         h = h.add_(bias[:, None, None]) if in_place else h + bias[:, None, None]
@@ -242,8 +243,8 @@ def video_group_norm(
     b, c, f = x.shape[:3]
     compiling = torch.compiler.is_compiling()
     frames = x.transpose(1, 2)  # (B, F, C, H, W)
-    if not compiling and frames.is_contiguous() and norm_act.supported(frames, norm, vec):
-        rows = frames.view(b * f, c, -1)  # (B, F, C, H, W) -> (B*F, C, H*W): each video a sample
+    rows = None if compiling else norm_act.rows_view(frames, 2)  # -> (B*F, C, H*W): each video a sample
+    if rows is not None and norm_act.supported(rows, norm, vec):
         out = norm_act.group_norm_rows(rows, norm, f, silu, None if vec is None else vec.reshape(b * f, c), reuse_input)
         return out.view(frames.shape).transpose(1, 2)  # -> (B, C, F, H, W), x's layout
     if vec is not None:
@@ -375,12 +376,13 @@ def temporal_conv(x5: torch.Tensor, conv: torch.nn.Conv3d, add_bias: bool = True
     return out.view(b, f, cout, h, w).transpose(1, 2)  # -> (B, Cout, F, H, W)
 
 
-def channels_last_(module: torch.nn.Module) -> None:
-    """Conv weights in channels-last layout (4D: NHWC, 5D: NDHWC): cuDNN's fast half-precision kernels want them,
-    and activations follow the weights' layout from the first convolution on. In place, parameter objects kept.
-    `Module.to(memory_format=torch.channels_last)` cannot do this: it refuses the temporal convs' 5-D weights."""
+def channels_last_(module: torch.nn.Module, on: bool = True) -> None:
+    """Conv weights in channels-last layout (4D: NHWC, 5D: NDHWC), or back to NCHW if not on: cuDNN's fast
+    half-precision kernels want them, and activations follow the weights' layout from the first convolution on. In
+    place, parameter objects kept. `Module.to(memory_format=torch.channels_last)` cannot do this: it refuses the
+    temporal convs' 5-D weights."""
     for p in module.parameters():
         if p.ndim == 4:
-            p.data = p.data.contiguous(memory_format=torch.channels_last)
+            p.data = p.data.contiguous(memory_format=torch.channels_last if on else torch.contiguous_format)
         elif p.ndim == 5:
-            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d if on else torch.contiguous_format)

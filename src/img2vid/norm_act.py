@@ -34,11 +34,12 @@ rounding after each op, so its result is the reference's exactly.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
 
-from img2vid import fused
+from img2vid import fused, norm_act_nhwc
 
 MAX_TILE = 4096  # elements a program reads in `gn_stats` and `gn_apply` (8 KB of float16)
 MIN_TILE = 256  # below this a row's tile is not shrunk to divide it: the last tile is masked instead
@@ -48,26 +49,37 @@ MIX_BLOCK = 2048  # elements a `time_mix` program reads of each operand
 
 
 def _kernel_tensor(t: torch.Tensor) -> bool:
-    """What every kernel here asks of its main operand: a non-empty, contiguous CUDA float16 or float32 tensor on a
-    Hopper or later card (where the kernels were measured, as the other kernels). float16 and float32 are the dtypes
-    checked on a GPU (bfloat16 keeps PyTorch's ops)."""
-    return (
-        t.is_cuda
-        and t.dtype in (torch.float16, torch.float32)
-        and t.is_contiguous()
-        and t.numel() > 0
-        and fused._kernels_run_on(t.device)
-    )
+    """What every kernel here asks of its main operand: a non-empty CUDA float16 or float32 tensor on a Hopper or
+    later card (where the kernels were measured, as the other kernels). float16 and float32 are the dtypes checked on
+    a GPU (bfloat16 keeps PyTorch's ops)."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.float32) and t.numel() > 0 and fused._kernels_run_on(t.device)
 
 
-def supported(x: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | None = None) -> bool:
-    """Whether `group_norm_rows` runs for x viewed as contiguous (rows, C, P) frames: `_kernel_tensor`, an inference
-    call (nothing that needs a gradient), an affine norm."""
+def channels_last_rows(rows: torch.Tensor) -> bool:
+    """Whether (R, C, P) rows lie channels-last, (R, P, C) in memory (`norm_act_nhwc`), rather than contiguous."""
+    return not rows.is_contiguous() and rows.transpose(1, 2).is_contiguous()
+
+
+def rows_view(t: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
+    """t = (*lead, C, *pixels) as (R, C, P) rows, R = prod(lead), P = prod(pixels): a view, contiguous (NCHW-like)
+    or channels-last ((R, P, C) in memory); None when t lies otherwise (the kernels read these two layouts)."""
+    r, c = math.prod(t.shape[:channel_dim]), t.shape[channel_dim]
+    if t.numel() == 0:
+        return None
+    if t.is_contiguous():
+        return t.view(r, c, -1)
+    last = t.movedim(channel_dim, -1)  # (*lead, *pixels, C)
+    return last.view(r, -1, c).transpose(1, 2) if last.is_contiguous() else None
+
+
+def supported(rows: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | None = None) -> bool:
+    """Whether `group_norm_rows` runs for these (R, C, P) rows (`rows_view`): `_kernel_tensor`, an inference call
+    (nothing that needs a gradient), an affine norm."""
     return (
-        _kernel_tensor(x)
+        _kernel_tensor(rows)
         and norm.affine
-        and (vec is None or (vec.device == x.device and vec.is_floating_point()))
-        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
+        and (vec is None or (vec.device == rows.device and vec.is_floating_point()))
+        and not (torch.is_grad_enabled() and (rows.requires_grad or norm.weight.requires_grad))
         and not (torch.is_grad_enabled() and vec is not None and vec.requires_grad)
     )
 
@@ -95,38 +107,57 @@ def group_norm_rows(
     vec: torch.Tensor | None = None,
     reuse_input: bool = False,
 ) -> torch.Tensor:
-    """GroupNorm of frames (R, C, P), contiguous: R frames of C channels of P pixels, whose statistics are taken per
-    (sample, group) over frames_per_sample consecutive frames; vec (R, C) or None is added to each (frame, channel)
-    row first; silu applies SiLU to the result. reuse_input: frames is not needed after the call, and the result
-    is written over it (one full-size tensor less at the peak). Returns (R, C, P) in frames' dtype."""
+    """GroupNorm of frames (R, C, P), contiguous or channels-last (`rows_view`): R frames of C channels of P pixels,
+    whose statistics are taken per (sample, group) over frames_per_sample consecutive frames; vec (R, C) or None is
+    added to each (frame, channel) row first; silu applies SiLU to the result. reuse_input: frames is not needed
+    after the call, and the result is written over it (one full-size tensor less at the peak). Returns (R, C, P) in
+    frames' dtype and layout."""
     r, c, p = frames.shape
     g = norm.num_groups
     if r % frames_per_sample or c % g:
         raise ValueError(f"{r} frames of {c} channels are not whole {frames_per_sample}-frame samples of {g} groups")
-    samples = r // frames_per_sample
+    out = frames if reuse_input else torch.empty_like(frames)  # the same strides: frames is dense
+    vec_rows = None if vec is None else vec.reshape(r * c).contiguous()
+    if channels_last_rows(frames):
+        tiling = norm_act_nhwc.tiling(c, p, MAX_TILE)
+        partials = norm_act_nhwc.stats(frames, vec_rows, tiling, WARPS)
+        scale_shift = _finish(partials, norm, frames_per_sample, c, p, tiling.tile, tiling.tiles)
+        norm_act_nhwc.apply(frames, vec_rows, scale_shift, out, frames_per_sample, silu, tiling, WARPS)
+        return out
+    stats, _, apply = _kernels()
     rows, tile = tile_for(p)
     tiles = fused.triton_cdiv(p, tile)
-    partials = torch.empty(2, r * c * tiles, device=frames.device, dtype=torch.float32)  # tile means, tile M2s
-    scale_shift = torch.empty(2, samples * c, device=frames.device, dtype=torch.float32)
-    out = frames if reuse_input else torch.empty_like(frames)
-    vec_rows = frames if vec is None else vec.reshape(r * c).contiguous()  # an unread placeholder when absent
-    stats, finish, apply = _kernels()
     grid = (fused.triton_cdiv(r * c, rows), tiles)
-    stats[grid](frames, vec_rows, partials[0], partials[1], r * c, p, tiles, ROWS=rows, TILE=tile,
+    partials = torch.empty(2, r * c * tiles, device=frames.device, dtype=torch.float32)  # tile means, tile M2s
+    v = frames if vec_rows is None else vec_rows  # an unread placeholder when absent
+    stats[grid](frames, v, partials[0], partials[1], r * c, p, tiles, ROWS=rows, TILE=tile,
                 HAS_VEC=vec is not None, num_warps=WARPS)  # fmt: skip
-    finish[(samples * g,)](
-        partials[0], partials[1], norm.weight, norm.bias, scale_shift[0], scale_shift[1], p, tiles, c,
-        frames_per_sample, c // g, norm.eps, TILE=tile, FINISH_TILE=FINISH_TILE, num_warps=WARPS,
-    )  # fmt: skip
-    apply[grid](frames, vec_rows, scale_shift[0], scale_shift[1], out, r * c, p, c, frames_per_sample * c,
+    scale_shift = _finish(partials, norm, frames_per_sample, c, p, tile, tiles)
+    apply[grid](frames, v, scale_shift[0], scale_shift[1], out, r * c, p, c, frames_per_sample * c,
                 ROWS=rows, TILE=tile, HAS_VEC=vec is not None, SILU=silu, num_warps=WARPS)  # fmt: skip
     return out
 
 
+def _finish(
+    partials: torch.Tensor, norm: torch.nn.GroupNorm, frames_per_sample: int, c: int, p: int, tile: int, tiles: int
+) -> torch.Tensor:
+    """Each (sample, channel)'s scale and shift, (2, samples * C) float32, from the (2, R * C * tiles) tile means
+    and M2s of either layout's statistics kernel (`gn_finish`)."""
+    samples = partials.shape[1] // (c * tiles * frames_per_sample)
+    scale_shift = torch.empty(2, samples * c, device=partials.device, dtype=torch.float32)
+    _kernels()[1][(samples * norm.num_groups,)](
+        partials[0], partials[1], norm.weight, norm.bias, scale_shift[0], scale_shift[1], p, tiles, c,
+        frames_per_sample, c // norm.num_groups, norm.eps, TILE=tile, FINISH_TILE=FINISH_TILE, num_warps=WARPS,
+    )  # fmt: skip
+    return scale_shift
+
+
 def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None) -> torch.Tensor:
-    """h += bias (per channel) + skip, for h (R, C, P) contiguous (a conv's fresh output, computed without its bias),
-    bias (C,) or None, skip (R, C, P) contiguous or None; the sum is formed in float32 and rounded once (the
-    reference rounds after each add, inductor once, as here). Returns h."""
+    """h += bias (per channel) + skip, for h (R, C, P) contiguous or channels-last (a conv's fresh output, computed
+    without its bias), bias (C,) or None, skip (R, C, P) in h's layout or None; the sum is formed in float32 and
+    rounded once (the reference rounds after each add, inductor once, as here). Returns h."""
+    if channels_last_rows(h):
+        return norm_act_nhwc.epilogue(h, bias, skip, MAX_TILE, WARPS)
     r, c, p = h.shape
     rows, tile = tile_for(p)
     _epilogue_kernel()[(fused.triton_cdiv(r * c, rows), fused.triton_cdiv(p, tile))](
@@ -137,12 +168,11 @@ def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor
 
 
 def epilogue_supported(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor | None) -> bool:
-    """Whether `conv_epilogue` runs for these operands: `_kernel_tensor` h, no autograd, skip contiguous and of h's
-    shape and dtype."""
+    """Whether `conv_epilogue` runs for these (R, C, P) operands (`rows_view`): `_kernel_tensor` h, no autograd, skip
+    of h's shape, dtype and strides."""
     return (
         _kernel_tensor(h)
-        and h.dim() >= 2
-        and (skip is None or (skip.shape == h.shape and skip.dtype == h.dtype and skip.is_contiguous()))
+        and (skip is None or (skip.shape == h.shape and skip.dtype == h.dtype and skip.stride() == h.stride()))
         and (bias is None or (bias.device == h.device and bias.shape == (h.shape[1],)))
         and not torch.is_grad_enabled()
     )
@@ -151,11 +181,11 @@ def epilogue_supported(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.T
 def time_mix(
     alpha: torch.Tensor, beta: torch.Tensor, spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor
 ) -> torch.Tensor:
-    """alpha * spatial + beta * (x + update), elementwise over tensors of one shape, all contiguous (`spatial` may be
-    `x` itself), alpha and beta one-element tensors of their dtype; written over `update` (dead after the call) and
-    returned. Each op is rounded to the tensors' dtype as the reference's four kernels round it (x + update, the two
-    products, the sum), so the result is the reference's bit for bit: one pass (three tensors read, one written)
-    instead of four (nine)."""
+    """alpha * spatial + beta * (x + update), elementwise over tensors of one shape and one dense layout (`spatial`
+    may be `x` itself), alpha and beta one-element tensors of their dtype; written over `update` (dead after the
+    call) and returned. Each op is rounded to the tensors' dtype as the reference's four kernels round it (x +
+    update, the two products, the sum), so the result is the reference's bit for bit: one pass (three tensors
+    read, one written) instead of four (nine)."""
     n = update.numel()
     _mix_kernel()[(fused.triton_cdiv(n, MIX_BLOCK),)](
         spatial, x, update, alpha, beta, n, SAME=spatial is x, BLOCK=MIX_BLOCK, num_warps=WARPS,
@@ -165,11 +195,15 @@ def time_mix(
 
 
 def time_mix_supported(spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor) -> bool:
-    """Whether `time_mix` runs for these operands: `_kernel_tensor` update, no autograd, spatial and x contiguous
-    and of its shape and dtype."""
+    """Whether `time_mix` runs for these operands: `_kernel_tensor` update, contiguous or channels-last (the
+    kernel walks memory in order), no autograd, spatial and x of its shape, dtype and strides."""
+    dense = update.is_contiguous() or (update.dim() == 4 and update.is_contiguous(memory_format=torch.channels_last))
     return (
         _kernel_tensor(update)
-        and all(t.shape == update.shape and t.dtype == update.dtype and t.is_contiguous() for t in (spatial, x))
+        and dense
+        and all(
+            t.shape == update.shape and t.dtype == update.dtype and t.stride() == update.stride() for t in (x, spatial)
+        )
         and not torch.is_grad_enabled()
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from img2vid import checkpoint, compiled, offload, precompiled, sampling
+from img2vid import checkpoint, compiled, fused, offload, precompiled, sampling
 from img2vid.configs import PipelineConfig, preset
 from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
 from img2vid.image_encoder import ImageEncoder, preprocess
@@ -75,6 +75,7 @@ class Pipeline:
         # eager decode time (BENCHMARKS.md).
         vae.spatial_frame_chunk = 2
         self._decode: Callable[[torch.Tensor, int], torch.Tensor] = vae.decode
+        self._laid_out = False  # whether the conv weights' layout was chosen for the device (`_fit_layout`)
         for m in (unet, vae, image_encoder):
             m.eval().requires_grad_(False)
 
@@ -253,10 +254,10 @@ class Pipeline:
         instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""
         if cache_dir is not None:
             precompiled.check_cache_dir(cache_dir)
-        if channels_last:
-            # What is compiled; the VAE encoder runs eagerly (once a video) and keeps the NCHW kernels it is fast in.
-            channels_last_(_orig(self.unet))
-            channels_last_(_orig(self.vae).decoder)
+        # What is compiled; the VAE encoder runs eagerly (once a video) and keeps the NCHW kernels it is fast in.
+        channels_last_(_orig(self.unet), channels_last)
+        channels_last_(_orig(self.vae).decoder, channels_last)
+        self._laid_out = True  # as asked, also for later eager calls
         self._step = compiled.compile_step(mode, cache_dir=cache_dir)
         # compiled on use
         self._reuse_steps = tuple(compiled.compile_step(mode, s, cache_dir) for s in compiled.REUSE_STEPS)
@@ -295,6 +296,7 @@ class Pipeline:
     ) -> PipelineOutput | Any:
         """diffusers' arguments (see README), plus guidance_reuse: APPROXIMATE, opt-in; N > 1 runs the unconditional
         half of guidance on every N-th step only and reuses its guidance direction in between (1: exact guidance)."""
+        self._fit_layout()
         num_frames = num_frames if num_frames is not None else self.config.num_frames
         if decode_chunk_size is None:
             decode_chunk_size = min(self.default_decode_chunk_size or num_frames, num_frames)
@@ -377,6 +379,17 @@ class Pipeline:
         self._stage("none")
         return PipelineOutput(frames=frames) if return_dict else frames
 
+    def _fit_layout(self) -> None:
+        """Before the first eager run on a GPU where `norm_act`'s kernels (which read either layout) run: the UNet's
+        and the decoder's conv weights channels-last, as compile() lays them, and with them the activations. On NCHW
+        ones cuDNN transposes every conv's input and output (BENCHMARKS.md, run 95). Streamed weights keep theirs."""
+        if self._laid_out or self._offload == "sequential" or self._device.type != "cuda":
+            return
+        if fused._kernels_run_on(self._device):
+            channels_last_(_orig(self.unet))
+            channels_last_(_orig(self.vae).decoder)
+        self._laid_out = True
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE posterior mode of (N, 3, H, W) pixels. float16 VAEs whose config says force_upcast encode in float32
         (the encoder's activations overflow in half precision)."""
@@ -405,6 +418,7 @@ class Pipeline:
     ) -> torch.Tensor:
         """(B, F, 4, h, w) -> (B, F, 3, H, W) float32, each video decoded on its own in chunks of its frames (the
         temporal decoder mixes frames inside a chunk, so a chunk must never hold two videos)."""
+        self._fit_layout()
         b, f = latents.shape[:2]
         z = latents / self.config.vae.scaling_factor
         dtype = next(_orig(self.vae).parameters()).dtype
