@@ -204,6 +204,33 @@ def test_eager_gpu_layout_leaves_frames_unchanged():
     assert (frames[1].float() - frames[0].float()).abs().mean() < 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_low_memory_on_gpu_streams_the_layout_and_leaves_frames_unchanged(monkeypatch):
+    # Low-memory mode lays the weights out before its pinned copies are made, which keep the layout (channels-last
+    # where norm_act's kernels run); its frames agree with the plain GPU pipeline's to float16 rounding
+    from img2vid import fused
+    from img2vid.offload import SequentialOffload
+
+    monkeypatch.setattr(SequentialOffload, "RESIDENT_BYTES", 0)  # the tiny model would stay resident otherwise
+    monkeypatch.setattr(SequentialOffload, "UNIT_BYTES", 16 << 10)
+
+    # low-memory decodes 2 frames at a time by default (a different temporal context): the same for both
+    kw = dict(image=make_image(), height=64, width=64, num_inference_steps=2, output_type="pt", decode_chunk_size=2)
+    plain = Pipeline.from_config("tiny", torch.float16).to("cuda")
+    low = Pipeline.from_config("tiny", torch.float16).enable_low_memory(device="cuda")
+    frames = []
+    for pipe in (plain, low):
+        pipe.set_progress_bar_config(disable=True)
+        frames.append(pipe(generator=torch.manual_seed(0), **kw).frames)
+    copies = low._sequential["unet"].cpu_copies
+    weight = low.unet.conv_in.weight
+    assert copies[weight].is_pinned()
+    want = fused._kernels_run_on(torch.device("cuda"))
+    assert copies[weight].is_contiguous(memory_format=torch.channels_last) == want
+    torch.testing.assert_close(frames[1], frames[0], rtol=0, atol=1e-2)
+    assert (frames[1].float() - frames[0].float()).abs().mean() < 1e-3
+
+
 def test_guidance_reuse_skips_the_uncond_half_between_full_steps(tiny_model_dir, monkeypatch):
     """guidance_reuse=N (approximate): the UNet sees both guidance halves (batch 2B) on every N-th step only and the
     conditional half (batch B) in between; 1 is exactly the default path. The video moves, but by far less than

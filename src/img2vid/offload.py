@@ -100,7 +100,8 @@ class SequentialOffload:
             self.streamed[unit] = params
             for p in params:
                 cpu = p.data.to("cpu")
-                self.cpu_copies[p] = cpu.pin_memory() if pin else cpu
+                # empty_like keeps the weight's layout (channels-last convs, `Pipeline._fit_layout`) in the copy
+                self.cpu_copies[p] = torch.empty_like(cpu, pin_memory=True).copy_(cpu) if pin else cpu
                 p.data = self.cpu_copies[p]
             self.handles.append(unit.register_forward_pre_hook(self._load))
             self.handles.append(unit.register_forward_hook(self._unload))

@@ -194,6 +194,7 @@ class Pipeline:
         if any(isinstance(m, Fp8Linear) for m in _orig(self.unet).modules()):
             raise InputError(_FP8_STREAMING)
         self._device = offload.accelerator(gpu_id, device)
+        self._fit_layout()  # before the streamed copies are made: they keep the layout
         self._offload = "sequential"
         for c in COMPONENTS:
             m = _orig(getattr(self, c))
@@ -382,7 +383,8 @@ class Pipeline:
     def _fit_layout(self) -> None:
         """Before the first eager run on a GPU where `norm_act`'s kernels (which read either layout) run: the UNet's
         and the decoder's conv weights channels-last, as compile() lays them, and with them the activations. On NCHW
-        ones cuDNN transposes every conv's input and output (BENCHMARKS.md, run 95). Streamed weights keep theirs."""
+        ones cuDNN transposes every conv's input and output (BENCHMARKS.md, run 95). Streamed weights are laid out
+        when streaming is set up (`enable_sequential_cpu_offload`), not after."""
         if self._laid_out or self._offload == "sequential" or self._device.type != "cuda":
             return
         if fused._kernels_run_on(self._device):
