@@ -39,6 +39,7 @@ ap.add_argument("--compiled", action="store_true", help="profile the compiled UN
 ap.add_argument("--unfused-too", action="store_true", help="with --compiled: also without the fused GEGLU kernel")
 ap.add_argument("--skip", default="", help="comma list of parts to skip: micro, unet, vae")
 ap.add_argument("--lowmem-only", action="store_true")
+ap.add_argument("--nchw", action="store_true", help="eager parts with NCHW activations (the pipeline lays them out)")
 ap.add_argument("--out", default=os.environ.get("OUT", "."))
 args = ap.parse_args()
 os.makedirs(args.out, exist_ok=True)
@@ -261,12 +262,21 @@ def micro() -> None:
         log(f"  {name}: NCHW {t1 * 1e3:.2f} ms, channels_last {t2 * 1e3:.2f} ms (bytes floor {floor:.2f} ms)")
 
 
+def eager_layout(module: torch.nn.Module) -> None:
+    """Channels-last conv weights where the pipeline's eager runs use them (`Pipeline._fit_layout`), unless --nchw."""
+    from img2vid import fused
+
+    if DEV.type == "cuda" and not args.nchw and fused._kernels_run_on(DEV):
+        channels_last_(module)
+
+
 def unet_part() -> None:
     torch.manual_seed(0)
     with torch.device(DEV):
         unet = UNet(CFG.unet).to(DT).eval()
     # frozen, as Pipeline holds them: ATen's matmul copies operands for a weight gradient otherwise (runs 76-77)
     unet.requires_grad_(False)
+    eager_layout(unet)
     x = torch.randn(2, NF, CFG.unet.in_channels, LH, LW, device=DEV, dtype=DT)
     t = torch.tensor(0.3, device=DEV)
     emb = torch.randn(2, 1, CFG.unet.cross_attention_dim[0], device=DEV, dtype=DT)
@@ -313,6 +323,7 @@ def vae_part() -> None:
     with torch.device(DEV):
         vae = VAE(CFG.vae).to(DT).eval()
     vae.requires_grad_(False)
+    eager_layout(vae.decoder)
     n = 8
     z = torch.randn(n, 4, LH, LW, device=DEV, dtype=DT)
     for chunk in (None, 4, 2):
