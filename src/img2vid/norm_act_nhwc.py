@@ -27,13 +27,13 @@ import torch
 
 CHANNELS = 64  # channels a program reads per pixel (128 bytes of float16: one cache line)
 PIXELS = 64  # pixels a program reads at a time
-TILE_BLOCKS = 16  # blocks of PIXELS pixels a `gn_stats_nhwc` program merges into one partial
+TILE_BLOCKS = 16  # blocks of PIXELS pixels a `gn_stats_nhwc` program sums into one partial
 
 
 class Tiling(NamedTuple):
     pixels: int  # pixels a program reads at a time
     channels: int  # channels it reads of each
-    iters: int  # blocks of `pixels` a statistics program merges
+    iters: int  # blocks of `pixels` a statistics program sums
     tile: int  # pixels a partial stands for: pixels * iters
     tiles: int  # partials per (frame, channel)
 
