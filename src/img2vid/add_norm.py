@@ -148,7 +148,7 @@ def _(x: torch.Tensor, vec: torch.Tensor | None, weight: torch.Tensor, bias: tor
 
 
 def _kernel_fits(x: torch.Tensor, vec: torch.Tensor | None) -> bool:
-    """Whether the kernel runs here: Triton on a Hopper or later card (where it was measured), 2-D operands whose
+    """Whether the kernel runs here: Triton on an Ampere or later card (`fused._kernels_run_on`), 2-D operands whose
     elements 32-bit offsets address (the kernel's arithmetic), and a vector on the same device."""
     return (
         x.is_cuda

@@ -64,11 +64,26 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The oldest cards img2vid's Triton kernels run on. Ampere (sm_80) and later: the GroupNorm, epilogue, time-mixer,
+# add + LayerNorm and frame-attention kernels use nothing newer (tests/test_kernel_targets.py builds them for sm_80
+# and sm_86 on the CPU), and PyTorch's ops they replace are just as slow there (one thread block per (sample, group)
+# in its GroupNorm statistics, whatever the card). They were timed on H100s only (BENCHMARKS.md). The GEGLU kernel
+# loads through TMA descriptors, which Hopper (sm_90) introduced.
+KERNELS_MIN_CAPABILITY = (8, 0)
+TMA_MIN_CAPABILITY = (9, 0)
+
+
 @functools.cache
 def _kernels_run_on(device: torch.device) -> bool:
-    """Whether this CUDA device runs the kernels here: Triton present and a Hopper or later card (TMA, and where
-    the kernels were measured). Once per device, not once per call."""
-    return has_triton() and torch.cuda.get_device_capability(device) >= (9, 0)
+    """Whether this CUDA device runs the kernels here: Triton present and an Ampere or later card. Once per device,
+    not once per call."""
+    return has_triton() and torch.cuda.get_device_capability(device) >= KERNELS_MIN_CAPABILITY
+
+
+@functools.cache
+def _tma_runs_on(device: torch.device) -> bool:
+    """Whether this CUDA device runs the GEGLU kernel: `_kernels_run_on` and a Hopper or later card (TMA)."""
+    return _kernels_run_on(device) and torch.cuda.get_device_capability(device) >= TMA_MIN_CAPABILITY
 
 
 def geglu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -92,7 +107,7 @@ def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.is_cuda
         and x.dtype == weight.dtype == torch.float16  # the dtype measured and checked (see geglu_supported)
         and x.shape[0] > 0
-        and _kernels_run_on(x.device)
+        and _tma_runs_on(x.device)
         and k % 8 == 0
         and n2 % 16 == 0
         and weight.is_contiguous()
@@ -237,7 +252,7 @@ def frame_attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def frame_kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int) -> bool:
-    """Whether the kernel runs here: Triton, a Hopper or later card (where it was measured), matching shapes, and one
+    """Whether the kernel runs here: Triton, an Ampere or later card (`_kernels_run_on`), matching shapes, and one
     video's elements addressable with 32-bit offsets (the kernel's in-video arithmetic)."""
     bf = q.shape[0]
     return (

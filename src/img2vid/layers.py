@@ -46,7 +46,7 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     (B, F, N*heads, D), each (pixel, head) pair is one attention head of an F-long sequence, and the kernels read
     it in place through the strides: no transposing copy in or out (two full-size copies per temporal block).
 
-    On a Hopper GPU in float16 this is img2vid's Triton kernel (`fused.frame_attention`, 2.5x PyTorch's
+    On an Ampere or later GPU in float16 this is img2vid's Triton kernel (`fused.frame_attention`, 2.5x PyTorch's
     memory-efficient kernel here); elsewhere `frame_attention_sdpa`."""
     if fused.frame_attention_supported(q, k, v, heads):
         op = fused.frame_attention_impl if fused.direct_calls() else fused.frame_attention

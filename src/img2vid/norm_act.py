@@ -49,9 +49,9 @@ MIX_BLOCK = 2048  # elements a `time_mix` program reads of each operand
 
 
 def _kernel_tensor(t: torch.Tensor) -> bool:
-    """What every kernel here asks of its main operand: a non-empty CUDA float16 or float32 tensor on a Hopper or
-    later card (where the kernels were measured, as the other kernels). float16 and float32 are the dtypes checked on
-    a GPU (bfloat16 keeps PyTorch's ops)."""
+    """What every kernel here asks of its main operand: a non-empty CUDA float16 or float32 tensor on an Ampere or
+    later card (`fused._kernels_run_on`). float16 and float32 are the dtypes checked on a GPU (bfloat16 keeps
+    PyTorch's ops)."""
     return t.is_cuda and t.dtype in (torch.float16, torch.float32) and t.numel() > 0 and fused._kernels_run_on(t.device)
 
 
