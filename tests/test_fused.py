@@ -74,6 +74,18 @@ def test_geglu_module_off_gpu_uses_the_plain_ops() -> None:
     torch.testing.assert_close(m(x), h * torch.nn.functional.gelu(gate))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_op_on_a_gpu_without_tma_computes_the_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A card before Hopper (no TMA descriptors), simulated: the op falls back to the plain float16 ops, bit for bit,
+    # while the kernels that need no TMA still run there (`_kernels_run_on`)
+    monkeypatch.setattr(fused, "_tma_runs_on", lambda device: False)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g, device="cuda").half() for s in ((300, 320), (2560, 320), (2560,)))
+    assert not fused.kernel_fits(x, w)
+    with torch.no_grad():
+        assert torch.equal(fused.geglu_linear_impl(x, w, b), fused.geglu_reference(x, w, b))
+
+
 # ---- the frame-attention kernel ----------------------------------------------------------------------------------
 
 
