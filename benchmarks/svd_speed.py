@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_utils import rel, unfuse_geglu  # noqa: E402
 
-from img2vid import Pipeline  # noqa: E402
+from img2vid import Pipeline, fused  # noqa: E402
 from img2vid.configs import preset, scheduler_to_diffusers, unet_to_diffusers, vae_to_diffusers  # noqa: E402
 from img2vid.image_encoder import ImageEncoder  # noqa: E402
 from img2vid.unet import UNet  # noqa: E402
@@ -46,7 +46,9 @@ ap.add_argument(
     default="eager,compiled,low-memory",
     help="comma list: eager, compiled, low-memory, low-memory-nosplit; eager/compiled take the approximate options "
     "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them, and "
-    "+unfused (the GEGLU projections without the fused kernel: an A/B of it); low-memory modes take +ffchunkN (forward "
+    "+unfused (the GEGLU projections without the fused kernel: an A/B of it) and +notma (the path of a card before "
+    "Hopper, which lacks TMA: the GEGLU op falls back to the plain ops, the other kernels run); low-memory modes "
+    "take +ffchunkN (forward "
     "chunks of N frames instead of enable_low_memory's)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
@@ -342,6 +344,7 @@ def main() -> None:
 
     flops = None
     exact_video: dict[str, np.ndarray] = {}  # our exact video per base mode, for the approximate modes' deviation
+    tma_runs_on = fused._tma_runs_on
     for mode in args.modes.split(","):
         base, *options = mode.split("+")
         fp8 = "fp8" in options
@@ -363,6 +366,10 @@ def main() -> None:
         if "unfused" in options:  # A/B: the GEGLU projections as cuBLAS + a gating kernel (before session 5)
             unfuse_geglu(pipe.unet)
             note = f"{note}; GEGLU unfused".lstrip("; ")
+        # +notma: the path of a card before Hopper, every kernel but the GEGLU's (TMA) runs; this mode only
+        fused._tma_runs_on = (lambda device: False) if "notma" in options else tma_runs_on
+        if "notma" in options:
+            note = f"{note}; no TMA: GEGLU as the plain ops".lstrip("; ")
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
