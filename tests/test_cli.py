@@ -156,6 +156,34 @@ def test_guidance_reuse_reaches_the_pipeline_and_is_recorded(models, images, tmp
     assert not np.array_equal(ref, exact)  # the flag really changed the sampling
 
 
+def test_segments_chain_a_longer_video(models, images, tmp_path, capsys):
+    """--segments 3: 3*(F-1)+1 frames (lossless PNG: exactly img2vid.longer's chain of the same pipeline calls), the
+    real count printed, segments stored, and progress bars labelled per segment."""
+    from img2vid.longer import chain_segments
+
+    out, n = tmp_path / "long", 3 * (FRAMES - 1) + 1
+    argv = ["generate", str(images["landscape"]), "-o", str(out), "--model", str(models["folder"]), *SMALL[:-1]]
+    rc = main([*argv, "--format", "png", "--seed", "8", "--segments", "3"])  # not --quiet: the bars show
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.startswith(f"wrote {out} ({n} frames, {W}x{H}, ")
+    for label in ("landscape 1/3 denoise", "landscape 2/3 decode", "landscape 3/3 denoise"):
+        assert label in captured.err
+    assert "landscape denoise" not in captured.err  # no unlabelled bar besides the segments' own
+    meta = read_metadata(out)
+    assert meta["segments"] == 3 and meta["num_frames"] == FRAMES and meta["seed"] == 8
+    pipe = Pipeline.from_pretrained(models["folder"])
+    kw = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, output_type="pt")
+    g = torch.manual_seed(8)
+    ref = chain_segments(lambda im: pipe(im, generator=g, **kw).frames[0], str(images["landscape"]), 3)
+    assert np.array_equal(read_video(out)[0], (ref.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
+    # --segments 1 is the plain video: its frames are the chain's first segment
+    rc, _, err = generate(capsys, images["landscape"], tmp_path / "one", models["folder"], "--format png --seed 8")
+    assert rc == 0, err
+    assert np.array_equal(read_video(tmp_path / "one")[0], read_video(out)[0][:FRAMES])
+    assert read_metadata(tmp_path / "one")["segments"] == 1
+
+
 def test_memory_modes_keep_the_frames(models, images, tmp_path, capsys):
     """Offload (degenerate on a CPU), forward chunking and --low-memory (which decodes 2 frames at a time) give the
     frames of a plain run that decodes 2 at a time."""
@@ -304,6 +332,9 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "frames-zero": ("--frames 0", "--frames"),
     "frames-too-many": ("--frames 300", "out of range"),
     "frames-not-int": ("--frames abc", "expected an integer"),
+    "segments-zero": ("--segments 0", "argument --segments: 0 is out of range 1..64"),
+    "segments-too-many": ("--segments 65", "argument --segments: 65 is out of range 1..64"),
+    "segments-of-one-frame": ("--segments 2 --frames 1", "2 segments need at least 2 frames per segment, got 1"),
     "steps-zero": ("--steps 0", "--steps"),
     "fps-zero": ("--fps 0", "--fps"),
     "fps-huge": ("--fps 1000", "--fps"),

@@ -71,7 +71,7 @@ def test_page_has_the_form(address):
     page = body.decode()
     for field in ("image", "frames", "steps", "fps", "motion_bucket_id", "noise_aug_strength", "min_guidance"):
         assert f'id="{field}"' in page
-    for field in ("max_guidance", "guidance_reuse", "seed", "resize", "format", "go"):
+    for field in ("max_guidance", "guidance_reuse", "seed", "resize", "format", "segments", "go"):
         assert f'id="{field}"' in page
     assert "fetch(" in page and "/generate" in page and "<option>gif</option>" in page
     assert "http://" not in page and "https://" not in page  # self-contained: no external assets
@@ -96,7 +96,7 @@ def test_generate_mp4_is_seeded_and_reproducible(address, png, tmp_path):
     _, headers2, video2 = post(address, png, seed=42, motion_bucket_id=30, fps=6)
     assert headers2["x-img2vid-seed"] == "42"
     assert video2 == video or np.array_equal(frames_of(video2, "mp4", tmp_path), frames)
-    assert info["guidance_reuse"] == 1  # exact guidance unless asked
+    assert info["guidance_reuse"] == 1 and info["segments"] == 1  # exact guidance, one segment unless asked
 
 
 def test_guidance_reuse_reaches_the_pipeline(address, png, tmp_path):
@@ -106,6 +106,15 @@ def test_guidance_reuse_reaches_the_pipeline(address, png, tmp_path):
     assert status == 200, reused
     assert json.loads(headers["x-img2vid-params"])["guidance_reuse"] == 2
     assert not np.array_equal(frames_of(reused, "webm", tmp_path), frames_of(exact, "webm", tmp_path))
+
+
+def test_segments_make_a_longer_video(address, png, tmp_path):
+    """segments=2 chains a second segment from the first one's last frame: 2*(F-1)+1 frames, recorded."""
+    status, headers, video = post(address, png, seed=9, segments=2, format="webm")
+    assert status == 200, video
+    info = json.loads(headers["x-img2vid-params"])
+    assert info["segments"] == 2 and info["num_frames"] == FRAMES and info["seed"] == 9
+    assert frames_of(video, "webm", tmp_path).shape == (2 * (FRAMES - 1) + 1, H, W, 3)
 
 
 def test_concurrent_requests_both_succeed(address, png):
@@ -141,6 +150,8 @@ def test_other_formats_and_resize(address, png, tmp_path, fmt, mime):
         (None, {"steps": "many"}, "steps: expected an integer, got 'many'"),
         (None, {"frames": 300}, "frames: 300 is out of range 1..256"),
         (None, {"guidance_reuse": 0}, "guidance_reuse: 0 is out of range 1..1000"),
+        (None, {"segments": 0}, "segments: 0 is out of range 1..64"),
+        (None, {"segments": 2, "frames": 1}, "2 segments need at least 2 frames per segment, got 1"),
         (None, {"width": 50}, "width 50 is not a multiple of 4"),
         (None, {"min_guidance": 4, "max_guidance": 2}, "min_guidance 4.0 is above max_guidance 2.0"),
         (None, {"format": "avi"}, "format must be one of mp4, webm, gif"),

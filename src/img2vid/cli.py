@@ -1,5 +1,5 @@
-"""The `img2vid` command: generate, selftest, info, convert, serve (the last three commands' bodies are in
-`img2vid.cli_tools`; parsing and error handling for all of them are here).
+"""The `img2vid` command: generate, selftest, info, convert, serve (the bodies of selftest, info and convert, and
+generate's sampling with its progress bars, are in `img2vid.cli_tools`; parsing and error handling are here).
 
 Every user mistake is caught before the (slow, large) model loads and ends as ONE line `img2vid: error: ...` with
 exit code 2; torch and the pipeline are imported inside the commands so `img2vid --help` stays instant.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from img2vid import __version__
-from img2vid.cli_tools import cmd_convert, cmd_info, cmd_selftest
+from img2vid.cli_tools import cmd_convert, cmd_info, cmd_selftest, sample_video
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -65,6 +65,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: the model's / diffusers')")
     g.add_argument("--frames", type=_number(int, 1, 256), help="frames (default: the model's, 25 for SVD-XT)")
+    g.add_argument(
+        "--segments",
+        type=_number(int, 1, 64),
+        default=1,
+        metavar="N",
+        help="longer video: N segments, each continuing from the last frame of the one before (N*(F-1)+1 frames)",
+    )
     g.add_argument("--steps", type=_number(int, 1, 1000), default=25, help="denoising steps (default %(default)s)")
     g.add_argument("--fps", type=_number(int, 1, 240), help="conditioning fps (default: the model's, 7; 6 for 1.1)")
     g.add_argument("--export-fps", type=_number(float, 1, 240), help="playback fps of the file (default: --fps)")
@@ -324,36 +331,13 @@ def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any)
     return pipe, variant
 
 
-def _progress_bars(quiet: bool, label: str, totals: dict[str, int]) -> tuple[Callable[..., None], Callable[[], None]]:
-    """The pipeline's progress callback as tqdm bars on stderr (time per step, ETA), and a closer for errors. Each
-    bar opens when its stage starts (the pipeline reports finished steps only), so its clock measures that stage."""
-    from tqdm import tqdm
-
-    def bar(stage: str, total: int) -> Any:
-        unit = "step" if stage == "denoise" else "chunk"
-        return tqdm(total=total, desc=f"{label} {stage}", unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True)
-
-    bars = {"denoise": bar("denoise", totals["denoise"])}
-
-    def update(stage: str, done: int, total: int) -> None:
-        current = bars.get(stage) or bars.setdefault(stage, bar(stage, total))
-        current.update(done - current.n)
-        if stage == "denoise" and done >= total:
-            current.close()
-            bars["decode"] = bar("decode", totals["decode"])
-
-    def close() -> None:
-        for b in bars.values():
-            b.close()
-
-    return update, close
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from img2vid.images import InputError, check_size, fit_size, load_image, resize_image
+    from img2vid.longer import check_segments
 
     if args.min_guidance > args.max_guidance:
         raise InputError(f"--min-guidance {args.min_guidance} is above --max-guidance {args.max_guidance}")
+    check_segments(args.segments, args.frames)  # --frames 1 cannot be chained
     sources = _expand_images(args.images)
     paths, fmt = _output_paths(sources, args.output, args.format)
     kind, multiple = _model_source(args.model)
@@ -385,7 +369,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
     run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant, seed=seed)
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
-    run.update(export_fps=args.export_fps or fps)
+    run.update(export_fps=args.export_fps or fps, segments=args.segments)
     for source, image, path in zip(sources, images, paths, strict=True):
         start = time.perf_counter()
         width, height = args.width, args.height
@@ -395,12 +379,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model_input = image if args.resize == "stretch" else resize_image(image, width, height, args.resize)
         params.update(height=height, width=width)
         generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
-        chunks = -(-frames // params["decode_chunk_size"])
-        update, close = _progress_bars(args.quiet, _stem(source), {"denoise": args.steps, "decode": chunks})
-        try:
-            video = pipe(model_input, generator=generator, output_type="pt", progress=update, **params).frames[0]
-        finally:
-            close()
+        video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, _stem(source))
         metadata = {**run, "image": source, **params}
         export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
         n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, 3, H, W) frames

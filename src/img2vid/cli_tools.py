@@ -1,6 +1,6 @@
 """The `img2vid` commands that need no model download: selftest, info and convert (`img2vid.cli` parses the
-arguments and turns errors into one line). Heavy imports stay inside the commands, so `img2vid --help` stays
-instant."""
+arguments and turns errors into one line), and `generate`'s sampling with its progress bars. Heavy imports stay
+inside the functions, so `img2vid --help` stays instant."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -100,3 +102,56 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dst = convert(src, dst, dtype=dtype, variant=args.variant, allow_pickle=args.allow_pickle)
     print(f"wrote {dst} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def progress_bars(quiet: bool, label: str, totals: dict[str, int]) -> tuple[Callable[..., None], Callable[[], None]]:
+    """The pipeline's progress callback as tqdm bars on stderr (time per step, ETA), and a closer for errors. Each
+    bar opens when its stage starts (the pipeline reports finished steps only), so its clock measures that stage."""
+    from tqdm import tqdm
+
+    def bar(stage: str, total: int) -> Any:
+        unit = "step" if stage == "denoise" else "chunk"
+        return tqdm(total=total, desc=f"{label} {stage}", unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True)
+
+    bars = {"denoise": bar("denoise", totals["denoise"])}
+
+    def update(stage: str, done: int, total: int) -> None:
+        current = bars.get(stage) or bars.setdefault(stage, bar(stage, total))
+        current.update(done - current.n)
+        if stage == "denoise" and done >= total:
+            current.close()
+            bars["decode"] = bar("decode", totals["decode"])
+
+    def close() -> None:
+        for b in bars.values():
+            b.close()
+
+    return update, close
+
+
+def sample_video(pipe: Any, image: Any, generator: Any, params: dict, segments: int, quiet: bool, label: str) -> Any:
+    """One video's (F, 3, H, W) frames in [0, 1] as the pipeline returns them; with segments > 1 the chained
+    (N*(F-1)+1, 3, H, W) on the CPU, the one generator continuing from segment to segment (img2vid.longer)."""
+    from img2vid.longer import chain_segments
+
+    totals = {
+        "denoise": params["num_inference_steps"],
+        "decode": -(-params["num_frames"] // params["decode_chunk_size"]),
+    }
+    # The current segment's (update, close); a bar shows once opened, so a chain opens its own per segment
+    bars = [progress_bars(quiet, label, totals)] if segments == 1 else []
+
+    def next_bars(k: int, n: int) -> None:  # before segment k of n: its own bars, labelled "rocket 2/3"
+        for _, close in bars:
+            close()
+        bars[:] = [progress_bars(quiet, f"{label} {k}/{n}", totals)]
+
+    def segment(im: Any) -> Any:
+        return pipe(im, generator=generator, output_type="pt", progress=bars[-1][0], **params).frames[0]
+
+    try:
+        # one segment: exactly the plain call, its frames left where the pipeline put them
+        return segment(image) if segments == 1 else chain_segments(segment, image, segments, next_bars)
+    finally:
+        for _, close in bars:
+            close()

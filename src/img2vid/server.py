@@ -39,6 +39,7 @@ PARAMS: dict[str, Callable[[str], Any]] = {
     "width": _number(int, 1),
     "height": _number(int, 1),
     "frames": _number(int, 1, 256),
+    "segments": _number(int, 1, 64),  # longer videos: chained segments (img2vid.longer)
     "steps": _number(int, 1, 1000),
     "fps": _number(int, 1, 240),
     "motion_bucket_id": _number(int, 0, 1023),
@@ -65,6 +66,7 @@ form{display:grid;grid-template-columns:12em 1fr;gap:.4em 1em;align-items:center
 <label for="resize">resize</label><select id="resize"><option>stretch</option><option>crop</option>
 <option>pad</option><option>fit</option></select>
 <label for="frames">frames</label><input id="frames" type="number" min="1" max="256">
+<label for="segments">segments (longer video)</label><input id="segments" type="number" min="1" max="64" value="1">
 <label for="steps">steps</label><input id="steps" type="number" min="1" max="1000" value="25">
 <label for="fps">fps</label><input id="fps" type="number" min="1" max="240">
 <label for="motion_bucket_id">motion bucket id</label><input id="motion_bucket_id" type="number" min="0" max="1023">
@@ -82,8 +84,8 @@ form{display:grid;grid-template-columns:12em 1fr;gap:.4em 1em;align-items:center
 <p id="status"></p><p id="error"></p><div id="result"></div>
 <script>
 const $ = (id) => document.getElementById(id);
-const NAMES = ["width", "height", "resize", "frames", "steps", "fps", "motion_bucket_id", "noise_aug_strength",
-  "min_guidance", "max_guidance", "guidance_reuse", "seed", "format"];
+const NAMES = ["width", "height", "resize", "frames", "segments", "steps", "fps", "motion_bucket_id",
+  "noise_aug_strength", "min_guidance", "max_guidance", "guidance_reuse", "seed", "format"];
 $("f").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const file = $("image").files[0];
@@ -167,6 +169,7 @@ def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: s
     """One video, encoded, and the settings that reproduce it. The caller holds the pipeline lock."""
     import torch
 
+    from img2vid.longer import chain_segments, check_segments
     from img2vid.video import export_video
 
     cfg = pipe.config
@@ -179,7 +182,8 @@ def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: s
         check_size(width, height, multiple)
     # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers (= CLI)
     model_input = image if mode == "stretch" else resize_image(image, width, height, mode)
-    frames = params.get("frames") or cfg.num_frames
+    frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
+    check_segments(segments, frames)
     run = dict(
         height=height,
         width=width,
@@ -195,8 +199,13 @@ def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: s
     )
     seed = params["seed"] if "seed" in params else secrets.randbelow(2**32)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
-    video = pipe(model_input, generator=generator, output_type="pt", progress=lambda *a: None, **run).frames[0]
-    info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, **run}
+
+    def segment(im: Any) -> torch.Tensor:  # (F, 3, H, W); the one generator continues from segment to segment
+        return pipe(im, generator=generator, output_type="pt", progress=lambda *a: None, **run).frames[0]
+
+    # as the CLI: one segment is the plain call; a chain is (N*(F-1)+1, 3, H, W) frames on the CPU
+    video = segment(model_input) if segments == 1 else chain_segments(segment, model_input, segments)
+    info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, "segments": segments, **run}
     with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
         path = export_video(video, Path(tmp) / f"video.{params['format']}", fps=run["fps"], metadata=info)
         return path.read_bytes(), info
