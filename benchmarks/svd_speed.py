@@ -36,6 +36,7 @@ from bench_utils import rel, unfuse_geglu  # noqa: E402
 from img2vid import Pipeline, fused  # noqa: E402
 from img2vid.configs import preset, scheduler_to_diffusers, unet_to_diffusers, vae_to_diffusers  # noqa: E402
 from img2vid.image_encoder import ImageEncoder  # noqa: E402
+from img2vid.longer import chain_segments  # noqa: E402
 from img2vid.unet import UNet  # noqa: E402
 from img2vid.vae import VAE  # noqa: E402
 
@@ -47,9 +48,9 @@ ap.add_argument(
     help="comma list: eager, compiled, low-memory, low-memory-nosplit; eager/compiled take the approximate options "
     "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them, and "
     "+unfused (the GEGLU projections without the fused kernel: an A/B of it) and +notma (the path of a card before "
-    "Hopper, which lacks TMA: the GEGLU op falls back to the plain ops, the other kernels run); low-memory modes "
-    "take +ffchunkN (forward "
-    "chunks of N frames instead of enable_low_memory's)",
+    "Hopper, which lacks TMA: the GEGLU op falls back to the plain ops, the other kernels run); any img2vid mode "
+    "takes +segmentsN (a longer video: N chained segments, img2vid.longer; PSNR of its first segment); low-memory "
+    "modes take +ffchunkN (forward chunks of N frames instead of enable_low_memory's)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
@@ -349,6 +350,7 @@ def main() -> None:
         base, *options = mode.split("+")
         fp8 = "fp8" in options
         reuse = next((int(o[5:]) for o in options if o.startswith("reuse")), 1)
+        segments = next((int(o[8:]) for o in options if o.startswith("segments")), 1)
         pipe = ours_pipe(state)
         note = ""
         if base.startswith("low-memory"):
@@ -395,9 +397,20 @@ def main() -> None:
             pipe._step = ev.wrap(pipe._step)
             pipe._reuse_steps = tuple(ev.wrap(s) for s in pipe._reuse_steps)
 
+        def call(pipe=pipe, kw=kw, segments=segments) -> np.ndarray:
+            if segments == 1:
+                return pipe(img, num_inference_steps=STEPS, generator=gen(), **kw).frames
+            g, pt = gen(), dict(kw, output_type="pt")  # one generator through the chain, as the CLI
+            video = chain_segments(
+                lambda im: pipe(im, num_inference_steps=STEPS, generator=g, **pt).frames[0], img, segments
+            )
+            return video.float().permute(0, 2, 3, 1).numpy()[None]  # (1, N*(F-1)+1, H, W, 3), output "np"'s form
+
+        if segments > 1:
+            note = f"{note}; {segments} segments, {segments * (F - 1) + 1} frames; PSNR of the first".lstrip("; ")
         frames = run_video(
             f"img2vid {mode}",
-            lambda pipe=pipe, kw=kw: pipe(img, num_inference_steps=STEPS, generator=gen(), **kw).frames,
+            call,
             hook,
             dec,
             note,
@@ -407,11 +420,11 @@ def main() -> None:
             log(f"[img2vid {mode}] CLIP {enc[-2]:.3f}s  VAE encode {enc[-1]:.3f}s (synced; last video)")
         row = ROWS[-1]
         if "video" in ref:
-            row["psnr"] = psnr(frames, ref["video"])
+            row["psnr"] = psnr(frames[:, :F], ref["video"])  # a chain's first segment is the plain video
         if mode == base:
             exact_video[base] = frames
         elif exact_video:  # the same base mode's exact video, else any exact one (they agree to ~70 dB)
-            row["psnr_exact"] = psnr(frames, exact_video.get(base, next(iter(exact_video.values()))))
+            row["psnr_exact"] = psnr(frames[:, :F], exact_video.get(base, next(iter(exact_video.values()))))
         if not base.startswith("low-memory") and reuse == 1 and "unet" in ref:
             with torch.no_grad():
                 x, t, emb, ids = ref["unet_in"]
