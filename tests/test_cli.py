@@ -19,7 +19,9 @@ from img2vid.cli import main
 from img2vid.video import read_metadata, read_video
 
 H, W, FRAMES, STEPS = 32, 48, 3, 2  # the tiny model needs multiples of 4 (2 VAE levels x 2 UNet levels)
-SMALL = ["--height", str(H), "--width", str(W), "--frames", str(FRAMES), "--steps", str(STEPS), "--quiet"]
+# --device cpu: the frames are compared with CPU pipelines' (on a CUDA machine the CLI would pick cuda and float16)
+SMALL = ["--device", "cpu", "--height", str(H), "--width", str(W), "--frames", str(FRAMES), "--steps", str(STEPS)]
+SMALL += ["--quiet"]  # last: SMALL[:-1] shows the progress bars
 
 
 @pytest.fixture(scope="module")
