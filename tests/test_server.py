@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -17,7 +18,7 @@ from conftest import make_image
 
 from img2vid import Pipeline
 from img2vid.cli import main
-from img2vid.server import make_server
+from img2vid.server import generate, make_server, parse_params
 from img2vid.video import read_video
 
 H, W, FRAMES, STEPS = 32, 48, 3, 2  # the tiny model needs multiples of 4 (2 VAE levels x 2 UNet levels)
@@ -26,8 +27,12 @@ LIMIT = 64 * 1024  # a small body limit keeps the 413 test cheap
 
 
 @pytest.fixture(scope="module")
-def address() -> Iterator[tuple[str, int]]:
-    pipe = Pipeline.from_config("tiny", seed=3)
+def pipe() -> Pipeline:
+    return Pipeline.from_config("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def address(pipe) -> Iterator[tuple[str, int]]:
     server = make_server(pipe, "127.0.0.1", 0, model="tiny", max_body=LIMIT, quiet=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -45,18 +50,37 @@ def png() -> bytes:
     return buf.getvalue()
 
 
-def request(address, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    address, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(*address, timeout=120)
     try:
-        conn.request(method, path, body=body)
+        conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         conn.close()
 
 
-def post(address, body: bytes, **params) -> tuple[int, dict[str, str], bytes]:
-    return request(address, "POST", "/generate?" + urlencode({**SMALL, **params}), body)
+def post(address, body: bytes, job: str | None = None, **params) -> tuple[int, dict[str, str], bytes]:
+    headers = {"X-Img2vid-Job": job} if job else None
+    return request(address, "POST", "/generate?" + urlencode({**SMALL, **params}), body, headers)
+
+
+def progress(address) -> dict:
+    status, headers, body = request(address, "GET", "/progress")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert headers["cache-control"] == "no-store"  # a cached answer would freeze the page's display
+    return json.loads(body)
+
+
+def poll_until(address, condition, timeout: float = 30) -> dict:
+    """/progress until `condition(state)` holds; fails (never hangs) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition(state := progress(address)):
+        assert time.monotonic() < deadline, f"/progress never got there; last: {state}"
+        time.sleep(0.01)
+    return state
 
 
 def frames_of(video: bytes, fmt: str, tmp_path: Path) -> np.ndarray:
@@ -74,6 +98,9 @@ def test_page_has_the_form(address):
     for field in ("max_guidance", "guidance_reuse", "seed", "resize", "format", "segments", "go"):
         assert f'id="{field}"' in page
     assert "fetch(" in page and "/generate" in page and "<option>gif</option>" in page
+    # polls /progress while generating, naming its request so it can tell its own progress from a queue
+    assert 'fetch("/progress"' in page and "setInterval(" in page and "clearInterval(timer)" in page
+    assert '"X-Img2vid-Job": job' in page
     assert "http://" not in page and "https://" not in page  # self-contained: no external assets
 
 
@@ -195,3 +222,87 @@ def test_serve_is_a_cli_command(capsys):
         assert option in out
     assert main(["serve", "--port", "70000"]) == 2
     assert "70000 is out of range 0..65535" in capsys.readouterr().err
+
+
+def test_progress_when_idle(address):
+    assert progress(address) == {"busy": False, "waiting": 0}
+
+
+def expected_reports(steps: int, chunks: int, segments: int) -> list[tuple]:
+    """What one generation reports: per segment denoise 0..steps (0 before the first step), then its decode chunks;
+    then export, uncounted."""
+    one = [("denoise", i, steps) for i in range(steps + 1)] + [("decode", i, chunks) for i in range(1, chunks + 1)]
+    return [(*r, k, segments) for k in range(1, segments + 1) for r in one] + [("export", 0, 0, segments, segments)]
+
+
+@pytest.mark.parametrize(
+    "segments, frames, steps, chunk, chunks",
+    [(1, FRAMES, STEPS, None, 1), (2, FRAMES, STEPS, None, 1), (1, 5, 3, 2, 3)],  # chunk 2: low-memory's decoding
+)
+def test_generate_reports_progress(pipe, monkeypatch, segments, frames, steps, chunk, chunks):
+    monkeypatch.setattr(pipe, "default_decode_chunk_size", chunk)
+    reports: list[tuple] = []
+    params = parse_params(urlencode({**SMALL, "frames": frames, "steps": steps, "segments": segments, "seed": 4}))
+    video, info = generate(pipe, make_image(56, 40, seed=0), params, "tiny", lambda *r: reports.append(r))
+    assert video and info["segments"] == segments and info["decode_chunk_size"] == (chunk or frames)
+    assert reports == expected_reports(steps, chunks, segments)
+
+
+def test_generate_without_report_still_works(pipe):
+    video, info = generate(pipe, make_image(56, 40, seed=0), parse_params(urlencode({**SMALL, "seed": 4})), None)
+    assert video and info["seed"] == 4
+
+
+def test_progress_while_generating_and_queued(address, png, monkeypatch):
+    """A generation held after its first denoise step: /progress shows it busy with that step and its job, then a
+    second request queued behind it; both finish and /progress is idle again."""
+    reached, release = threading.Event(), threading.Event()
+    real = Pipeline.__call__
+
+    def held(self, *args, progress, **kwargs):
+        def hook(stage: str, done: int, total: int) -> None:
+            progress(stage, done, total)
+            if stage == "denoise" and done == 1 and not release.is_set():
+                reached.set()
+                release.wait(30)  # bounded: a failing test must not hang the suite
+
+        return real(self, *args, progress=hook, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    results: dict[str, int] = {}
+    threads = [
+        threading.Thread(
+            target=lambda j=j, s=s: results.__setitem__(j, post(address, png, job=j, seed=1, segments=s)[0])
+        )
+        for j, s in (("first", 2), ("second", 1))
+    ]
+    try:
+        threads[0].start()
+        assert reached.wait(30), "the first generation never reached its first step"
+        state = progress(address)
+        assert state == {
+            "busy": True, "job": "first", "stage": "denoise", "done": 1, "total": STEPS, "segment": 1, "segments": 2,
+            "waiting": 0,
+        }  # fmt: skip
+        threads[1].start()
+        state = poll_until(address, lambda p: p["waiting"] == 1)
+        assert state["busy"] and state["job"] == "first" and (state["stage"], state["done"]) == ("denoise", 1)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert results == {"first": 200, "second": 200}
+    assert progress(address) == {"busy": False, "waiting": 0}
+
+
+def test_progress_is_reset_after_a_failing_generation(address, png, monkeypatch):
+    def broken(self, *args, progress, **kwargs):
+        progress("denoise", 1, STEPS)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(Pipeline, "__call__", broken)
+    status, _, text = post(address, png, job="doomed", seed=1)
+    assert status == 500 and b"out of memory (simulated)" in text
+    assert progress(address) == {"busy": False, "waiting": 0}
+    monkeypatch.undo()
+    assert post(address, png, seed=1)[0] == 200  # the lock was released too

@@ -1,11 +1,23 @@
 """img2vid as a small HTTP service (stdlib only): `GET /` a self-contained web page, `POST /generate` an image in,
-the encoded video out, `GET /health` a JSON liveness probe. Start it with `img2vid serve`.
+the encoded video out, `GET /health` a JSON liveness probe, `GET /progress` what the server is doing. Start it with
+`img2vid serve`.
 
 Design: the request body IS the image (any format Pillow reads) and the parameters travel in the query string, so
 there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'host:8000/generate?seed=1'` just works.
 The model is shared by every request thread, so generations run one at a time behind a lock; other requests (the
 page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
 oversized body, 500 for our own failures (the traceback goes to the server's stderr, never to the client).
+
+`GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
+`{"busy": false, "waiting": 0}`. Generating:
+`{"busy": true, "job": "k3x9", "stage": "denoise", "done": 12, "total": 25, "segment": 2, "segments": 3, "waiting": 1}`
+- waiting: requests (past their input checks) waiting for the generation lock, behind the running one.
+- job: the running request's `X-Img2vid-Job` header (any short token the client picks; null without one), so a
+  client can tell its own generation from one it is queued behind.
+- stage, done, total: "denoise" finished steps/steps (0 from the segment's start), then "decode" chunks, per
+  segment; "export" with total 0 (not counted) while the video file is written. These fields are
+  absent for the few milliseconds between taking the lock and the first report.
+- segment, segments: the segment running (1-based) of how many (1 and 1 for a plain video; img2vid.longer).
 """
 
 from __future__ import annotations
@@ -50,6 +62,9 @@ PARAMS: dict[str, Callable[[str], Any]] = {
     "guidance_reuse": _number(int, 1, 1000),  # APPROXIMATE when > 1 (Pipeline.__call__'s guidance_reuse)
 }
 CHOICES = {"resize": SIZE_MODES, "format": tuple(FORMATS)}
+# generate's progress reports: (stage, done, total, segment, segments), as /progress shows them (module docstring)
+Report = Callable[[str, int, int, int, int], None]
+IDLE: dict[str, Any] = {"busy": False}
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>img2vid</title>
@@ -95,8 +110,24 @@ $("f").addEventListener("submit", async (ev) => {
   $("go").disabled = true; $("error").textContent = ""; $("result").textContent = "";
   $("status").textContent = "generating...";
   const start = performance.now();
+  // A token of our own, so /progress tells our generation from one we are queued behind
+  const job = Math.random().toString(36).slice(2);
+  let live = true;  // a poll answered after the video must not overwrite the final status
+  const timer = setInterval(async () => {
+    try {
+      const p = await (await fetch("/progress", {cache: "no-store"})).json();
+      if (!live || !p.busy) return;
+      if (p.job !== job) {
+        $("status").textContent = "waiting for " + Math.max(p.waiting, 1) + " earlier request(s)";
+      } else if (p.stage) {
+        let text = p.stage + (p.total ? " " + p.done + "/" + p.total : "");
+        if (p.segments > 1) text = "segment " + p.segment + "/" + p.segments + ", " + text;
+        $("status").textContent = text;
+      }
+    } catch (e) {}  // a missed poll only delays the next update
+  }, 500);
   try {
-    const r = await fetch("/generate?" + query, {method: "POST", body: file});
+    const r = await fetch("/generate?" + query, {method: "POST", body: file, headers: {"X-Img2vid-Job": job}});
     if (!r.ok) throw new Error((await r.text()).trim() || r.statusText);
     const seed = r.headers.get("X-Img2vid-Seed"), fmt = query.get("format") || "mp4";
     const url = URL.createObjectURL(await r.blob());
@@ -109,7 +140,7 @@ $("f").addEventListener("submit", async (ev) => {
     $("status").textContent = "seed " + seed + ", " + ((performance.now() - start) / 1000).toFixed(1) + " s";
   } catch (e) {
     $("status").textContent = ""; $("error").textContent = String(e.message || e);
-  } finally { $("go").disabled = false; }
+  } finally { live = false; clearInterval(timer); $("go").disabled = false; }
 });
 </script></body></html>
 """
@@ -124,6 +155,37 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.pipe, self.model, self.max_body, self.quiet = pipe, model, max_body, quiet
         self.lock = threading.Lock()
+        # What /progress reports. The generating thread replaces `_state` whole, never edits it, and both fields
+        # change under `_state_lock`, so a reader always sees one report and the waiting count of that moment.
+        self._state_lock = threading.Lock()
+        self._state: dict[str, Any] = IDLE
+        self._waiting = 0
+
+    def progress(self) -> dict[str, Any]:
+        """/progress's JSON object (module docstring)."""
+        with self._state_lock:
+            return {**self._state, "waiting": self._waiting}
+
+    def run_generation(self, image: PIL.Image.Image, params: dict[str, Any], job: str | None) -> tuple[bytes, dict]:
+        """`generate` behind the lock, reporting to /progress; idle again when it ends, failed or not."""
+
+        def report(stage: str, done: int, total: int, segment: int, segments: int) -> None:
+            state = {"busy": True, "job": job, "stage": stage, "done": done, "total": total}
+            state.update(segment=segment, segments=segments)
+            with self._state_lock:
+                self._state = state
+
+        with self._state_lock:
+            self._waiting += 1
+        with self.lock:
+            with self._state_lock:
+                self._waiting -= 1
+                self._state = {"busy": True, "job": job}
+            try:
+                return generate(self.pipe, image, params, self.model, report)
+            finally:
+                with self._state_lock:
+                    self._state = IDLE
 
 
 def _decode_image(data: bytes) -> PIL.Image.Image:
@@ -165,8 +227,11 @@ def parse_params(query: str) -> dict[str, Any]:
     return params
 
 
-def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: str | None) -> tuple[bytes, dict]:
-    """One video, encoded, and the settings that reproduce it. The caller holds the pipeline lock."""
+def generate(
+    pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: str | None, report: Report | None = None
+) -> tuple[bytes, dict]:
+    """One video, encoded, and the settings that reproduce it. The caller holds the pipeline lock. report(stage,
+    done, total, segment, segments) is called from this thread as the work advances (module docstring, /progress)."""
     import torch
 
     from img2vid.longer import chain_segments, check_segments
@@ -200,11 +265,26 @@ def generate(pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: s
     seed = params["seed"] if "seed" in params else secrets.randbelow(2**32)
     generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
 
+    report = report or (lambda *a: None)
+    at = [1, segments]  # the segment running now: the pipeline's own reports do not know it
+
+    def start(k: int, n: int) -> None:  # before segment k of n; a report now covers its CLIP and VAE encoding
+        at[:] = [k, n]
+        report("denoise", 0, run["num_inference_steps"], k, n)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        report(stage, done, total, *at)
+
     def segment(im: Any) -> torch.Tensor:  # (F, 3, H, W); the one generator continues from segment to segment
-        return pipe(im, generator=generator, output_type="pt", progress=lambda *a: None, **run).frames[0]
+        return pipe(im, generator=generator, output_type="pt", progress=progress, **run).frames[0]
 
     # as the CLI: one segment is the plain call; a chain is (N*(F-1)+1, 3, H, W) frames on the CPU
-    video = segment(model_input) if segments == 1 else chain_segments(segment, model_input, segments)
+    if segments == 1:
+        start(1, 1)
+        video = segment(model_input)
+    else:
+        video = chain_segments(segment, model_input, segments, start)
+    report("export", 0, 0, segments, segments)  # encoding a long video to a file takes a while too
     info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, "segments": segments, **run}
     with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
         path = export_video(video, Path(tmp) / f"video.{params['format']}", fps=run["fps"], metadata=info)
@@ -239,8 +319,12 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             body = json.dumps({"ok": True, "model": self.server.model, "version": __version__}).encode()
             self._send(200, body, "application/json")
+        elif path == "/progress":
+            # no-store: a cached answer would freeze the page's progress display
+            body = json.dumps(self.server.progress()).encode()
+            self._send(200, body, "application/json", {"Cache-Control": "no-store"})
         else:
-            self._error(404, f"not found: {path} (try / or POST /generate)")
+            self._error(404, f"not found: {path} (try /, /health, /progress or POST /generate)")
 
     do_HEAD = do_GET
 
@@ -263,8 +347,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             params = parse_params(url.query)  # cheap checks first: a typo never waits for the lock
             image = _decode_image(data)
-            with self.server.lock:
-                video, info = generate(self.server.pipe, image, params, self.server.model)
+            job = (self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: it is echoed to all
+            video, info = self.server.run_generation(image, params, job)
         except InputError as e:
             self._error(400, str(e) or "bad request")
             return
