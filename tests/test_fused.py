@@ -74,6 +74,28 @@ def test_geglu_module_off_gpu_uses_the_plain_ops() -> None:
     torch.testing.assert_close(m(x), h * torch.nn.functional.gelu(gate))
 
 
+@pytest.mark.parametrize(
+    "capability, hip, kernels, tma",
+    [((7, 5), None, False, False), ((8, 0), None, True, False), ((8, 6), None, True, False),
+     ((9, 0), None, True, True), ((10, 0), None, True, True), ((9, 4), "6.2", False, False)],
+)  # fmt: skip
+def test_which_cards_run_the_kernels(monkeypatch: pytest.MonkeyPatch, capability, hip, kernels, tma) -> None:
+    # NVIDIA Ampere and later run the kernels, Hopper and later the GEGLU's too (TMA); older cards and ROCm builds
+    # (whose torch.cuda reports AMD capabilities) keep PyTorch's ops
+    monkeypatch.setattr(fused, "has_triton", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    device = torch.device("cuda", 0)
+    for gate in (fused._kernels_run_on, fused._tma_runs_on):
+        gate.cache_clear()
+    try:
+        assert fused._kernels_run_on(device) == kernels
+        assert fused._tma_runs_on(device) == tma
+    finally:  # the answers cached for this fake card must not outlive it
+        for gate in (fused._kernels_run_on, fused._tma_runs_on):
+            gate.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_op_on_a_gpu_without_tma_computes_the_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     # A card before Hopper (no TMA descriptors), simulated: the op falls back to the plain float16 ops, bit for bit,

@@ -75,9 +75,14 @@ TMA_MIN_CAPABILITY = (9, 0)
 
 @functools.cache
 def _kernels_run_on(device: torch.device) -> bool:
-    """Whether this CUDA device runs the kernels here: Triton present and an Ampere or later card. Once per device,
-    not once per call."""
-    return has_triton() and torch.cuda.get_device_capability(device) >= KERNELS_MIN_CAPABILITY
+    """Whether this CUDA device runs the kernels here: Triton present and an NVIDIA Ampere or later card (ROCm
+    builds answer torch.cuda too, with capabilities of their own: the kernels were never built nor checked on AMD
+    cards, which keep PyTorch's ops). Once per device, not once per call."""
+    return (
+        has_triton()
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(device) >= KERNELS_MIN_CAPABILITY
+    )
 
 
 @functools.cache
