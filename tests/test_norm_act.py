@@ -304,7 +304,7 @@ def test_time_mix_on_gpu(dtype: torch.dtype) -> None:
             want = mix_reference(alpha, spatial, x, u)
             upd = u.clone()
             with torch.no_grad():
-                runs = fused.has_triton() and torch.cuda.get_device_capability() >= fused.KERNELS_MIN_CAPABILITY
+                runs = fused._kernels_run_on(torch.device("cuda"))
                 assert norm_act.time_mix_supported(spatial, x, upd) == runs
                 got = mixer(spatial, x, upd)
             assert torch.equal(got, want)
