@@ -48,7 +48,7 @@ ap.add_argument(
     help="comma list: eager, compiled, low-memory, low-memory-nosplit; eager/compiled take the approximate options "
     "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them, and "
     "+unfused (the GEGLU projections without the fused kernel: an A/B of it) and +notma (the path of a card before "
-    "Hopper, which lacks TMA: the GEGLU op falls back to the plain ops, the other kernels run); any img2vid mode "
+    "Hopper, which lacks TMA: the GEGLU projections through the kernel that loads through pointers); any img2vid mode "
     "takes +segmentsN (a longer video: N chained segments, img2vid.longer; PSNR of its first segment); low-memory "
     "modes take +ffchunkN (forward chunks of N frames instead of enable_low_memory's)",
 )
@@ -368,10 +368,10 @@ def main() -> None:
         if "unfused" in options:  # A/B: the GEGLU projections as cuBLAS + a gating kernel (before session 5)
             unfuse_geglu(pipe.unet)
             note = f"{note}; GEGLU unfused".lstrip("; ")
-        # +notma: the path of a card before Hopper, every kernel but the GEGLU's (TMA) runs; this mode only
+        # +notma: the path of a card before Hopper (no TMA: the GEGLU kernel that loads through pointers); this mode
         fused._tma_runs_on = (lambda device: False) if "notma" in options else tma_runs_on
         if "notma" in options:
-            note = f"{note}; no TMA: GEGLU as the plain ops".lstrip("; ")
+            note = f"{note}; no TMA: the pointer-load GEGLU kernel".lstrip("; ")
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"

@@ -38,11 +38,15 @@ def test_kernel_matches_reference_under_interpreter() -> None:
             b = torch.randn(2 * n, dtype=torch.float64)
             exact = fused.geglu_reference(x, w, b)
             half = fused.geglu_reference(x.half(), w.half(), b.half()).double()
-            out = torch.full((m, n), float("nan"), dtype=torch.float16)
-            fused.launch_geglu(x.half(), w.half(), b.half(), out, tiles)
-            err = ((out.double() - exact).norm() / exact.norm()).item()
             ref_err = ((half - exact).norm() / exact.norm()).item()
-            print(m, k, n, err, ref_err, bool(torch.isfinite(out).all()))
+            # the TMA kernel (Hopper on), then the one that loads through pointers (Ampere, Ada) with its own tiles
+            # and with small ones (several K blocks, ragged last ones)
+            for launch, t in [(fused.launch_geglu, tiles), (fused.launch_geglu_loads, fused.LOAD_TILES),
+                              (fused.launch_geglu_loads, fused.Tiles(32, 16, 16, 4, 2, 1))]:  # fmt: skip
+                out = torch.full((m, n), float("nan"), dtype=torch.float16)
+                launch(x.half(), w.half(), b.half(), out, t)
+                err = ((out.double() - exact).norm() / exact.norm()).item()
+                print(m, k, n, err, ref_err, bool(torch.isfinite(out).all()))
         """
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -50,7 +54,7 @@ def test_kernel_matches_reference_under_interpreter() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.split("\n")
     rows = [line.split() for line in lines if line.strip()]
-    assert len(rows) == 5
+    assert len(rows) == 5 * 3
     for m, k, n, err, ref_err, finite in rows:
         assert finite == "True", (m, k, n)  # every output element written
         # The same function as the plain float16 ops: its error from the exact value is theirs, up to rounding.
@@ -97,15 +101,24 @@ def test_which_cards_run_the_kernels(monkeypatch: pytest.MonkeyPatch, capability
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_op_on_a_gpu_without_tma_computes_the_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A card before Hopper (no TMA descriptors), simulated: the op falls back to the plain float16 ops, bit for bit,
-    # while the kernels that need no TMA still run there (`_kernels_run_on`)
-    monkeypatch.setattr(fused, "_tma_runs_on", lambda device: False)
+@pytest.mark.parametrize("tma", [True, False])
+def test_op_on_a_gpu_matches_float64_as_the_plain_ops_do(monkeypatch: pytest.MonkeyPatch, tma: bool) -> None:
+    # The op on a GPU: the TMA kernel where the card has TMA (Hopper on), else (simulated on this card: an Ampere or
+    # Ada card's path) the kernel that loads through pointers. SVD's level widths, rows not a multiple of the tile.
+    if not tma:
+        monkeypatch.setattr(fused, "_tma_runs_on", lambda device: False)
     g = torch.Generator(device="cuda").manual_seed(0)
-    x, w, b = (torch.randn(s, generator=g, device="cuda").half() for s in ((300, 320), (2560, 320), (2560,)))
-    assert not fused.kernel_fits(x, w)
-    with torch.no_grad():
-        assert torch.equal(fused.geglu_linear_impl(x, w, b), fused.geglu_reference(x, w, b))
+    for k in (320, 640, 1280):
+        x = torch.randn(1000, k, generator=g, device="cuda", dtype=torch.float64)
+        w = torch.randn(8 * k, k, generator=g, device="cuda", dtype=torch.float64) / k**0.5
+        b = torch.randn(8 * k, generator=g, device="cuda", dtype=torch.float64)
+        assert fused.kernel_fits(x.half(), w.half()) == fused._kernels_run_on(x.device)
+        exact = fused.geglu_reference(x, w, b)
+        with torch.no_grad():
+            out = fused.geglu_linear_impl(x.half(), w.half(), b.half()).double()
+        half = fused.geglu_reference(x.half(), w.half(), b.half()).double()
+        err, ref_err = (((t - exact).norm() / exact.norm()).item() for t in (out, half))
+        assert err < 1e-3 and err < 1.5 * ref_err + 1e-4, (k, err, ref_err)
 
 
 # ---- the frame-attention kernel ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from conftest import needs_triton
 TARGETS = {80: 163 * 1024, 86: 99 * 1024}  # compute capability -> the most shared memory a block may have there
 KERNELS = {
     "gn_stats", "gn_finish", "gn_apply", "conv_epilogue_kernel", "gn_stats_nhwc", "gn_apply_nhwc",
-    "conv_epilogue_nhwc", "time_mix_kernel", "add_norm_kernel", "frame_attention_kernel",
+    "conv_epilogue_nhwc", "time_mix_kernel", "add_norm_kernel", "frame_attention_kernel", "geglu_loads_kernel",
 }  # fmt: skip
 
 SCRIPT = textwrap.dedent(
@@ -60,6 +60,9 @@ SCRIPT = textwrap.dedent(
         for c in (320, 640, 1280):
             x, w = torch.empty(256, c, dtype=h), torch.empty(c, dtype=h)
             add_norm.launch_add_norm(x, x, None, 1, False, w, w, 1e-5, torch.empty_like(x), torch.empty_like(x))
+        for c in (320, 640, 1280):  # the GEGLU projections of SVD's levels: (M, C) -> (M, 4C) through (8C, C)
+            x, w, b = torch.empty(256, c, dtype=h), torch.empty(8 * c, c, dtype=h), torch.empty(8 * c, dtype=h)
+            fused.launch_geglu_loads(x, w, b, torch.empty(256, 4 * c, dtype=h))
         for frames in (25, 14):
             q = torch.empty(2 * frames, 64, 320, dtype=h)
             fused.launch_frame_attention(q, q, q, torch.empty_like(q), 5, frames)

@@ -14,6 +14,10 @@ no faster in the compiled step than cuBLAS plus inductor's gating kernel, but 0.
 BLOCK_K) tile holds the h rows and the gate rows of the same columns, so each x tile feeds one wider matrix product
 instead of two narrow ones: 12-14% faster at every level (first level 2.31 -> 1.97 ms).
 
+Cards before Hopper have no TMA: there a second kernel loads its tiles through pointers, one tile per program, two
+products per tile (`launch_geglu_loads`). On an H100 that path took the eager step 0.393 s, against 0.369 s with the
+TMA kernel and 0.441 s with the plain ops (BENCHMARKS.md, runs 105 and 107); Ampere and Ada cards were not measured.
+
 Same function as the reference: h and gate are rounded to the input dtype before the gating, as cuBLAS' output is,
 and the gelu is the exact erf form (diffusers `GEGLU`). Triton is imported lazily: CPU-only installs of torch do not
 ship it, and they never reach these kernels (`geglu_supported`, `kernel_fits`). The tile shapes are fixed (picked from
@@ -105,14 +109,16 @@ def geglu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel runs here: Triton present, a Hopper or later card (TMA), and operands that TMA can address
-    (16-byte aligned rows). Otherwise the op computes the reference."""
+    """Whether a kernel runs here: Triton present, an NVIDIA Ampere or later card (`_kernels_run_on`: the TMA kernel
+    on Hopper and later, the one that loads through pointers before), and operands that TMA can address (16-byte
+    aligned rows; the same alignment lets the other kernel load 8 halves at a time). Otherwise the op computes the
+    reference."""
     k, n2 = x.shape[1], weight.shape[0]
     return (
         x.is_cuda
         and x.dtype == weight.dtype == torch.float16  # the dtype measured and checked (see geglu_supported)
         and x.shape[0] > 0
-        and _tma_runs_on(x.device)
+        and _kernels_run_on(x.device)
         and k % 8 == 0
         and n2 % 16 == 0
         and weight.is_contiguous()
@@ -141,7 +147,10 @@ def geglu_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor)
         return geglu_reference(x, weight, bias)
     x = x.contiguous()  # a fresh or whole tensor: TMA needs 16-byte aligned rows
     out = x.new_empty(x.shape[0], weight.shape[0] // 2)
-    launch_geglu(x, weight, bias.contiguous(), out, tiles_for(x.shape[1]))
+    if _tma_runs_on(x.device):
+        launch_geglu(x, weight, bias.contiguous(), out, tiles_for(x.shape[1]))
+    else:
+        launch_geglu_loads(x, weight, bias.contiguous(), out)
     return out
 
 
@@ -226,6 +235,76 @@ def _kernel() -> Any:
             out_desc.store([off_m, off_n], h * gelu)
 
     return geglu_kernel
+
+
+# Cards before Hopper (Ampere, Ada) have no TMA. There the kernel loads its tiles through pointers, and Triton
+# pipelines those loads (cp.async). One program per output tile (the persistent loop's gain was measured with TMA
+# only), and two products per x tile, h and gate, into two accumulators: the one-product form splits its wide
+# accumulator through shared memory, which Ampere's smaller shared memory (99 KB a block on sm_86) cannot spare
+# beside a deep pipeline. These tiles were not swept on such a card (none here): they keep each stage at 16 KB and
+# the kernel at 48 KB of shared memory (tests/test_kernel_targets.py builds it for sm_80 and sm_86). Both kernels
+# add the same 16-deep products into one float32 accumulator in the same order: on an H100 their videos were
+# identical (run 107).
+LOAD_TILES = Tiles(128, 64, 32, 4, 4, 1)  # per_sm unused: one program per tile
+
+
+def launch_geglu_loads(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, tiles: Tiles = LOAD_TILES
+) -> None:
+    """`launch_geglu` for cards without TMA: the same function, its tiles loaded through pointers; x, weight and out
+    contiguous. Also runs under Triton's CPU interpreter."""
+    m, k = x.shape
+    n = out.shape[1]
+    grid = (triton_cdiv(m, tiles.block_m) * triton_cdiv(n, tiles.block_n),)
+    _load_kernel()[grid](
+        x, weight, bias, out, m, n, k,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+
+
+@functools.cache
+def _load_kernel() -> Any:
+    """The jitted pointer-load GEGLU kernel, built on first use (as `_kernel`)."""
+    import triton
+    import triton.language as tl
+
+    # The row count changes with the level and the video: one build per (N, K) serves them all
+    @triton.jit(do_not_specialize=["M"])
+    def geglu_loads_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr, M, N, K,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid = tl.program_id(0)
+        # Column tiles vary fastest: the programs working on one row tile of x at a time read it from L2.
+        rows = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        depth = tl.arange(0, BLOCK_K)
+        row_ok, col_ok = rows < M, cols < N
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * K  # (BLOCK_M, 1): M * K may pass 2**31
+        h_rows = w_ptr + cols[:, None] * K  # (BLOCK_N, 1): W's rows of h, then those of gate N rows further
+        g_rows = w_ptr + (cols + N)[:, None] * K
+        acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + depth < K)[None, :]
+            xt = tl.load(x_rows + k0 + depth[None, :], mask=row_ok[:, None] & k_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
+            wh = tl.load(h_rows + k0 + depth[None, :], mask=col_ok[:, None] & k_ok, other=0.0)  # (BLOCK_N, BLOCK_K)
+            wg = tl.load(g_rows + k0 + depth[None, :], mask=col_ok[:, None] & k_ok, other=0.0)
+            acc_h = tl.dot(xt, wh.T, acc_h)
+            acc_g = tl.dot(xt, wg.T, acc_g)
+        dtype = out_ptr.dtype.element_ty
+        bh = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        bg = tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
+        # the TMA kernel's epilogue: h and gate rounded as cuBLAS' output is, the exact erf gelu, one rounded product
+        h = (acc_h + bh[None, :]).to(dtype)
+        g = (acc_g + bg[None, :]).to(dtype).to(tl.float32)
+        gelu = (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(dtype)
+        out = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out, h * gelu, mask=row_ok[:, None] & col_ok[None, :])
+
+    return geglu_loads_kernel
 
 
 # ---- attention along the frame axis ------------------------------------------------------------------------------
