@@ -10,7 +10,7 @@
    (M tokens = 2 guidance halves x 25 frames x pixels), for a sweep of tile shapes. Relative errors are against the
    same maths in float32.
 2. Attention along the frame axis (the temporal blocks, frame-major q, k, v): SDPA's memory-efficient kernel on
-   strided views (`layers.frame_attention_sdpa`) against img2vid's Triton kernel (`fused.frame_attention`), both
+   strided views (`layers.frame_attention_sdpa`) against img2vid's Triton kernel (`frame_kernel.frame_attention`), both
    compiled; errors against float64.
 3. The VAE mid block's single 512-wide head over a 72x128 latent frame, 8 frames (a decode chunk): SDPA (its
    memory-efficient kernel: flash and cuDNN stop at head dim 256) against `layers.wide_head_attention` compiled
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_utils import median_event_ms, rel  # noqa: E402
 
-from img2vid import add_norm, fused, layers  # noqa: E402
+from img2vid import add_norm, frame_kernel, fused, layers  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--tiny", action="store_true")
@@ -131,7 +131,7 @@ def attention_rows() -> None:
         gb = 4 * q.numel() * q.element_size() / 1e9  # q, k, v read and the output written once
         # SDPA's memory-efficient kernel on strided views (before session 9), and the Triton kernel (fused.py;
         # on the CPU the op falls back to the SDPA path)
-        for label, fn in (("sdpa path", layers.frame_attention_sdpa), ("frame kernel", fused.frame_attention)):
+        for label, fn in (("sdpa path", layers.frame_attention_sdpa), ("frame kernel", frame_kernel.frame_attention)):
             cfn = torch.compile(fn, fullgraph=True, dynamic=False) if DEV.type == "cuda" else fn
             out = cfn(q, k, v, heads, frames)
             ms = median_ms(partial(cfn, q, k, v, heads, frames), 20)

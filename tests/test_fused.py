@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import needs_triton
 
-from img2vid import fused
+from img2vid import frame_kernel, fused
 from img2vid.unet_transformer import GEGLU
 
 
@@ -132,10 +132,10 @@ def test_frame_kernel_matches_float64_under_interpreter() -> None:
         """
         import torch
         import torch.nn.functional as F
-        from img2vid import fused
+        from img2vid import frame_kernel
         torch.manual_seed(0)
         for b, f, n, heads, d, per, warps in [
-            (2, 25, 6, 2, 64, fused.FRAME_PAIRS_PER_PROGRAM, fused.FRAME_WARPS),
+            (2, 25, 6, 2, 64, frame_kernel.FRAME_PAIRS_PER_PROGRAM, frame_kernel.FRAME_WARPS),
             (2, 14, 13, 3, 32, 4, 4),
             (1, 3, 5, 1, 128, 2, 2),
             (2, 25, 7, 1, 64, 4, 4),
@@ -150,7 +150,7 @@ def test_frame_kernel_matches_float64_under_interpreter() -> None:
             # what torch computes from the same half inputs in float32, rounded once: the bar to meet
             bar = frames_view(F.scaled_dot_product_attention(*(heads_view(t.float()) for t in (q16, k16, v16)))).half()
             out = torch.full_like(q16, float("nan"))
-            fused.launch_frame_attention(q16, k16, v16, out, heads, f, per, warps)
+            frame_kernel.launch_frame_attention(q16, k16, v16, out, heads, f, per, warps)
             err = ((out.double() - exact).norm() / exact.norm()).item()
             bar_err = ((bar.double() - exact).norm() / exact.norm()).item()
             print(b, f, n, heads, d, err, bar_err, bool(torch.isfinite(out).all()))
@@ -171,12 +171,12 @@ def test_frame_attention_op_runs_sdpa_where_the_kernel_cannot() -> None:
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2 * 5, 6, 2 * 8) for _ in range(3))  # 2 videos of 5 frames, 6 pixels, 2 heads of 8
-    assert not fused.frame_attention_supported(q, k, v, 2)  # a CPU tensor: layers keeps SDPA itself
-    assert not fused.frame_kernel_fits(q, k, v, 5)
-    out = fused.frame_attention(q, k, v, 2, 5)
+    assert not frame_kernel.frame_attention_supported(q, k, v, 2)  # a CPU tensor: layers keeps SDPA itself
+    assert not frame_kernel.frame_kernel_fits(q, k, v, 5)
+    out = frame_kernel.frame_attention(q, k, v, 2, 5)
     torch.testing.assert_close(out, layers.frame_attention_sdpa(q, k, v, 2, 5))
     assert out.is_contiguous()
-    torch.library.opcheck(fused.frame_attention, (q, k, v, 2, 5))
+    torch.library.opcheck(frame_kernel.frame_attention, (q, k, v, 2, 5))
 
 
 def test_layers_frame_attention_dispatches_to_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,7 +186,7 @@ def test_layers_frame_attention_dispatches_to_the_op(monkeypatch: pytest.MonkeyP
     from img2vid import layers
 
     calls = []
-    real_impl, real_op = fused.frame_attention_impl, fused.frame_attention
+    real_impl, real_op = frame_kernel.frame_attention_impl, frame_kernel.frame_attention
 
     def spy(kind, fn):
         def call(*args):
@@ -198,14 +198,14 @@ def test_layers_frame_attention_dispatches_to_the_op(monkeypatch: pytest.MonkeyP
     torch.manual_seed(0)
     q, k, v = (torch.randn(2 * 3, 4, 2 * 8) for _ in range(3))
     expected = layers.frame_attention_sdpa(q, k, v, 2, 3)
-    monkeypatch.setattr(fused, "frame_attention_supported", lambda *a: True)
-    monkeypatch.setattr(fused, "frame_attention_impl", spy("impl", real_impl))
-    monkeypatch.setattr(fused, "frame_attention", spy("op", real_op))
+    monkeypatch.setattr(frame_kernel, "frame_attention_supported", lambda *a: True)
+    monkeypatch.setattr(frame_kernel, "frame_attention_impl", spy("impl", real_impl))
+    monkeypatch.setattr(frame_kernel, "frame_attention", spy("op", real_op))
     torch.testing.assert_close(layers.frame_attention(q, k, v, 2, 3), expected)  # autograd on: the op
     with torch.no_grad():
         torch.testing.assert_close(layers.frame_attention(q, k, v, 2, 3), expected)
     assert calls == [("op", 2, 3), ("impl", 2, 3)]
-    monkeypatch.setattr(fused, "frame_attention_impl", real_impl)
-    monkeypatch.setattr(fused, "frame_attention", real_op)
+    monkeypatch.setattr(frame_kernel, "frame_attention_impl", real_impl)
+    monkeypatch.setattr(frame_kernel, "frame_attention", real_op)
     compiled = torch.compile(layers.frame_attention, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(q, k, v, 2, 3), expected)

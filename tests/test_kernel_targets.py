@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from img2vid import add_norm, fused, norm_act
+    from img2vid import add_norm, frame_kernel, fused, norm_act
 
     class NoDevice:  # what JITFunction.run asks of the driver before it compiles
         def get_current_device(self):
@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(
             fused.launch_geglu_loads(x, w, b, torch.empty(256, 4 * c, dtype=h))
         for frames in (25, 14):
             q = torch.empty(2 * frames, 64, 320, dtype=h)
-            fused.launch_frame_attention(q, q, q, torch.empty_like(q), 5, frames)
+            frame_kernel.launch_frame_attention(q, q, q, torch.empty_like(q), 5, frames)
     for fn, req in requests.values():
         options = {k: req[k] for k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")}
         for cap in (80, 86):

@@ -173,12 +173,12 @@ def test_keyed_on_the_weights_layout(tmp_path):
 
 def custom_ops(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     """img2vid's custom ops as a compiled step calls them on a GPU (here each computes its fallback inside)."""
-    from img2vid import add_norm, fused
+    from img2vid import add_norm, frame_kernel, fused
 
     h = fused.geglu_linear(x, w, b)  # (6*4, 8) -> (24, 16)
     s, n = add_norm.add_layer_norm(h, h * 0.5, vec, 4, False, b[:16], b[16:], 1e-5)  # vec (3, 16): one per 4 rows
     q = n.view(6, 4, 16)  # 2 videos of 3 frames, 4 tokens, 2 heads of 8
-    return fused.frame_attention(q, q, s.view(6, 4, 16), 2, 3) + add_norm.layer_norm_rows(
+    return frame_kernel.frame_attention(q, q, s.view(6, 4, 16), 2, 3) + add_norm.layer_norm_rows(
         s, vec[:1], b[:16], b[16:], 1e-5
     ).view(6, 4, 16)
 

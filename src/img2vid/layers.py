@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from img2vid import fused, norm_act
+from img2vid import frame_kernel, fused, norm_act
 
 SHORT_KEYS = 64  # key sequences up to this length go to the memory-efficient kernel on CUDA (see attention)
 MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis and the heads on y, which CUDA caps here
@@ -46,10 +46,10 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     (B, F, N*heads, D), each (pixel, head) pair is one attention head of an F-long sequence, and the kernels read
     it in place through the strides: no transposing copy in or out (two full-size copies per temporal block).
 
-    On an Ampere or later GPU in float16 this is img2vid's Triton kernel (`fused.frame_attention`, 2.5x PyTorch's
+    On an Ampere or later GPU in float16 this is img2vid's Triton kernel (`frame_kernel.frame_attention`, 2.5x PyTorch's
     memory-efficient kernel here); elsewhere `frame_attention_sdpa`."""
-    if fused.frame_attention_supported(q, k, v, heads):
-        op = fused.frame_attention_impl if fused.direct_calls() else fused.frame_attention
+    if frame_kernel.frame_attention_supported(q, k, v, heads):
+        op = frame_kernel.frame_attention_impl if fused.direct_calls() else frame_kernel.frame_attention
         return op(q, k, v, heads, frames)
     return frame_attention_sdpa(q, k, v, heads, frames)
 
