@@ -330,6 +330,27 @@ def test_export_to_video_float_frames(tmp_path: Path) -> None:
         assert container.streams.video[0].codec_context.name == "h264"
 
 
+def test_export_to_video_takes_tensors_and_arrays(tmp_path: Path) -> None:
+    """Beyond diffusers' lists: (F, 3, H, W) tensors as output_type="pt" and img2vid.longer return them (rounded to
+    bytes like the pipeline's PIL frames), lists of (3, H, W) tensors, and a (F, H, W, 3) array; anything else is
+    a one-line InputError."""
+    frames = _frames()  # (F, H, W, 3) uint8
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W) in [0, 1]
+    crf0 = dict(quality=10.0)  # crf 0 (lossless x264; yuv420p still rounds colours a little)
+    for name, given in {"t": video, "list": list(video), "array": frames.astype(np.float32) / 255}.items():
+        decoded, _ = read_video(export_to_video(given, str(tmp_path / f"{name}.mp4"), fps=7, **crf0))
+        assert decoded.shape == (F, H, W, 3), name
+        assert np.abs(decoded.astype(np.float32) - frames).mean() <= 4, name
+    for bad, needle in [
+        ("frames.png", "list of frames"),
+        ([1, 2], "numpy arrays, PIL images or tensors"),
+        ([], "no frames"),
+    ]:
+        with pytest.raises(InputError, match=needle):
+            export_to_video(bad, str(tmp_path / "bad.mp4"))
+    assert not (tmp_path / "bad.mp4").exists()
+
+
 def test_export_to_video_defaults_and_macro_blocks(tmp_path: Path) -> None:
     images = [PIL.Image.fromarray(f) for f in _frames(height=64, width=90)]
     with pytest.warns(UserWarning, match="macro_block_size=16"):

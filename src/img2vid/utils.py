@@ -12,13 +12,14 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from img2vid.images import InputError, _fetch_url, _is_url, _open_decoded
-from img2vid.video import FORMATS, export_video
+from img2vid.images import InputError, _fetch_url, _is_url, _open_decoded, is_tensor
+from img2vid.video import FORMATS, export_video, to_uint8_frames
 
 __all__ = ["load_image", "export_to_video"]
 
@@ -78,7 +79,7 @@ def _to_macro_blocks(frames: list[np.ndarray], block: int) -> list[np.ndarray]:
 
 
 def export_to_video(
-    video_frames: list[np.ndarray] | list[PIL.Image.Image],
+    video_frames: list[np.ndarray] | list[PIL.Image.Image] | np.ndarray | Any,
     output_video_path: str | None = None,
     fps: int = 10,
     quality: float = 5.0,
@@ -90,9 +91,22 @@ def export_to_video(
     quality 0..10 maps to x264 crf int((1 - quality / 10) * 51) as imageio-ffmpeg does (5 -> crf 25); a bitrate
     (bit/s) replaces it. Sizes not divisible by macro_block_size are scaled up to the next multiple (None or 1:
     off). Without a path a temporary .mp4 is created. Returns the path.
+
+    Beyond diffusers: a (F, H, W, 3) array, and torch tensors, as `output_type="pt"` and `img2vid.longer` return
+    frames ((F, 3, H, W) floats in [0, 1], or a list of (3, H, W)); tensors are rounded to bytes as the pipeline's
+    PIL output is (`video.to_uint8_frames`), not truncated as diffusers' float arrays are.
     """
+    if is_tensor(video_frames) or (isinstance(video_frames, (list, tuple)) and any(map(is_tensor, video_frames))):
+        video_frames = list(to_uint8_frames(video_frames))  # F x (H, W, 3) uint8
+    elif isinstance(video_frames, np.ndarray) and video_frames.ndim == 4:
+        video_frames = list(video_frames)  # (F, H, W, 3) -> F x (H, W, 3), what iterating it gives diffusers
+    if not isinstance(video_frames, (list, tuple)):
+        raise InputError(f"export_to_video takes a list of frames, got {type(video_frames).__name__}")
     if not video_frames:
         raise InputError("export_to_video got no frames")
+    if not all(isinstance(f, (np.ndarray, PIL.Image.Image)) for f in video_frames):
+        kinds = sorted({type(f).__name__ for f in video_frames})
+        raise InputError(f"export_to_video takes numpy arrays, PIL images or tensors as frames, got {kinds}")
     if quality is not None and not 0 <= quality <= 10:
         raise InputError(f"quality must be in 0..10, got {quality}")
     frames = [_diffusers_uint8(f) for f in video_frames]
