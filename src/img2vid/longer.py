@@ -1,4 +1,4 @@
-"""Longer videos than the model's 14 or 25 frames, by chaining segments (what ComfyUI "extend" workflows do).
+"""Longer videos than the model's 14 or 25 frames, by chaining segments, each started from the last frame before.
 
 SVD was trained on a fixed number of frames, so asking one call for many more leaves what it learned. Chaining
 stays inside it: generate a segment, condition the next one on that segment's LAST frame, and so on. SVD's first
