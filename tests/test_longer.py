@@ -71,6 +71,14 @@ def test_each_segment_leaves_the_device_before_the_next_starts(monkeypatch):
     assert events == [("segment",), ("to_host", 4)] * 3
 
 
+def test_one_segment_is_returned_uncopied(monkeypatch):
+    # One segment is the plain video: returned where the segment left it (an export rounds GPU frames there)
+    events = []
+    monkeypatch.setattr(img2vid.longer, "to_host", lambda t: events.append("to_host") or t)
+    fake = FakeSegment(4)
+    assert chain_segments(fake, "x.png", 1) is fake.outputs[0] and events == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_segments_come_back_on_the_cpu():
     fake = FakeSegment(3, torch.float16)

@@ -138,20 +138,19 @@ def sample_video(pipe: Any, image: Any, generator: Any, params: dict, segments: 
         "denoise": params["num_inference_steps"],
         "decode": -(-params["num_frames"] // params["decode_chunk_size"]),
     }
-    # The current segment's (update, close); a bar shows once opened, so a chain opens its own per segment
-    bars = [progress_bars(quiet, label, totals)] if segments == 1 else []
+    # The current segment's (update, close); a bar shows once opened, so each segment opens its own
+    bars: list[tuple[Callable[..., None], Callable[[], None]]] = []
 
-    def next_bars(k: int, n: int) -> None:  # before segment k of n: its own bars, labelled "rocket 2/3"
+    def next_bars(k: int, n: int) -> None:  # before segment k of n: its own bars, labelled "rocket 2/3" in a chain
         for _, close in bars:
             close()
-        bars[:] = [progress_bars(quiet, f"{label} {k}/{n}", totals)]
+        bars[:] = [progress_bars(quiet, label if n == 1 else f"{label} {k}/{n}", totals)]
 
     def segment(im: Any) -> Any:
         return pipe(im, generator=generator, output_type="pt", progress=bars[-1][0], **params).frames[0]
 
     try:
-        # one segment: exactly the plain call, its frames left where the pipeline put them
-        return segment(image) if segments == 1 else chain_segments(segment, image, segments, next_bars)
+        return chain_segments(segment, image, segments, next_bars)  # one segment: the plain call's frames
     finally:
         for _, close in bars:
             close()

@@ -48,7 +48,9 @@ def chain_segments(
     segment(image) returns one segment's (F, 3, H, W) frames in [0, 1], on any device and float dtype; segment 1
     gets `image`, segment k > 1 the last frame of segment k-1 as a (3, H, W) float32 CPU tensor in [0, 1] (an image
     the pipeline accepts as it is). on_segment(k, n) is called before segment k starts (k = 1..n), e.g. to label
-    progress bars. The result has the dtype `segment` returned.
+    progress bars. The result has the dtype `segment` returned. One segment is returned where `segment` left it,
+    uncopied: it is the plain video, and no later segment needs its memory (an export rounds GPU frames to bytes
+    on the GPU, a quarter of the bytes to copy).
     """
     check_segments(segments)
     parts: list[torch.Tensor] = []  # each (F or F-1, 3, H, W), on the CPU
@@ -63,6 +65,8 @@ def chain_segments(
         if parts and frames.shape[1:] != parts[0].shape[1:]:
             raise InputError(f"segment {k} has frames of {tuple(frames.shape[1:])}, not {tuple(parts[0].shape[1:])}")
         check_segments(segments, len(frames))  # F is known only now, from the first segment
+        if segments == 1:
+            return frames
         # To the CPU as soon as it is done: N segments on the GPU would hold N times a segment's memory
         frames = to_host(frames)
         # A copy: a segment that edits its input in place must not change frames already in the video

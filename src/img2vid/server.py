@@ -278,12 +278,8 @@ def generate(
     def segment(im: Any) -> torch.Tensor:  # (F, 3, H, W); the one generator continues from segment to segment
         return pipe(im, generator=generator, output_type="pt", progress=progress, **run).frames[0]
 
-    # as the CLI: one segment is the plain call; a chain is (N*(F-1)+1, 3, H, W) frames on the CPU
-    if segments == 1:
-        start(1, 1)
-        video = segment(model_input)
-    else:
-        video = chain_segments(segment, model_input, segments, start)
+    # as the CLI: one segment is the plain call's frames; a chain is (N*(F-1)+1, 3, H, W) frames on the CPU
+    video = chain_segments(segment, model_input, segments, start)
     report("export", 0, 0, segments, segments)  # encoding a long video to a file takes a while too
     info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, "segments": segments, **run}
     with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
