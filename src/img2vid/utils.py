@@ -10,9 +10,9 @@ import io
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
@@ -20,6 +20,9 @@ import PIL.ImageOps
 
 from img2vid.images import InputError, _fetch_url, _is_url, _open_decoded, is_tensor
 from img2vid.video import FORMATS, export_video, to_uint8_frames
+
+if TYPE_CHECKING:  # annotations only: importing utils must not import torch
+    import torch
 
 __all__ = ["load_image", "export_to_video"]
 
@@ -79,7 +82,7 @@ def _to_macro_blocks(frames: list[np.ndarray], block: int) -> list[np.ndarray]:
 
 
 def export_to_video(
-    video_frames: list[np.ndarray] | list[PIL.Image.Image] | np.ndarray | Any,
+    video_frames: Sequence[np.ndarray | PIL.Image.Image | torch.Tensor] | np.ndarray | torch.Tensor,
     output_video_path: str | None = None,
     fps: int = 10,
     quality: float = 5.0,
