@@ -57,6 +57,9 @@ SCRIPT = textwrap.dedent(
                 norm_act.conv_epilogue(x, torch.empty(c, dtype=h), torch.empty_like(x))
         t = torch.empty(2, 320, 72, 128, dtype=h)
         norm_act.time_mix(torch.empty((), dtype=h), torch.empty((), dtype=h), t, t, torch.empty_like(t))
+        for fmt in (torch.contiguous_format, torch.channels_last):  # with the temporal conv's bias, either layout
+            t = torch.empty(2, 320, 72, 128, dtype=h).contiguous(memory_format=fmt)
+            norm_act.time_mix(torch.empty((), dtype=h), torch.empty((), dtype=h), t, t, t, torch.empty(320, dtype=h))
         for c in (320, 640, 1280):
             x, w = torch.empty(256, c, dtype=h), torch.empty(c, dtype=h)
             add_norm.launch_add_norm(x, x, None, 1, False, w, w, 1e-5, torch.empty_like(x), torch.empty_like(x))

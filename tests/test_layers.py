@@ -257,3 +257,37 @@ def test_compiled_spatial_self_attention_matches_eager() -> None:
         want = layers.with_bias(*attn(x))
         got = layers.with_bias(*torch.compile(attn, fullgraph=True, dynamic=False)(x))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_upsample_nearest_is_interpolate(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The broadcast copy of channels-last inputs gives F.interpolate's values and a channels-last result; the cases
+    # it does not take (NCHW, a size other than 2x, channels that are not whole 8-byte words, an unaligned view)
+    # go to F.interpolate itself
+    from img2vid.layers import upsample_nearest
+
+    g = torch.Generator().manual_seed(0)
+    last = torch.channels_last
+    base = torch.randn(3, 16, 5, 7, generator=g).to(dtype)
+    odd = torch.randn(2, 3, 4, 6, generator=g).to(dtype).contiguous(memory_format=last)  # 3 channels: 6 or 12 bytes
+    # a channels-last view at an odd element offset: its first channel starts mid-word
+    unaligned = torch.randn(2, 4, 5, 17, generator=g).to(dtype).permute(0, 3, 1, 2)[:, 1:]  # (N, 16, 4, 5)
+    cases = [
+        (base.contiguous(memory_format=last), (10, 14), True),
+        (base, (10, 14), False),
+        (base.contiguous(memory_format=last), (11, 14), False),
+        (odd, (8, 12), False),
+        (unaligned, (8, 10), False),
+    ]
+    interpolate = F.interpolate
+    calls: list[int] = []
+    for x, size, copied in cases:
+        want = interpolate(x, size=size, mode="nearest")
+        calls.clear()
+        monkeypatch.setattr(layers.F, "interpolate", lambda *a, **k: calls.append(1) or interpolate(*a, **k))
+        got = upsample_nearest(x, size)
+        monkeypatch.undo()
+        assert torch.equal(got, want), (x.shape, size)
+        assert bool(calls) != copied, (x.shape, size)
+        if copied:
+            assert got.is_contiguous(memory_format=last) and not got.is_contiguous()

@@ -163,6 +163,45 @@ def test_time_mix_under_interpreter() -> None:
         assert exact == "True" and in_place == "True" and mixed == "True", n
 
 
+def mix_reference_bias(alpha: torch.Tensor, spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor, bias):
+    """The reference after a conv whose bias PyTorch adds in an op of its own: the add rounded, then the mixer."""
+    return mix_reference(alpha, spatial, x, update + bias.view(-1, *(1,) * (update.dim() - 2)))
+
+
+@needs_triton
+def test_time_mix_with_bias_under_interpreter() -> None:
+    # The temporal conv's bias (C,) added in the same pass, rounded as PyTorch's separate add rounds it: the channel
+    # of an element in NCHW (4-D and 3-D) and channels-last memory, channel counts that do not divide the block
+    script = textwrap.dedent(
+        """
+        import torch
+        from img2vid import norm_act
+        from tests.test_norm_act import mix_reference_bias
+        norm_act.MIX_BLOCK = 64
+        torch.manual_seed(0)
+        for shape, last, half, same in [((2, 3, 5, 7), 0, 1, 1), ((2, 3, 5, 7), 1, 1, 0), ((3, 6, 4, 5), 1, 0, 1),
+                                        ((4, 5, 9), 0, 0, 0), ((2, 12, 3, 3), 1, 1, 1)]:
+            dt = torch.float16 if half else torch.float32
+            alpha = torch.sigmoid(torch.randn(1)).to(dt)
+            x, u, s = (torch.randn(shape).to(dt) * k for k in (4, 1, 4))
+            bias = torch.randn(shape[1]).to(dt) * 2
+            if last:
+                x, u, s = (t.contiguous(memory_format=torch.channels_last) for t in (x, u, s))
+            s = x if same else s
+            want = mix_reference_bias(alpha, s, x, u, bias)
+            upd = u.clone()
+            out = norm_act.time_mix(alpha, 1.0 - alpha, s, x, upd, bias)
+            unbiased = norm_act.time_mix(alpha, 1.0 - alpha, s, x, u.clone())
+            biased = bool((out != unbiased).any())
+            print(len(shape), last, torch.equal(out, want), out.data_ptr() == upd.data_ptr(), biased)
+        """
+    )
+    rows = interpreted(script)
+    assert len(rows) == 5
+    for dims, last, exact, in_place, biased in rows:
+        assert exact == "True" and in_place == "True" and biased == "True", (dims, last)
+
+
 def test_time_mixer_off_gpu() -> None:
     # The module's fallback is the reference's expression; the kernel is for CUDA
     from img2vid.unet_blocks import TimeMixer
@@ -177,6 +216,8 @@ def test_time_mixer_off_gpu() -> None:
     with torch.no_grad():
         assert torch.equal(mixer(s, x, u), mix_reference(alpha, s, x, u))
         assert torch.equal(mixer(x, x, u), mix_reference(alpha, x, x, u))
+        bias = torch.randn(2)  # the temporal conv's bias, left to the mixer: added per channel (dim 1) first
+        assert torch.equal(mixer(x, x, u, bias), mix_reference_bias(alpha, x, x, u, bias))
 
 
 @pytest.mark.parametrize("shortcut", [False, True])
@@ -300,11 +341,12 @@ def test_time_mix_on_gpu(dtype: torch.dtype) -> None:
                        ((10, 64, 9, 16), torch.channels_last)]:  # fmt: skip
         s, x, u = (torch.randn(shape, generator=g, device="cuda").to(dtype) for _ in range(3))
         s, x, u = (t.contiguous(memory_format=fmt) for t in (s, x, u))
-        for spatial in (s, x):
-            want = mix_reference(alpha, spatial, x, u)
+        bias = torch.randn(shape[1], generator=g, device="cuda").to(dtype)
+        for spatial, b in [(s, None), (x, None), (x, bias), (s, bias)]:
+            want = mix_reference(alpha, spatial, x, u) if b is None else mix_reference_bias(alpha, spatial, x, u, b)
             upd = u.clone()
             with torch.no_grad():
                 runs = fused._kernels_run_on(torch.device("cuda"))
-                assert norm_act.time_mix_supported(spatial, x, upd) == runs
-                got = mixer(spatial, x, upd)
+                assert norm_act.time_mix_supported(spatial, x, upd, b) == runs
+                got = mixer(spatial, x, upd, b)
             assert torch.equal(got, want)

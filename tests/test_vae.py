@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 
 from img2vid.configs import VAEConfig, vae_from_diffusers
-from img2vid.vae import VAE, ResnetBlock2D
+from img2vid.vae import VAE, ResnetBlock2D, Upsample2D
 
 # Reference constructor kwargs. Temporal: the brief's two shapes plus layers_per_block 3 (the mid block's zip quirk)
 # with another latent width; 2D: different norm_num_groups too.
@@ -227,7 +227,7 @@ def test_forward_hooks_see_every_heavy_layer(temporal: bool, chunk: int | None) 
     forward run, or be a ModuleList/ModuleDict container (whose layers are hooked instead), or be a tiny parameter
     holder read by its parent (the blend logit, the temporal GroupNorms that video_group_norm reads, the temporal
     convs that temporal_conv reads as matrices, the resnets' convs that layers.conv2d reads without their biases:
-    their parent's forward runs, so its hook sees them)."""
+    their parent's forward runs, so its hook sees them; the upsamplers' convs, likewise)."""
     model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=2, temporal_decoder=temporal)).eval()
     model.spatial_frame_chunk = chunk  # slices (and upsamplers run inside them) still go through each forward
     ran: set[str] = set()
@@ -246,9 +246,10 @@ def test_forward_hooks_see_every_heavy_layer(temporal: bool, chunk: int | None) 
         parent, leaf = n.rsplit(".", 1)
         if isinstance(model.get_submodule(n), torch.nn.Conv3d):
             assert parent.endswith("temporal_res_block") and parent in ran
-        if isinstance(model.get_submodule(n), torch.nn.Conv2d):  # a resnet's convs, read by layers.conv2d
-            assert isinstance(model.get_submodule(parent), ResnetBlock2D) and parent in ran, n
-            assert leaf in ResnetBlock2D.weights_read_here, n
+        if isinstance(model.get_submodule(n), torch.nn.Conv2d):  # a resnet's or upsampler's convs, layers.conv2d's
+            owner = model.get_submodule(parent)
+            assert isinstance(owner, (ResnetBlock2D, Upsample2D)) and parent in ran, n
+            assert leaf in owner.weights_read_here, n
     assert ("AlphaBlender" in silent) == temporal
 
 

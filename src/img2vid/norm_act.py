@@ -179,28 +179,57 @@ def epilogue_supported(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.T
 
 
 def time_mix(
-    alpha: torch.Tensor, beta: torch.Tensor, spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    spatial: torch.Tensor,
+    x: torch.Tensor,
+    update: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """alpha * spatial + beta * (x + update), elementwise over tensors of one shape and one dense layout (`spatial`
-    may be `x` itself), alpha and beta one-element tensors of their dtype; written over `update` (dead after the
-    call) and returned. Each op is rounded to the tensors' dtype as the reference's four kernels round it (x +
-    update, the two products, the sum), so the result is the reference's bit for bit: one pass (three tensors
-    read, one written) instead of four (nine)."""
+    """alpha * spatial + beta * (x + (update + bias)), elementwise over tensors of one shape and one dense layout
+    (`spatial` may be `x` itself), alpha and beta one-element tensors of their dtype, bias (C,) per channel (dim 1)
+    or None; written over `update` (dead after the call) and returned. Each op is rounded to the tensors' dtype as
+    the reference's kernels round it (the conv's bias add, x + update, the two products, the sum), so the result is
+    the reference's bit for bit: one pass (three tensors read, one written) instead of four or five (nine or
+    eleven)."""
     n = update.numel()
+    c = 1 if bias is None else update.shape[1]
+    last = update.dim() == 4 and not update.is_contiguous()  # channels-last: the channel varies fastest
+    # The layout as compile-time constants, so that the channel of an element is a division by a constant
+    pixels = 1 if bias is None or last else math.prod(update.shape[2:])
     _mix_kernel()[(fused.triton_cdiv(n, MIX_BLOCK),)](
-        spatial, x, update, alpha, beta, n, SAME=spatial is x, BLOCK=MIX_BLOCK, num_warps=WARPS,
+        spatial, x, update, alpha, beta, update if bias is None else bias, n,
+        C=c, P=pixels, CHANNELS_LAST=last, INDEX32=n < 2**31, SAME=spatial is x, HAS_BIAS=bias is not None,
+        BLOCK=MIX_BLOCK,
+        num_warps=WARPS,
         enable_fp_fusion=False,  # else Triton drops the roundings between the ops and fuses them (run 87)
     )  # fmt: skip
     return update
 
 
-def time_mix_supported(spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor) -> bool:
+def time_mix_runs_on(t: torch.Tensor) -> bool:
+    """Whether `time_mix` can run on tensors like t (its device and dtype), before t's layout is known."""
+    return _kernel_tensor(t) and not torch.is_grad_enabled()
+
+
+def time_mix_supported(
+    spatial: torch.Tensor, x: torch.Tensor, update: torch.Tensor, bias: torch.Tensor | None = None
+) -> bool:
     """Whether `time_mix` runs for these operands: `_kernel_tensor` update, contiguous or channels-last (the
-    kernel walks memory in order), no autograd, spatial and x of its shape, dtype and strides."""
+    kernel walks memory in order), no autograd, spatial and x of its shape, dtype and strides, bias None or (C,) of
+    its dtype on its device."""
     dense = update.is_contiguous() or (update.dim() == 4 and update.is_contiguous(memory_format=torch.channels_last))
+    bias_ok = bias is None or (
+        update.dim() >= 2
+        and bias.shape == (update.shape[1],)
+        and bias.dtype == update.dtype
+        and bias.device == update.device
+        and bias.is_contiguous()
+    )
     return (
         _kernel_tensor(update)
         and dense
+        and bias_ok
         and all(
             t.shape == update.shape and t.dtype == update.dtype and t.stride() == update.stride() for t in (x, spatial)
         )
@@ -214,7 +243,11 @@ def _mix_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def time_mix_kernel(s_ptr, x_ptr, u_ptr, a_ptr, b_ptr, N, SAME: tl.constexpr, BLOCK: tl.constexpr):
+    def time_mix_kernel(
+        s_ptr, x_ptr, u_ptr, a_ptr, b_ptr, bias_ptr, N,
+        C: tl.constexpr, P: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX32: tl.constexpr,
+        SAME: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < N
         dtype = u_ptr.dtype.element_ty
@@ -222,7 +255,12 @@ def _mix_kernel() -> Any:
         b = tl.load(b_ptr).to(tl.float32)
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         s = x if SAME else tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        t = (x + tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)).to(dtype)  # the temporal output
+        u = tl.load(u_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # the conv's bias, added and rounded as PyTorch adds it after cuDNN's convolution
+            pos = idx.to(tl.int32) if INDEX32 else idx  # 32-bit division by a constant: a multiply and a shift
+            channel = pos % C if CHANNELS_LAST else (pos // P) % C
+            u = (u + tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        t = (x + u).to(dtype)  # the temporal output
         # each product rounded before the sum, as the reference stores it
         y = (a * s).to(dtype).to(tl.float32) + (b * t.to(tl.float32)).to(dtype).to(tl.float32)
         tl.store(u_ptr + idx, y.to(dtype), mask=mask)

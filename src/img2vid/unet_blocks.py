@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid import norm_act
-from img2vid.layers import conv2d, conv_epilogue, group_norm, temporal_conv, vector_sum, video_group_norm, with_bias
+from img2vid.layers import (
+    conv2d,
+    conv_epilogue,
+    group_norm,
+    temporal_conv,
+    upsample_nearest,
+    vector_sum,
+    video_group_norm,
+    with_bias,
+)
 
 
 class TimeEmbedding(nn.Module):
@@ -42,15 +51,18 @@ class TimeMixer(nn.Module):
         super().__init__()
         self.mix_factor = nn.Parameter(torch.full((1,), 0.5))
 
-    def forward(self, spatial: Tensor, x: Tensor, update: Tensor) -> Tensor:
-        """The blend of the spatial output and the temporal branch's output x + update (its residual add is done
-        here); spatial may be x itself. update is dead after the call: eager CUDA runs write the result over it."""
+    def forward(self, spatial: Tensor, x: Tensor, update: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The blend of the spatial output and the temporal branch's output x + (update + bias) (its residual add,
+        and the last conv's bias (C,) if the branch left it, are done here); spatial may be x itself. update is dead
+        after the call: eager CUDA runs write the result over it."""
         alpha = torch.sigmoid(self.mix_factor).to(spatial.dtype)
         beta = 1.0 - alpha
         # Same expression (and so the same half-precision rounding) as the reference, not a lerp: on CUDA in one
         # pass (norm_act.time_mix), elsewhere as the reference's four ops (compiled graphs fuse them).
-        if not torch.compiler.is_compiling() and norm_act.time_mix_supported(spatial, x, update):
-            return norm_act.time_mix(alpha, beta, spatial, x, update)
+        if not torch.compiler.is_compiling() and norm_act.time_mix_supported(spatial, x, update, bias):
+            return norm_act.time_mix(alpha, beta, spatial, x, update, bias)
+        if bias is not None:
+            update = update + bias.view(-1, *(1,) * (update.dim() - 2))  # (C,) -> (C, 1, ...): per channel
         return alpha * spatial + beta * (x + update)
 
 
@@ -105,14 +117,20 @@ class TemporalResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, ch, eps=eps)
         self.conv2 = nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0))
 
-    def forward(self, x: Tensor, temb: Tensor, residual: bool = True) -> Tensor:
-        """x: (B, C, F, H, W); temb: (B, F, T), already through silu. Returns x + h, or h alone if not residual
-        (for a caller that adds x where it costs nothing: `TimeMixer`)."""
+    def forward(self, x: Tensor, temb: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x: (B, C, F, H, W); temb: (B, F, T), already through silu. Returns the branch h without the residual
+        add, and the last conv's bias (C,) if it is left to the caller (else None): the block's output is x + (h +
+        bias), which its caller forms where it costs nothing (`TimeMixer`'s kernel)."""
         # the first conv's bias joins the time embedding's per-frame vector, which the second norm adds as it reads h
         h = temporal_conv(video_group_norm(x, self.norm1, silu=True), self.conv1, add_bias=False)
         vec = with_bias(self.time_emb_proj(temb), self.conv1.bias)  # (B, F, C), added to h inside the norm
-        h = temporal_conv(video_group_norm(h, self.norm2, silu=True, vec=vec, reuse_input=True), self.conv2)
-        return x + h if residual else h
+        h = video_group_norm(h, self.norm2, silu=True, vec=vec, reuse_input=True)
+        # Where the mixer's kernel runs (eager CUDA), it adds the bias: PyTorch would add it after cuDNN's conv in a
+        # full pass of its own. detach(): a tensor of its own on the device's copy of the bias, which outlives this
+        # call where sequential offload streams the weights.
+        defer = self.conv2.bias is not None and not torch.compiler.is_compiling() and norm_act.time_mix_runs_on(h)
+        h = temporal_conv(h, self.conv2, add_bias=not defer)
+        return h, self.conv2.bias.detach() if defer else None
 
 
 class SpatioTemporalResBlock(nn.Module):
@@ -130,20 +148,23 @@ class SpatioTemporalResBlock(nn.Module):
         b = bf // num_frames
         # Views, not copies, whatever the memory format: the temporal branch keeps the frames' layout.
         video = x.reshape(b, num_frames, c, h, w).permute(0, 2, 1, 3, 4)  # (B*F, C, H, W) -> (B, C, F, H, W)
-        branch = self.temporal_res_block(video, temb.reshape(b, num_frames, -1), residual=False)  # temb -> (B, F, T)
+        branch, bias = self.temporal_res_block(video, temb.reshape(b, num_frames, -1))  # temb -> (B, F, T)
         branch = branch.permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)  # (B, C, F, H, W) -> (B*F, C, H, W)
-        return self.time_mixer(x, x, branch)  # the temporal resnet's output is x + branch
+        return self.time_mixer(x, x, branch, bias)  # the temporal resnet's output is x + (branch + bias)
 
 
 class Downsample(nn.Module):
     """Stride-2 3x3 conv (diffusers `Downsample2D(use_conv=True, padding=1)`)."""
+
+    weights_read_here = ("conv",)  # read by conv2d (offload.plan_units)
 
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        # the bias in conv_epilogue's pass, which eager CUDA runs faster than PyTorch's broadcast add
+        return conv_epilogue(conv2d(self.conv, x, None), self.conv.bias)
 
 
 class Upsample(nn.Module):
@@ -153,9 +174,11 @@ class Upsample(nn.Module):
     `upsample_size`, matches the skip connection when a latent side is not a multiple of the total downsampling.
     """
 
+    weights_read_here = ("conv",)  # read by conv2d (offload.plan_units)
+
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return conv_epilogue(conv2d(self.conv, upsample_nearest(x, size), None), self.conv.bias)

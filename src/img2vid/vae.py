@@ -22,7 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import attention, conv2d, conv_epilogue, group_norm, temporal_conv, vector_sum, video_group_norm
+from img2vid.layers import (
+    attention,
+    conv2d,
+    conv_epilogue,
+    group_norm,
+    temporal_conv,
+    upsample_nearest,
+    vector_sum,
+    video_group_norm,
+)
 
 # diffusers hard-codes these; sgm's VideoDecoder uses the same values.
 _EPS = 1e-6  # every spatial GroupNorm of encoder and decoders
@@ -195,16 +204,16 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     """Nearest-neighbour x2 then a 3x3 conv (diffusers `Upsample2D`)."""
 
+    weights_read_here = ("conv",)  # read by conv2d (offload.plan_units)
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        # CUDA's channels_last nearest kernel silently writes zeros past 2**32 output elements (pytorch#141831);
-        # the NCHW kernel is fine, so very large inputs switch layout. Shape-only test: no sync.
-        if 2 * x.numel() > 2**31 and not x.is_contiguous():
-            x = x.contiguous()
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        h, w = x.shape[-2:]
+        # the bias in conv_epilogue's pass, which eager CUDA runs faster than PyTorch's broadcast add
+        return conv_epilogue(conv2d(self.conv, upsample_nearest(x, (2 * h, 2 * w)), None), self.conv.bias)
 
 
 class DownEncoderBlock2D(nn.Module):
