@@ -11,7 +11,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder
 
 from img2vid.configs import VAEConfig, vae_from_diffusers
-from img2vid.vae import VAE, ResnetBlock2D, Upsample2D
+from img2vid.vae import VAE
+from img2vid.vae_blocks import ResnetBlock2D, Upsample2D
 
 # Reference constructor kwargs. Temporal: the brief's two shapes plus layers_per_block 3 (the mid block's zip quirk)
 # with another latent width; 2D: different norm_num_groups too.
@@ -339,3 +340,39 @@ def test_streamed_weights_are_read_inside_their_units(temporal: bool, monkeypatc
         out = model.decode(model.encode(x), num_frames=2)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_temporal_resnet_biases_folded_on_gpu(channels_last: bool) -> None:
+    """Where the time mixer's kernel runs, the temporal resnet's conv biases are added by the passes after the convs
+    (the second norm, the blend): the result equals the reference's ops run one by one on the same norms and convs,
+    bit for bit, in the decoder's channels-last layout and in NCHW (streamed weights)."""
+    from img2vid import fused
+    from img2vid.layers import channels_last_, temporal_conv, video_group_norm
+    from img2vid.vae_blocks import TemporalResnetBlock
+
+    torch.manual_seed(0)
+    block = TemporalResnetBlock(64, 32).cuda().half().eval()
+    with torch.no_grad():
+        for p in block.parameters():  # non-trivial biases and affine norms
+            p.copy_(torch.randn_like(p) * 0.2)
+        for norm in (block.norm1, block.norm2):
+            norm.weight.add_(1.0)
+    channels_last_(block, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2 * 5, 64, 12, 20, device="cuda").half().contiguous(memory_format=fmt)  # 2 videos of 5 frames
+    s = torch.sigmoid(torch.tensor([0.3], device="cuda")).half()
+    with torch.no_grad():
+        got = block(x, 5, s)
+        x5 = x.unflatten(0, (-1, 5)).transpose(1, 2)  # (B, C, F, H, W)
+        # the conv, then its bias in an op of its own, as PyTorch adds a cuDNN conv's bias
+        conv = lambda h, c: temporal_conv(h, c, add_bias=False) + c.bias.view(-1, 1, 1, 1)  # noqa: E731
+        h = conv(video_group_norm(x5, block.norm1, silu=True), block.conv1)
+        h = conv(video_group_norm(h, block.norm2, silu=True), block.conv2)
+        alpha = 1.0 - s
+        want = (alpha * x5 + (1.0 - alpha) * (x5 + h)).transpose(1, 2).flatten(0, 1)
+    if fused._kernels_run_on(torch.device("cuda")):
+        assert torch.equal(got, want)
+    else:  # the algebraic form x + s * h
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)

@@ -18,7 +18,8 @@ import torch
 
 from img2vid import sampling
 from img2vid.precompiled import PrecompiledFunction
-from img2vid.vae import VAE, Attention, Decoder, ResnetBlock2D, TemporalResnetBlock, Upsample2D
+from img2vid.vae import VAE, Decoder
+from img2vid.vae_blocks import Attention, ResnetBlock2D, TemporalResnetBlock, Upsample2D
 
 DECODER_BLOCKS = (ResnetBlock2D, TemporalResnetBlock, Upsample2D, Attention)  # what compile_decoder compiles
 DECODER_RECOMPILE_LIMIT = 256  # compiled shapes per decoder block class (about 20 per video size)
