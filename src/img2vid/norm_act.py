@@ -200,8 +200,7 @@ def time_mix(
     _mix_kernel()[(fused.triton_cdiv(n, MIX_BLOCK),)](
         spatial, x, update, alpha, beta, update if bias is None else bias, n,
         C=c, P=pixels, CHANNELS_LAST=last, INDEX32=n < 2**31, SAME=spatial is x, HAS_BIAS=bias is not None,
-        BLOCK=MIX_BLOCK,
-        num_warps=WARPS,
+        BLOCK=MIX_BLOCK, num_warps=WARPS,
         enable_fp_fusion=False,  # else Triton drops the roundings between the ops and fuses them (run 87)
     )  # fmt: skip
     return update
