@@ -207,8 +207,10 @@ def time_mix(
 
 
 def time_mix_runs_on(t: torch.Tensor) -> bool:
-    """Whether `time_mix` can run on tensors like t (its device and dtype), before t's layout is known."""
-    return _kernel_tensor(t) and not torch.is_grad_enabled()
+    """Whether an eager call can run `time_mix` on tensors like t (their device and dtype), before their layout is
+    known: what a layer asks before leaving its conv's bias to the mixer. Compiled graphs keep the reference's ops
+    (inductor fuses them), so a call being traced never does."""
+    return not torch.compiler.is_compiling() and _kernel_tensor(t) and not torch.is_grad_enabled()
 
 
 def time_mix_supported(

@@ -128,7 +128,7 @@ class TemporalResBlock(nn.Module):
         # Where the mixer's kernel runs (eager CUDA), it adds the bias: PyTorch would add it after cuDNN's conv in a
         # full pass of its own. detach(): a tensor of its own on the device's copy of the bias, which outlives this
         # call where sequential offload streams the weights.
-        defer = self.conv2.bias is not None and not torch.compiler.is_compiling() and norm_act.time_mix_runs_on(h)
+        defer = self.conv2.bias is not None and norm_act.time_mix_runs_on(h)
         h = temporal_conv(h, self.conv2, add_bias=not defer)
         return h, self.conv2.bias.detach() if defer else None
 

@@ -116,7 +116,7 @@ class TemporalResnetBlock(nn.Module):
         # Where the time mixer's kernel runs (eager CUDA), the convs' biases are added in the passes after them, as
         # rounded as PyTorch adds them after cuDNN's conv in passes of their own: the first's by the second norm
         # (its per-frame vector), the second's by the blend.
-        fold = not torch.compiler.is_compiling() and norm_act.time_mix_runs_on(x) and self.conv2.bias is not None
+        fold = self.conv2.bias is not None and norm_act.time_mix_runs_on(x)
         h = video_group_norm(x5, self.norm1, silu=True)
         h = temporal_conv(h, self.conv1, add_bias=not fold)
         b, c, f = x5.shape[:3]
