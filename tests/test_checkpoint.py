@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,48 @@ def test_convert_folder_file_folder(tmp_path):
     assert ck.load_component(half, "unet", "fp16")["conv_in.weight"].dtype == torch.float16
 
 
+def test_single_files_are_byte_identical_however_often_written(tmp_path):
+    """safetensors writes its metadata from a hash map, in an order that changes from one write to the next: the same
+    model gave files with different bytes (and checksums). Ours sort it, so file -> folder -> file is byte-exact."""
+    sds = random_components(TINY, seed=8)
+    first = ck.save_single_file(tmp_path / "a.safetensors", TINY, sds).read_bytes()
+    for i in range(8):  # unsorted, two metadata entries come out in either order: 8 agreeing writes by chance, 1/256
+        assert ck.save_single_file(tmp_path / f"b{i}.safetensors", TINY, sds).read_bytes() == first
+    again = ck.convert(ck.convert(tmp_path / "a.safetensors", tmp_path / "f"), tmp_path / "c.safetensors")
+    assert again.read_bytes() == first
+
+
+def test_saving_over_a_folder_is_never_taken_for_complete_half_way(tmp_path, monkeypatch):
+    """model_index.json is written last and required by the loader; saving over an existing folder removes the old
+    one first, so an interrupted save does not load as a mix of two models' weights."""
+    old, new = random_components(TINY, seed=9), random_components(TINY, seed=10)
+    folder = ck.save_folder(tmp_path / "f", TINY, old)
+    writes = []
+
+    def failing_write(path: Path, *args: object) -> None:
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "write_safetensors", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_folder(folder, TINY, new)
+    with pytest.raises(CheckpointError, match="model_index.json is missing"):
+        ck.read_pipeline_config(folder)
+
+
+def test_convert_onto_an_existing_path_of_the_other_kind(tmp_path):
+    single = ck.save_single_file(tmp_path / "a.safetensors", TINY, random_components(TINY))
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"file already exists as a file"):
+        ck.convert(single, tmp_path / "file")
+    with pytest.raises(CheckpointError, match=r"dir\.safetensors already exists as a folder"):
+        ck.convert(single, tmp_path / "dir.safetensors")
+    assert ck.convert(single, single, dtype=torch.float16) == single  # in place (atomically) is fine
+    assert ck.load_single_file(single)[1]["unet"]["conv_in.weight"].dtype == torch.float16
+
+
 def test_learned_quant_conv_round_trips_through_the_conditioning_autoencoder(tmp_path):
     """The temporal VAE's quant_conv has no place in sgm's video autoencoder: a learned one is written with a copy of
     the encoder as sgm's conditioning autoencoder (embedders.3), and comes back bit-identical, through a file too."""
@@ -303,6 +346,74 @@ def test_sgm_strictness(tmp_path):
         ck.load_single_file(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_weights_are_named(tmp_path, dtype):
+    """No dtype cast touches an integer or bool tensor: it reached torch's load_state_dict, whose error is a
+    multi-line RuntimeError, and `info` called the file usable."""
+    sds = random_components(TINY)
+    sds["unet"]["conv_in.weight"] = sds["unet"]["conv_in.weight"].to(dtype)
+    path = ck.save_single_file(tmp_path / "x.safetensors", TINY, sds)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"not floating-point \(model\.diffusion_model\.input_blocks\.0\.0\.weight torch\.{name}\)",
+    ):
+        ck.load_single_file(path, dtype=torch.float32)
+    info = ck.checkpoint_info(path)
+    assert not info["ok"] and info["components"]["unet"]["wrong_dtype"] == ["conv_in.weight"]
+    folder = ck.save_folder(tmp_path / "f", TINY, sds)
+    with pytest.raises(CheckpointError, match=rf"unet weights .* not floating-point \(conv_in\.weight torch\.{name}\)"):
+        ck.build(ck.model_class("unet"), TINY.unet, ck.load_component(folder, "unet", dtype=torch.float32), "unet")
+
+
+@pytest.mark.parametrize(
+    "rel, change, message",
+    [
+        (
+            "unet/config.json",
+            {"layers_per_block": "2"},
+            r"unet\.layers_per_block must be a list of ints >= 1, not \('2', '2'\)",
+        ),
+        ("unet/config.json", {"block_out_channels": 32}, r"'int' object is not iterable"),
+        ("unet/config.json", {"num_frames": 0}, r"unet\.num_frames must be an int >= 1"),
+        ("vae/config.json", {"scaling_factor": "0.18215"}, r"vae\.scaling_factor must be a finite number"),
+        ("feature_extractor/preprocessor_config.json", {"image_mean": [0.5, 0.5]}, r"image_mean must be a list of 3"),
+        ("model_index.json", {"_img2vid": {"default_fps": "7"}}, r"default_fps must be an int >= 1, not '7'"),
+        ("model_index.json", {"_img2vid": [1]}, r"_img2vid is not an object"),
+    ],
+    ids=["layers-str", "channels-int", "frames-0", "scaling-str", "mean-of-2", "fps-str", "img2vid-list"],
+)
+def test_config_values_of_the_wrong_type_are_named(tmp_path, rel, change, message):
+    """Values of the wrong type in a folder's JSON files: some failed deep inside a model's constructor (TypeError,
+    ZeroDivisionError), others loaded and broke the first generation (a string scaling_factor)."""
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    data = json.loads((folder / rel).read_text())
+    (folder / rel).write_text(json.dumps({**data, **change}))
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(folder.resolve()))}: .*{message}"):
+        ck.read_pipeline_config(folder)
+
+
+def test_stored_config_of_the_wrong_type_is_named(tmp_path):
+    bad = {**ck.config_to_dict(TINY), "default_fps": "7"}
+    path = tmp_path / "x.safetensors"
+    ck.write_safetensors(path, components_to_sgm(random_components(TINY), TINY), {ck.CONFIG_KEY: json.dumps(bad)})
+    with pytest.raises(CheckpointError, match="unreadable img2vid_config metadata .*default_fps must be an int"):
+        ck.load_single_file(path)
+
+
+def test_malformed_shard_index_is_named(tmp_path):
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    for text in ['{"weight_map": ["a"]}', '{"weight_map": {"conv_in.weight": 5}}', "{}"]:
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match="no weight_map of tensor names to shard file names"):
+            ck.load_component(folder, "unet")
+    index.write_text("[]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        ck.load_component(folder, "unet")
+
+
 def test_missing_variant_is_named(tmp_path):
     folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
     with pytest.raises(CheckpointError, match=r"unet/diffusion_pytorch_model\.fp16\.safetensors not found.*'fp16'"):
@@ -310,6 +421,10 @@ def test_missing_variant_is_named(tmp_path):
     (folder / "vae" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"vae/config\.json is missing"):
         ck.read_pipeline_config(folder)
+    # The other way round: a folder holding only a variant (a hub download of the fp16 files) says so.
+    half = ck.save_folder(tmp_path / "h", TINY, random_components(TINY), variant="fp16")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors not found: this folder has only the fp16 variant"):
+        ck.load_component(half, "image_encoder")
 
 
 # ---- (4) detection --------------------------------------------------------------------------------------------------
@@ -370,6 +485,12 @@ def test_offline_hub_id_with_empty_cache(tmp_path):
     assert out.startswith("CheckpointError") and "not in the local Hugging Face cache" in out and "local" in out, out
     with pytest.raises(CheckpointError, match="no such folder"):
         ck.resolve_pretrained(str(tmp_path / "nowhere"))
+    # Paths that pass for hub ids: a mistyped file, and names the hub's rules refuse (before any network access).
+    with pytest.raises(CheckpointError, match=r"^models/svd_xt\.safetensors: no such checkpoint file$"):
+        ck.resolve_pretrained("models/svd_xt.safetensors")
+    for bad in ("a--b/model", "owner/model.git", "owner/-model"):
+        with pytest.raises(CheckpointError, match=rf"^{bad}: no such folder, and not a valid hub id \("):
+            ck.resolve_pretrained(bad)
     assert ck.resolve_pretrained(str(tmp_path)) == tmp_path
 
 

@@ -2,7 +2,8 @@
 (sgm layout, svd*.safetensors), our own single files (sgm layout + our config in the metadata), and pickles only when
 asked. Tensors are read straight to the target device and dtype, one at a time, and loading is strict: a tensor too
 many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_keys,
-file reading and writing is img2vid.checkpoint_io (its public names are importable from here too).
+file reading and writing is img2vid.checkpoint_io (its public names are importable from here too), hub ids
+img2vid.hub.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from img2vid.checkpoint_io import (
     config_from_dict,
     config_to_dict,
     folder_json_files,
-    hub_patterns,
     read_header,
     read_safetensors,
     read_state_dict,
@@ -36,6 +36,7 @@ from img2vid.checkpoint_io import (
     write_safetensors,
 )
 from img2vid.configs import PipelineConfig
+from img2vid.hub import resolve_pretrained
 from img2vid.sgm_keys import (
     COMPONENTS,
     CheckpointError,
@@ -105,12 +106,15 @@ def expected_shapes(component: str, config: PipelineConfig) -> dict[str, torch.S
     return {k: t.shape for k, t in module.state_dict().items()}
 
 
-def mismatch(sd: StateDict, expected: dict[str, torch.Size]) -> tuple[list[str], list[str], list[str]]:
-    """(missing, unexpected, wrong-shape) names of `sd` against the expected names and shapes."""
+def mismatch(sd: StateDict, expected: dict[str, torch.Size]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong-shape, not floating-point) names of `sd` against the expected names and shapes.
+    Every tensor of our models is a float: an integer or bool one (which no dtype cast touches) would otherwise
+    reach torch's load_state_dict, whose error is a multi-line RuntimeError."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
-    return missing, unexpected, wrong
+    not_float = [k for k in expected if k in sd and not sd[k].is_floating_point()]
+    return missing, unexpected, wrong, not_float
 
 
 def check_state_dict(
@@ -120,10 +124,10 @@ def check_state_dict(
     where: str = "",
     sgm: PipelineConfig | None = None,
 ) -> None:
-    """One-line CheckpointError naming the first few missing / unexpected / wrong-shape tensors and their counts.
-    With `sgm` (the config of an sgm file), names are given as that file stores them."""
-    missing, unexpected, wrong = mismatch(sd, expected)
-    if not (missing or unexpected or wrong):
+    """One-line CheckpointError naming the first few missing / unexpected / wrong-shape / integer tensors and their
+    counts. With `sgm` (the config of an sgm file), names are given as that file stores them."""
+    missing, unexpected, wrong, not_float = mismatch(sd, expected)
+    if not (missing or unexpected or wrong or not_float):
         return
 
     def names(keys: list[str]) -> list[str]:
@@ -134,6 +138,9 @@ def check_state_dict(
     if wrong:
         shapes = [f"{n} {tuple(sd[k].shape)} vs {tuple(expected[k])}" for n, k in zip(names(wrong), wrong, strict=True)]
         parts.append(f"{len(wrong)} wrong shape (file vs model: {few(shapes)})")
+    if not_float:
+        dtypes = [f"{n} {sd[k].dtype}" for n, k in zip(names(not_float), not_float, strict=True)]
+        parts.append(f"{len(not_float)} not floating-point ({few(dtypes)})")
     raise CheckpointError(f"{where}{component} weights do not match the model config: {'; '.join(parts)}")
 
 
@@ -158,38 +165,6 @@ def check_components(components: dict[str, StateDict], config: PipelineConfig, w
 
 
 # ---- diffusers folders ----------------------------------------------------------------------------------------------
-_REPO_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
-
-
-def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_only: bool = False) -> Path:
-    """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file, not a diffusers folder: load it as a single file")
-    if not _REPO_ID.match(path_or_id):
-        raise CheckpointError(f"{path_or_id}: no such folder, and not a hub id like stabilityai/<model>")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        patterns = hub_patterns(variant)
-        return Path(snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=local_files_only))
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{path_or_id} is not in the local Hugging Face cache and the hub can't be reached (offline, or "
-            "local_files_only); download it once while online, or pass a local diffusers folder or a single "
-            ".safetensors file"
-        ) from None
-    except RepositoryNotFoundError:
-        raise CheckpointError(
-            f"{path_or_id}: no such model on the Hugging Face hub (gated or private models need `hf auth login`)"
-        ) from None
-    except HfHubHTTPError as e:
-        raise CheckpointError(f"{path_or_id}: download failed ({str(e).splitlines()[0]})") from None
-
-
 def _preset_from_name(text: str) -> str | None:
     """svd_xt_1_1 -> "svd-xt-1.1", svd_xt -> "svd-xt", svd -> "svd" (also the hub's stable-video-diffusion-img2vid*)."""
     s = re.sub(r"[-. ]", "_", text.lower())
@@ -219,20 +194,24 @@ def read_pipeline_config(folder: Path) -> PipelineConfig:
             image_encoder=configs.clip_from_transformers(js("image_encoder/config.json"), pre or None),
             scheduler=configs.scheduler_from_diffusers(js("scheduler/scheduler_config.json", required=False)),
         )
-        ours = js("model_index.json", required=False).get("_img2vid", {})
+        ours = js("model_index.json").get("_img2vid", {})
+        if not isinstance(ours, dict):
+            raise ValueError(f"model_index.json: _img2vid is not an object: {ours!r}")
+        # The model's name and call defaults (fps) are not in diffusers' configs: ours, else guess from the folder.
+        name = _preset_from_name(" ".join(folder.parts[-3:]))
+        base = configs.preset(name or "svd-xt")
+        config = PipelineConfig(
+            name=ours.get("name", name or folder.name),
+            default_fps=ours.get("default_fps", base.default_fps),
+            default_motion_bucket_id=ours.get("default_motion_bucket_id", base.default_motion_bucket_id),
+            **parts,
+        )
+        configs.check(config)  # a value of the wrong type would fail far from here, or not at all
     except CheckpointError:
         raise
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: e.g. a number where the config wants a list
         raise CheckpointError(f"{folder}: {e}") from None
-    # The model's name and call defaults (fps) are not in diffusers' configs: ours, else guess from the folder / hub id.
-    name = _preset_from_name(" ".join(folder.parts[-3:]))
-    base = configs.preset(name or "svd-xt")
-    return PipelineConfig(
-        name=ours.get("name", name or folder.name),
-        default_fps=ours.get("default_fps", base.default_fps),
-        default_motion_bucket_id=ours.get("default_motion_bucket_id", base.default_motion_bucket_id),
-        **parts,
-    )
+    return config
 
 
 def load_component(
@@ -339,8 +318,10 @@ def save_folder(
 ) -> Path:
     """diffusers' layout (loads with StableVideoDiffusionPipeline.from_pretrained). variant="fp16" names the weight
     files *.fp16.safetensors and, unless `dtype` says otherwise, stores float16. model_index.json is written last,
-    so an interrupted save does not look like a complete folder."""
+    so an interrupted save does not look like a complete folder (the loader requires it); an older one goes first,
+    so that saving over a folder is not taken for complete while it holds the weights of two models."""
     path = Path(path)
+    (path / "model_index.json").unlink(missing_ok=True)
     dtype = dtype or VARIANT_DTYPES.get(variant or "")
     v = f".{variant}" if variant else ""
     for c in COMPONENTS:
@@ -361,6 +342,9 @@ def convert(
     to_file = dst.suffix == ".safetensors"
     if dst.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{dst}: we write .safetensors files or folders only")
+    if dst.is_dir() if to_file else dst.is_file():  # before the (long) read, not an OSError after it
+        kind = "folder (a .safetensors path is written as one file)" if to_file else "file (a folder goes there)"
+        raise CheckpointError(f"{dst} already exists as a {kind}: pick another path")
     if src.is_dir():
         config = read_pipeline_config(src)
         read_variant = variant if to_file else None
@@ -380,7 +364,7 @@ def _summary(sd: StateDict, expected: dict[str, torch.Size] | None) -> dict[str,
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}),
     }
     if expected is not None:
-        out["missing"], out["unexpected"], out["wrong_shape"] = mismatch(sd, expected)
+        out["missing"], out["unexpected"], out["wrong_shape"], out["wrong_dtype"] = mismatch(sd, expected)
     return out
 
 
@@ -415,6 +399,7 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
         info.update(variant=sgm_variant, config=config.name, config_source=source)
         info.update(skipped_unused=skipped, unknown=unknown)
     info["components"] = {c: _summary(comps[c], expected_shapes(c, config)) for c in COMPONENTS}
-    problems = [v for s in info["components"].values() for v in (s["missing"], s["unexpected"], s["wrong_shape"])]
+    keys = ("missing", "unexpected", "wrong_shape", "wrong_dtype")
+    problems = [s[k] for s in info["components"].values() for k in keys]
     info["ok"] = not any(problems) and not info.get("unknown")
     return info

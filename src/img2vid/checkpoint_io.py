@@ -19,7 +19,7 @@ import torch
 
 from img2vid import configs
 from img2vid.configs import PipelineConfig
-from img2vid.sgm_keys import COMPONENTS, CheckpointError
+from img2vid.sgm_keys import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 Device = str | torch.device
@@ -64,7 +64,9 @@ def stored_config(path: Path, metadata: dict[str, str]) -> PipelineConfig | None
     if CONFIG_KEY not in metadata:
         return None
     try:
-        return config_from_dict(json.loads(metadata[CONFIG_KEY]))
+        config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
+        configs.check(config)
+        return config
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None
 
@@ -211,7 +213,12 @@ def read_state_dict(
     if path.suffix == ".safetensors":
         return read_safetensors(path, device, dtype)
     if ".safetensors.index." in path.name and path.suffix == ".json":  # sharded: read every shard
-        weight_map: dict[str, str] = configs.read_json(path).get("weight_map", {})
+        try:
+            weight_map = configs.read_json(path).get("weight_map")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{path}: no weight_map of tensor names to shard file names")
         out: StateDict = {}
         for shard in sorted(set(weight_map.values())):
             out.update(read_safetensors(path.parent / shard, device, dtype))
@@ -262,11 +269,31 @@ def _atomic_write(path: Path, write: typing.Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes the metadata from a hash map whose order changes from one process to the next, so the same
+    tensors and metadata (our single files have two entries) gave files with different bytes and checksums on every
+    conversion. The same JSON with the entries sorted has the same length: the header is rewritten in place."""
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # (always, unless some escaping differs: then the file stays as it is, valid)
+            fh.seek(8)
+            fh.write(text.ljust(n))  # safetensors pads the header with spaces too
+
+
 def write_safetensors(path: Path, sd: StateDict, metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: _complete(cast(t, dtype)) for k, t in sd.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **metadata}))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+        _sort_metadata(tmp)
+
+    _atomic_write(Path(path), write)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -274,15 +301,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 # ---- diffusers folders: which files hold what -------------------------------------------------------------------
-def hub_patterns(variant: str | None = None) -> list[str]:
-    """What the pipeline needs from a hub repo: configs and one variant's safetensors (repos also hold .bin files,
-    other variants and the original single files)."""
-    v = f".{variant}" if variant else ""
-    weights = [f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors" for c in COMPONENTS]
-    config_files = [f"{c}/config.json" for c in COMPONENTS]
-    return ["model_index.json", *config_files, *weights, "scheduler/*.json", "feature_extractor/*.json"]
-
-
 def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
     sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
     # diffusers names a sharded variant's index stem.safetensors.index.fp16.json, transformers stem.fp16.safetensors...
@@ -296,6 +314,9 @@ def component_file(folder: Path, component: str, variant: str | None = None, all
     wanted = sub / f"{stem}{v}.safetensors"
     if variant and (sub / f"{stem}.safetensors").is_file():
         raise CheckpointError(f"{wanted} not found: this folder has no {variant!r} variant (drop the variant)")
+    others = sorted(p.name.split(".")[1] for p in sub.glob(f"{stem}.*.safetensors") if p.name.count(".") == 2)
+    if not variant and others:  # e.g. a hub download of the fp16 files only
+        raise CheckpointError(f"{wanted} not found: this folder has only the {' / '.join(others)} variant (pass it)")
     raise CheckpointError(f"{wanted} not found")
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +363,49 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
+
+
+def _fits(value: Any, kind: Any, least: int = 1) -> bool:
+    """Whether a JSON-born value is what a config field of type `kind` holds (ints >= least, finite numbers)."""
+    if kind is bool or kind is str:
+        return isinstance(value, kind)
+    if kind is int:  # bool is an int to Python, not to a config
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    args = typing.get_args(kind)  # tuple[int, ...] (non-empty) or tuple[float, float, float]
+    if not isinstance(value, tuple) or not value:
+        return False
+    if args[-1] is Ellipsis:
+        return all(_fits(v, args[0]) for v in value)
+    return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+
+
+_KIND_NAMES = {int: ("an int", "ints"), float: ("a finite number", "finite numbers"), bool: ("a bool", "bools")}
+_KIND_NAMES[str] = ("a string", "strings")
+
+
+def _describe(kind: Any, least: int = 1) -> str:
+    if kind in _KIND_NAMES:
+        return _KIND_NAMES[kind][0] + (f" >= {least}" if kind is int else "")
+    args = typing.get_args(kind)
+    of = _KIND_NAMES[args[0]][1] + (" >= 1" if args[0] is int else "")
+    return f"a list of {of}" if args[-1] is Ellipsis else f"a list of {len(args)} {of}"
+
+
+def check(config: Any, where: str = "") -> None:
+    """ValueError naming the first field of a config (and its sub-configs) whose value is not of its declared type.
+    Configs read from JSON (a diffusers folder's files, our single files' metadata) are otherwise taken as they
+    come: "2" for an int fails deep inside a model's constructor, and "0.18" as the VAE's scaling_factor or
+    [0.5, 0.5] as the CLIP image_mean loads fine and fails at the first generation. Every int is a size or a count
+    (>= 1), except the motion bucket (0 is a still video)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind, least = getattr(config, f.name), hints[f.name], int(f.name != "default_motion_bucket_id")
+        if dataclasses.is_dataclass(kind):
+            check(value, f"{where}{f.name}.")
+        elif not _fits(value, kind, least):
+            raise ValueError(f"{where}{f.name} must be {_describe(kind, least)}, not {value!r}")
 
 
 def replace(config: Any, **changes: Any) -> Any:
