@@ -4,6 +4,8 @@ output forms, and the call's progress reports."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,11 +15,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from img2vid.images import InputError, load_image
+from img2vid.images import InputError, check_unit_floats, load_image
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 Generator = torch.Generator | list[torch.Generator] | None
 ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
+FLOAT16_MAX = 65504.0
 
 
 def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse: int, output_type: str) -> None:
@@ -31,6 +34,18 @@ def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse
         raise InputError(f"guidance_reuse must be an integer >= 1 (1: exact guidance), got {guidance_reuse!r}")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+
+
+def check_conditioning(fps: float, motion_bucket_id: float, noise_aug: float, min_g: float, max_g: float) -> None:
+    """The call's real-valued knobs: any number float16 holds, as diffusers takes them. NaN or infinity would only
+    come out as a video of NaN, i.e. black frames, and so would a value past float16's range in a float16 model
+    (a float32 one refuses to convert past 3.4e38: a RuntimeError)."""
+    names = ("fps", "motion_bucket_id", "noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
+    for name, v in zip(names, (fps, motion_bucket_id, noise_aug, min_g, max_g), strict=True):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise InputError(f"{name} must be a finite number, got {v!r}")
+        if abs(v) > FLOAT16_MAX:
+            raise InputError(f"{name} must lie within +-{FLOAT16_MAX:g} (float16's range), got {v!r}")
 
 
 def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -61,11 +76,16 @@ def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
             t = t[None]
         if t.ndim != 4 or t.shape[1] != 3:
             raise InputError(f"image tensors must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
-        if not t.is_floating_point():
-            t = t.float() / 255.0
-        return list(t.float().cpu().unbind(0))  # B x (3, H, W)
-    if isinstance(image, np.ndarray) and image.dtype != np.uint8 and image.ndim == 4:
-        return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2))  # (B,H,W,3)->(B,3,H,W)
+        t = t.float() if t.is_floating_point() else t.float() / 255.0  # integer samples: 0..255
+        # Checked here, not left to garbage out: [0, 255] floats, [-1, 1] data or NaN would make a video of noise
+        finite = bool(torch.isfinite(t).all())
+        lo, hi = (float(t.min()), float(t.max())) if finite and t.numel() else (0.0, 0.0)
+        check_unit_floats(finite, lo, hi, "image tensor")
+        return list(t.cpu().unbind(0))  # B x (3, H, W)
+    if isinstance(image, np.ndarray) and image.ndim == 4:
+        if np.issubdtype(image.dtype, np.floating):  # kept at full precision, like a float tensor
+            return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2))  # (B,H,W,3)->(B,3,H,W)
+        return [load_image(frame) for frame in image]  # integer samples (uint8, 16-bit) scaled as image files are
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating) and image.ndim == 3:
         if image.shape[-1] == 3:
             return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))  # (H,W,3)->(3,H,W)

@@ -29,6 +29,7 @@ from img2vid.inputs import (
     ProgressFn,
     as_images,
     check_call_args,
+    check_conditioning,
     no_progress,
     postprocess,
     randn,
@@ -306,6 +307,7 @@ class Pipeline:
         check_call_args(
             num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt, guidance_reuse, output_type
         )
+        check_conditioning(fps, motion_bucket_id, noise_aug_strength, min_guidance_scale, max_guidance_scale)
         images = as_images(image)
         n_img, nv = len(images), num_videos_per_prompt
         batch = n_img * nv
@@ -336,7 +338,10 @@ class Pipeline:
 
         # 3. Schedule and initial latents (B, F, 4, h, w).
         sc = self.config.scheduler
-        sig = sampling.custom_sigmas(sigmas) if sigmas is not None else None
+        try:
+            sig = sampling.custom_sigmas(sigmas) if sigmas is not None else None
+        except ValueError as e:  # the sampler's pure functions raise plain ValueErrors; to the user it is input
+            raise InputError(str(e)) from None
         if sig is None:
             sig = sampling.karras_sigmas(num_inference_steps, sc.sigma_min, sc.sigma_max, sc.rho)
         sig = sig.to(device)
@@ -347,6 +352,8 @@ class Pipeline:
             latents = randn(shape, generator, device, dtype)
         elif tuple(latents.shape) != shape:
             raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        elif not bool(torch.isfinite(latents).all()):
+            raise InputError("latents contain NaN or infinite values")
         latents = latents.to(device, dtype) * sampling.init_noise_sigma(sig)
         g = sampling.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames).to(device, dtype)
         g = g.view(1, num_frames, 1, 1, 1)  # (F,) -> (1, F, 1, 1, 1): per-frame guidance
