@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +19,9 @@ import pytest
 from conftest import make_image
 
 from img2vid import Pipeline
+from img2vid import server as server_module
 from img2vid.cli import main
-from img2vid.server import generate, make_server, parse_params
+from img2vid.server import Handler, generate, make_server, parse_params
 from img2vid.video import read_video
 
 H, W, FRAMES, STEPS = 32, 48, 3, 2  # the tiny model needs multiples of 4 (2 VAE levels x 2 UNet levels)
@@ -213,6 +216,148 @@ def test_oversized_body_is_413_without_reading_it(address):
 def test_unknown_path_is_404(address):
     assert request(address, "GET", "/nope")[0] == 404
     assert request(address, "POST", "/nope", b"x")[0] == 404
+
+
+def raw(address, data: bytes, timeout: float = 10, half_close: bool = False) -> bytes:
+    """Send raw bytes (what http.client would refuse to), then read until the server closes the connection."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)  # the client's side ends here: no more body is coming
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# \xb2: latin-1 superscript two, which str.isdigit() accepts and int() refuses; 5000 digits: over int()'s limit;
+# two different lengths: which one? (request smuggling's trick)
+@pytest.mark.parametrize(
+    "length_headers, code, message",
+    [
+        (b"Content-Length: \xb2\r\n", b"411 ", b"Content-Length"),
+        (b"Content-Length: " + b"9" * 5000 + b"\r\n", b"413 ", b"over the limit"),
+        (b"Content-Length: 2\r\nContent-Length: 100\r\n", b"411 ", b"one valid Content-Length"),
+    ],
+    ids=["superscript", "5000-digits", "two-values"],
+)
+def test_malformed_content_length_gets_an_answer(address, length_headers, code, message):
+    reply = raw(address, b"POST /generate HTTP/1.1\r\nHost: x\r\n" + length_headers + b"\r\nab", half_close=True)
+    head, _, text = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 " + code) and message in text and text.count(b"\n") == 1
+
+
+def test_body_shorter_than_its_content_length_is_400(address, png):
+    """A client that closes early sent a prefix: even one that decodes (here the whole PNG) is not the upload."""
+    head = f"POST /generate?{urlencode(SMALL)} HTTP/1.1\r\nContent-Length: {len(png) + 10}\r\n\r\n".encode()
+    reply = raw(address, head + png, half_close=True)
+    assert reply.startswith(b"HTTP/1.0 400") and f"ended after {len(png)} of its {len(png) + 10}".encode() in reply
+
+
+def test_oversized_body_is_drained_so_the_client_reads_the_413(address):
+    """http.client (as a browser) sends the whole body before it reads: closing on it unread reset the connection."""
+    status, _, text = request(address, "POST", "/generate", b"x" * (160 * LIMIT))
+    assert status == 413 and b"over the limit" in text
+
+
+def test_stalled_and_idle_clients_time_out(address, monkeypatch):
+    monkeypatch.setattr(Handler, "timeout", 0.3)  # read when a connection starts
+    start = time.monotonic()
+    reply = raw(address, b"POST /generate HTTP/1.1\r\nContent-Length: 100\r\n\r\n0123456789")  # 90 bytes short
+    assert reply.startswith(b"HTTP/1.0 408") and b"stalled" in reply
+    assert raw(address, b"") == b""  # an idle connection is closed, not held forever
+    assert time.monotonic() - start < 5
+
+
+def test_wrong_method_is_405_and_stdlib_errors_are_plain_text(address):
+    status, headers, text = request(address, "GET", "/generate")
+    assert (status, headers["allow"], text) == (405, "POST", b"/generate takes POST with the image as the body\n")
+    status, headers, _ = request(address, "POST", "/health", b"x")
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
+    status, headers, text = request(address, "PUT", "/generate", b"x")  # http.server's own error path
+    assert status == 501 and headers["content-type"].startswith("text/plain") and text.count(b"\n") == 1
+
+
+def test_huge_size_is_400_before_any_work(address, png, monkeypatch):
+    status, _, text = post(address, png, width=100000, height=100000)
+    assert status == 400 and b"100000x100000 is over this server's limit" in text
+    # resize=fit keeps the image's aspect at about width*height pixels: far more for a 1x400 sliver, so the limit
+    # holds for the size it picks (4x780 here), not just for the one asked for
+    monkeypatch.setattr(server_module, "MAX_PIXELS", W * H)
+    sliver = io.BytesIO()
+    make_image(1, 400).save(sliver, format="PNG")
+    status, _, text = post(address, sliver.getvalue(), resize="fit")
+    assert status == 400 and f"over this server's limit of {W * H} pixels".encode() in text
+
+
+def test_bad_size_does_not_wait_for_a_running_generation(address, png, monkeypatch):
+    """Size and segment checks need the model's config, not the model: a typo is answered while another request
+    holds the generation lock."""
+    reached, release = threading.Event(), threading.Event()
+    real = Pipeline.__call__
+
+    def held(self, *args, **kwargs):
+        reached.set()
+        release.wait(30)  # bounded: a failing test must not hang the suite
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    first = threading.Thread(target=post, args=(address, png), kwargs={"seed": 1})
+    first.start()
+    try:
+        assert reached.wait(30)
+        conn = http.client.HTTPConnection(*address, timeout=5)  # far less than the held generation
+        conn.request("POST", "/generate?" + urlencode({**SMALL, "width": 50}), body=png)
+        r = conn.getresponse()
+        assert r.status == 400 and b"width 50 is not a multiple of 4" in r.read()
+        conn.close()
+        assert progress(address)["busy"]  # answered while the generation was still held
+    finally:
+        release.set()
+        first.join(timeout=60)
+
+
+def test_client_gone_before_the_response_is_no_traceback(address, png, monkeypatch, capsys):
+    reached, release = threading.Event(), threading.Event()
+    real = Pipeline.__call__
+
+    def held(self, *args, **kwargs):
+        reached.set()
+        release.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    sock = socket.create_connection(address, timeout=10)
+    sock.sendall(f"POST /generate?{urlencode(SMALL)} HTTP/1.1\r\nContent-Length: {len(png)}\r\n\r\n".encode() + png)
+    try:
+        assert reached.wait(30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # linger 0: a reset, so the server's first write fails
+    finally:
+        release.set()
+    poll_until(address, lambda p: not p["busy"])
+    time.sleep(0.2)  # the handler writes after the lock is released
+    assert "Traceback" not in capsys.readouterr().err
+    assert request(address, "GET", "/health")[0] == 200
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 here")
+def test_ipv6_host(pipe):
+    try:
+        socket.socket(socket.AF_INET6).close()
+        server = make_server(pipe, "::1", 0, quiet=True)
+    except OSError as e:
+        if "family" not in str(e):
+            pytest.skip(f"no IPv6 loopback here: {e}")
+        raise  # "Address family for hostname not supported": the server's own fault
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert request(("::1", server.server_address[1]), "GET", "/health")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def test_serve_is_a_cli_command(capsys):

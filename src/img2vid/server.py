@@ -6,7 +6,8 @@ Design: the request body IS the image (any format Pillow reads) and the paramete
 there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'host:8000/generate?seed=1'` just works.
 The model is shared by every request thread, so generations run one at a time behind a lock; other requests (the
 page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
-oversized body, 500 for our own failures (the traceback goes to the server's stderr, never to the client).
+oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 500 for our own failures (the
+traceback goes to the server's stderr, never to the client).
 
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
@@ -26,6 +27,7 @@ import argparse
 import io
 import json
 import secrets
+import socket
 import sys
 import tempfile
 import threading
@@ -42,9 +44,13 @@ from img2vid import __version__
 from img2vid.cli import _number
 from img2vid.images import SIZE_MODES, InputError, check_size, fit_size, load_image, resize_image
 
-__all__ = ["MAX_BODY_BYTES", "FORMATS", "make_server", "serve"]
+__all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "FORMATS", "make_server", "serve"]
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# Pixels per frame: memory grows with them, and a request for 100000x100000 must get a 400, not the OOM killer.
+MAX_PIXELS = 2048 * 2048
+DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dropped (Handler._discard says why)
+TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
 FORMATS = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}  # formats a browser can show inline
 # Query parameter -> parser with the CLI's ranges (cli._number), so both front ends accept exactly the same values.
 PARAMS: dict[str, Callable[[str], Any]] = {
@@ -152,6 +158,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client must not keep the process alive at shutdown
 
     def __init__(self, address: tuple[str, int], pipe: Any, model: str | None, max_body: int, quiet: bool) -> None:
+        if ":" in address[0]:  # an IPv6 address (`--host ::`); the class default AF_INET cannot bind it
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.pipe, self.model, self.max_body, self.quiet = pipe, model, max_body, quiet
         self.lock = threading.Lock()
@@ -227,6 +235,22 @@ def parse_params(query: str) -> dict[str, Any]:
     return params
 
 
+def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> tuple[int, int]:
+    """The video's (width, height) once the checks that need the model's config and the image pass (size rule,
+    MAX_PIXELS, segments); else a one-line InputError. Cheap, so the handler runs it before waiting for the lock."""
+    from img2vid.longer import check_segments
+
+    width, height = params["width"], params["height"]
+    if params["resize"] == "fit":  # the image's aspect at about width*height pixels: may be more for odd aspects
+        width, height = fit_size(image.width, image.height, width * height, cfg.size_multiple)
+    else:  # the pipeline's own size rule: the VAE's halvings times the UNet's (64 for every published SVD model)
+        check_size(width, height, cfg.size_multiple)
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{width}x{height} is over this server's limit of {MAX_PIXELS} pixels per frame")
+    check_segments(params.get("segments", 1), params.get("frames") or cfg.num_frames)
+    return width, height
+
+
 def generate(
     pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: str | None, report: Report | None = None
 ) -> tuple[bytes, dict]:
@@ -234,21 +258,14 @@ def generate(
     done, total, segment, segments) is called from this thread as the work advances (module docstring, /progress)."""
     import torch
 
-    from img2vid.longer import chain_segments, check_segments
+    from img2vid.longer import chain_segments
     from img2vid.video import export_video
 
     cfg = pipe.config
-    # The pipeline's own size rule: the VAE's halvings times the UNet's (64 for every published SVD model).
-    multiple = cfg.size_multiple
-    width, height, mode = params["width"], params["height"], params["resize"]
-    if mode == "fit":
-        width, height = fit_size(image.width, image.height, width * height, multiple)
-    else:
-        check_size(width, height, multiple)
+    (width, height), mode = check_request(cfg, image, params), params["resize"]
     # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers (= CLI)
     model_input = image if mode == "stretch" else resize_image(image, width, height, mode)
     frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
-    check_segments(segments, frames)
     run = dict(
         height=height,
         width=width,
@@ -290,6 +307,7 @@ def generate(
 class Handler(BaseHTTPRequestHandler):
     server: Server
     server_version = f"img2vid/{__version__}"
+    timeout = TIMEOUT_S  # StreamRequestHandler sets it on the connection's socket
 
     def _send(self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
@@ -297,12 +315,41 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up: no server failure, so no traceback
+            self.close_connection = True
+            self.log_message("client went away before the %d response", code)
 
-    def _error(self, code: int, text: str) -> None:
-        self._send(code, (" ".join(text.split()) + "\n").encode(), "text/plain; charset=utf-8")
+    def _error(self, code: int, text: str, headers: dict[str, str] | None = None) -> None:
+        self._send(code, (" ".join(text.split()) + "\n").encode(), "text/plain; charset=utf-8", headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own errors (bad request line, 414, 431, 501 for other methods) as our one line of plain
+        text, not its HTML page."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        self._error(code, message or self.responses.get(code, ("error",))[0])
+
+    def _content_length(self) -> int | None:
+        """The one Content-Length as an int; None when absent, given twice with different values or not digits."""
+        values = {value.strip() for value in self.headers.get_all("Content-Length", [])}
+        if len(values) != 1 or not (text := values.pop()).isascii() or not text.isdigit():  # "²".isdigit() too
+            return None
+        digits = text.lstrip("0") or "0"
+        return int(digits) if len(digits) < 19 else 10**18  # int() refuses over 4300 digits; all are over the limit
+
+    def _discard(self, length: int) -> None:
+        """Read and drop up to DRAIN_BYTES of a refused body: closing on unread data resets the connection, and a
+        browser, still sending, then shows a network error instead of our answer."""
+        left = min(length, DRAIN_BYTES)
+        try:
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+        except OSError:  # timed out or reset: the connection closes anyway
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
@@ -319,6 +366,8 @@ class Handler(BaseHTTPRequestHandler):
             # no-store: a cached answer would freeze the page's progress display
             body = json.dumps(self.server.progress()).encode()
             self._send(200, body, "application/json", {"Cache-Control": "no-store"})
+        elif path == "/generate":
+            self._error(405, "/generate takes POST with the image as the body", {"Allow": "POST"})
         else:
             self._error(404, f"not found: {path} (try /, /health, /progress or POST /generate)")
 
@@ -326,23 +375,34 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
+        if url.path in ("/", "/index.html", "/health", "/progress"):
+            self._error(405, f"{url.path} takes GET (POST /generate)", {"Allow": "GET, HEAD"})
+            return
         if url.path != "/generate":
             self._error(404, f"not found: {url.path} (POST /generate)")
             return
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.strip().isdigit():
+        length = self._content_length()
+        if length is None:
             self.close_connection = True  # without a length the body's end is unknown: the connection is unusable
-            self._error(411, "send the image as the request body with a Content-Length header")
+            self._error(411, "send the image as the request body with one valid Content-Length header")
             return
-        length = int(length_text)
         if length > self.server.max_body:
             self.close_connection = True  # the unread body would otherwise be parsed as the next request
             self._error(413, f"request body of {length} bytes is over the limit of {self.server.max_body} bytes")
+            self._discard(length)
             return
-        data = self.rfile.read(length)
         try:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            self._error(408, f"the request body stalled: no data for {self.timeout} s")
+            return
+        try:
+            if len(data) < length:  # the client closed early: a prefix that happens to decode is not the upload
+                raise InputError(f"the request body ended after {len(data)} of its {length} bytes (Content-Length)")
             params = parse_params(url.query)  # cheap checks first: a typo never waits for the lock
             image = _decode_image(data)
+            check_request(self.server.pipe.config, image, params)  # size and segments too, before the lock
             job = (self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: it is echoed to all
             video, info = self.server.run_generation(image, params, job)
         except InputError as e:
