@@ -414,6 +414,21 @@ def test_malformed_shard_index_is_named(tmp_path):
         ck.load_component(folder, "unet")
 
 
+def test_folder_weight_errors_name_the_folder(tmp_path):
+    """A wrong tensor in a folder is reported with the folder's path (a user may hold several), and before any model
+    is built."""
+    from img2vid import Pipeline
+
+    sds = random_components(TINY)
+    sds["vae"]["decoder.conv_out.weight"] = sds["vae"]["decoder.conv_out.weight"][:1]
+    folder = ck.save_folder(tmp_path / "f", TINY, sds)
+    message = rf"^{re.escape(str(folder))}: vae weights do not match the model config: 1 wrong shape .*conv_out"
+    with pytest.raises(CheckpointError, match=message):
+        ck.load_folder(folder)
+    with pytest.raises(CheckpointError, match=message):
+        Pipeline.from_pretrained(folder)
+
+
 def test_missing_variant_is_named(tmp_path):
     folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
     with pytest.raises(CheckpointError, match=r"unet/diffusion_pytorch_model\.fp16\.safetensors not found.*'fp16'"):

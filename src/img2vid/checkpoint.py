@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
     "detect_format",
     "detect_sgm_variant",
     "load_component",
+    "load_folder",
     "load_into",
     "load_single_file",
     "peek_config",
@@ -225,6 +227,26 @@ def load_component(
     """One component's state dict from a diffusers folder, on `device`, floats cast to `dtype` while reading."""
     path = component_file(Path(folder), component, variant, allow_pickle)
     return _drop_buffers(read_state_dict(path, device, dtype, allow_pickle), component)
+
+
+def load_folder(
+    folder: Path,
+    variant: str | None = None,
+    device: Device = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> tuple[PipelineConfig, dict[str, StateDict]]:
+    """A diffusers folder -> (config, {component: state dict}), checked against the config with errors that name
+    the folder. On a GPU the three files are read at once (bound by page-cache copies, not by the device)."""
+    config = read_pipeline_config(folder)
+
+    def load(c: str) -> StateDict:
+        return load_component(folder, c, variant, device, dtype, allow_pickle)
+
+    with ThreadPoolExecutor(len(COMPONENTS) if torch.device(device).type == "cuda" else 1) as pool:
+        sds = dict(zip(COMPONENTS, pool.map(load, COMPONENTS), strict=True))
+    check_components(sds, config, f"{folder}: ")
+    return config, sds
 
 
 # ---- single files (sgm layout) -------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,16 +105,9 @@ class Pipeline:
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
             return cls.from_single_file(path, torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-        dtype = torch_dtype or torch.float32
         folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only)
-        config = checkpoint.read_pipeline_config(folder)
-
-        def load(c: str) -> dict[str, torch.Tensor]:
-            return checkpoint.load_component(folder, c, variant, torch.device(device), dtype, allow_pickle=allow_pickle)
-
-        # The three files at once on a GPU (reading is bound by page-cache copies, not by the device).
-        with ThreadPoolExecutor(len(COMPONENTS) if torch.device(device).type == "cuda" else 1) as pool:
-            sds = dict(zip(COMPONENTS, pool.map(load, COMPONENTS), strict=True))
+        dtype, dev = torch_dtype or torch.float32, torch.device(device)
+        config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle)
         return cls.from_state_dicts(config, sds, device)
 
     @classmethod
