@@ -24,6 +24,8 @@ traceback goes to the server's stderr, never to the client).
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.resources
 import io
 import json
 import secrets
@@ -72,84 +74,11 @@ CHOICES = {"resize": SIZE_MODES, "format": tuple(FORMATS)}
 Report = Callable[[str, int, int, int, int], None]
 IDLE: dict[str, Any] = {"busy": False}
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>img2vid</title>
-<style>
-body{font-family:system-ui,sans-serif;max-width:760px;margin:2em auto;padding:0 1em}
-form{display:grid;grid-template-columns:12em 1fr;gap:.4em 1em;align-items:center}
-#error{color:#b00;white-space:pre-wrap}#result video,#result img{max-width:100%;margin-top:1em}
-</style></head><body>
-<h1>img2vid</h1><p>One image in, a short video out (Stable Video Diffusion). Empty fields use the model's defaults.</p>
-<form id="f">
-<label for="image">image</label><input id="image" type="file" accept="image/*" required>
-<label for="width">width</label><input id="width" type="number" min="1" value="1024">
-<label for="height">height</label><input id="height" type="number" min="1" value="576">
-<label for="resize">resize</label><select id="resize"><option>stretch</option><option>crop</option>
-<option>pad</option><option>fit</option></select>
-<label for="frames">frames</label><input id="frames" type="number" min="1" max="256">
-<label for="segments">segments (longer video)</label><input id="segments" type="number" min="1" max="64" value="1">
-<label for="steps">steps</label><input id="steps" type="number" min="1" max="1000" value="25">
-<label for="fps">fps</label><input id="fps" type="number" min="1" max="240">
-<label for="motion_bucket_id">motion bucket id</label><input id="motion_bucket_id" type="number" min="0" max="1023">
-<label for="noise_aug_strength">noise aug strength</label>
-<input id="noise_aug_strength" type="number" min="0" max="10" step="any" value="0.02">
-<label for="min_guidance">min guidance</label><input id="min_guidance" type="number" min="0" step="any" value="1.0">
-<label for="max_guidance">max guidance</label><input id="max_guidance" type="number" min="0" step="any" value="3.0">
-<label for="guidance_reuse">guidance reuse (approximate if &gt; 1)</label>
-<input id="guidance_reuse" type="number" min="1" max="1000" value="1">
-<label for="seed">seed</label><input id="seed" type="number" min="0" placeholder="random">
-<label for="format">format</label><select id="format"><option>mp4</option><option>webm</option><option>gif</option>
-</select>
-<span></span><button id="go" type="submit">Generate</button>
-</form>
-<p id="status"></p><p id="error"></p><div id="result"></div>
-<script>
-const $ = (id) => document.getElementById(id);
-const NAMES = ["width", "height", "resize", "frames", "segments", "steps", "fps", "motion_bucket_id",
-  "noise_aug_strength", "min_guidance", "max_guidance", "guidance_reuse", "seed", "format"];
-$("f").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  const file = $("image").files[0];
-  if (!file) return;
-  const query = new URLSearchParams();
-  for (const n of NAMES) if ($(n).value !== "") query.set(n, $(n).value);
-  $("go").disabled = true; $("error").textContent = ""; $("result").textContent = "";
-  $("status").textContent = "generating...";
-  const start = performance.now();
-  // A token of our own, so /progress tells our generation from one we are queued behind
-  const job = Math.random().toString(36).slice(2);
-  let live = true;  // a poll answered after the video must not overwrite the final status
-  const timer = setInterval(async () => {
-    try {
-      const p = await (await fetch("/progress", {cache: "no-store"})).json();
-      if (!live || !p.busy) return;
-      if (p.job !== job) {
-        $("status").textContent = "waiting for " + Math.max(p.waiting, 1) + " earlier request(s)";
-      } else if (p.stage) {
-        let text = p.stage + (p.total ? " " + p.done + "/" + p.total : "");
-        if (p.segments > 1) text = "segment " + p.segment + "/" + p.segments + ", " + text;
-        $("status").textContent = text;
-      }
-    } catch (e) {}  // a missed poll only delays the next update
-  }, 500);
-  try {
-    const r = await fetch("/generate?" + query, {method: "POST", body: file, headers: {"X-Img2vid-Job": job}});
-    if (!r.ok) throw new Error((await r.text()).trim() || r.statusText);
-    const seed = r.headers.get("X-Img2vid-Seed"), fmt = query.get("format") || "mp4";
-    const url = URL.createObjectURL(await r.blob());
-    const view = document.createElement(fmt === "gif" ? "img" : "video");
-    if (fmt !== "gif") { view.controls = true; view.loop = true; view.autoplay = true; view.muted = true; }
-    view.src = url;
-    const link = document.createElement("a");
-    link.href = url; link.download = "img2vid-" + seed + "." + fmt; link.textContent = "download";
-    $("result").append(view, document.createElement("br"), link);
-    $("status").textContent = "seed " + seed + ", " + ((performance.now() - start) / 1000).toFixed(1) + " s";
-  } catch (e) {
-    $("status").textContent = ""; $("error").textContent = String(e.message || e);
-  } finally { live = false; clearInterval(timer); $("go").disabled = false; }
-});
-</script></body></html>
-"""
+
+@functools.cache
+def page() -> bytes:
+    """The web page (page.html beside this module: HTML and its script, edited as such), read on first use."""
+    return importlib.resources.files("img2vid").joinpath("page.html").read_bytes()
 
 
 class Server(ThreadingHTTPServer):
@@ -358,7 +287,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path in ("/", "/index.html"):
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            self._send(200, page(), "text/html; charset=utf-8")
         elif path == "/health":
             body = json.dumps({"ok": True, "model": self.server.model, "version": __version__}).encode()
             self._send(200, body, "application/json")
