@@ -351,6 +351,7 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "guidance-reuse-not-int": ("--guidance-reuse 1.5", "expected an integer"),
     "height-not-multiple": ("--height 34", "multiple of 4"),
     "width-zero": ("--width 0", "--width"),
+    "width-huge": ("--width 100000", "argument --width: 100000 is out of range 1..16384"),  # not an OverflowError
     "seed-negative": ("--seed -1", "--seed"),
     "crf": ("--crf 99", "--crf"),
     "format-unknown": ("--format avi", "--format"),
@@ -360,6 +361,9 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "offload-unknown": ("--offload disk", "--offload"),
     "device-unknown": ("--device toaster", "unknown device"),
     "device-cuda-missing": ("--device cuda:7", "not available"),
+    "device-meta": ("--device meta", "unknown device 'meta'"),  # not blamed on the model's safetensors files
+    "device-cpu-index": ("--device cpu:1", "unknown device 'cpu:1'"),
+    "variant-path": ("--variant ../fp16", "argument --variant: '../fp16' is not a variant name"),
     "compile-cache-not-a-folder": ("--compile-cache /dev/null/cache", "as a compile cache"),
     "hub-model-size": ("--model stabilityai/stable-video-diffusion-img2vid-xt", "multiple of 64"),
     "model-missing-path": ("--model ./no/such/model.safetensors", "model not found"),
@@ -417,6 +421,53 @@ def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
         assert_one_line_error(rc, err, needle, out_dir)
 
 
+def test_outputs_refused_before_the_model_loads(models, images, tmp_path, capsys, monkeypatch):
+    """What the export would refuse only after the whole generation is found first, and nothing is written."""
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", classmethod(no_load))
+    (tmp_path / "frames.png").write_text("a file where a PNG frame folder would go")
+    (tmp_path / "clip.mp4.json").mkdir()  # the sidecar's name: the video was written, then the export failed
+    tallest = tmp_path / "tall.png"
+    make_image(2, 400).save(tallest)  # --resize fit: a 1:200 aspect at 4096^2 pixels is over webp's largest side
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        ([images["landscape"]], tmp_path / "frames.png", "", "exists and is not a directory"),
+        ([images["landscape"]], tmp_path / "clip.mp4", "", "clip.mp4.json is a directory"),
+        ([images["landscape"]], tmp_path / "wide.webp", "--width 16384 --height 64", "too large for webp"),
+        ([tallest], tmp_path / "tall.webp", "--resize fit --width 4096 --height 4096", "too large for webp"),
+        ([tmp_path], tmp_path / "x.mp4", "", "is a directory, not an image file"),
+    ]
+    for sources, out, extra, needle in cases:
+        rc, _, err = generate(capsys, sources, out, models["folder"], extra)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("img2vid: error: "), err
+        assert needle in lines[0], lines[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_fit_passes_the_image_at_the_video_size(models, images, tmp_path, capsys, monkeypatch):
+    """--resize fit crops the image to the size it chose (in the model's multiple): resize_image's own "fit" chose
+    again in multiples of 64, another size, which the pipeline then stretched."""
+    import img2vid.cli
+
+    seen = []
+
+    def spy(pipe, image, *args, **kwargs):
+        seen.append(image.size)
+        return sample_video(pipe, image, *args, **kwargs)
+
+    sample_video = img2vid.cli.sample_video
+    monkeypatch.setattr(img2vid.cli, "sample_video", spy)
+    out = tmp_path / "clip.gif"
+    rc, _, err = generate(capsys, images["portrait"], out, models["folder"], "--resize fit --seed 0")
+    assert rc == 0, err
+    meta = read_metadata(out)
+    assert seen == [(meta["width"], meta["height"])]
+
+
 def test_argparse_errors_exit_2(capsys):
     for argv in (["generate", "x.png"], ["frobnicate"], [], ["generate", "x.png", "-o", "y.mp4", "--bogus"]):
         assert main(argv) == 2
@@ -433,6 +484,12 @@ def test_argparse_errors_exit_2(capsys):
             ["out of memory", "--low-memory", "--offload model", "--decode-chunk-size 2"],
         ),
         (KeyboardInterrupt(), 130, ["img2vid: interrupted"]),
+        (MemoryError(), 2, ["out of memory in host RAM", "--width/--height"]),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"),
+            2,
+            ["out of memory in host RAM", "--decode-chunk-size 2"],
+        ),
         (RuntimeError("kaboom"), 1, ["kaboom", "--debug"]),
     ],
 )
@@ -458,10 +515,12 @@ def test_failures_during_generation(exc, rc, needles, models, images, tmp_path, 
             main(["--debug", *argv])  # ... and before it
 
 
-def test_info_and_convert_errors(tmp_path, capsys):
+def test_info_and_convert_errors(models, tmp_path, capsys):
     for argv in (
         ["info", str(tmp_path / "nothing.safetensors")],
         ["convert", str(tmp_path / "x"), str(tmp_path / "y")],
+        # a variant is part of a file name: a path there wrote weights outside the folder's layout
+        ["convert", str(models["single_file"]), str(tmp_path / "y"), "--variant", "../../elsewhere"],
     ):
         assert main(argv) == 2
         lines = capsys.readouterr().err.strip().splitlines()

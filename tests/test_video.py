@@ -233,6 +233,43 @@ def test_export_errors(tmp_path: Path) -> None:
         read_video(tmp_path / "missing.mp4")
 
 
+def test_sidecar_path_taken_by_a_folder_writes_nothing(tmp_path: Path) -> None:
+    """The sidecar's name held by a folder is found before anything is written: no video without its metadata."""
+    (tmp_path / "a.mp4.json").mkdir()
+    with pytest.raises(InputError, match=r"metadata file .*a\.mp4\.json is a directory"):
+        export_video(_frames(2), tmp_path / "a.mp4", fps=7, metadata={"seed": 1})
+    assert _listing(tmp_path) == {"a.mp4.json"}
+
+
+@pytest.mark.parametrize("fmt, width", [("webp", 16384), ("mp4", 16386)])
+def test_frames_too_large_for_the_format(tmp_path: Path, fmt: str, width: int) -> None:
+    """Past the encoder's largest side: one-line InputError, not libwebp's / x264's own exception after encoding."""
+    frames = np.zeros((2, 2, width, 3), np.uint8)
+    with pytest.raises(InputError, match=f"too large for {fmt}"):
+        export_video(frames, tmp_path / f"wide.{fmt}", fps=7)
+    assert _listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize("fmt, fps", [("webp", 1e-4), ("gif", 1e-3)])
+def test_fps_too_small_for_the_format(tmp_path: Path, fmt: str, fps: float) -> None:
+    """fps that rounds to 0 (ZeroDivisionError before) or a GIF delay past 16 bits (OverflowError before)."""
+    with pytest.raises(InputError, match="fps"):
+        export_video(_frames(2), tmp_path / f"slow.{fmt}", fps=fps)
+    assert _listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize("name", ["x.gif", "x.webp", "folder"])
+def test_reading_back_a_damaged_file_is_an_input_error(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name == "folder":
+        path.mkdir()
+        path = path / "frame_00000.png"
+    path.write_text("not an image")
+    for read in (read_video, read_metadata):
+        with pytest.raises(InputError, match="cannot decode"):
+            read(tmp_path / name)
+
+
 def test_png_folder_replaced_whole(tmp_path: Path) -> None:
     path = export_video(_frames(10), tmp_path / "f", fps=7, format="png", metadata={"seed": 1})
     export_video(_frames(3), path, fps=5, format="png")

@@ -27,8 +27,15 @@ DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float16", "bfloat16", "float32")
 FORMATS = ("mp4", "webm", "gif", "webp", "png")  # = img2vid.video.FORMATS, spelled out to keep --help import-free
 OOM_HINT = "try --low-memory, --offload model (or sequential) or --decode-chunk-size 2"
+HOST_OOM_HINT = "try a smaller --width/--height, fewer --frames or --decode-chunk-size 2"
+# The widest frame every encoder but WebP's takes (= video.MAX_SIDE["mp4"]); more fails as an overflow in Pillow or
+# as an allocation of terabytes, not as a message about the size.
+MAX_SIDE = 16384
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_VARIANT = re.compile(r"^[\w-]+$")
+# torch's CPU allocator reports a failed allocation as a plain RuntimeError carrying this text
+_CPU_ALLOC_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,11 +60,22 @@ def _number(kind: type, lo: float, hi: float | None = None) -> Callable[[str], A
     return parse
 
 
+def _variant(text: str) -> str:
+    """An argparse type: a variant is part of a file name (model.fp16.safetensors), never a path."""
+    if not _VARIANT.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a variant name (letters, digits, _ and -, e.g. fp16)")
+    return text
+
+
 # ---- argument definitions ------------------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder or single file (default: SVD-XT)")
-    g.add_argument("--variant", help="weight variant, e.g. fp16 (default: fp16 for float16 from the hub; 'none': off)")
+    g.add_argument(
+        "--variant",
+        type=_variant,
+        help="weight variant, e.g. fp16 (default: fp16 for float16 from the hub; 'none': off)",
+    )
     g.add_argument("--offline", action="store_true", help="use only the local hub cache, never the network")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
 
@@ -81,8 +99,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-guidance", type=_number(float, 0), default=3.0, help="last frame's CFG (default 3.0)")
     g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), help="random seed (default: random, printed and stored)")
     g.add_argument("--decode-chunk-size", type=_number(int, 1), help="frames decoded at once (default: all)")
-    g.add_argument("--height", type=_number(int, 1), default=576, help="default %(default)s")
-    g.add_argument("--width", type=_number(int, 1), default=1024, help="default %(default)s")
+    g.add_argument("--height", type=_number(int, 1, MAX_SIDE), default=576, help="default %(default)s")
+    g.add_argument("--width", type=_number(int, 1, MAX_SIDE), default=1024, help="default %(default)s")
     g.add_argument(
         "--resize",
         choices=("stretch", "crop", "pad", "fit"),
@@ -158,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep)")
-    conv.add_argument("--variant", help="the folder side's variant files, e.g. fp16")
+    conv.add_argument("--variant", type=_variant, help="the folder side's variant files, e.g. fp16")
     conv.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
     conv.set_defaults(func=cmd_convert)
 
@@ -192,12 +210,19 @@ def main(argv: list[str] | None = None) -> int:
         torch, text = sys.modules.get("torch"), " ".join(str(e).split()) or type(e).__name__
         if torch is not None and isinstance(e, torch.OutOfMemoryError):
             text, code = f"out of memory on the device; {OOM_HINT}", 2
+        elif _host_out_of_memory(e):  # the user's sizes against this machine's RAM, not a bug of ours
+            text, code = f"out of memory in host RAM; {HOST_OOM_HINT}", 2
         elif isinstance(e, (ValueError, OSError)) or type(e).__module__.startswith("huggingface_hub"):
             code = 2  # InputError / CheckpointError / bad values / missing or unreadable files / hub refusals
         else:
             text, code = f"unexpected {type(e).__name__}: {text} (rerun with --debug for the traceback)", 1
         print(f"img2vid: error: {text}", file=sys.stderr)
         return code
+
+
+def _host_out_of_memory(e: Exception) -> bool:
+    """Python's MemoryError (numpy, Pillow) or torch's CPU allocator failing."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _CPU_ALLOC_FAILED in str(e))
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *rest: Any) -> None:
@@ -223,6 +248,8 @@ def _expand_images(patterns: list[str]) -> list[str]:
             if not matches:
                 raise InputError(f"no image matches {pattern!r}")
             sources.extend(matches)
+        elif Path(pattern).expanduser().is_dir():
+            raise InputError(f"{pattern} is a directory, not an image file (a glob such as DIR/*.png takes its images)")
         elif not Path(pattern).expanduser().is_file():
             raise InputError(f"image not found: {pattern}")
         else:
@@ -264,7 +291,23 @@ def _output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[lis
             raise InputError(f"output folder {folder} {'is not writable' if folder.is_dir() else 'does not exist'}")
     if fmt != "png" and any(p.is_dir() for p in paths):
         raise InputError(f"output {next(p for p in paths if p.is_dir())} is a folder; give a file name")
+    from img2vid.video import check_output
+
+    for path in paths:  # what export_video would refuse (a file where PNG frames go, ...), before the model loads
+        check_output(path, fmt)
     return paths, fmt
+
+
+def _video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) -> tuple[int, int]:
+    """The (width, height) of `image`'s video, checked against the output format's largest frame."""
+    from img2vid.images import fit_size
+    from img2vid.video import check_frame_size
+
+    width, height = args.width, args.height
+    if args.resize == "fit":  # the image's aspect at about width*height pixels: a long side for odd aspects
+        width, height = fit_size(image.width, image.height, args.width * args.height, multiple)
+    check_frame_size(width, height, fmt)
+    return width, height
 
 
 def _model_source(model: str) -> tuple[str, int]:
@@ -297,10 +340,16 @@ def _device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
         device = torch.device(name)
     except RuntimeError:
         raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    # meta holds no data and cpu has no second index: both would fail later, blamed on the model's files
+    if device.type == "meta" or (device.type == "cpu" and device.index not in (None, 0)):
+        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise InputError(f"device {name} is not available (CUDA GPUs found: {torch.cuda.device_count()})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("device mps is not available")
+    backend = getattr(torch, device.type, None)  # torch.xpu and the like: their own is_available()
+    if device.type not in ("cpu", "cuda", "mps") and not (backend and getattr(backend, "is_available", bool)()):
+        raise InputError(f"device {name} is not available")
     return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
 
 
@@ -332,7 +381,7 @@ def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from img2vid.images import InputError, check_size, fit_size, load_image, resize_image
+    from img2vid.images import InputError, check_size, load_image, resize_image
     from img2vid.longer import check_segments
 
     if args.min_guidance > args.max_guidance:
@@ -344,6 +393,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
     images = [load_image(s) for s in sources]  # unreadable images fail now, not after a long model load
+    sizes = [_video_size(args, image, multiple, fmt) for image in images]
     device, dtype = _device_dtype(args)
 
     import torch
@@ -370,13 +420,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant, seed=seed)
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
     run.update(export_fps=args.export_fps or fps, segments=args.segments)
-    for source, image, path in zip(sources, images, paths, strict=True):
+    for source, image, path, (width, height) in zip(sources, images, paths, sizes, strict=True):
         start = time.perf_counter()
-        width, height = args.width, args.height
-        if args.resize == "fit":
-            width, height = fit_size(image.width, image.height, args.width * args.height, multiple)
-        # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers
-        model_input = image if args.resize == "stretch" else resize_image(image, width, height, args.resize)
+        # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers.
+        # fit: its size is chosen already, in the model's multiple; resize_image's own "fit" would pick it again in
+        # multiples of 64, often another aspect, that the pipeline would then stretch to this size.
+        mode = "crop" if args.resize == "fit" else args.resize
+        model_input = image if mode == "stretch" else resize_image(image, width, height, mode)
         params.update(height=height, width=width)
         generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
         video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, _stem(source))

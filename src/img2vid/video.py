@@ -35,7 +35,17 @@ from img2vid.images import InputError, check_unit_floats, is_tensor, to_uint8
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FORMATS", "LOOP_MODES", "to_uint8_frames", "apply_loop", "export_video", "read_video", "read_metadata"]
+__all__ = [
+    "FORMATS",
+    "LOOP_MODES",
+    "to_uint8_frames",
+    "apply_loop",
+    "check_output",
+    "check_frame_size",
+    "export_video",
+    "read_video",
+    "read_metadata",
+]
 
 FORMATS = ("mp4", "webm", "gif", "webp", "png")  # "png" = a folder of PNG frames
 LOOP_MODES = ("none", "loop", "pingpong")
@@ -48,6 +58,10 @@ _EXIF_IMAGE_DESCRIPTION = 0x010E
 _PNG_META_KEY = "img2vid"
 _PNG_FPS_KEY = "img2vid-fps"
 _FOLDER_META = "metadata.json"
+# The largest width or height each format's encoder takes (x264 and WebP refuse more; GIF stores 16-bit sizes,
+# VP9 up to 65536); past these they fail only after the frames are made, with an encoder's cryptic message.
+MAX_SIDE = {"mp4": 16384, "webm": 65536, "gif": 65535, "webp": 16383}
+_GIF_MAX_CENTIS = 65535  # a GIF frame delay is a 16-bit count of centiseconds
 
 
 def _stack_uint8(array: np.ndarray) -> np.ndarray:
@@ -126,10 +140,11 @@ def _fps_fraction(fps: float | Fraction) -> Fraction:
         raise InputError(f"fps must be a number, got {fps!r}")
     if not math.isfinite(float(fps)) or fps <= 0:
         raise InputError(f"fps must be positive, got {fps}")
-    if isinstance(fps, Fraction):
-        return fps
     # 1001 recovers NTSC rates from their float spelling (29.97002997 -> 30000/1001) and keeps 12.5 exact.
-    return Fraction(float(fps)).limit_denominator(1001)
+    rate = fps if isinstance(fps, Fraction) else Fraction(float(fps)).limit_denominator(1001)
+    if rate == 0:  # below 1/2002 fps the nearest fraction is 0, and a frame would last forever
+        raise InputError(f"fps {fps} is too small; use 0.001 or more")
+    return rate
 
 
 def _json_default(value: object) -> object:
@@ -198,6 +213,8 @@ def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comm
         # GIF delays are whole centiseconds (Pillow truncates ms / 10), and browsers slow delays under 2 cs down to
         # 10 cs, so round to the nearest valid value ourselves: fps 7 plays at 100 / 14 = 7.14.
         centis = max(2, round(100 / rate))
+        if centis > _GIF_MAX_CENTIS:
+            raise InputError(f"fps {float(rate):.4g} is too slow for a GIF (at most {_GIF_MAX_CENTIS / 100} s a frame)")
         extra = {"duration": centis * 10, "optimize": False}
         if comment is not None:
             extra["comment"] = comment
@@ -258,14 +275,29 @@ def _replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_target(final: Path, fmt: str) -> None:
+def check_output(path: str | os.PathLike, fmt: str) -> None:
+    """A one-line InputError if `export_video` could not put a `fmt` video at `path` for what is there already; a
+    front end calls it before the (slow) frames are made, export_video again before writing."""
+    final = Path(path).expanduser()
     if fmt == "png":
         if final.exists() and not final.is_dir():
             raise InputError(f"cannot write PNG frames to {final}: it exists and is not a directory")
         if final.is_dir() and not _is_frame_folder(final):
             raise InputError(f"refusing to replace {final}: it holds files other than PNG frames")
-    elif final.is_dir():
+        return
+    if final.is_dir():
         raise InputError(f"cannot write {final}: it is a directory")
+    # Found only after the video had been renamed into place, the export would fail with the new video written
+    sidecar = final.with_name(final.name + ".json")
+    if sidecar.is_dir():
+        raise InputError(f"cannot write {final}: its metadata file {sidecar} is a directory")
+
+
+def check_frame_size(width: int, height: int, fmt: str) -> None:
+    """A one-line InputError if `fmt`'s encoder cannot take width x height frames (see MAX_SIDE)."""
+    limit = MAX_SIDE.get(fmt)
+    if limit is not None and max(width, height) > limit:
+        raise InputError(f"{width}x{height} frames are too large for {fmt}: at most {limit} pixels a side")
 
 
 def export_video(
@@ -291,8 +323,9 @@ def export_video(
     comment = _metadata_json(metadata)
     if crf is not None and not (isinstance(crf, (int, np.integer)) and 0 <= crf <= 63):
         raise InputError(f"crf must be an integer in 0..63, got {crf!r}")
+    check_frame_size(pixels.shape[2], pixels.shape[1], fmt)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _check_target(final, fmt)
+    check_output(final, fmt)
     if fmt == "png":
         tmp = _temp_name(final, ".tmp")
         tmp.mkdir()
@@ -320,6 +353,18 @@ def export_video(
     return final
 
 
+@contextlib.contextmanager
+def _open_image(path: Path) -> Iterator[PIL.Image.Image]:
+    """PIL.Image.open for reading back: a damaged or foreign file is a one-line InputError, as av's failures are."""
+    try:
+        with PIL.Image.open(path) as image:
+            yield image
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # not an image, truncated, bad header
+        raise InputError(f"cannot decode {path}: {e}") from None
+
+
 def _frame_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("frame_*.png"))
     if not files:
@@ -331,9 +376,9 @@ def _read_png_folder(folder: Path) -> tuple[np.ndarray, float]:
     files = _frame_files(folder)
     frames = []
     for file in files:
-        with PIL.Image.open(file) as image:
+        with _open_image(file) as image:
             frames.append(np.asarray(image.convert("RGB")))
-    with PIL.Image.open(files[0]) as first:
+    with _open_image(files[0]) as first:
         rate = first.info.get(_PNG_FPS_KEY)
     fps = float(Fraction(rate)) if rate else float(read_metadata(folder).get("fps", 0.0))
     return np.stack(frames), fps  # F x (H, W, 3) -> (F, H, W, 3)
@@ -341,7 +386,7 @@ def _read_png_folder(folder: Path) -> tuple[np.ndarray, float]:
 
 def _read_pillow(path: Path) -> tuple[np.ndarray, float]:
     frames, durations = [], []
-    with PIL.Image.open(path) as image:
+    with _open_image(path) as image:
         for index in range(getattr(image, "n_frames", 1)):
             image.seek(index)
             frames.append(np.asarray(image.convert("RGB")))
@@ -385,14 +430,14 @@ def _parse(text: str | bytes | None) -> dict:
 
 def _container_metadata(source: Path) -> dict:
     if source.is_dir():
-        with PIL.Image.open(_frame_files(source)[0]) as image:
+        with _open_image(_frame_files(source)[0]) as image:
             return _parse(image.info.get(_PNG_META_KEY))
     suffix = source.suffix.lower()
     if suffix == ".gif":
-        with PIL.Image.open(source) as image:
+        with _open_image(source) as image:
             return _parse(image.info.get("comment"))
     if suffix == ".webp":
-        with PIL.Image.open(source) as image:
+        with _open_image(source) as image:
             return _parse(image.getexif().get(_EXIF_IMAGE_DESCRIPTION))
     try:
         with av.open(str(source)) as container:
