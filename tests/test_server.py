@@ -279,8 +279,10 @@ def test_wrong_method_is_405_and_stdlib_errors_are_plain_text(address):
 
 
 def test_huge_size_is_400_before_any_work(address, png, monkeypatch):
-    status, _, text = post(address, png, width=100000, height=100000)
-    assert status == 400 and b"100000x100000 is over this server's limit" in text
+    status, _, text = post(address, png, width=4096, height=4096)
+    assert status == 400 and b"4096x4096 is over this server's limit" in text
+    status, _, text = post(address, png, width=10**400, height=64)  # past any encoder; fit_size would overflow
+    assert status == 400 and b"width: 100000000000...(401 characters) is out of range 1..16384" in text, text
     # resize=fit keeps the image's aspect at about width*height pixels: far more for a 1x400 sliver, so the limit
     # holds for the size it picks (4x780 here), not just for the one asked for
     monkeypatch.setattr(server_module, "MAX_PIXELS", W * H)
@@ -288,6 +290,24 @@ def test_huge_size_is_400_before_any_work(address, png, monkeypatch):
     make_image(1, 400).save(sliver, format="PNG")
     status, _, text = post(address, sliver.getvalue(), resize="fit")
     assert status == 400 and f"over this server's limit of {W * H} pixels".encode() in text
+
+
+def test_fit_passes_the_image_at_the_video_size(pipe):
+    """resize=fit crops the image to the size it chose (in the model's multiple): resize_image's own "fit" chose
+    again in multiples of 64, another size, which the pipeline then stretched to this one."""
+    sizes = []
+
+    class Spy:  # the pipeline, recording the size of the image each call is given
+        config, default_decode_chunk_size = pipe.config, pipe.default_decode_chunk_size
+
+        def __call__(self, image, **kw):
+            sizes.append(image.size)
+            return pipe(image, **kw)
+
+    params = parse_params(urlencode({**SMALL, "resize": "fit", "width": 40, "height": 40, "seed": 1}))
+    _, info = generate(Spy(), make_image(30, 100, seed=0), params, None)
+    assert sizes == [(info["width"], info["height"])] and info["resize"] == "fit"
+    assert info["width"] < info["height"]  # the portrait's aspect, about 40 x 40 pixels
 
 
 def test_bad_size_does_not_wait_for_a_running_generation(address, png, monkeypatch):

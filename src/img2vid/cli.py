@@ -53,8 +53,10 @@ def _number(kind: type, lo: float, hi: float | None = None) -> Callable[[str], A
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{text} is out of range {lo}..{'' if hi is None else hi}")
+        # (isfinite of an int past float's range raises: ints are finite anyway)
+        if (kind is float and not math.isfinite(value)) or value < lo or (hi is not None and value > hi):
+            shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+            raise argparse.ArgumentTypeError(f"{shown} is out of range {lo}..{'' if hi is None else hi}")
         return value
 
     return parse

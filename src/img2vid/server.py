@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 import PIL.Image
 
 from img2vid import __version__
-from img2vid.cli import _number
+from img2vid.cli import MAX_SIDE, _number
 from img2vid.images import SIZE_MODES, InputError, check_size, fit_size, load_image, resize_image
 
 __all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "FORMATS", "make_server", "serve"]
@@ -56,8 +56,8 @@ TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold 
 FORMATS = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}  # formats a browser can show inline
 # Query parameter -> parser with the CLI's ranges (cli._number), so both front ends accept exactly the same values.
 PARAMS: dict[str, Callable[[str], Any]] = {
-    "width": _number(int, 1),
-    "height": _number(int, 1),
+    "width": _number(int, 1, MAX_SIDE),
+    "height": _number(int, 1, MAX_SIDE),
     "frames": _number(int, 1, 256),
     "segments": _number(int, 1, 64),  # longer videos: chained segments (img2vid.longer)
     "steps": _number(int, 1, 1000),
@@ -168,6 +168,7 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     """The video's (width, height) once the checks that need the model's config and the image pass (size rule,
     MAX_PIXELS, segments); else a one-line InputError. Cheap, so the handler runs it before waiting for the lock."""
     from img2vid.longer import check_segments
+    from img2vid.video import check_frame_size
 
     width, height = params["width"], params["height"]
     if params["resize"] == "fit":  # the image's aspect at about width*height pixels: may be more for odd aspects
@@ -176,6 +177,7 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
         check_size(width, height, cfg.size_multiple)
     if width * height > MAX_PIXELS:
         raise InputError(f"{width}x{height} is over this server's limit of {MAX_PIXELS} pixels per frame")
+    check_frame_size(width, height, params["format"])  # what the encoder takes: a side's limit
     check_segments(params.get("segments", 1), params.get("frames") or cfg.num_frames)
     return width, height
 
@@ -192,8 +194,10 @@ def generate(
 
     cfg = pipe.config
     (width, height), mode = check_request(cfg, image, params), params["resize"]
-    # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers (= CLI)
-    model_input = image if mode == "stretch" else resize_image(image, width, height, mode)
+    # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers (= CLI).
+    # fit: the size is chosen, in the model's multiple; resize_image's own "fit" would choose again in multiples of 64
+    how = "crop" if mode == "fit" else mode
+    model_input = image if how == "stretch" else resize_image(image, width, height, how)
     frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
     run = dict(
         height=height,
