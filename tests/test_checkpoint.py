@@ -191,6 +191,31 @@ def test_single_files_are_byte_identical_however_often_written(tmp_path):
     assert again.read_bytes() == first
 
 
+def test_written_weights_get_the_umask_mode_and_io_errors_are_oserrors(tmp_path, monkeypatch):
+    """safetensors writes through a private temporary file (0600): our files get what the umask gives any new file,
+    as the JSON files beside them do. Its I/O failures (a full disk) are not OSErrors: they become ones, which the
+    CLI reports in a line like any other unwritable path."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    old = os.umask(0o022)
+    try:
+        folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+        single = ck.save_single_file(tmp_path / "a.safetensors", TINY, random_components(TINY))
+    finally:
+        os.umask(old)
+    for path in (single, folder / "unet" / "diffusion_pytorch_model.safetensors", folder / "model_index.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*b\.safetensors: .*No space left on device"):
+        ck.save_single_file(tmp_path / "b.safetensors", TINY, random_components(TINY))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "f"]  # no temporary file left
+
+
 def test_saving_over_a_folder_is_never_taken_for_complete_half_way(tmp_path, monkeypatch):
     """model_index.json is written last and required by the loader; saving over an existing folder removes the old
     one first, so an interrupted save does not load as a mix of two models' weights."""
@@ -427,6 +452,16 @@ def test_folder_weight_errors_name_the_folder(tmp_path):
         ck.load_folder(folder)
     with pytest.raises(CheckpointError, match=message):
         Pipeline.from_pretrained(folder)
+
+
+def test_variant_is_a_name_not_a_path(tmp_path):
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    for bad in ("../../elsewhere", "fp16/x", ""):
+        with pytest.raises(CheckpointError, match="is not a variant name"):
+            ck.save_folder(tmp_path / "g", TINY, random_components(TINY), variant=bad)
+        with pytest.raises(CheckpointError, match="is not a variant name"):
+            ck.load_component(folder, "unet", bad)
+    assert not (tmp_path / "g").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
 def test_missing_variant_is_named(tmp_path):

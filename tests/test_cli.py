@@ -317,6 +317,13 @@ def test_info_and_convert(models, tmp_path, capsys):
     assert main(["info", str(tmp_path / "damaged.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "usable as a pipeline: no" in out and "missing (1): " in out and "stray" in out
+    # an integer tensor where a float one belongs: named, not just "usable: no"
+    wrong = next(k for k in sd if k.startswith("model.diffusion_model."))
+    sd = {**sd, wrong: sd[wrong].to(torch.int32)}
+    save_file(sd, tmp_path / "integer.safetensors", metadata=meta)
+    assert main(["info", str(tmp_path / "integer.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "usable as a pipeline: no" in out and "unet wrong dtype (1): " in out, out
 
     converted = tmp_path / "converted"
     assert main(["convert", str(models["single_file"]), str(converted), "--dtype", "float16", "--variant", "fp16"]) == 0

@@ -25,6 +25,7 @@ from img2vid.checkpoint_io import (
     WEIGHTS_NAME,
     Device,
     StateDict,
+    check_variant,
     component_file,
     config_from_dict,
     config_to_dict,
@@ -280,7 +281,9 @@ def load_single_file(
     header, metadata = read_header(path, allow_pickle)
     fmt = detect_format(header)
     if fmt != "sgm":
-        raise CheckpointError(f"{path} is a {fmt} checkpoint, not a whole-pipeline single file (sgm layout)")
+        raise CheckpointError(
+            f"{path} is a checkpoint of the {fmt} kind, not a whole-pipeline single file (sgm layout)"
+        )
     unet_keys = [k for k in header if k.startswith("model.diffusion_model.")]
     if unet_keys and not any(".time_stack." in k for k in unet_keys):
         raise CheckpointError(f"{path} is not a Stable Video Diffusion checkpoint (its UNet has no temporal layers)")
@@ -309,7 +312,9 @@ def detect_config(path: Path, allow_pickle: bool = False) -> PipelineConfig:
         return read_pipeline_config(path)
     header, metadata = read_header(path, allow_pickle)
     if detect_format(header) != "sgm":
-        raise CheckpointError(f"{path} is a {detect_format(header)} checkpoint, not a whole-pipeline single file")
+        raise CheckpointError(
+            f"{path} is a checkpoint of the {detect_format(header)} kind, not a whole-pipeline single file"
+        )
     return _single_file_config(path, metadata, None, detect_sgm_variant(header))[0]
 
 
@@ -343,6 +348,7 @@ def save_folder(
     so an interrupted save does not look like a complete folder (the loader requires it); an older one goes first,
     so that saving over a folder is not taken for complete while it holds the weights of two models."""
     path = Path(path)
+    check_variant(variant)
     (path / "model_index.json").unlink(missing_ok=True)
     dtype = dtype or VARIANT_DTYPES.get(variant or "")
     v = f".{variant}" if variant else ""

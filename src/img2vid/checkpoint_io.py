@@ -285,12 +285,19 @@ def _sort_metadata(path: Path) -> None:
 
 
 def write_safetensors(path: Path, sd: StateDict, metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: _complete(cast(t, dtype)) for k, t in sd.items()}
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o666))  # the mode the umask gives a new file
+        mode = tmp.stat().st_mode & 0o777
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+        except SafetensorError as e:  # its I/O failures (a full disk, a missing folder) are not OSErrors
+            raise OSError(f"cannot write {path}: {' '.join(str(e).split())}") from None
+        os.chmod(tmp, mode)  # safetensors writes through a private temporary file: 0600, whatever the umask
         _sort_metadata(tmp)
 
     _atomic_write(Path(path), write)
@@ -301,7 +308,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 # ---- diffusers folders: which files hold what -------------------------------------------------------------------
+def check_variant(variant: str | None) -> None:
+    """A variant is part of a file name (model.fp16.safetensors): a path there would read or write elsewhere."""
+    if variant is not None and not (variant and all(ch.isalnum() or ch in "_-" for ch in variant)):
+        raise CheckpointError(f"{variant!r} is not a variant name (letters, digits, _ and -, e.g. fp16)")
+
+
 def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
+    check_variant(variant)
     sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
     # diffusers names a sharded variant's index stem.safetensors.index.fp16.json, transformers stem.fp16.safetensors...
     for name in (f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors.index.json"):

@@ -79,7 +79,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, c in [*comps.items(), ("total", {k: sum(c[k] for c in comps.values()) for k in ("tensors", "params")})]:
         print(f"  {name:<14}{c['tensors']:>9,}{c['params']:>16,}  {', '.join(c.get('dtypes', []))}".rstrip())
     named = [(f"{n} {k.replace('_', ' ')}", c.get(k)) for n, c in comps.items() for k in ("missing", "unexpected")]
-    named += [(f"{n} wrong shape", c.get("wrong_shape")) for n, c in comps.items()]
+    named += [(f"{n} wrong {k}", c.get(f"wrong_{k}")) for n, c in comps.items() for k in ("shape", "dtype")]
     named += [("unknown tensors", info.get("unknown")), ("unused tensors skipped", info.get("skipped_unused"))]
     for label, names in named:
         if isinstance(names, int):  # a count only (the skipped tensors are known leftovers, not worth listing)
