@@ -389,6 +389,21 @@ def test_serve_is_a_cli_command(capsys):
     assert "70000 is out of range 0..65535" in capsys.readouterr().err
 
 
+def test_serve_binds_before_loading_the_model(address, tmp_path, capsys, monkeypatch):
+    """A port in use is reported at once, in a line naming it, not after a model load of a minute."""
+    import img2vid.cli
+
+    def no_load(*args: object) -> None:
+        raise AssertionError("the model was loaded before the port was bound")
+
+    monkeypatch.setattr(img2vid.cli, "_load_pipeline", no_load)
+    model = Pipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "m")
+    host, port = address
+    assert main(["serve", "--model", str(model), "--host", host, "--port", str(port), "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"img2vid: error: cannot serve on {host}:{port}: "), lines
+
+
 def test_progress_when_idle(address):
     assert progress(address) == {"busy": False, "waiting": 0}
 

@@ -440,9 +440,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from img2vid.server import serve
+    from img2vid.server import make_server, serve
 
     kind, _ = _model_source(args.model)
     device, dtype = _device_dtype(args)
-    pipe, _ = _load_pipeline(args, kind, device, dtype)
-    return serve(pipe, args.host, args.port, model=args.model, quiet=args.quiet)
+    # Bound before the (long) model load: a port in use is an error now, not after it
+    server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
+    try:
+        server.pipe, _ = _load_pipeline(args, kind, device, dtype)
+    except BaseException:
+        server.server_close()
+        raise
+    return serve(server, model=args.model)

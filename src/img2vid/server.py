@@ -358,15 +358,19 @@ def make_server(
     max_body: int = MAX_BODY_BYTES,
     quiet: bool = False,
 ) -> ThreadingHTTPServer:
-    """A bound, not yet serving server (port 0: any free port, see `server.server_address`); call serve_forever."""
-    return Server((host, port), pipe, model, max_body, quiet)
+    """A bound, not yet serving server (port 0: any free port, see `server.server_address`); call serve_forever.
+    `pipe` may be set later (server.pipe), before serving: the CLI binds first, so a taken port fails at once."""
+    try:
+        return Server((host, port), pipe, model, max_body, quiet)
+    except OSError as e:  # in use, not ours, unknown host: say where, in a line
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 
 
-def serve(pipe: Any, host: str = "127.0.0.1", port: int = 8000, model: str | None = None, quiet: bool = False) -> int:
-    """Serve until Ctrl-C."""
-    server = make_server(pipe, host, port, model, quiet=quiet)
+def serve(server: ThreadingHTTPServer, model: str | None = None) -> int:
+    """Serve a bound server (`make_server`) until Ctrl-C."""
+    host, port = server.server_address[:2]
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"img2vid serving {model} on http://{shown_host}:{server.server_address[1]}/ (Ctrl-C stops)", file=sys.stderr)
+    print(f"img2vid serving {model} on http://{shown_host}:{port}/ (Ctrl-C stops)", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
