@@ -10,6 +10,7 @@ Choices worth knowing:
   ImageDescription, an iTXt chunk "img2vid" in every PNG frame. The sidecar wins when both exist.
 - Nothing ever appears under the final name half-written: everything goes to a hidden temp in the same directory
   and is renamed over the target; on any exception (Ctrl-C included) the temp is removed, an older file survives.
+Reading these files back (frames, fps, metadata) is img2vid.video_read; read_video and read_metadata are also here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import PIL.Image
 import PIL.PngImagePlugin
 
 from img2vid.images import InputError, check_unit_floats, is_tensor, to_uint8
+from img2vid.video_read import EXIF_IMAGE_DESCRIPTION, FOLDER_META, PNG_FPS_KEY, PNG_META_KEY, read_metadata, read_video
 
 if TYPE_CHECKING:
     import torch
@@ -54,10 +56,6 @@ WEBP_QUALITY = 90
 _CODECS = {"mp4": "libx264", "webm": "libvpx-vp9"}
 _BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709 share the value 1 in ffmpeg's enums
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("tv" range, what players expect from yuv420p)
-_EXIF_IMAGE_DESCRIPTION = 0x010E
-_PNG_META_KEY = "img2vid"
-_PNG_FPS_KEY = "img2vid-fps"
-_FOLDER_META = "metadata.json"
 # The largest width or height each format's encoder takes (x264 and WebP refuse more; GIF stores 16-bit sizes,
 # VP9 up to 65536); past these they fail only after the frames are made, with an encoder's cryptic message.
 MAX_SIDE = {"mp4": 16384, "webm": 65536, "gif": 65535, "webp": 16383}
@@ -222,7 +220,7 @@ def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comm
         extra = {"duration": max(1, round(1000 / rate)), "quality": WEBP_QUALITY, "method": 4}
         if comment is not None:
             exif = PIL.Image.Exif()
-            exif[_EXIF_IMAGE_DESCRIPTION] = comment
+            exif[EXIF_IMAGE_DESCRIPTION] = comment
             extra["exif"] = exif.tobytes()
     # loop=0: play forever, as a generated clip is meant to.
     images[0].save(path, format=fmt.upper(), save_all=True, append_images=images[1:], loop=0, **extra)
@@ -230,10 +228,10 @@ def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comm
 
 def _write_png_folder(frames: np.ndarray, folder: Path, rate: Fraction, comment: str | None) -> None:
     info = PIL.PngImagePlugin.PngInfo()
-    info.add_text(_PNG_FPS_KEY, str(rate))  # a folder has no container to carry the frame rate
+    info.add_text(PNG_FPS_KEY, str(rate))  # a folder has no container to carry the frame rate
     if comment is not None:
-        info.add_itxt(_PNG_META_KEY, comment)
-        (folder / _FOLDER_META).write_text(comment + "\n", encoding="utf-8")
+        info.add_itxt(PNG_META_KEY, comment)
+        (folder / FOLDER_META).write_text(comment + "\n", encoding="utf-8")
     for index, pixels in enumerate(frames):
         PIL.Image.fromarray(pixels).save(folder / f"frame_{index:05d}.png", pnginfo=info)
 
@@ -257,7 +255,7 @@ def _staged_file(final: Path) -> Iterator[Path]:
 
 def _is_frame_folder(folder: Path) -> bool:
     """Only a folder this module wrote may be replaced: never delete a user's unrelated directory."""
-    return all(p.name == _FOLDER_META or (p.name.startswith("frame_") and p.suffix == ".png") for p in folder.iterdir())
+    return all(p.name == FOLDER_META or (p.name.startswith("frame_") and p.suffix == ".png") for p in folder.iterdir())
 
 
 def _replace_folder(tmp: Path, final: Path) -> None:
@@ -351,114 +349,3 @@ def export_video(
             os.replace(tmp_video, final)
             os.replace(tmp_sidecar, sidecar)
     return final
-
-
-@contextlib.contextmanager
-def _open_image(path: Path) -> Iterator[PIL.Image.Image]:
-    """PIL.Image.open for reading back: a damaged or foreign file is a one-line InputError, as av's failures are."""
-    try:
-        with PIL.Image.open(path) as image:
-            yield image
-    except InputError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # not an image, truncated, bad header
-        raise InputError(f"cannot decode {path}: {e}") from None
-
-
-def _frame_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("frame_*.png"))
-    if not files:
-        raise InputError(f"{folder} holds no frame_*.png files")
-    return files
-
-
-def _read_png_folder(folder: Path) -> tuple[np.ndarray, float]:
-    files = _frame_files(folder)
-    frames = []
-    for file in files:
-        with _open_image(file) as image:
-            frames.append(np.asarray(image.convert("RGB")))
-    with _open_image(files[0]) as first:
-        rate = first.info.get(_PNG_FPS_KEY)
-    fps = float(Fraction(rate)) if rate else float(read_metadata(folder).get("fps", 0.0))
-    return np.stack(frames), fps  # F x (H, W, 3) -> (F, H, W, 3)
-
-
-def _read_pillow(path: Path) -> tuple[np.ndarray, float]:
-    frames, durations = [], []
-    with _open_image(path) as image:
-        for index in range(getattr(image, "n_frames", 1)):
-            image.seek(index)
-            frames.append(np.asarray(image.convert("RGB")))
-            durations.append(float(image.info.get("duration", 0) or 0))
-    mean_ms = sum(durations) / len(durations)
-    return np.stack(frames), (1000.0 / mean_ms if mean_ms > 0 else 0.0)  # F x (H, W, 3) -> (F, H, W, 3)
-
-
-def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """Decode a file written by `export_video` (or any PyAV-readable video) -> ((F, H, W, 3) uint8, fps)."""
-    source = Path(path).expanduser()
-    if not source.exists():
-        raise InputError(f"video not found: {source}")
-    if source.is_dir():
-        return _read_png_folder(source)
-    if source.suffix.lower() in (".gif", ".webp"):
-        return _read_pillow(source)
-    try:
-        with av.open(str(source)) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            # to_ndarray converts with the stream's tagged matrix (BT.709 for our files).
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    except (av.FFmpegError, IndexError) as e:
-        raise InputError(f"cannot decode {source}: {e}") from None
-    if not frames:
-        raise InputError(f"{source} has no video frames")
-    return np.stack(frames), float(rate or 0.0)  # F x (H, W, 3) -> (F, H, W, 3)
-
-
-def _parse(text: str | bytes | None) -> dict:
-    """Container copies may have been written by other tools: anything that is not a JSON object is ignored."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _container_metadata(source: Path) -> dict:
-    if source.is_dir():
-        with _open_image(_frame_files(source)[0]) as image:
-            return _parse(image.info.get(_PNG_META_KEY))
-    suffix = source.suffix.lower()
-    if suffix == ".gif":
-        with _open_image(source) as image:
-            return _parse(image.info.get("comment"))
-    if suffix == ".webp":
-        with _open_image(source) as image:
-            return _parse(image.getexif().get(_EXIF_IMAGE_DESCRIPTION))
-    try:
-        with av.open(str(source)) as container:
-            tags = {key.lower(): value for key, value in container.metadata.items()}  # matroska upper-cases tags
-    except av.FFmpegError:
-        return {}
-    return _parse(tags.get("comment"))
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata dict stored by `export_video`: the sidecar JSON, else the copy inside the file, else {}."""
-    source = Path(path).expanduser()
-    if not source.exists():
-        raise InputError(f"video not found: {source}")
-    sidecar = source / _FOLDER_META if source.is_dir() else source.with_name(source.name + ".json")
-    if sidecar.is_file():
-        try:
-            value = json.loads(sidecar.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise InputError(f"{sidecar} is not valid JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise InputError(f"{sidecar} does not hold a JSON object")
-        return value
-    return _container_metadata(source)
