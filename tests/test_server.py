@@ -396,7 +396,7 @@ def test_serve_binds_before_loading_the_model(address, tmp_path, capsys, monkeyp
     def no_load(*args: object) -> None:
         raise AssertionError("the model was loaded before the port was bound")
 
-    monkeypatch.setattr(img2vid.cli, "_load_pipeline", no_load)
+    monkeypatch.setattr(img2vid.cli, "load_pipeline", no_load)
     model = Pipeline.from_config("tiny", seed=0).save_pretrained(tmp_path / "m")
     host, port = address
     assert main(["serve", "--model", str(model), "--host", host, "--port", str(port), "--device", "cpu"]) == 2

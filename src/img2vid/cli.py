@@ -1,5 +1,6 @@
 """The `img2vid` command: generate, selftest, info, convert, serve (the bodies of selftest, info and convert, and
-generate's sampling with its progress bars, are in `img2vid.cli_tools`; parsing and error handling are here).
+generate's sampling with its progress bars, are in `img2vid.cli_tools`; the arguments' checks and the model's
+loading in `img2vid.cli_setup`; parsing and error handling are here).
 
 Every user mistake is caught before the (slow, large) model loads and ends as ONE line `img2vid: error: ...` with
 exit code 2; torch and the pipeline are imported inside the commands so `img2vid --help` stays instant.
@@ -8,31 +9,35 @@ exit code 2; torch and the pipeline are imported inside the commands so `img2vid
 from __future__ import annotations
 
 import argparse
-import glob
 import math
-import os
 import re
 import secrets
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn
 
 from img2vid import __version__
+from img2vid.cli_setup import (
+    FORMATS,
+    device_dtype,
+    expand_images,
+    load_pipeline,
+    model_source,
+    output_paths,
+    stem,
+    video_size,
+)
 from img2vid.cli_tools import cmd_convert, cmd_info, cmd_selftest, sample_video
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float16", "bfloat16", "float32")
-FORMATS = ("mp4", "webm", "gif", "webp", "png")  # = img2vid.video.FORMATS, spelled out to keep --help import-free
 OOM_HINT = "try --low-memory, --offload model (or sequential) or --decode-chunk-size 2"
 HOST_OOM_HINT = "try a smaller --width/--height, fewer --frames or --decode-chunk-size 2"
 # The widest frame every encoder but WebP's takes (= video.MAX_SIDE["mp4"]); more fails as an overflow in Pillow or
 # as an allocation of terabytes, not as a message about the size.
 MAX_SIDE = 16384
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _VARIANT = re.compile(r"^[\w-]+$")
 # torch's CPU allocator reports a failed allocation as a plain RuntimeError carrying this text
 _CPU_ALLOC_FAILED = "DefaultCPUAllocator: can't allocate memory"
@@ -236,152 +241,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
         print(warnings.formatwarning(message, category, filename, lineno).rstrip(), file=sys.stderr)
 
 
-# ---- generate ------------------------------------------------------------------------------------------------------
-def _expand_images(patterns: list[str]) -> list[str]:
-    """Paths, URLs and glob patterns (expanded here too, so a quoted pattern works) -> sources, in order."""
-    from img2vid.images import InputError
-
-    sources: list[str] = []
-    for pattern in patterns:
-        if pattern.lower().startswith(("http://", "https://")):
-            sources.append(pattern)
-        elif glob.has_magic(pattern) and not Path(pattern).exists():
-            matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-            if not matches:
-                raise InputError(f"no image matches {pattern!r}")
-            sources.extend(matches)
-        elif Path(pattern).expanduser().is_dir():
-            raise InputError(f"{pattern} is a directory, not an image file (a glob such as DIR/*.png takes its images)")
-        elif not Path(pattern).expanduser().is_file():
-            raise InputError(f"image not found: {pattern}")
-        else:
-            sources.append(str(Path(pattern).expanduser()))
-    return sources
-
-
-def _stem(source: str) -> str:
-    return Path(source.split("?")[0]).stem or "video"
-
-
-def _output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[list[Path], str]:
-    """One output path per source and the format. Several sources need a folder or a pattern with {stem}."""
-    from img2vid.images import InputError
-
-    out = Path(output).expanduser()
-    as_folder = out.is_dir() or output.endswith(("/", os.sep))
-    if "{stem}" not in output and not as_folder and len(sources) > 1:
-        raise InputError(f"{len(sources)} images need -o to be a folder or a pattern containing {{stem}}, not {output}")
-    if not as_folder:
-        suffix = out.suffix.lower().lstrip(".")
-        if suffix and suffix not in FORMATS:
-            raise InputError(f"unknown video format {out.suffix!r} in {output}; use one of {', '.join(FORMATS)}")
-        if suffix and fmt and suffix != fmt:
-            raise InputError(f"--format {fmt} does not match the extension of {output}")
-        fmt = fmt or suffix or "mp4"
-    fmt = fmt or "mp4"
-    ext = "" if fmt == "png" else f".{fmt}"  # png = a folder of frames
-    if as_folder:
-        paths = [out / f"{_stem(s)}{ext}" for s in sources]
-    else:
-        paths = [Path(str(out).replace("{stem}", _stem(s))) for s in sources]
-        paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
-    if len(set(paths)) < len(paths):
-        raise InputError(f"several images would write the same file; use a pattern with {{stem}} (got {output})")
-    # a folder given with a trailing slash is created (by the export) if its own parent exists
-    for folder in {out if out.is_dir() else out.parent} if as_folder else {p.parent for p in paths}:
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise InputError(f"output folder {folder} {'is not writable' if folder.is_dir() else 'does not exist'}")
-    if fmt != "png" and any(p.is_dir() for p in paths):
-        raise InputError(f"output {next(p for p in paths if p.is_dir())} is a folder; give a file name")
-    from img2vid.video import check_output
-
-    for path in paths:  # what export_video would refuse (a file where PNG frames go, ...), before the model loads
-        check_output(path, fmt)
-    return paths, fmt
-
-
-def _video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) -> tuple[int, int]:
-    """The (width, height) of `image`'s video, checked against the output format's largest frame."""
-    from img2vid.images import fit_size
-    from img2vid.video import check_frame_size
-
-    width, height = args.width, args.height
-    if args.resize == "fit":  # the image's aspect at about width*height pixels: a long side for odd aspects
-        width, height = fit_size(image.width, image.height, args.width * args.height, multiple)
-    check_frame_size(width, height, fmt)
-    return width, height
-
-
-def _model_source(model: str) -> tuple[str, int]:
-    """("folder" | "file" | "hub", the size multiple), without loading weights: a typo fails fast, not as a hub
-    lookup. Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD
-    model (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
-    from img2vid import checkpoint
-
-    path, config = Path(model).expanduser(), None
-    if path.is_dir():
-        kind, config = "folder", checkpoint.read_pipeline_config(path)
-    elif path.is_file():
-        kind, config = "file", checkpoint.peek_config(path)
-    elif _HUB_ID.match(model) and not model.startswith(".") and not model.lower().endswith(_WEIGHT_SUFFIXES):
-        kind = "hub"
-    else:
-        raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
-    if config is None:
-        return kind, 64
-    return kind, config.size_multiple
-
-
-def _device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-
-    from img2vid.images import InputError
-
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
-    # meta holds no data and cpu has no second index: both would fail later, blamed on the model's files
-    if device.type == "meta" or (device.type == "cpu" and device.index not in (None, 0)):
-        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise InputError(f"device {name} is not available (CUDA GPUs found: {torch.cuda.device_count()})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device mps is not available")
-    backend = getattr(torch, device.type, None)  # torch.xpu and the like: their own is_available()
-    if device.type not in ("cpu", "cuda", "mps") and not (backend and getattr(backend, "is_available", bool)()):
-        raise InputError(f"device {name} is not available")
-    return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
-
-
-def _load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) -> tuple[Any, str | None]:
-    import torch
-
-    from img2vid.pipeline import Pipeline
-
-    # The hub's fp16 files for float16: half the download, the same float16 weights.
-    variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
-    variant = None if variant == "none" else variant
-    offload = args.offload or "none"
-    load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
-    kw = dict(torch_dtype=dtype, variant=variant, local_files_only=args.offline, allow_pickle=args.allow_pickle)
-    pipe = Pipeline.from_pretrained(args.model, device=load_to, **kw)
-    if args.low_memory:  # sequential offload, split guidance halves, forward chunking, decode chunks of 2
-        pipe.enable_low_memory(device=device)
-    elif offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
-        pipe.unet.enable_forward_chunking()
-    if args.compile or args.compile_cache:
-        # the whole denoising step and the decoder as compiled graphs (fullgraph), kept ahead of time in a cache dir
-        pipe.compile(cache_dir=args.compile_cache)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, variant
-
-
+# ---- generate, serve ---------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
     from img2vid.images import InputError, check_size, load_image, resize_image
     from img2vid.longer import check_segments
@@ -389,20 +249,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.min_guidance > args.max_guidance:
         raise InputError(f"--min-guidance {args.min_guidance} is above --max-guidance {args.max_guidance}")
     check_segments(args.segments, args.frames)  # --frames 1 cannot be chained
-    sources = _expand_images(args.images)
-    paths, fmt = _output_paths(sources, args.output, args.format)
-    kind, multiple = _model_source(args.model)
+    sources = expand_images(args.images)
+    paths, fmt = output_paths(sources, args.output, args.format)
+    kind, multiple = model_source(args.model)
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
     images = [load_image(s) for s in sources]  # unreadable images fail now, not after a long model load
-    sizes = [_video_size(args, image, multiple, fmt) for image in images]
-    device, dtype = _device_dtype(args)
+    sizes = [video_size(args, image, multiple, fmt) for image in images]
+    device, dtype = device_dtype(args)
 
     import torch
 
     from img2vid.video import export_video
 
-    pipe, variant = _load_pipeline(args, kind, device, dtype)
+    pipe, variant = load_pipeline(args, kind, device, dtype)
     cfg, frames, fps = pipe.config, args.frames or pipe.config.num_frames, args.fps or pipe.config.default_fps
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     if not args.quiet:
@@ -431,7 +291,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model_input = image if mode == "stretch" else resize_image(image, width, height, mode)
         params.update(height=height, width=width)
         generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
-        video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, _stem(source))
+        video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, stem(source))
         metadata = {**run, "image": source, **params}
         export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
         n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, 3, H, W) frames
@@ -442,12 +302,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from img2vid.server import make_server, serve
 
-    kind, _ = _model_source(args.model)
-    device, dtype = _device_dtype(args)
+    kind, _ = model_source(args.model)
+    device, dtype = device_dtype(args)
     # Bound before the (long) model load: a port in use is an error now, not after it
     server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
     try:
-        server.pipe, _ = _load_pipeline(args, kind, device, dtype)
+        server.pipe, _ = load_pipeline(args, kind, device, dtype)
     except BaseException:
         server.server_close()
         raise

@@ -1,0 +1,161 @@
+"""From `img2vid generate` / `serve` arguments to what the run needs: image sources, output paths and format, each
+video's frame size, the device and dtype, and the loaded pipeline with its memory and speed modes. Every check that
+can fail runs before the model loads (`img2vid.cli` turns the errors into one line); heavy imports stay inside."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("mp4", "webm", "gif", "webp", "png")  # = img2vid.video.FORMATS, spelled out to keep --help import-free
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def expand_images(patterns: list[str]) -> list[str]:
+    """Paths, URLs and glob patterns (expanded here too, so a quoted pattern works) -> sources, in order."""
+    from img2vid.images import InputError
+
+    sources: list[str] = []
+    for pattern in patterns:
+        if pattern.lower().startswith(("http://", "https://")):
+            sources.append(pattern)
+        elif glob.has_magic(pattern) and not Path(pattern).exists():
+            matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            if not matches:
+                raise InputError(f"no image matches {pattern!r}")
+            sources.extend(matches)
+        elif Path(pattern).expanduser().is_dir():
+            raise InputError(f"{pattern} is a directory, not an image file (a glob such as DIR/*.png takes its images)")
+        elif not Path(pattern).expanduser().is_file():
+            raise InputError(f"image not found: {pattern}")
+        else:
+            sources.append(str(Path(pattern).expanduser()))
+    return sources
+
+
+def stem(source: str) -> str:
+    return Path(source.split("?")[0]).stem or "video"
+
+
+def output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[list[Path], str]:
+    """One output path per source and the format. Several sources need a folder or a pattern with {stem}."""
+    from img2vid.images import InputError
+
+    out = Path(output).expanduser()
+    as_folder = out.is_dir() or output.endswith(("/", os.sep))
+    if "{stem}" not in output and not as_folder and len(sources) > 1:
+        raise InputError(f"{len(sources)} images need -o to be a folder or a pattern containing {{stem}}, not {output}")
+    if not as_folder:
+        suffix = out.suffix.lower().lstrip(".")
+        if suffix and suffix not in FORMATS:
+            raise InputError(f"unknown video format {out.suffix!r} in {output}; use one of {', '.join(FORMATS)}")
+        if suffix and fmt and suffix != fmt:
+            raise InputError(f"--format {fmt} does not match the extension of {output}")
+        fmt = fmt or suffix or "mp4"
+    fmt = fmt or "mp4"
+    ext = "" if fmt == "png" else f".{fmt}"  # png = a folder of frames
+    if as_folder:
+        paths = [out / f"{stem(s)}{ext}" for s in sources]
+    else:
+        paths = [Path(str(out).replace("{stem}", stem(s))) for s in sources]
+        paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
+    if len(set(paths)) < len(paths):
+        raise InputError(f"several images would write the same file; use a pattern with {{stem}} (got {output})")
+    # a folder given with a trailing slash is created (by the export) if its own parent exists
+    for folder in {out if out.is_dir() else out.parent} if as_folder else {p.parent for p in paths}:
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise InputError(f"output folder {folder} {'is not writable' if folder.is_dir() else 'does not exist'}")
+    if fmt != "png" and any(p.is_dir() for p in paths):
+        raise InputError(f"output {next(p for p in paths if p.is_dir())} is a folder; give a file name")
+    from img2vid.video import check_output
+
+    for path in paths:  # what export_video would refuse (a file where PNG frames go, ...), before the model loads
+        check_output(path, fmt)
+    return paths, fmt
+
+
+def video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) -> tuple[int, int]:
+    """The (width, height) of `image`'s video, checked against the output format's largest frame."""
+    from img2vid.images import fit_size
+    from img2vid.video import check_frame_size
+
+    width, height = args.width, args.height
+    if args.resize == "fit":  # the image's aspect at about width*height pixels: a long side for odd aspects
+        width, height = fit_size(image.width, image.height, args.width * args.height, multiple)
+    check_frame_size(width, height, fmt)
+    return width, height
+
+
+def model_source(model: str) -> tuple[str, int]:
+    """("folder" | "file" | "hub", the size multiple), without loading weights: a typo fails fast, not as a hub
+    lookup. Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD
+    model (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
+    from img2vid import checkpoint
+
+    path, config = Path(model).expanduser(), None
+    if path.is_dir():
+        kind, config = "folder", checkpoint.read_pipeline_config(path)
+    elif path.is_file():
+        kind, config = "file", checkpoint.peek_config(path)
+    elif HUB_ID.match(model) and not model.startswith(".") and not model.lower().endswith(WEIGHT_SUFFIXES):
+        kind = "hub"
+    else:
+        raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
+    if config is None:
+        return kind, 64
+    return kind, config.size_multiple
+
+
+def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
+    from img2vid.images import InputError
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    # meta holds no data and cpu has no second index: both would fail later, blamed on the model's files
+    if device.type == "meta" or (device.type == "cpu" and device.index not in (None, 0)):
+        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise InputError(f"device {name} is not available (CUDA GPUs found: {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device mps is not available")
+    backend = getattr(torch, device.type, None)  # torch.xpu and the like: their own is_available()
+    if device.type not in ("cpu", "cuda", "mps") and not (backend and getattr(backend, "is_available", bool)()):
+        raise InputError(f"device {name} is not available")
+    return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
+
+
+def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) -> tuple[Any, str | None]:
+    import torch
+
+    from img2vid.pipeline import Pipeline
+
+    # The hub's fp16 files for float16: half the download, the same float16 weights.
+    variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
+    variant = None if variant == "none" else variant
+    offload = args.offload or "none"
+    load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
+    kw = dict(torch_dtype=dtype, variant=variant, local_files_only=args.offline, allow_pickle=args.allow_pickle)
+    pipe = Pipeline.from_pretrained(args.model, device=load_to, **kw)
+    if args.low_memory:  # sequential offload, split guidance halves, forward chunking, decode chunks of 2
+        pipe.enable_low_memory(device=device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
+        pipe.unet.enable_forward_chunking()
+    if args.compile or args.compile_cache:
+        # the whole denoising step and the decoder as compiled graphs (fullgraph), kept ahead of time in a cache dir
+        pipe.compile(cache_dir=args.compile_cache)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, variant
