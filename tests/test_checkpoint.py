@@ -17,6 +17,7 @@ from conftest import SHAPES, reference_pipeline
 
 from img2vid import checkpoint as ck
 from img2vid import configs
+from img2vid.checkpoint_tools import checkpoint_info, convert
 from img2vid.configs import PipelineConfig, preset, replace
 from img2vid.sgm_keys import (
     COMPONENTS,
@@ -147,7 +148,7 @@ def test_single_file_round_trip(tmp_path):
     config16, back16 = ck.load_single_file(path, dtype=torch.float16)
     assert_same(back16, {c: {k: t.half() for k, t in sd.items()} for c, sd in sds.items()})
     assert ck.detect_config(path) == TINY_B
-    info = ck.checkpoint_info(path)
+    info = checkpoint_info(path)
     assert (
         info["format"] == "sgm" and info["variant"] == "temporal" and info["ok"] and info["config_source"] == "metadata"
     )
@@ -172,11 +173,11 @@ def test_convert_folder_file_folder(tmp_path):
     config = with_decoder(TINY_B, False)
     sds = random_components(config, seed=3)
     folder = ck.save_folder(tmp_path / "a", config, sds)
-    single = ck.convert(folder, tmp_path / "b.safetensors")
-    again = ck.convert(single, tmp_path / "c")
+    single = convert(folder, tmp_path / "b.safetensors")
+    again = convert(single, tmp_path / "c")
     assert ck.read_pipeline_config(again) == config
     assert_same({c: ck.load_component(again, c) for c in COMPONENTS}, sds)
-    half = ck.convert(single, tmp_path / "d", variant="fp16")
+    half = convert(single, tmp_path / "d", variant="fp16")
     assert ck.load_component(half, "unet", "fp16")["conv_in.weight"].dtype == torch.float16
 
 
@@ -187,7 +188,7 @@ def test_single_files_are_byte_identical_however_often_written(tmp_path):
     first = ck.save_single_file(tmp_path / "a.safetensors", TINY, sds).read_bytes()
     for i in range(8):  # unsorted, two metadata entries come out in either order: 8 agreeing writes by chance, 1/256
         assert ck.save_single_file(tmp_path / f"b{i}.safetensors", TINY, sds).read_bytes() == first
-    again = ck.convert(ck.convert(tmp_path / "a.safetensors", tmp_path / "f"), tmp_path / "c.safetensors")
+    again = convert(convert(tmp_path / "a.safetensors", tmp_path / "f"), tmp_path / "c.safetensors")
     assert again.read_bytes() == first
 
 
@@ -240,10 +241,10 @@ def test_convert_onto_an_existing_path_of_the_other_kind(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "dir.safetensors").mkdir()
     with pytest.raises(CheckpointError, match=r"file already exists as a file"):
-        ck.convert(single, tmp_path / "file")
+        convert(single, tmp_path / "file")
     with pytest.raises(CheckpointError, match=r"dir\.safetensors already exists as a folder"):
-        ck.convert(single, tmp_path / "dir.safetensors")
-    assert ck.convert(single, single, dtype=torch.float16) == single  # in place (atomically) is fine
+        convert(single, tmp_path / "dir.safetensors")
+    assert convert(single, single, dtype=torch.float16) == single  # in place (atomically) is fine
     assert ck.load_single_file(single)[1]["unet"]["conv_in.weight"].dtype == torch.float16
 
 
@@ -361,7 +362,7 @@ def test_sgm_strictness(tmp_path):
         ck.load_single_file(save({**sgm, wrong: torch.zeros(5)}))
     with pytest.raises(CheckpointError, match="unknown tensor.*first_stage_model.bogus"):
         ck.load_single_file(save({**sgm, "first_stage_model.bogus": torch.zeros(5)}))
-    info = ck.checkpoint_info(save({**sgm, wrong: torch.zeros(5)}))
+    info = checkpoint_info(save({**sgm, wrong: torch.zeros(5)}))
     assert not info["ok"] and info["components"]["vae"]["wrong_shape"] == ["decoder.time_conv_out.bias"]
     # An explicit config takes the file's kind of VAE decoder; a stored one must agree with it.
     assert ck.load_single_file(save(sgm), config=with_decoder(TINY, False))[0].vae.temporal_decoder
@@ -384,7 +385,7 @@ def test_integer_weights_are_named(tmp_path, dtype):
         match=rf"not floating-point \(model\.diffusion_model\.input_blocks\.0\.0\.weight torch\.{name}\)",
     ):
         ck.load_single_file(path, dtype=torch.float32)
-    info = ck.checkpoint_info(path)
+    info = checkpoint_info(path)
     assert not info["ok"] and info["components"]["unet"]["wrong_dtype"] == ["conv_in.weight"]
     folder = ck.save_folder(tmp_path / "f", TINY, sds)
     with pytest.raises(CheckpointError, match=rf"unet weights .* not floating-point \(conv_in\.weight torch\.{name}\)"):
@@ -553,7 +554,7 @@ def test_diffusers_save_pretrained_folder_loads(tiny_model_dir, reference_pipeli
     assert_same({c: ck.load_component(tiny_model_dir, c) for c in COMPONENTS}, ref)
     half = {c: ck.load_component(tiny_model_dir, c, "fp16") for c in COMPONENTS}
     assert_same(half, {c: {k: t.half() for k, t in sd.items()} for c, sd in ref.items()})
-    info = ck.checkpoint_info(tiny_model_dir)
+    info = checkpoint_info(tiny_model_dir)
     assert info["format"] == "diffusers-folder" and info["variants"] == ["fp16"] and info["ok"]
 
 

@@ -372,9 +372,9 @@ def test_single_file_generates_the_same_frames_as_the_folder(tiny_model_dir, tmp
     the frames of the same weights in the diffusers layout. The weights come back bit-identical (test_checkpoint; the
     temporal VAE's quant_conv travels in sgm's conditioning-autoencoder slot); the CLIP q/k/v projections are then
     views into sgm's fused in_proj tensor, which moves the float32 embedding by an ulp, so frames match to rounding."""
-    from img2vid import checkpoint
+    from img2vid.checkpoint_tools import convert
 
-    single = checkpoint.convert(tiny_model_dir, tmp_path / "svd_tiny.safetensors")
+    single = convert(tiny_model_dir, tmp_path / "svd_tiny.safetensors")
     kw = dict(image=make_image(), height=H, width=W, num_frames=3, num_inference_steps=2, output_type="pt")
     outs = []
     for p in (Pipeline.from_pretrained(tiny_model_dir), Pipeline.from_single_file(single)):

@@ -3,7 +3,7 @@
 asked. Tensors are read straight to the target device and dtype, one at a time, and loading is strict: a tensor too
 many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_keys,
 file reading and writing is img2vid.checkpoint_io (its public names are importable from here too), hub ids
-img2vid.hub.
+img2vid.hub, conversion and inspection (`img2vid convert` / `info`) img2vid.checkpoint_tools.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from torch import nn
 from img2vid import configs
 from img2vid.checkpoint_io import (
     CONFIG_KEY,
-    PICKLE_SUFFIXES,
     WEIGHTS_NAME,
     Device,
     StateDict,
@@ -56,11 +55,9 @@ from img2vid.sgm_keys import (
 __all__ = [
     "CheckpointError",
     "build",
-    "checkpoint_info",
     "components_to_sgm",
     "config_from_dict",
     "config_to_dict",
-    "convert",
     "detect_config",
     "detect_format",
     "detect_sgm_variant",
@@ -81,7 +78,7 @@ POSITION_IDS = "vision_model.embeddings.position_ids"  # a buffer older transfor
 VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _drop_buffers(sd: StateDict, component: str) -> StateDict:
+def drop_buffers(sd: StateDict, component: str) -> StateDict:
     return {k: t for k, t in sd.items() if k != POSITION_IDS} if component == "image_encoder" else sd
 
 
@@ -149,7 +146,7 @@ def check_state_dict(
 
 def load_into(module: nn.Module, state_dict: StateDict, component: str) -> None:
     """Strict load into a module (typically built on the meta device): the tensors become its parameters."""
-    sd = _drop_buffers(state_dict, component)
+    sd = drop_buffers(state_dict, component)
     check_state_dict(sd, {k: t.shape for k, t in module.state_dict().items()}, component)
     module.load_state_dict(sd, strict=True, assign=True)
 
@@ -164,7 +161,7 @@ def build(cls: type[nn.Module], config: Any, state_dict: StateDict, component: s
 
 def check_components(components: dict[str, StateDict], config: PipelineConfig, where: str = "") -> None:
     for c in COMPONENTS:
-        check_state_dict(_drop_buffers(components.get(c, {}), c), expected_shapes(c, config), c, where)
+        check_state_dict(drop_buffers(components.get(c, {}), c), expected_shapes(c, config), c, where)
 
 
 # ---- diffusers folders ----------------------------------------------------------------------------------------------
@@ -227,7 +224,7 @@ def load_component(
 ) -> StateDict:
     """One component's state dict from a diffusers folder, on `device`, floats cast to `dtype` while reading."""
     path = component_file(Path(folder), component, variant, allow_pickle)
-    return _drop_buffers(read_state_dict(path, device, dtype, allow_pickle), component)
+    return drop_buffers(read_state_dict(path, device, dtype, allow_pickle), component)
 
 
 def load_folder(
@@ -251,7 +248,7 @@ def load_folder(
 
 
 # ---- single files (sgm layout) -------------------------------------------------------------------------------------
-def _single_file_config(
+def single_file_config(
     path: Path, metadata: dict[str, str], config: PipelineConfig | None, variant: str
 ) -> tuple[PipelineConfig, str]:
     """The explicit config, else ours from the metadata, else a preset picked from the file name. The kind of VAE
@@ -288,7 +285,7 @@ def load_single_file(
     if unet_keys and not any(".time_stack." in k for k in unet_keys):
         raise CheckpointError(f"{path} is not a Stable Video Diffusion checkpoint (its UNet has no temporal layers)")
     variant = detect_sgm_variant(header)
-    config, _ = _single_file_config(path, metadata, config, variant)
+    config, _ = single_file_config(path, metadata, config, variant)
     comps, unknown, _ = split_sgm(header, config)
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} unknown tensor(s) for the sgm layout: {few(unknown)}")
@@ -315,7 +312,7 @@ def detect_config(path: Path, allow_pickle: bool = False) -> PipelineConfig:
         raise CheckpointError(
             f"{path} is a checkpoint of the {detect_format(header)} kind, not a whole-pipeline single file"
         )
-    return _single_file_config(path, metadata, None, detect_sgm_variant(header))[0]
+    return single_file_config(path, metadata, None, detect_sgm_variant(header))[0]
 
 
 def peek_config(path: Path) -> PipelineConfig | None:
@@ -353,81 +350,7 @@ def save_folder(
     dtype = dtype or VARIANT_DTYPES.get(variant or "")
     v = f".{variant}" if variant else ""
     for c in COMPONENTS:
-        write_safetensors(path / c / f"{WEIGHTS_NAME[c]}{v}.safetensors", _drop_buffers(components[c], c), {}, dtype)
+        write_safetensors(path / c / f"{WEIGHTS_NAME[c]}{v}.safetensors", drop_buffers(components[c], c), {}, dtype)
     for rel, data in folder_json_files(config).items():  # model_index.json comes last
         write_json(path / rel, data)
     return path
-
-
-# ---- conversion and inspection -------------------------------------------------------------------------------------
-def convert(
-    src: Path, dst: Path, dtype: torch.dtype | None = None, variant: str | None = None, allow_pickle: bool = False
-) -> Path:
-    """Folder <-> single file (also folder -> folder and file -> file, e.g. to change the dtype). A `dst` ending in
-    .safetensors is a single file, anything else a folder. `variant` names the folder side's files: read from a
-    source folder when writing a single file, written to a destination folder otherwise."""
-    src, dst = Path(src), Path(dst)
-    to_file = dst.suffix == ".safetensors"
-    if dst.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{dst}: we write .safetensors files or folders only")
-    if dst.is_dir() if to_file else dst.is_file():  # before the (long) read, not an OSError after it
-        kind = "folder (a .safetensors path is written as one file)" if to_file else "file (a folder goes there)"
-        raise CheckpointError(f"{dst} already exists as a {kind}: pick another path")
-    if src.is_dir():
-        config = read_pipeline_config(src)
-        read_variant = variant if to_file else None
-        comps = {c: load_component(src, c, read_variant, "cpu", dtype, allow_pickle) for c in COMPONENTS}
-        check_components(comps, config, f"{src}: ")
-    else:
-        config, comps = load_single_file(src, "cpu", dtype, allow_pickle=allow_pickle)
-    if to_file:
-        return save_single_file(dst, config, comps)
-    return save_folder(dst, config, comps, variant=variant)
-
-
-def _summary(sd: StateDict, expected: dict[str, torch.Size] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "tensors": len(sd),
-        "params": sum(t.numel() for t in sd.values()),
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}),
-    }
-    if expected is not None:
-        out["missing"], out["unexpected"], out["wrong_shape"], out["wrong_dtype"] = mismatch(sd, expected)
-    return out
-
-
-def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
-    """What a checkpoint is (used by `img2vid info`): format, sgm variant, config, and per component the tensor and
-    parameter counts, dtypes and missing / unexpected / wrong-shape names against the config. Reads headers only
-    (pickles are loaded, so they need allow_pickle)."""
-    path = Path(path)
-    info: dict[str, Any] = {"path": str(path)}
-    if path.is_dir():
-        config = read_pipeline_config(path)
-        variants = sorted({p.name.split(".")[1] for p in path.glob("*/*.*.safetensors") if p.name.count(".") == 2})
-        if variant is None and not (path / "unet" / f"{WEIGHTS_NAME['unet']}.safetensors").is_file() and variants:
-            variant = variants[0]  # a folder holding only a variant (e.g. fp16)
-        comps = {
-            c: _drop_buffers(read_header(component_file(path, c, variant, allow_pickle), allow_pickle)[0], c)
-            for c in COMPONENTS
-        }
-        info.update(format="diffusers-folder", variant=variant, variants=variants, config=config.name)
-    else:
-        header, metadata = read_header(path, allow_pickle)
-        info["format"] = detect_format(header)
-        if info["format"] != "sgm":
-            kind = {"diffusers-unet": "unet", "diffusers-vae": "vae", "transformers-clip": "image_encoder"}
-            c = kind.get(info["format"])
-            info["components"] = {c or "unknown": _summary(header, None)}
-            info["ok"] = False  # not a whole pipeline
-            return info
-        sgm_variant = detect_sgm_variant(header)
-        config, source = _single_file_config(path, metadata, None, sgm_variant)
-        comps, unknown, skipped = split_sgm(header, config)
-        info.update(variant=sgm_variant, config=config.name, config_source=source)
-        info.update(skipped_unused=skipped, unknown=unknown)
-    info["components"] = {c: _summary(comps[c], expected_shapes(c, config)) for c in COMPONENTS}
-    keys = ("missing", "unexpected", "wrong_shape", "wrong_dtype")
-    problems = [s[k] for s in info["components"].values() for k in keys]
-    info["ok"] = not any(problems) and not info.get("unknown")
-    return info

@@ -66,7 +66,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from img2vid.checkpoint import checkpoint_info
+    from img2vid.checkpoint_tools import checkpoint_info
 
     info = checkpoint_info(Path(args.checkpoint).expanduser(), allow_pickle=args.allow_pickle)
     print(info["path"])
@@ -94,7 +94,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from img2vid.checkpoint import convert
+    from img2vid.checkpoint_tools import convert
 
     start = time.perf_counter()
     dtype = getattr(torch, args.dtype) if args.dtype else None
