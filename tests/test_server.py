@@ -292,6 +292,15 @@ def test_huge_size_is_400_before_any_work(address, png, monkeypatch):
     assert status == 400 and f"over this server's limit of {W * H} pixels".encode() in text
 
 
+def test_long_video_over_the_limit_is_400_before_any_work(address, png, monkeypatch):
+    """A chain of segments stays on the host until encoded: frames x segments is capped in pixels, before the lock."""
+    monkeypatch.setattr(server_module, "MAX_VIDEO_PIXELS", 10 * W * H)
+    status, _, text = post(address, png, frames=4, segments=3)  # 3 * (4 - 1) + 1 = 10 frames: at the limit
+    assert status == 200, text
+    status, _, text = post(address, png, frames=4, segments=4)  # 13 frames
+    assert status == 400 and f"13 frames of {W}x{H} are over this server's limit".encode() in text, text
+
+
 def test_fit_passes_the_image_at_the_video_size(pipe):
     """resize=fit crops the image to the size it chose (in the model's multiple): resize_image's own "fit" chose
     again in multiples of 64, another size, which the pipeline then stretched to this one."""

@@ -46,11 +46,14 @@ from img2vid import __version__
 from img2vid.cli import MAX_SIDE, _number
 from img2vid.images import SIZE_MODES, InputError, check_size, fit_size, load_image, resize_image
 
-__all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "FORMATS", "make_server", "serve"]
+__all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "FORMATS", "make_server", "serve"]
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Pixels per frame: memory grows with them, and a request for 100000x100000 must get a 400, not the OOM killer.
 MAX_PIXELS = 2048 * 2048
+# Pixels of a whole video (frames x width x height): a chain of segments stays on the host as float32 until it is
+# encoded (12 bytes a pixel), so 2**28 (~930 frames at 576x1024) is ~3 GiB; frames=256&segments=64 asked ~115 GB.
+MAX_VIDEO_PIXELS = 2**28
 DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dropped (Handler._discard says why)
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
 FORMATS = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}  # formats a browser can show inline
@@ -178,7 +181,13 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     if width * height > MAX_PIXELS:
         raise InputError(f"{width}x{height} is over this server's limit of {MAX_PIXELS} pixels per frame")
     check_frame_size(width, height, params["format"])  # what the encoder takes: a side's limit
-    check_segments(params.get("segments", 1), params.get("frames") or cfg.num_frames)
+    frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
+    check_segments(segments, frames)
+    total = segments * (frames - 1) + 1 if segments > 1 else frames  # chained segments share their joining frames
+    if total * width * height > MAX_VIDEO_PIXELS:
+        raise InputError(
+            f"{total} frames of {width}x{height} are over this server's limit of {MAX_VIDEO_PIXELS} pixels a video"
+        )
     return width, height
 
 
