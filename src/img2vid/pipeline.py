@@ -39,7 +39,7 @@ from img2vid.inputs import (
 from img2vid.layers import channels_last_
 from img2vid.offload import SequentialOffload, move_module
 from img2vid.unet import UNet
-from img2vid.vae import VAE
+from img2vid.vae import VAE, decode_videos
 
 _FP8_STREAMING = "fp8 mode cannot stream weights (sequential offload, low memory): its weights are buffers"
 
@@ -418,21 +418,11 @@ class Pipeline:
     def decode_latents(
         self, latents: torch.Tensor, decode_chunk_size: int, progress: ProgressFn | None = None
     ) -> torch.Tensor:
-        """(B, F, 4, h, w) -> (B, F, 3, H, W) float32, each video decoded on its own in chunks of its frames (the
-        temporal decoder mixes frames inside a chunk, so a chunk must never hold two videos)."""
+        """(B, F, 4, h, w) -> (B, F, 3, H, W) float32 (`vae.decode_videos`: a chunk never holds two videos)."""
         self._fit_layout()
-        b, f = latents.shape[:2]
-        z = latents / self.config.vae.scaling_factor
         dtype = next(_orig(self.vae).parameters()).dtype
-        chunks = [(v, s) for v in range(b) for s in range(0, f, decode_chunk_size)]
-        out = []
-        for k, (v, s) in enumerate(chunks):
-            part = z[v, s : s + decode_chunk_size].to(dtype)  # (n, 4, h, w)
-            out.append(self._decode(part, part.shape[0]).float())
-            if progress is not None:
-                progress("decode", k + 1, len(chunks))
-        frames = torch.cat(out)  # (B*F, 3, H, W)
-        return frames.view(b, f, *frames.shape[1:])  # -> (B, F, 3, H, W)
+        scale = self.config.vae.scaling_factor
+        return decode_videos(self._decode, latents / scale, decode_chunk_size, dtype, progress)
 
 
 def _orig(m: torch.nn.Module) -> torch.nn.Module:

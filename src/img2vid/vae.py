@@ -15,6 +15,9 @@ Layout notes (the decode of 25 frames at 576x1024 is the pipeline's memory peak)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
@@ -231,3 +234,26 @@ class VAE(nn.Module):
         if num_frames < 1 or z.shape[0] % num_frames != 0:
             raise ValueError(f"batch of {z.shape[0]} latents is not a whole number of {num_frames}-frame videos")
         return self.decoder(z, num_frames, chunk)
+
+
+def decode_videos(
+    decode: Callable[[Tensor, int], Tensor],
+    z: Tensor,
+    chunk: int,
+    dtype: torch.dtype,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Tensor:
+    """(B, F, 4, h, w) unscaled latents -> (B, F, 3, H, W) float32 through `decode` (`VAE.decode` or its compiled
+    form), each video on its own in chunks of `chunk` frames: the temporal decoder mixes the frames of a chunk, so a
+    chunk must never hold two videos (diffusers flattens the batch first, and its chunks do). progress("decode",
+    done, total) after each chunk."""
+    b, f = z.shape[:2]
+    chunks = [(v, s) for v in range(b) for s in range(0, f, chunk)]
+    out = []
+    for k, (v, s) in enumerate(chunks):
+        part = z[v, s : s + chunk].to(dtype)  # (n, 4, h, w)
+        out.append(decode(part, part.shape[0]).float())
+        if progress is not None:
+            progress("decode", k + 1, len(chunks))
+    frames = torch.cat(out)  # (B*F, 3, H, W)
+    return frames.view(b, f, *frames.shape[1:])  # -> (B, F, 3, H, W)
