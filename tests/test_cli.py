@@ -336,6 +336,18 @@ def test_info_and_convert(models, tmp_path, capsys):
     assert converted_pipe.dtype == torch.float16
 
 
+def test_folder_of_one_variant_needs_no_variant_flag(models, images, tmp_path, capsys):
+    """A folder holding only fp16 files (what `convert --variant fp16` writes) loads without --variant: it has
+    nothing else to load; the run records the variant it used."""
+    half = tmp_path / "half"
+    assert main(["convert", str(models["single_file"]), str(half), "--variant", "fp16"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "clip.gif"
+    rc, _, err = generate(capsys, images["portrait"], out, half, "--seed 0")
+    assert rc == 0, err
+    assert read_metadata(out)["variant"] == "fp16"
+
+
 # ---- errors --------------------------------------------------------------------------------------------------------
 BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected part of the message)
     "frames-zero": ("--frames 0", "--frames"),

@@ -134,6 +134,16 @@ def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
 
 
+def only_variant(folder: Path) -> str | None:
+    """The variant of a folder whose UNet weights exist in that variant alone (unet/*.fp16.safetensors, no plain
+    file), else None: such a folder has nothing else to load."""
+    names = [p.name for p in (folder / "unet").glob("*.safetensors")]
+    # model.fp16.safetensors, or a variant's shards: model.fp16-00001-of-00002.safetensors
+    variants = {n.split(".")[1].split("-")[0] for n in names if n.count(".") == 2}
+    plain = [n for n in names if n.count(".") == 1]
+    return variants.pop() if len(variants) == 1 and not plain else None
+
+
 def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) -> tuple[Any, str | None]:
     import torch
 
@@ -141,6 +151,8 @@ def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) 
 
     # The hub's fp16 files for float16: half the download, the same float16 weights.
     variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
+    if variant is None and kind == "folder":  # e.g. what `img2vid convert ... --variant fp16` writes
+        variant = only_variant(Path(args.model).expanduser())
     variant = None if variant == "none" else variant
     offload = args.offload or "none"
     load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU

@@ -52,7 +52,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 # Pixels per frame: memory grows with them, and a request for 100000x100000 must get a 400, not the OOM killer.
 MAX_PIXELS = 2048 * 2048
 # Pixels of a whole video (frames x width x height): a chain of segments stays on the host as float32 until it is
-# encoded (12 bytes a pixel), so 2**28 (~930 frames at 576x1024) is ~3 GiB; frames=256&segments=64 asked ~115 GB.
+# encoded (12 bytes a pixel), so 2**28 (455 frames at 576x1024) is 3 GiB; frames=256&segments=64 asked ~115 GB.
 MAX_VIDEO_PIXELS = 2**28
 DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dropped (Handler._discard says why)
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
