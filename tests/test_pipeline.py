@@ -73,6 +73,76 @@ def test_batch_of_two_images(reference_pipelines, pipes):
     assert rel_err(ours, ref) < 1e-4
 
 
+def test_generator_lists_give_one_generator_per_video_as_diffusers(reference_pipelines, pipes):
+    """diffusers takes a list of generators with one per video (images x num_videos_per_prompt); the per-image
+    augmentation noise uses the first ones. Other lengths are refused there, even with latents given."""
+    kw = dict(image=make_image(), height=H, width=W, num_frames=3, num_inference_steps=2, output_type="latent")
+    outs = []
+    for p in (reference_pipelines["a"], pipes["a"]):
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        outs.append(p(num_videos_per_prompt=2, generator=gens, **kw).frames)
+    assert outs[1].shape == (2, 3, 4, H // 2, W // 2)
+    assert rel_err(outs[1], outs[0]) < 1e-4
+    lat = torch.zeros(2, 3, 4, H // 2, W // 2)
+    for n, extra in ((1, {}), (3, {}), (3, {"latents": lat})):
+        gens = [torch.Generator().manual_seed(s) for s in range(n)]
+        with pytest.raises(InputError, match=f"got {n} generators for 2 videos"):
+            pipes["a"](num_videos_per_prompt=2, generator=gens, **kw, **extra)
+
+
+def test_size_defaults_and_sizes_off_the_unet_multiple_match_diffusers(reference_pipelines, pipes):
+    """height/width None mean the UNet's sample_size in pixels, as in diffusers; and any multiple of the VAE's factor
+    works, as there: shape "b" (3-level VAE and UNet) at 40x56 has latents 10x14, which the UNet halves to odd sides
+    and upsamples back to each skip's size."""
+    for shape, size in (("a", dict(height=None, width=None)), ("b", dict(height=40, width=56))):
+        kw = dict(image=make_image(), num_frames=2, num_inference_steps=2, output_type="latent", **size)
+        ref, ours = both(reference_pipelines[shape], pipes[shape], **kw)
+        assert ours.shape == ref.shape
+        assert rel_err(ours, ref) < 1e-4, shape
+        side = pipes[shape].config.unet.sample_size  # None: the UNet's sample size, in latents
+        assert ours.shape[-2:] == ((side, side) if size["height"] is None else (10, 14))
+    assert pipes["a"].vae_scale_factor == reference_pipelines["a"].vae_scale_factor
+
+
+def test_sigmas_make_num_inference_steps_unused_as_in_diffusers(reference_pipelines, pipes):
+    kw = dict(image=make_image(), height=H, width=W, num_frames=2, output_type="latent", sigmas=[80.0, 5.0, 0.0])
+    ref, ours = both(reference_pipelines["a"], pipes["a"], num_inference_steps=None, **kw)
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_step_end_callbacks_see_what_diffusers_shows_them(reference_pipelines, pipes):
+    """A step-end callback reads pipe.num_timesteps, pipe.guidance_scale and pipe.do_classifier_free_guidance as in
+    diffusers, and the latents it returns replace the pipeline's; only "latents" may be asked for (diffusers'
+    _callback_tensor_inputs), not silently left out."""
+    kw = dict(image=make_image(), height=H, width=W, num_frames=3, num_inference_steps=3, output_type="latent")
+    seen, outs = [], []
+    for p in (reference_pipelines["a"], pipes["a"]):
+
+        def callback(pipe, i, t, tensors):
+            g = pipe.guidance_scale
+            seen.append((i, float(t), sorted(tensors), pipe.num_timesteps, bool(pipe.do_classifier_free_guidance)))
+            seen.append((tuple(g.shape), g.dtype, g.flatten().tolist()))
+            return {"latents": tensors["latents"] * 0.9}
+
+        outs.append(p(generator=torch.manual_seed(0), callback_on_step_end=callback, **kw).frames)
+    n = len(seen) // 2
+    assert seen[:n] == seen[n:] and seen[0] == (0, seen[0][1], ["latents"], 3, True)
+    assert seen[1][0] == (1, 3, 1, 1, 1)
+    assert rel_err(outs[1], outs[0]) < 1e-4
+    pipes["a"](generator=torch.manual_seed(0), num_videos_per_prompt=2, max_guidance_scale=1.0, **kw)
+    assert pipes["a"].guidance_scale.shape == (2, 3, 1, 1, 1) and not pipes["a"].do_classifier_free_guidance
+    assert pipes["a"]._callback_tensor_inputs == reference_pipelines["a"]._callback_tensor_inputs
+    with pytest.raises(InputError, match=r"callback_on_step_end_tensor_inputs may only name 'latents'"):
+        pipes["a"](callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise_pred"], **kw)
+
+
+def test_to_takes_diffusers_keyword_forms():
+    p = Pipeline.from_config("tiny")
+    assert p.to(dtype=torch.float64) is p and p.dtype == torch.float64
+    assert p.to(device="cpu", dtype=torch.float32).dtype == torch.float32 and p.device == torch.device("cpu")
+    assert p.to("cpu", torch.float64).dtype == torch.float64 and p.to(torch.float32).dtype == torch.float32
+
+
 def test_decode_chunks_never_span_two_videos(pipes):
     """diffusers flattens the batch before chunking (a chunk of 3 over 2 videos x 4 frames mixes them); here each
     video of a batch decodes to exactly the frames it gets alone."""
@@ -320,7 +390,7 @@ def test_tensor_images_resized_for_clip_like_pil(pipes):
 @pytest.mark.parametrize(
     "kw, msg",
     [
-        (dict(height=30), "height 30"),
+        (dict(height=31), "height 31 is not a multiple of 2"),  # the tiny VAE halves each side
         (dict(width=0), "width 0"),
         (dict(num_frames=0), "num_frames"),
         (dict(num_inference_steps=0), "num_inference_steps"),

@@ -111,8 +111,9 @@ class PipelineConfig:
 
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: the VAE's factor times the UNet's downsamplings (64 for
-        SVD), so every skip connection meets an upsampled partner of its own size."""
+        """The VAE's factor times the UNet's downsamplings (64 for SVD): the CLI's and the server's size rule, at
+        which every skip connection meets an exact 2x upsampling. The pipeline takes any multiple of the VAE's
+        factor, as diffusers does (the UNet then upsamples to each skip's own size)."""
         return self.vae_scale_factor * 2 ** (len(self.unet.block_out_channels) - 1)
 
 

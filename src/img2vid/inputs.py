@@ -1,6 +1,6 @@
 """Between the user's objects and the pipeline's tensors: images in (any accepted kind -> the tensors diffusers'
 pipeline would build from them), random draws in diffusers' order and placement, and frames out in diffusers'
-output forms, and the call's progress reports."""
+output forms, the call's progress reports, and the attributes diffusers' pipeline shows beside its call."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from img2vid.configs import PipelineConfig
 from img2vid.images import InputError, check_unit_floats, load_image
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
@@ -50,18 +51,85 @@ def check_conditioning(fps: float, motion_bucket_id: float, noise_aug: float, mi
 
 def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Gaussian noise drawn exactly as diffusers' randn_tensor draws it (so seeds carry over): on the generator's
-    device (a CPU generator draws on the CPU, then moves), one draw per batch item when given a list of generators."""
+    device (a CPU generator draws on the CPU, then moves), one draw per batch item from the first shape[0]
+    generators when given a list (the image noise of one image with two videos per prompt uses the first of two)."""
     gens = generator if isinstance(generator, list) else [generator]
     if len(gens) == 1 and isinstance(generator, list):
         generator = gens[0]
     gen_device = gens[0].device if gens[0] is not None else device
     draw_device = torch.device("cpu") if gen_device.type == "cpu" else device
     if isinstance(generator, list):
-        if len(generator) != shape[0]:
+        if len(generator) < shape[0]:
             raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        parts = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generator]
+        parts = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in gens[: shape[0]]]
         return torch.cat(parts).to(device)
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def initial_latents(
+    latents: torch.Tensor | None,
+    shape: tuple[int, ...],
+    generator: Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The user's latents, checked, or a draw (after the augmentation noise), in the model's dtype on the device;
+    not yet scaled by the schedule's init_noise_sigma. A list of generators must hold one per video (images x
+    num_videos_per_prompt), as diffusers requires, even with latents given; the image noise used the first ones."""
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        n = len(generator)
+        raise InputError(f"got {n} generators for {shape[0]} videos (images x num_videos_per_prompt): one per video")
+    if latents is None:
+        return randn(shape, generator, device, dtype)
+    if tuple(latents.shape) != shape:
+        raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    if not bool(torch.isfinite(latents).all()):
+        raise InputError("latents contain NaN or infinite values")
+    return latents.to(device, dtype)
+
+
+def callback_tensor_names(callback: Callable[..., Any] | None, names: Sequence[str] | None) -> list[str]:
+    """The tensors a step-end callback is handed: diffusers' default ["latents"], the only name its pipeline lists
+    (`_callback_tensor_inputs`). Another name is refused rather than silently left out of the callback's dict."""
+    names = ["latents"] if names is None else list(names)
+    unknown = [n for n in names if n not in DiffusersAttributes._callback_tensor_inputs]
+    if callback is not None and unknown:
+        raise InputError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {unknown}")
+    return names
+
+
+class DiffusersAttributes:
+    """The attributes diffusers' StableVideoDiffusionPipeline exposes beside its call, which users and step-end
+    callbacks read: the latest call's guidance (set before its first step), its step count, the VAE's pixel factor.
+    Read before any call, the call's ones raise AttributeError, as in diffusers."""
+
+    _callback_tensor_inputs = ["latents"]  # what callback_on_step_end_tensor_inputs may name
+    config: PipelineConfig
+    _guidance_scale: torch.Tensor
+    _do_classifier_free_guidance: bool
+    _num_timesteps: int
+
+    def _set_call_state(self, guidance: torch.Tensor, videos: int, guided: bool, steps: int) -> None:
+        """Set by a call before its first step, from its (1, F, 1, 1, 1) per-frame guidance: callbacks read them."""
+        self._guidance_scale = guidance.expand(videos, -1, -1, -1, -1)
+        self._do_classifier_free_guidance, self._num_timesteps = guided, steps
+
+    @property
+    def guidance_scale(self) -> torch.Tensor:
+        """(videos, F, 1, 1, 1): each frame's guidance scale, in the model's dtype on the device."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._do_classifier_free_guidance
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.config.vae_scale_factor
 
 
 def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:

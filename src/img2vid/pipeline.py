@@ -23,12 +23,15 @@ from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
 from img2vid.image_encoder import ImageEncoder, preprocess
 from img2vid.images import InputError, check_size
 from img2vid.inputs import (
+    DiffusersAttributes,
     Generator,
     ImageInput,
     ProgressFn,
     as_images,
+    callback_tensor_names,
     check_call_args,
     check_conditioning,
+    initial_latents,
     no_progress,
     postprocess,
     randn,
@@ -54,7 +57,7 @@ class PipelineOutput:
     frames: Any
 
 
-class Pipeline:
+class Pipeline(DiffusersAttributes):
     """Stable Video Diffusion image-to-video. Build with from_pretrained / from_single_file / from_config."""
 
     def __init__(self, config: PipelineConfig, unet: UNet, vae: VAE, image_encoder: ImageEncoder) -> None:
@@ -157,10 +160,11 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return next(_orig(self.unet).parameters()).dtype
 
-    def to(self, *args: Any) -> Pipeline:
-        """pipe.to("cuda"), pipe.to(torch.float16) or pipe.to("cuda", torch.float16)."""
-        device = next((torch.device(a) for a in args if isinstance(a, (str, torch.device))), None)
-        dtype = next((a for a in args if isinstance(a, torch.dtype)), None)
+    def to(self, *args: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """pipe.to("cuda"), pipe.to(torch.float16), pipe.to("cuda", torch.float16) or by keyword, as in diffusers."""
+        for a in args:  # positional: a device, a dtype, or both
+            dtype, device = (a, device) if isinstance(a, torch.dtype) else (dtype, a)
+        device = torch.device(device) if device is not None else None
         for c in COMPONENTS:
             m = _orig(getattr(self, c))
             if dtype is not None:
@@ -268,8 +272,8 @@ class Pipeline:
     def __call__(
         self,
         image: ImageInput | list[ImageInput],
-        height: int = 576,
-        width: int = 1024,
+        height: int | None = 576,
+        width: int | None = 1024,
         num_frames: int | None = None,
         num_inference_steps: int = 25,
         sigmas: list[float] | None = None,
@@ -295,11 +299,13 @@ class Pipeline:
         num_frames = num_frames if num_frames is not None else self.config.num_frames
         if decode_chunk_size is None:
             decode_chunk_size = min(self.default_decode_chunk_size or num_frames, num_frames)
-        check_size(width, height, self.config.size_multiple)
-        check_call_args(
-            num_frames, num_inference_steps, decode_chunk_size, num_videos_per_prompt, guidance_reuse, output_type
-        )
+        vsf = self.config.vae_scale_factor
+        height, width = (v if v is not None else self.config.unet.sample_size * vsf for v in (height, width))
+        check_size(width, height, vsf)  # as diffusers: the UNet upsamples to each skip's size (odd latent sides)
+        steps = num_inference_steps if sigmas is None else 1  # diffusers ignores it (even None) given sigmas
+        check_call_args(num_frames, steps, decode_chunk_size, num_videos_per_prompt, guidance_reuse, output_type)
         check_conditioning(fps, motion_bucket_id, noise_aug_strength, min_guidance_scale, max_guidance_scale)
+        names = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         images = as_images(image)
         n_img, nv = len(images), num_videos_per_prompt
         batch = n_img * nv
@@ -337,22 +343,15 @@ class Pipeline:
         if sig is None:
             sig = sampling.karras_sigmas(num_inference_steps, sc.sigma_min, sc.sigma_max, sc.rho)
         sig = sig.to(device)
-        lat_ch = self.config.unet.out_channels
-        vsf = self.config.vae_scale_factor
-        shape = (batch, num_frames, lat_ch, height // vsf, width // vsf)
-        if latents is None:
-            latents = randn(shape, generator, device, dtype)
-        elif tuple(latents.shape) != shape:
-            raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        elif not bool(torch.isfinite(latents).all()):
-            raise InputError("latents contain NaN or infinite values")
-        latents = latents.to(device, dtype) * sampling.init_noise_sigma(sig)
+        shape = (batch, num_frames, self.config.unet.out_channels, height // vsf, width // vsf)
+        latents = initial_latents(latents, shape, generator, device, dtype) * sampling.init_noise_sigma(sig)
         g = sampling.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames).to(device, dtype)
         g = g.view(1, num_frames, 1, 1, 1)  # (F,) -> (1, F, 1, 1, 1): per-frame guidance
+        n_steps = sig.numel() - 1
+        self._set_call_state(g, batch, cfg, n_steps)  # diffusers' pipe.guidance_scale, num_timesteps, ...
 
         # 4. Denoise.
         self._stage("unet")
-        n_steps = sig.numel() - 1
         timesteps = sampling.c_noise(sig[:-1])
         reuse, delta = guidance_reuse if cfg else 1, None  # without guidance there is no half to skip
         for i in range(n_steps):
@@ -365,9 +364,7 @@ class Pipeline:
             else:
                 latents = self._reuse_steps[1](*step, delta)
             if callback_on_step_end is not None:
-                names = callback_on_step_end_tensor_inputs or ["latents"]
-                local = {"latents": latents}
-                out = callback_on_step_end(self, i, t, {k: local[k] for k in names if k in local}) or {}
+                out = callback_on_step_end(self, i, t, {k: latents for k in names}) or {}  # names: only "latents"
                 latents = out.get("latents", latents)
             progress("denoise", i + 1, n_steps)
 
