@@ -243,7 +243,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 # ---- generate, serve ---------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from img2vid.images import InputError, check_size, load_image, resize_image
+    from img2vid.images import InputError, check_size, load_image, video_input
     from img2vid.longer import check_segments
 
     if args.min_guidance > args.max_guidance:
@@ -284,11 +284,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run.update(export_fps=args.export_fps or fps, segments=args.segments)
     for source, image, path, (width, height) in zip(sources, images, paths, sizes, strict=True):
         start = time.perf_counter()
-        # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers.
-        # fit: its size is chosen already, in the model's multiple; resize_image's own "fit" would pick it again in
-        # multiples of 64, often another aspect, that the pipeline would then stretch to this size.
-        mode = "crop" if args.resize == "fit" else args.resize
-        model_input = image if mode == "stretch" else resize_image(image, width, height, mode)
+        model_input = video_input(image, width, height, args.resize)
         params.update(height=height, width=width)
         generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
         video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, stem(source))

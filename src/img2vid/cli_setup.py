@@ -81,12 +81,10 @@ def output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[list
 
 def video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) -> tuple[int, int]:
     """The (width, height) of `image`'s video, checked against the output format's largest frame."""
-    from img2vid.images import fit_size
+    from img2vid.images import frame_size
     from img2vid.video import check_frame_size
 
-    width, height = args.width, args.height
-    if args.resize == "fit":  # the image's aspect at about width*height pixels: a long side for odd aspects
-        width, height = fit_size(image.width, image.height, args.width * args.height, multiple)
+    width, height = frame_size(image, args.width, args.height, args.resize, multiple)
     check_frame_size(width, height, fmt)
     return width, height
 

@@ -126,6 +126,13 @@ def check_unit_floats(finite: bool, lo: float, hi: float, name: str) -> None:
         raise InputError(f"{name} float values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
 
 
+def check_unit_tensor(t: torch.Tensor, name: str) -> None:
+    """check_unit_floats for a float tensor, read where it lies (no torch import here: tensor methods only)."""
+    finite = bool(t.isfinite().all())
+    lo, hi = (float(x) for x in t.aminmax()) if finite and t.numel() else (0.0, 0.0)
+    check_unit_floats(finite, lo, hi, name)
+
+
 def to_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
     """Samples of any supported dtype -> uint8 with the full range mapped (16-bit scaled, never clipped)."""
     if array.dtype == np.uint8:
@@ -286,6 +293,26 @@ def resize_image(
     canvas = PIL.Image.new("RGB", (width, height), _check_background(background))
     canvas.paste(image.resize((inner_w, inner_h), PIL.Image.LANCZOS), ((width - inner_w) // 2, (height - inner_h) // 2))
     return canvas
+
+
+def frame_size(image: PIL.Image.Image, width: int, height: int, mode: str, multiple: int) -> tuple[int, int]:
+    """The video's (width, height) for `image` asked at width x height in a SIZE_MODES `mode`: fit keeps the image's
+    aspect at about width * height pixels (`fit_size`, possibly a long side for odd aspects); the other modes take
+    width x height as given, which must then be multiples of `multiple` (the CLI's and the server's rule)."""
+    if mode == "fit":
+        return fit_size(image.width, image.height, width * height, multiple)
+    check_size(width, height, multiple)
+    return width, height
+
+
+def video_input(image: PIL.Image.Image, width: int, height: int, mode: str) -> PIL.Image.Image:
+    """The image as the pipeline is given it for a width x height video whose size `frame_size` chose. stretch: the
+    original, so that CLIP sees it whole and the pipeline stretches it exactly as diffusers does; fit: cropped to
+    that size (resize_image's own "fit" would choose again, in multiples of 64, often another aspect, which the
+    pipeline would then stretch); crop and pad: resize_image."""
+    if mode == "stretch":
+        return image
+    return resize_image(image, width, height, "crop" if mode == "fit" else mode)
 
 
 def fit_size(width: int, height: int, target_pixels: int = 576 * 1024, multiple: int = 64) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from img2vid.configs import PipelineConfig
-from img2vid.images import InputError, check_unit_floats, load_image
+from img2vid.images import InputError, check_unit_tensor, load_image
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 Generator = torch.Generator | list[torch.Generator] | None
@@ -66,6 +66,14 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtyp
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+def check_generators(generator: Generator, videos: int) -> None:
+    """A list of generators must hold one per video (images x num_videos_per_prompt), as diffusers requires, even
+    with latents given; the image noise uses the first ones. Checked before any work."""
+    if isinstance(generator, list) and len(generator) != videos:
+        n = len(generator)
+        raise InputError(f"got {n} generators for {videos} videos (images x num_videos_per_prompt): one per video")
+
+
 def initial_latents(
     latents: torch.Tensor | None,
     shape: tuple[int, ...],
@@ -74,11 +82,7 @@ def initial_latents(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The user's latents, checked, or a draw (after the augmentation noise), in the model's dtype on the device;
-    not yet scaled by the schedule's init_noise_sigma. A list of generators must hold one per video (images x
-    num_videos_per_prompt), as diffusers requires, even with latents given; the image noise used the first ones."""
-    if isinstance(generator, list) and len(generator) != shape[0]:
-        n = len(generator)
-        raise InputError(f"got {n} generators for {shape[0]} videos (images x num_videos_per_prompt): one per video")
+    not yet scaled by the schedule's init_noise_sigma (a list of generators: `check_generators`)."""
     if latents is None:
         return randn(shape, generator, device, dtype)
     if tuple(latents.shape) != shape:
@@ -144,12 +148,10 @@ def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
             t = t[None]
         if t.ndim != 4 or t.shape[1] != 3:
             raise InputError(f"image tensors must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
-        t = t.float() if t.is_floating_point() else t.float() / 255.0  # integer samples: 0..255
+        t = (t.float() if t.is_floating_point() else t.float() / 255.0).cpu()  # integer samples: 0..255
         # Checked here, not left to garbage out: [0, 255] floats, [-1, 1] data or NaN would make a video of noise
-        finite = bool(torch.isfinite(t).all())
-        lo, hi = (float(t.min()), float(t.max())) if finite and t.numel() else (0.0, 0.0)
-        check_unit_floats(finite, lo, hi, "image tensor")
-        return list(t.cpu().unbind(0))  # B x (3, H, W)
+        check_unit_tensor(t, "image tensor")
+        return list(t.unbind(0))  # B x (3, H, W)
     if isinstance(image, np.ndarray) and image.ndim == 4:
         if np.issubdtype(image.dtype, np.floating):  # kept at full precision, like a float tensor
             return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2))  # (B,H,W,3)->(B,3,H,W)

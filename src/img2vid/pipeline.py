@@ -31,6 +31,7 @@ from img2vid.inputs import (
     callback_tensor_names,
     check_call_args,
     check_conditioning,
+    check_generators,
     initial_latents,
     no_progress,
     postprocess,
@@ -309,6 +310,7 @@ class Pipeline(DiffusersAttributes):
         images = as_images(image)
         n_img, nv = len(images), num_videos_per_prompt
         batch = n_img * nv
+        check_generators(generator, batch)
         device, dtype = self._device, self.dtype
         cfg = max_guidance_scale > 1
         progress = progress or (no_progress if self._progress_disabled else tqdm_progress())

@@ -44,7 +44,7 @@ import PIL.Image
 
 from img2vid import __version__
 from img2vid.cli import MAX_SIDE, _number
-from img2vid.images import SIZE_MODES, InputError, check_size, fit_size, load_image, resize_image
+from img2vid.images import SIZE_MODES, InputError, frame_size, load_image, video_input
 
 __all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "FORMATS", "make_server", "serve"]
 
@@ -173,11 +173,7 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     from img2vid.longer import check_segments
     from img2vid.video import check_frame_size
 
-    width, height = params["width"], params["height"]
-    if params["resize"] == "fit":  # the image's aspect at about width*height pixels: may be more for odd aspects
-        width, height = fit_size(image.width, image.height, width * height, cfg.size_multiple)
-    else:  # the pipeline's own size rule: the VAE's halvings times the UNet's (64 for every published SVD model)
-        check_size(width, height, cfg.size_multiple)
+    width, height = frame_size(image, params["width"], params["height"], params["resize"], cfg.size_multiple)
     if width * height > MAX_PIXELS:
         raise InputError(f"{width}x{height} is over this server's limit of {MAX_PIXELS} pixels per frame")
     check_frame_size(width, height, params["format"])  # what the encoder takes: a side's limit
@@ -203,10 +199,7 @@ def generate(
 
     cfg = pipe.config
     (width, height), mode = check_request(cfg, image, params), params["resize"]
-    # stretch: the original goes in, so CLIP sees it whole and the pipeline stretches it exactly as diffusers (= CLI).
-    # fit: the size is chosen, in the model's multiple; resize_image's own "fit" would choose again in multiples of 64
-    how = "crop" if mode == "fit" else mode
-    model_input = image if how == "stretch" else resize_image(image, width, height, how)
+    model_input = video_input(image, width, height, mode)  # as the CLI's
     frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
     run = dict(
         height=height,

@@ -31,7 +31,7 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 
-from img2vid.images import InputError, check_unit_floats, is_tensor, to_uint8
+from img2vid.images import InputError, check_unit_tensor, is_tensor, to_uint8
 from img2vid.video_read import EXIF_IMAGE_DESCRIPTION, FOLDER_META, PNG_FPS_KEY, PNG_META_KEY, read_metadata, read_video
 
 if TYPE_CHECKING:
@@ -87,9 +87,7 @@ def to_uint8_frames(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
             # bytes cross to the host, and no single numpy thread makes a pass over 44M samples. The same checks
             # and float32 maths as images.to_uint8 (round half to even, like np.rint), so the same bytes.
             v = t.float()
-            finite = bool(torch.isfinite(v).all())
-            lo, hi = (float(x) for x in torch.aminmax(v)) if finite and v.numel() else (0.0, 0.0)
-            check_unit_floats(finite, lo, hi, "frames")
+            check_unit_tensor(v, "frames")
             t = v.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         if t.ndim == 5 and t.shape[0] == 1:
             t = t[0]  # (1, F, ...) -> (F, ...)
