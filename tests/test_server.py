@@ -495,3 +495,89 @@ def test_progress_is_reset_after_a_failing_generation(address, png, monkeypatch)
     assert progress(address) == {"busy": False, "waiting": 0}
     monkeypatch.undo()
     assert post(address, png, seed=1)[0] == 200  # the lock was released too
+
+
+def test_peer_closed_sees_the_end_of_stream_only():
+    a, b = socket.socketpair()
+    try:
+        assert not server_module.peer_closed(a)  # open and quiet
+        b.sendall(b"GET /health HTTP/1.1\r\n")  # a pipelined next request is not a goodbye, and stays unread
+        assert not server_module.peer_closed(a)
+        assert a.recv(64).startswith(b"GET /health")
+        b.close()
+        assert server_module.peer_closed(a)
+    finally:
+        a.close()
+    assert server_module.peer_closed(a)  # our own side closed: nothing to answer either
+
+
+def send_post(address, png: bytes, **params) -> socket.socket:
+    sock = socket.create_connection(address, timeout=10)
+    query = urlencode({**SMALL, **params})
+    sock.sendall(f"POST /generate?{query} HTTP/1.1\r\nContent-Length: {len(png)}\r\n\r\n".encode() + png)
+    return sock
+
+
+def test_a_client_that_leaves_stops_its_generation(address, png, monkeypatch, capsys):
+    """Closing the connection mid-generation (a closed browser tab) stops the generation at its next step: the
+    lock is free for the next request at once, not after the whole video."""
+    reached, release = threading.Event(), threading.Event()
+    stopped: list[tuple[str, int]] = []
+    real = Pipeline.__call__
+
+    def held(self, *args, progress, **kwargs):
+        def hook(stage: str, done: int, total: int) -> None:
+            try:
+                progress(stage, done, total)
+            except server_module.ClientGone:
+                stopped.append((stage, done))
+                raise
+            if (stage, done) == ("denoise", 1):
+                reached.set()
+                release.wait(30)  # bounded: a failing test must not hang the suite
+
+        return real(self, *args, progress=hook, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    sock = send_post(address, png, seed=1, steps=6)
+    try:
+        assert reached.wait(30)
+        sock.close()  # an ordinary close (FIN): the server sees the end of the stream
+    finally:
+        release.set()
+    poll_until(address, lambda p: not p["busy"])
+    assert stopped == [("denoise", 2)]  # the step after the client left, not the sixth nor the decode
+    assert progress(address) == {"busy": False, "waiting": 0}
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.undo()
+    assert post(address, png, seed=1)[0] == 200  # the lock was released
+
+
+def test_a_queued_client_that_leaves_never_runs(address, png, monkeypatch):
+    reached, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    real = Pipeline.__call__
+
+    def held(self, *args, **kwargs):
+        calls.append(1)
+        reached.set()
+        release.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    monkeypatch.setattr(server_module, "LOCK_POLL_S", 0.02)
+    result: list[int] = []
+    first = threading.Thread(target=lambda: result.append(post(address, png, seed=1)[0]))
+    first.start()
+    try:
+        assert reached.wait(30)
+        queued = send_post(address, png, seed=2)
+        poll_until(address, lambda p: p["waiting"] == 1)
+        queued.close()
+        state = poll_until(address, lambda p: p["waiting"] == 0)
+        assert state["busy"]  # the first is still held: the queued one left the queue by itself
+    finally:
+        release.set()
+        first.join(timeout=60)
+    assert result == [200] and calls == [1]  # the queued request never reached the pipeline
+    assert progress(address) == {"busy": False, "waiting": 0}

@@ -7,7 +7,9 @@ there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'hos
 The model is shared by every request thread, so generations run one at a time behind a lock; other requests (the
 page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
 oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 500 for our own failures (the
-traceback goes to the server's stderr, never to the client).
+traceback goes to the server's stderr, never to the client). A client that disconnects stops its generation at the
+next step or decode chunk (or never starts it, if it was still queued), so a closed browser tab does not keep the
+GPU and the queue busy.
 
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
@@ -29,6 +31,7 @@ import importlib.resources
 import io
 import json
 import secrets
+import select
 import socket
 import sys
 import tempfile
@@ -76,6 +79,22 @@ CHOICES = {"resize": SIZE_MODES, "format": tuple(FORMATS)}
 # generate's progress reports: (stage, done, total, segment, segments), as /progress shows them (module docstring)
 Report = Callable[[str, int, int, int, int], None]
 IDLE: dict[str, Any] = {"busy": False}
+LOCK_POLL_S = 0.5  # a queued request checks this often whether its client is still there
+
+
+class ClientGone(Exception):
+    """The client closed its connection: its generation stops where it is (Server.run_generation)."""
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """True once the peer has closed or reset the connection. The request body has been read in full by then, so a
+    readable socket with nothing to read is the peer's end of stream; bytes waiting (a pipelined next request) are
+    left in place for the handler."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # reset, or already closed on our side (fileno -1)
+        return True
 
 
 @functools.cache
@@ -106,10 +125,19 @@ class Server(ThreadingHTTPServer):
         with self._state_lock:
             return {**self._state, "waiting": self._waiting}
 
-    def run_generation(self, image: PIL.Image.Image, params: dict[str, Any], job: str | None) -> tuple[bytes, dict]:
-        """`generate` behind the lock, reporting to /progress; idle again when it ends, failed or not."""
+    def run_generation(
+        self,
+        image: PIL.Image.Image,
+        params: dict[str, Any],
+        job: str | None,
+        gone: Callable[[], bool] = lambda: False,
+    ) -> tuple[bytes, dict]:
+        """`generate` behind the lock, reporting to /progress; idle again when it ends, failed or not. gone() says
+        whether the client has left: checked while queued and at every report, it raises ClientGone."""
 
         def report(stage: str, done: int, total: int, segment: int, segments: int) -> None:
+            if gone():  # a syscall, microseconds: between steps that take milliseconds to seconds
+                raise ClientGone(f"client left at {stage} {done}/{total} of segment {segment}/{segments}")
             state = {"busy": True, "job": job, "stage": stage, "done": done, "total": total}
             state.update(segment=segment, segments=segments)
             with self._state_lock:
@@ -117,15 +145,20 @@ class Server(ThreadingHTTPServer):
 
         with self._state_lock:
             self._waiting += 1
-        with self.lock:
-            with self._state_lock:
+        while not self.lock.acquire(timeout=LOCK_POLL_S):
+            if gone():
+                with self._state_lock:
+                    self._waiting -= 1
+                raise ClientGone("client left while queued")
+        try:
+            with self._state_lock:  # one change: a reader never sees the lock taken and the server idle
                 self._waiting -= 1
                 self._state = {"busy": True, "job": job}
-            try:
-                return generate(self.pipe, image, params, self.model, report)
-            finally:
-                with self._state_lock:
-                    self._state = IDLE
+            return generate(self.pipe, image, params, self.model, report)
+        finally:
+            with self._state_lock:
+                self._state = IDLE
+            self.lock.release()
 
 
 def _decode_image(data: bytes) -> PIL.Image.Image:
@@ -339,7 +372,11 @@ class Handler(BaseHTTPRequestHandler):
             image = _decode_image(data)
             check_request(self.server.pipe.config, image, params)  # size and segments too, before the lock
             job = (self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: it is echoed to all
-            video, info = self.server.run_generation(image, params, job)
+            video, info = self.server.run_generation(image, params, job, lambda: peer_closed(self.connection))
+        except ClientGone as e:  # nobody to answer: no response, no traceback
+            self.close_connection = True
+            self.log_message("%s; generation stopped", e)
+            return
         except InputError as e:
             self._error(400, str(e) or "bad request")
             return
