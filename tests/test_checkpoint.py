@@ -17,6 +17,7 @@ from conftest import SHAPES, reference_pipeline
 
 from img2vid import checkpoint as ck
 from img2vid import configs
+from img2vid.checkpoint_io import weight_variants
 from img2vid.checkpoint_tools import checkpoint_info, convert
 from img2vid.configs import PipelineConfig, preset, replace
 from img2vid.sgm_keys import (
@@ -476,6 +477,43 @@ def test_missing_variant_is_named(tmp_path):
     half = ck.save_folder(tmp_path / "h", TINY, random_components(TINY), variant="fp16")
     with pytest.raises(CheckpointError, match=r"model\.safetensors not found: this folder has only the fp16 variant"):
         ck.load_component(half, "image_encoder")
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["diffusion_pytorch_model.safetensors"], (True, [])),
+        (["diffusion_pytorch_model.fp16.safetensors"], (False, ["fp16"])),
+        (["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"], (True, ["fp16"])),
+        (["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.json"],
+         (True, [])),
+        (["diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+          "diffusion_pytorch_model.safetensors.index.fp16.json"], (False, ["fp16"])),  # diffusers' variant shards
+        (["diffusion_pytorch_model.fp16.safetensors.index.json"], (False, ["fp16"])),  # transformers' index name
+        (["diffusion_pytorch_model.bin", "diffusion_pytorch_model.ema.safetensors"], (True, ["ema"])),
+        (["config.json", "diffusion_pytorch_model_notes.txt", "other.fp16.safetensors"], (False, [])),
+    ],
+    ids=["plain", "variant", "both", "plain-shards", "variant-shards", "variant-index", "pickle", "unrelated"],
+)  # fmt: skip
+def test_weight_variants_reads_every_naming(tmp_path, names, expected):
+    """One listing of a component's weights, used by the CLI (a folder of one variant needs no --variant), by
+    `info` and by the missing-file error."""
+    (tmp_path / "unet").mkdir()
+    for name in names:
+        (tmp_path / "unet" / name).write_bytes(b"")
+    assert weight_variants(tmp_path, "unet") == expected
+
+
+def test_only_variant_and_info_use_the_one_listing(tmp_path):
+    from img2vid.cli_setup import only_variant
+
+    half = ck.save_folder(tmp_path / "h", TINY, random_components(TINY), variant="fp16")
+    assert only_variant(half) == "fp16"
+    info = checkpoint_info(half)
+    assert (info["variant"], info["variants"]) == ("fp16", ["fp16"])
+    # A plain model in shards beside an fp16 variant: the plain one is what loads without a variant.
+    (half / "unet" / "diffusion_pytorch_model-00001-of-00001.safetensors").write_bytes(b"")
+    assert only_variant(half) is None
 
 
 # ---- (4) detection --------------------------------------------------------------------------------------------------

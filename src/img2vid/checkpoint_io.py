@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -314,6 +315,31 @@ def check_variant(variant: str | None) -> None:
         raise CheckpointError(f"{variant!r} is not a variant name (letters, digits, _ and -, e.g. fp16)")
 
 
+_SHARD = re.compile(r"-\d+-of-\d+")
+
+
+def weight_variants(folder: Path, component: str) -> tuple[bool, list[str]]:
+    """(whether the plain weights are there, the sorted variants there) of one component of a diffusers folder. Plain:
+    stem.safetensors, its shards (stem-00001-of-00002.safetensors) or index; a variant v: stem.v.safetensors, its
+    shards (stem.v-00001-of-00002.safetensors) or either index name (component_file); .bin pickles count too."""
+    stem, plain, variants = WEIGHTS_NAME[component], False, set()
+    for p in (Path(folder) / component).glob(f"{stem}*"):
+        rest = p.name[len(stem) :]
+        for suffix in (".safetensors", ".bin", ".safetensors.index.json"):
+            if rest.endswith(suffix):
+                rest = rest.removesuffix(suffix)
+                break
+        else:
+            if m := re.fullmatch(r"\.safetensors\.index\.([^.]+)\.json", rest):  # diffusers' variant index
+                variants.add(m[1])
+            continue
+        if not rest or _SHARD.fullmatch(rest):
+            plain = True
+        elif m := re.fullmatch(r"\.([^.]+?)(-\d+-of-\d+)?", rest):
+            variants.add(m[1])
+    return plain, sorted(variants)
+
+
 def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
     check_variant(variant)
     sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
@@ -328,7 +354,7 @@ def component_file(folder: Path, component: str, variant: str | None = None, all
     wanted = sub / f"{stem}{v}.safetensors"
     if variant and (sub / f"{stem}.safetensors").is_file():
         raise CheckpointError(f"{wanted} not found: this folder has no {variant!r} variant (drop the variant)")
-    others = sorted(p.name.split(".")[1] for p in sub.glob(f"{stem}.*.safetensors") if p.name.count(".") == 2)
+    others = weight_variants(folder, component)[1]
     if not variant and others:  # e.g. a hub download of the fp16 files only
         raise CheckpointError(f"{wanted} not found: this folder has only the {' / '.join(others)} variant (pass it)")
     raise CheckpointError(f"{wanted} not found")

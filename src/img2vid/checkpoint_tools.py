@@ -20,7 +20,7 @@ from img2vid.checkpoint import (
     save_single_file,
     single_file_config,
 )
-from img2vid.checkpoint_io import PICKLE_SUFFIXES, WEIGHTS_NAME, StateDict, component_file, read_header
+from img2vid.checkpoint_io import PICKLE_SUFFIXES, StateDict, component_file, read_header, weight_variants
 from img2vid.sgm_keys import COMPONENTS, CheckpointError, detect_format, detect_sgm_variant, split_sgm
 
 __all__ = ["convert", "checkpoint_info"]
@@ -67,9 +67,10 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
     info: dict[str, Any] = {"path": str(path)}
     if path.is_dir():
         config = read_pipeline_config(path)
-        variants = sorted({p.name.split(".")[1] for p in path.glob("*/*.*.safetensors") if p.name.count(".") == 2})
-        if variant is None and not (path / "unet" / f"{WEIGHTS_NAME['unet']}.safetensors").is_file() and variants:
-            variant = variants[0]  # a folder holding only a variant (e.g. fp16)
+        plain, unet_variants = weight_variants(path, "unet")
+        variants = sorted({v for c in COMPONENTS for v in weight_variants(path, c)[1]})
+        if variant is None and not plain and unet_variants:
+            variant = unet_variants[0]  # a folder holding only a variant (e.g. fp16)
         comps = {
             c: drop_buffers(read_header(component_file(path, c, variant, allow_pickle), allow_pickle)[0], c)
             for c in COMPONENTS

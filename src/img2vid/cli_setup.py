@@ -135,11 +135,10 @@ def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
 def only_variant(folder: Path) -> str | None:
     """The variant of a folder whose UNet weights exist in that variant alone (unet/*.fp16.safetensors, no plain
     file), else None: such a folder has nothing else to load."""
-    names = [p.name for p in (folder / "unet").glob("*.safetensors")]
-    # model.fp16.safetensors, or a variant's shards: model.fp16-00001-of-00002.safetensors
-    variants = {n.split(".")[1].split("-")[0] for n in names if n.count(".") == 2}
-    plain = [n for n in names if n.count(".") == 1]
-    return variants.pop() if len(variants) == 1 and not plain else None
+    from img2vid.checkpoint_io import weight_variants
+
+    plain, variants = weight_variants(folder, "unet")
+    return variants[0] if len(variants) == 1 and not plain else None
 
 
 def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) -> tuple[Any, str | None]:
