@@ -143,6 +143,23 @@ def test_to_takes_diffusers_keyword_forms():
     assert p.to("cpu", torch.float64).dtype == torch.float64 and p.to(torch.float32).dtype == torch.float32
 
 
+def test_progress_bar_config_takes_tqdm_options_as_diffusers():
+    """diffusers passes set_progress_bar_config's options to tqdm: desc, leave, file, position..."""
+    import io
+
+    p, log = Pipeline.from_config("tiny"), io.StringIO()
+    p.set_progress_bar_config(desc="my video", leave=True, file=log, ascii=True)
+    p(make_image(W, H), height=H, width=W, num_frames=2, num_inference_steps=3, output_type="latent")
+    assert "my video" in log.getvalue() and "3/3" in log.getvalue()  # left on screen: leave=True
+    assert list(p.progress_bar(range(3))) == [0, 1, 2] and "3/3" in log.getvalue().rsplit("\r", 1)[-1]
+    with pytest.raises(InputError, match="progress_bar needs an iterable or a total"):
+        p.progress_bar()
+    with pytest.raises(InputError, match=r"tqdm has no option 'colour_of_bar'"):
+        p.set_progress_bar_config(colour_of_bar="red")  # refused now, not at the next video's first bar
+    p.set_progress_bar_config(disable=True)
+    assert p.progress_bar(total=2).disable
+
+
 def test_decode_chunks_never_span_two_videos(pipes):
     """diffusers flattens the batch before chunking (a chunk of 3 over 2 videos x 4 frames mixes them); here each
     video of a batch decodes to exactly the frames it gets alone."""

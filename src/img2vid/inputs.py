@@ -109,6 +109,7 @@ class DiffusersAttributes:
 
     _callback_tensor_inputs = ["latents"]  # what callback_on_step_end_tensor_inputs may name
     config: PipelineConfig
+    _progress_bar_config: dict[str, Any]
     _guidance_scale: torch.Tensor
     _do_classifier_free_guidance: bool
     _num_timesteps: int
@@ -134,6 +135,25 @@ class DiffusersAttributes:
     @property
     def vae_scale_factor(self) -> int:
         return self.config.vae_scale_factor
+
+    def set_progress_bar_config(self, **options: Any) -> None:
+        """tqdm options for the progress bars (disable=True silences them), as in diffusers."""
+        check_tqdm_options(options)
+        self._progress_bar_config = dict(options)
+
+    def progress_bar(self, iterable: Any = None, total: int | None = None) -> Any:
+        """A tqdm bar with the set_progress_bar_config options, as diffusers' (for code running its own loop)."""
+        from tqdm.auto import tqdm
+
+        if iterable is None and total is None:
+            raise InputError("progress_bar needs an iterable or a total")
+        return tqdm(iterable, total=total, **self._progress_bar_config)
+
+    def _progress(self, progress: ProgressFn | None) -> ProgressFn:
+        """The call's progress function: the caller's, else tqdm bars with the set options, else nothing."""
+        if progress is not None:
+            return progress
+        return no_progress if self._progress_bar_config.get("disable") else tqdm_progress(self._progress_bar_config)
 
 
 def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
@@ -234,15 +254,27 @@ def no_progress(stage: str, done: int, total: int) -> None:
     """The ProgressFn of set_progress_bar_config(disable=True)."""
 
 
-def tqdm_progress() -> ProgressFn:
-    """A ProgressFn drawing one tqdm bar per stage, closed when the stage is done."""
+def check_tqdm_options(options: dict[str, Any]) -> None:
+    """Refuse options tqdm does not take now, not at the first bar of a generation already under way."""
+    import inspect
+
+    from tqdm.std import tqdm  # tqdm.auto's bar takes *args, **kwargs: the plain one names its options
+
+    known = set(inspect.signature(tqdm.__init__).parameters) - {"self", "iterable", "total", "kwargs", "gui"}
+    if unknown := sorted(set(options) - known):
+        raise InputError(f"tqdm has no option {', '.join(map(repr, unknown))} (set_progress_bar_config)")
+
+
+def tqdm_progress(options: dict[str, Any] | None = None) -> ProgressFn:
+    """A ProgressFn drawing one tqdm bar per stage, closed when the stage is done; `options` go to every bar (desc
+    and leave too: by default each bar is named after its stage and vanishes when done)."""
     from tqdm.auto import tqdm  # imported on use: `import img2vid` stays light
 
     bars: dict[str, Any] = {}
 
     def update(stage: str, done: int, total: int) -> None:
         if stage not in bars:
-            bars[stage] = tqdm(total=total, desc=stage, leave=False)
+            bars[stage] = tqdm(total=total, **{"desc": stage, "leave": False, **(options or {})})
         bars[stage].update(done - bars[stage].n)
         if done >= total:
             bars.pop(stage).close()

@@ -33,12 +33,10 @@ from img2vid.inputs import (
     check_conditioning,
     check_generators,
     initial_latents,
-    no_progress,
     postprocess,
     randn,
     resize_for_vae,
     to_tensor,
-    tqdm_progress,
 )
 from img2vid.layers import channels_last_
 from img2vid.offload import SequentialOffload, move_module
@@ -69,7 +67,7 @@ class Pipeline(DiffusersAttributes):
         self._device = torch.device("cpu")  # where inference runs
         self._offload: str | None = None  # None | "model" | "sequential"
         self._sequential: dict[str, SequentialOffload] = {}
-        self._progress_disabled = False
+        self._progress_bar_config: dict[str, Any] = {}  # tqdm's options (set_progress_bar_config)
         self._step: Callable[..., torch.Tensor] = compiled.denoise_step
         self._reuse_steps: tuple[Callable[..., Any], ...] = compiled.REUSE_STEPS  # guidance_reuse > 1: (full, cond)
         self._split_guidance = False  # run the guidance halves one after the other (low memory)
@@ -265,9 +263,6 @@ class Pipeline(DiffusersAttributes):
             self._decode = compiled.compile_decoder(_orig(self.vae), mode, cache_dir)
         return self
 
-    def set_progress_bar_config(self, disable: bool = False) -> None:
-        self._progress_disabled = disable
-
     # ---- the call ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -313,7 +308,7 @@ class Pipeline(DiffusersAttributes):
         check_generators(generator, batch)
         device, dtype = self._device, self.dtype
         cfg = max_guidance_scale > 1
-        progress = progress or (no_progress if self._progress_disabled else tqdm_progress())
+        progress = self._progress(progress)
 
         # 1. CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (batch, 1, D)
         self._stage("image_encoder")
