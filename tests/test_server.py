@@ -6,8 +6,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -104,6 +106,9 @@ def test_page_has_the_form(address):
     # polls /progress while generating, naming its request so it can tell its own progress from a queue
     assert 'fetch("/progress"' in page and "setInterval(" in page and "clearInterval(timer)" in page
     assert '"X-Img2vid-Job": job' in page
+    # Stop aborts the request, which closes the connection: the server then stops the generation (tests below)
+    assert 'id="stop"' in page and "new AbortController()" in page and "signal: abort.signal" in page
+    assert "URL.revokeObjectURL(shown)" in page  # each new video frees the last one's blob
     assert "http://" not in page and "https://" not in page  # self-contained: no external assets
 
 
@@ -581,3 +586,60 @@ def test_a_queued_client_that_leaves_never_runs(address, png, monkeypatch):
         first.join(timeout=60)
     assert result == [200] and calls == [1]  # the queued request never reached the pipeline
     assert progress(address) == {"busy": False, "waiting": 0}
+
+
+NODE = shutil.which("node")
+FIELDS = {"width": W, "height": H, "frames": FRAMES, "steps": STEPS, "seed": 5}
+
+
+def run_page(address, png: bytes, tmp_path: Path, mode: str, **fields) -> dict:
+    """The page's own script, run by Node against the server (tests/page_harness.js): what it shows at the end."""
+    image = tmp_path / "in.png"
+    image.write_bytes(png)
+    page_file = Path(server_module.__file__).with_name("page.html")
+    harness = Path(__file__).with_name("page_harness.js")
+    base = "http://{}:{}".format(*address)
+    args = [NODE, str(harness), base, str(page_file), str(image), json.dumps({**FIELDS, **fields}), mode]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="no Node.js to run the page's script")
+def test_page_generates_and_shows_the_video(address, png, tmp_path):
+    shown = run_page(address, png, tmp_path, "wait")
+    assert shown["stopShown"] and shown["stopHidden"] and not shown["goDisabled"]  # Stop only while running
+    assert shown["status"].startswith("seed 5, ") and shown["error"] == ""
+    assert shown["result"] == ["video", "br", "a"]
+    bad = run_page(address, png, tmp_path, "wait", width=50)
+    assert bad["error"].startswith("width 50 is not a multiple of 4") and bad["result"] == []
+
+
+@pytest.mark.skipif(NODE is None, reason="no Node.js to run the page's script")
+def test_page_stop_button_stops_the_generation(address, png, monkeypatch, tmp_path):
+    release = threading.Event()
+    stopped: list[tuple[str, int]] = []
+    real = Pipeline.__call__
+
+    def held(self, *args, progress, **kwargs):
+        def hook(stage: str, done: int, total: int) -> None:
+            try:
+                progress(stage, done, total)
+            except server_module.ClientGone:
+                stopped.append((stage, done))
+                raise
+            if (stage, done) == ("denoise", 1):
+                release.wait(30)  # until the page has pressed Stop
+
+        return real(self, *args, progress=hook, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    try:
+        shown = run_page(address, png, tmp_path, "stop", steps=6)
+    finally:
+        release.set()
+    assert shown["statuses"] == ["denoise 1/6"]  # Stop was pressed mid-generation, as the page showed it
+    assert (shown["status"], shown["error"], shown["result"]) == ("stopped", "", [])
+    assert shown["stopHidden"] and not shown["goDisabled"]
+    poll_until(address, lambda p: not p["busy"])
+    assert stopped == [("denoise", 2)]  # the server stopped at the next step
