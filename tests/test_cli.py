@@ -125,6 +125,26 @@ def test_several_images_load_the_model_once(models, images, tmp_path, capsys, mo
     assert len(loads) == 2
 
 
+def test_videos_per_image_use_consecutive_seeds(models, images, tmp_path, capsys):
+    """--videos N: N variations of each image, seeds --seed .. --seed+N-1, each the video that seed gives alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, stdout, err = generate(capsys, [images["landscape"], images["second"]], out, models["folder"], "-n 2 --seed 7")
+    assert rc == 0, err
+    names = ["landscape-7.mp4", "landscape-8.mp4", "second-7.mp4", "second-8.mp4"]
+    assert sorted(p.name for p in out.glob("*.mp4")) == names and stdout.count("wrote ") == 4
+    assert [read_metadata(out / n)["seed"] for n in names] == [7, 8, 7, 8]
+    alone = tmp_path / "alone.mp4"
+    assert generate(capsys, images["landscape"], alone, models["folder"], "--seed 8")[0] == 0
+    assert np.array_equal(read_video(alone)[0], read_video(out / "landscape-8.mp4")[0])
+    # a {seed} pattern names them too
+    rc, _, err = generate(
+        capsys, images["landscape"], tmp_path / "v{seed}.gif", models["folder"], "--videos 2 --seed 3"
+    )
+    assert rc == 0, err
+    assert (tmp_path / "v3.gif").is_file() and (tmp_path / "v4.gif").is_file()
+
+
 @pytest.mark.parametrize("mode", ["stretch", "crop", "pad", "fit"])
 def test_resize_modes(mode, models, images, tmp_path, capsys):
     out = tmp_path / "clip.gif"
@@ -437,6 +457,13 @@ def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
     ]
     for sources, out, model, needle in cases:
         rc, _, err = generate(capsys, sources, out, model)
+        assert_one_line_error(rc, err, needle, out_dir)
+    for sources, out, extra, needle in [
+        ([good], out_dir / "a.mp4", "--videos 2", "2 videos need -o to be a folder or a pattern"),
+        ([good, images["second"]], out_dir / "{seed}.mp4", "-n 2", "pattern with {stem} and {seed}"),
+        ([good], out_dir / "a{seed}.mp4", "-n 3 --seed 9223372036854775806", "past the largest seed"),
+    ]:
+        rc, _, err = generate(capsys, sources, out, models["folder"], extra)
         assert_one_line_error(rc, err, needle, out_dir)
 
 

@@ -105,6 +105,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-guidance", type=_number(float, 0), default=1.0, help="first frame's CFG (default 1.0)")
     g.add_argument("--max-guidance", type=_number(float, 0), default=3.0, help="last frame's CFG (default 3.0)")
     g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), help="random seed (default: random, printed and stored)")
+    g.add_argument(
+        "-n",
+        "--videos",
+        type=_number(int, 1, 1000),
+        default=1,
+        metavar="N",
+        help="videos per image, seeds --seed, --seed+1, ... (each one reproducible on its own)",
+    )
     g.add_argument("--decode-chunk-size", type=_number(int, 1), help="frames decoded at once (default: all)")
     g.add_argument("--height", type=_number(int, 1, MAX_SIDE), default=576, help="default %(default)s")
     g.add_argument("--width", type=_number(int, 1, MAX_SIDE), default=1024, help="default %(default)s")
@@ -146,7 +154,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", required=True, help="file; with several images a folder or a {stem} pattern")
+    p.add_argument(
+        "-o", "--output", required=True, help="file; with several videos a folder or a {stem}/{seed} pattern"
+    )
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, help="default: from the output's extension, mp4 if none")
     g.add_argument("--loop", choices=("none", "loop", "pingpong"), default="none", help="default %(default)s")
@@ -250,12 +260,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--min-guidance {args.min_guidance} is above --max-guidance {args.max_guidance}")
     check_segments(args.segments, args.frames)  # --frames 1 cannot be chained
     sources = expand_images(args.images)
-    paths, fmt = output_paths(sources, args.output, args.format)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    if seed + args.videos - 1 > 2**63 - 1:
+        raise InputError(f"--seed {seed} with --videos {args.videos} runs past the largest seed, 2**63 - 1")
+    jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)))
     kind, multiple = model_source(args.model)
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
-    images = [load_image(s) for s in sources]  # unreadable images fail now, not after a long model load
-    sizes = [video_size(args, image, multiple, fmt) for image in images]
+    images = {s: load_image(s) for s in sources}  # unreadable images fail now, not after a long model load
+    sizes = {s: video_size(args, image, multiple, fmt) for s, image in images.items()}
     device, dtype = device_dtype(args)
 
     import torch
@@ -264,9 +277,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipe, variant = load_pipeline(args, kind, device, dtype)
     cfg, frames, fps = pipe.config, args.frames or pipe.config.num_frames, args.fps or pipe.config.default_fps
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     if not args.quiet:
-        print(f"seed {seed}", file=sys.stderr)
+        print(f"seed {seed}" if args.videos == 1 else f"seeds {seed}..{seed + args.videos - 1}", file=sys.stderr)
     params = dict(
         num_frames=frames,
         num_inference_steps=args.steps,
@@ -279,16 +291,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_reuse=args.guidance_reuse,
     )
     # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
-    run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant, seed=seed)
+    run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant)
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
     run.update(export_fps=args.export_fps or fps, segments=args.segments)
-    for source, image, path, (width, height) in zip(sources, images, paths, sizes, strict=True):
+    for source, seed, path in jobs:  # one video at a time: the memory of one, whatever the count
         start = time.perf_counter()
-        model_input = video_input(image, width, height, args.resize)
+        width, height = sizes[source]
+        model_input = video_input(images[source], width, height, args.resize)
         params.update(height=height, width=width)
         generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
-        video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, stem(source))
-        metadata = {**run, "image": source, **params}
+        label = stem(source) if args.videos == 1 else f"{stem(source)} seed {seed}"
+        video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, label)
+        metadata = {**run, "seed": seed, "image": source, **params}
         export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
         n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, 3, H, W) frames
         print(f"wrote {path} ({n} frames, {width}x{height}, {time.perf_counter() - start:.1f} s)")

@@ -42,14 +42,19 @@ def stem(source: str) -> str:
     return Path(source.split("?")[0]).stem or "video"
 
 
-def output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[list[Path], str]:
-    """One output path per source and the format. Several sources need a folder or a pattern with {stem}."""
+def output_paths(
+    sources: list[str], output: str, fmt: str | None, seeds: list[int]
+) -> tuple[list[tuple[str, int, Path]], str]:
+    """(source, seed, output path) of every video, each source's seeds in turn, and the format. Several videos need a
+    folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}."""
     from img2vid.images import InputError
 
     out = Path(output).expanduser()
     as_folder = out.is_dir() or output.endswith(("/", os.sep))
-    if "{stem}" not in output and not as_folder and len(sources) > 1:
-        raise InputError(f"{len(sources)} images need -o to be a folder or a pattern containing {{stem}}, not {output}")
+    jobs = [(s, seed) for s in sources for seed in seeds]
+    if not as_folder and len(jobs) > 1 and "{stem}" not in output and "{seed}" not in output:
+        what = f"{len(sources)} images" if len(seeds) == 1 else f"{len(jobs)} videos"
+        raise InputError(f"{what} need -o to be a folder or a pattern containing {{stem}} or {{seed}}, not {output}")
     if not as_folder:
         suffix = out.suffix.lower().lstrip(".")
         if suffix and suffix not in FORMATS:
@@ -60,12 +65,13 @@ def output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[list
     fmt = fmt or "mp4"
     ext = "" if fmt == "png" else f".{fmt}"  # png = a folder of frames
     if as_folder:
-        paths = [out / f"{stem(s)}{ext}" for s in sources]
+        paths = [out / f"{stem(s)}{f'-{seed}' if len(seeds) > 1 else ''}{ext}" for s, seed in jobs]
     else:
-        paths = [Path(str(out).replace("{stem}", stem(s))) for s in sources]
+        paths = [Path(str(out).replace("{stem}", stem(s)).replace("{seed}", str(seed))) for s, seed in jobs]
         paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
     if len(set(paths)) < len(paths):
-        raise InputError(f"several images would write the same file; use a pattern with {{stem}} (got {output})")
+        need = "{stem}" if len(seeds) == 1 else "{stem} and {seed}" if len(sources) > 1 else "{seed}"
+        raise InputError(f"several videos would write the same file; use a pattern with {need} (got {output})")
     # a folder given with a trailing slash is created (by the export) if its own parent exists
     for folder in {out if out.is_dir() else out.parent} if as_folder else {p.parent for p in paths}:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -76,7 +82,7 @@ def output_paths(sources: list[str], output: str, fmt: str | None) -> tuple[list
 
     for path in paths:  # what export_video would refuse (a file where PNG frames go, ...), before the model loads
         check_output(path, fmt)
-    return paths, fmt
+    return [(s, seed, path) for (s, seed), path in zip(jobs, paths, strict=True)], fmt
 
 
 def video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) -> tuple[int, int]:
