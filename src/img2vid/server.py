@@ -9,7 +9,8 @@ page, /health) stay responsive meanwhile. Errors are one line of plain text: 400
 oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 500 for our own failures (the
 traceback goes to the server's stderr, never to the client). A client that disconnects stops its generation at the
 next step or decode chunk (or never starts it, if it was still queued), so a closed browser tab does not keep the
-GPU and the queue busy.
+GPU and the queue busy. (A client that half-closes, shutting its sending side after the body, looks the same to
+TCP and is treated as gone; browsers, curl and Python's clients do not.)
 
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
