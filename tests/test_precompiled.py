@@ -195,3 +195,41 @@ def test_img2vid_ops_are_saved_in_and_loaded_from_artifacts(tmp_path):
     later = PrecompiledFunction(custom_ops, tmp_path)
     torch.testing.assert_close(later(*args), want)
     assert (first.compiled, later.compiled, later.loaded) == (1, 0, 1)
+
+
+class Chunked(torch.nn.Module):
+    """A layer with a plain attribute that picks the graph, as forward chunking's chunk_size does in the UNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.chunk: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk is None:
+            return self.lin(x)
+        return torch.cat([self.lin(c) for c in x.split(self.chunk)])
+
+
+def relu_of(x: torch.Tensor, m: torch.nn.Module) -> torch.Tensor:
+    return torch.relu(m(x))
+
+
+@torch.no_grad()
+def test_a_module_attribute_set_after_the_first_call_gets_its_own_artifact(tmp_path):
+    """pipe.compile(cache_dir=...) then pipe.unet.enable_forward_chunking(): the next call runs the chunked graph
+    (the stale artifact's guards used to fail the call), and each setting keeps its own file, so processes with and
+    without chunking sharing a cache load theirs instead of compiling over each other's."""
+    m, x = Chunked().requires_grad_(False), torch.randn(4, 8)
+    f = PrecompiledFunction(relu_of, tmp_path)
+    torch.testing.assert_close(f(x, m), relu_of(x, m))
+    m.chunk = 2
+    torch.testing.assert_close(f(x, m), relu_of(x, m))
+    assert f.compiled == 2 and len(artifacts(tmp_path)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "recompiling": each setting finds its own file
+        for chunk in (None, 2):
+            m.chunk = chunk
+            later = PrecompiledFunction(relu_of, tmp_path)
+            torch.testing.assert_close(later(x, m), relu_of(x, m))
+            assert (later.compiled, later.loaded) == (0, 1)

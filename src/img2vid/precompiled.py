@@ -42,13 +42,18 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
 def _module_signature(m: torch.nn.Module) -> str:
     """What a compiled graph depends on in a module argument: its class, structure (repr: layer sizes, eps,
-    groups) and every parameter's and buffer's name, shape, dtype and strides (generated kernels index weights with
-    the strides they were compiled for: channels-last convs differ), as one digest (a UNet's repr is ~100 kB:
-    re-hashed on every step it cost a millisecond). The caller adds where the weights lie."""
+    groups), every submodule's plain attributes (dynamo guards on them: forward chunking's chunk_size, training) and
+    every parameter's and buffer's name, shape, dtype and strides (generated kernels index weights with the strides
+    they were compiled for: channels-last convs differ), as one digest (a UNet's repr is ~100 kB and its attributes
+    5000: re-read on every step they cost milliseconds). The caller adds where the weights lie."""
     tensors = [(n, tuple(t.shape), str(t.dtype), t.stride()) for n, t in [*m.named_parameters(), *m.named_buffers()]]
-    return hashlib.sha256(repr((type(m).__qualname__, repr(m), tensors)).encode()).hexdigest()
+    attrs = [(k, v) for sub in m.modules() for k, v in vars(sub).items() if isinstance(v, _PLAIN)]
+    return hashlib.sha256(repr((type(m).__qualname__, repr(m), attrs, tensors)).encode()).hexdigest()
 
 
 def _arg_signature(a: Any, modules: dict[Any, tuple[weakref.ref, str]]) -> Any:
@@ -134,11 +139,24 @@ class PrecompiledFunction:
         return self.folder / f"{self.fn.__qualname__.replace('.', '-')}-{key}{FILE_SUFFIX}"
 
     def __call__(self, *args: Any) -> Any:
+        fn = self._function(args)
+        if not fn.guard_check(*args):
+            # The guards saw a change the memoized module signatures missed (an attribute set after the first call,
+            # such as unet.enable_forward_chunking()): sign the modules again, which finds or compiles its artifact.
+            self._modules.clear()
+            fn = self._function(args, stale=fn)
+        return fn(*args)
+
+    def _function(self, args: tuple[Any, ...], stale: Callable[..., Any] | None = None) -> Callable[..., Any]:
+        """The artifact for args' key: already in memory (unless it is `stale`), loaded, or compiled."""
         key = self.key(args)
         fn = self._loaded.get(key)
-        if fn is None:
-            fn = self._loaded[key] = self._load(key, args) or self._compile(key, args)
-        return fn(*args)
+        if fn is None or fn is stale:
+            fn = self._load(key, args) or self._compile(key, args)
+            # Guards are checked in __call__, once a call (the artifact's own check would run them a second time)
+            getattr(fn, "disable_guard_check", lambda: None)()
+            self._loaded[key] = fn
+        return fn
 
     def _load(self, key: str, args: tuple[Any, ...]) -> Callable[..., Any] | None:
         path = self.path(key)
