@@ -233,3 +233,39 @@ def test_a_module_attribute_set_after_the_first_call_gets_its_own_artifact(tmp_p
             later = PrecompiledFunction(relu_of, tmp_path)
             torch.testing.assert_close(later(x, m), relu_of(x, m))
             assert (later.compiled, later.loaded) == (0, 1)
+
+
+@torch.no_grad()
+def test_artifacts_are_readable_as_the_umask_allows_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """A cache folder shared by several users (or filled at a container's build and read by its service user) needs
+    files with the umask's permissions, as torch's own cache writes them, not a private 0600 temporary file's. A
+    write that fails half way (torch's own writer, on a full disk) leaves no temporary file behind in the folder."""
+    import os
+
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    layer, x = torch.nn.Linear(8, 16).requires_grad_(False), torch.randn(4, 8)
+    old = os.umask(0o022)
+    try:
+        f = PrecompiledFunction(affine_silu, tmp_path)
+        f(x, layer, 1.0)
+    finally:
+        os.umask(old)
+    (name,) = artifacts(tmp_path)
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+    save = AOTCompiledFunction.save_compiled_function
+
+    def disk_full(self, path, external_data=None):  # torch's real writer, its fsync failing after the data
+        def no_space(fd):
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "fsync", no_space)
+            return save(self, path, external_data)
+
+    monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", disk_full)
+    g = PrecompiledFunction(affine_silu, tmp_path)
+    with pytest.warns(UserWarning, match="not cached .*No space left"):
+        torch.testing.assert_close(g(x, layer, 2.0), affine_silu(x, layer, 2.0))
+    assert artifacts(tmp_path) == [name]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
+import stat
 import tempfile
 import warnings
 import weakref
@@ -189,15 +191,21 @@ class PrecompiledFunction:
 
     def _save(self, fn: Any, key: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Written beside its final name and renamed: a killed process never leaves half an artifact to load.
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=FILE_SUFFIX)
-        os.close(fd)
+        # Written in a folder of its own beside its final name and renamed: a killed process never leaves half an
+        # artifact to load, and the folder's removal takes torch's own temporary file with it (its writer leaves
+        # one behind when a write fails, such as on a full disk).
+        work = Path(tempfile.mkdtemp(dir=self.folder, prefix=".tmp-"))
         try:
-            fn.save_compiled_function(tmp)
+            tmp = work / "artifact"
+            # Created with the umask's permissions, as torch's own cache files are, and kept: torch writes through a
+            # private (0600) temporary file, which would lock a cache folder shared by users to its first writer.
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            mode = stat.S_IMODE(tmp.stat().st_mode)
+            fn.save_compiled_function(str(tmp))
+            tmp.chmod(mode)
             os.replace(tmp, self.path(key))
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def supported() -> bool:
