@@ -13,15 +13,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from img2vid.images import InputError
+
 
 def accelerator(gpu_id: int | None, device: str | torch.device | None) -> torch.device:
-    """Where offloaded components run: `device` if given, else CUDA device `gpu_id` (default 0)."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", gpu_id or 0)
-    # No accelerator: offload degenerates to running on the CPU (kept so scripts written for GPUs still run).
-    return torch.device("cpu")
+    """Where offloaded components run: `device` if given, else CUDA device `gpu_id` (default 0). A CUDA device
+    this machine lacks is a one-line InputError now, before the pipeline changes, not a failure mid-generation."""
+    if device is None and not torch.cuda.is_available():
+        # No accelerator: offload degenerates to running on the CPU (kept so scripts written for GPUs still run).
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cuda", gpu_id or 0)
+    except RuntimeError:  # "Invalid device string"
+        raise InputError(f"cannot offload to unknown device {device!r}") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise InputError(f"cannot offload to {dev}: not available (CUDA GPUs found: {torch.cuda.device_count()})")
+    return dev
 
 
 def move_module(module: nn.Module, device: torch.device) -> None:

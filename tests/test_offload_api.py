@@ -1,0 +1,46 @@
+"""The offload entry points called as users call them (`img2vid.offload`, Pipeline.enable_*_offload and
+enable_low_memory): twice, one after another, before a cast, and towards a device this machine lacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image
+
+from img2vid import Pipeline
+from img2vid.images import InputError
+from img2vid.offload import SequentialOffload
+
+KW = dict(height=32, width=32, num_frames=3, num_inference_steps=2, output_type="pt", decode_chunk_size=2)
+
+
+@pytest.fixture(autouse=True)
+def small_units(monkeypatch):
+    # The tiny model would fit in the always-resident small-layer allowance: stream most of it, in small units,
+    # keeping the smallest layers resident (both kinds of weight are then exercised).
+    monkeypatch.setattr(SequentialOffload, "RESIDENT_BYTES", 1 << 10)
+    monkeypatch.setattr(SequentialOffload, "UNIT_BYTES", 16 << 10)
+
+
+def frames(pipe: Pipeline) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(make_image(), generator=torch.manual_seed(4), **KW).frames
+
+
+def hooks(pipe: Pipeline) -> int:
+    return sum(len(m._forward_pre_hooks) for c in (pipe.unet, pipe.vae, pipe.image_encoder) for m in c.modules())
+
+
+@pytest.mark.parametrize("enable", ["enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_low_memory"])
+def test_offload_to_a_missing_gpu_is_a_one_line_error_that_changes_nothing(enable):
+    """A CUDA device this machine lacks (any on a CPU-only one, one past the last otherwise) fails at once, with
+    the pipeline as it was, rather than on the first generation (model offload) or half set up (sequential)."""
+    pipe = Pipeline.from_config("tiny")
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(InputError, match=f"cannot offload to {missing}: not available") as e:
+        getattr(pipe, enable)(device=missing)
+    assert "\n" not in str(e.value)
+    assert pipe.device == torch.device("cpu") and pipe._offload is None and hooks(pipe) == 0
+    frames(pipe)  # still runs where it was
+    with pytest.raises(InputError, match="unknown device"):
+        pipe.enable_model_cpu_offload(device="gpu")
