@@ -31,6 +31,24 @@ def hooks(pipe: Pipeline) -> int:
     return sum(len(m._forward_pre_hooks) for c in (pipe.unet, pipe.vae, pipe.image_encoder) for m in c.modules())
 
 
+def test_streaming_enabled_again_replaces_the_first():
+    """enable_sequential_cpu_offload twice, or enable_low_memory after it (low memory streams too): one set of
+    hooks, not two stacked ones each copying every weight (twice the pinned host memory and the transfers)."""
+    once = Pipeline.from_config("tiny")
+    once.enable_sequential_cpu_offload(device="cpu")
+    want, n = frames(once), hooks(once)
+    assert n > 0
+    twice = Pipeline.from_config("tiny")
+    twice.enable_sequential_cpu_offload(device="cpu")
+    twice.enable_sequential_cpu_offload(device="cpu")
+    assert hooks(twice) == n
+    assert torch.equal(frames(twice), want)
+    low = Pipeline.from_config("tiny")
+    low.enable_sequential_cpu_offload(device="cpu")
+    low.enable_low_memory(device="cpu")
+    assert hooks(low) == n and all(len(s.cpu_copies) > 0 for s in low._sequential.values())
+
+
 @pytest.mark.parametrize("enable", ["enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_low_memory"])
 def test_offload_to_a_missing_gpu_is_a_one_line_error_that_changes_nothing(enable):
     """A CUDA device this machine lacks (any on a CPU-only one, one past the last otherwise) fails at once, with

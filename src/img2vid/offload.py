@@ -10,6 +10,8 @@ Neither changes a single number: the same kernels run on the same values.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -81,7 +83,11 @@ class SequentialOffload:
     UNIT_BYTES = 128 << 20
 
     def __init__(self, module: nn.Module, device: torch.device, unit_bytes: int | None = None) -> None:
-        """unit_bytes: the largest unit (default UNIT_BYTES)."""
+        """unit_bytes: the largest unit (default UNIT_BYTES). Replaces an earlier streaming of `module` (offload
+        enabled twice, or low memory after sequential offload): stacked, both would copy every weight."""
+        previous = _STREAMING.get(module)
+        if previous is not None:
+            previous.remove()
         self.device = device
         # Set to run the module in another dtype without touching its stored weights (the VAE's float32 encode).
         self.compute_dtype: torch.dtype | None = None
@@ -112,6 +118,7 @@ class SequentialOffload:
                 p.data = self.cpu_copies[p]
             self.handles.append(unit.register_forward_pre_hook(self._load))
             self.handles.append(unit.register_forward_hook(self._unload))
+        _STREAMING[module] = self
 
     def _copy(self, m: nn.Module) -> list[torch.Tensor]:
         return [
@@ -159,7 +166,17 @@ class SequentialOffload:
             p.data = p.data.to(dtype or self.cpu_dtype)
 
     def remove(self) -> None:
+        """Stop streaming: the hooks go; streamed weights stay where they wait between runs (the CPU)."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
         self.cpu_copies.clear()
+        self.pending.clear()
+        for module, offload in list(_STREAMING.items()):
+            if offload is self:
+                del _STREAMING[module]
+
+
+# The streaming each module is under, so that streaming it again replaces it. Weak: a pipeline's models are freed
+# with it (the hooks reference their SequentialOffload, which references units, never the root module).
+_STREAMING: weakref.WeakKeyDictionary[nn.Module, SequentialOffload] = weakref.WeakKeyDictionary()
