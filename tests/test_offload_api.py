@@ -49,6 +49,29 @@ def test_streaming_enabled_again_replaces_the_first():
     assert hooks(low) == n and all(len(s.cpu_copies) > 0 for s in low._sequential.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("mode", ["sequential", "low-memory"])
+def test_a_cast_after_streaming_is_streamed(mode, dtype):
+    """pipe.to(dtype) after the weights are streamed (as diffusers allows): the cast weights run, not the copies
+    made before it (float32 streamed weights against cast inputs failed mid-generation). float16 also takes the
+    VAE's force_upcast encode, which casts the resident weights there and back."""
+
+    def offload(p: Pipeline) -> None:
+        if mode == "sequential":
+            p.enable_sequential_cpu_offload(device="cpu")
+        else:
+            p.enable_low_memory(device="cpu")
+
+    cast_first = Pipeline.from_config("tiny").to(dtype)
+    offload(cast_first)
+    cast_after = Pipeline.from_config("tiny")
+    offload(cast_after)
+    cast_after.to(dtype)
+    assert cast_after.dtype == dtype
+    assert torch.equal(frames(cast_after), frames(cast_first))
+    assert {c.dtype for s in cast_after._sequential.values() for c in s.cpu_copies.values()} == {dtype}
+
+
 @pytest.mark.parametrize("enable", ["enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_low_memory"])
 def test_offload_to_a_missing_gpu_is_a_one_line_error_that_changes_nothing(enable):
     """A CUDA device this machine lacks (any on a CPU-only one, one past the last otherwise) fails at once, with

@@ -96,7 +96,7 @@ class SequentialOffload:
         self.cpu_copies: dict[nn.Parameter, torch.Tensor] = {}
         self.streamed: dict[nn.Module, list[nn.Parameter]] = {}
         self.resident: list[nn.Parameter] = []
-        pin = device.type == "cuda"
+        self.pin = pin = device.type == "cuda"
         # Prefetching: the unit that followed each unit last time, and copies in flight on a side stream.
         self.copy_stream = torch.cuda.Stream(device) if pin else None
         self.next_unit: dict[nn.Module, nn.Module] = {}
@@ -112,13 +112,28 @@ class SequentialOffload:
                 continue
             self.streamed[unit] = params
             for p in params:
-                cpu = p.data.to("cpu")
-                # empty_like keeps the weight's layout (channels-last convs, `Pipeline._fit_layout`) in the copy
-                self.cpu_copies[p] = torch.empty_like(cpu, pin_memory=True).copy_(cpu) if pin else cpu
+                self.cpu_copies[p] = self._stored(p.data)
                 p.data = self.cpu_copies[p]
             self.handles.append(unit.register_forward_pre_hook(self._load))
             self.handles.append(unit.register_forward_hook(self._unload))
         _STREAMING[module] = self
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        """The CPU copy a weight is streamed from (pinned for CUDA: asynchronous copies)."""
+        cpu = t.to("cpu")
+        # empty_like keeps the weight's layout (channels-last convs, `Pipeline._fit_layout`) in the copy
+        return torch.empty_like(cpu, pin_memory=True).copy_(cpu) if self.pin else cpu
+
+    def _adopt(self, m: nn.Module) -> bool:
+        """Whether m's weights were replaced since m last ran, and if so stream the new ones from now on: module.to
+        (pipe.to(torch.float16)) casts the CPU copies into new tensors, which the old copies would override."""
+        changed = False
+        for p in self.streamed[m]:
+            copy = self.cpu_copies[p]
+            if p.data_ptr() != copy.data_ptr() or p.dtype != copy.dtype or p.device != copy.device:
+                self.cpu_copies[p] = self._stored(p.data)
+                changed = True
+        return changed
 
     def _copy(self, m: nn.Module) -> list[torch.Tensor]:
         return [
@@ -128,8 +143,9 @@ class SequentialOffload:
     def _load(self, m: nn.Module, args: object) -> None:
         """Bring m's weights in (from the prefetch if one is waiting), then start copying the unit that ran after m
         last time on a side stream, so the copy overlaps m's compute. At most two units are on the device."""
+        changed = self._adopt(m)
         pending = self.pending.pop(m, None)
-        if pending is not None and pending[2] == self.compute_dtype:
+        if pending is not None and pending[2] == self.compute_dtype and not changed:
             tensors, event, _ = pending
             torch.cuda.current_stream(self.device).wait_event(event)
             for t in tensors:  # allocated on the copy stream, used and freed on the compute stream
@@ -160,6 +176,8 @@ class SequentialOffload:
     def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
         """Run in `dtype` (None: the stored dtype). Resident tensors are cast in place; the round trip
         float16 -> float32 -> float16 is exact."""
+        if self.compute_dtype is None and self.resident:
+            self.cpu_dtype = self.resident[0].dtype  # the stored dtype now: a pipe.to(dtype) may have cast it
         self.compute_dtype = dtype
         self.pending.clear()
         for p in self.resident:
