@@ -50,7 +50,8 @@ ap.add_argument(
     "+unfused (the GEGLU projections without the fused kernel: an A/B of it) and +notma (the path of a card before "
     "Hopper, which lacks TMA: the GEGLU projections through the kernel that loads through pointers); any img2vid mode "
     "takes +segmentsN (a longer video: N chained segments, img2vid.longer; PSNR of its first segment); low-memory "
-    "modes take +ffchunkN (forward chunks of N frames instead of enable_low_memory's)",
+    "modes take +ffchunkN (forward chunks of N frames instead of enable_low_memory's); eager/compiled take +parallel "
+    "(guidance parallelism: the unconditional half on cuda:1; peak GiB is cuda:0's, cuda:1's in the note)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
@@ -88,7 +89,8 @@ def log(*a: object) -> None:
 
 def sync() -> None:
     if DEV.type == "cuda":
-        torch.cuda.synchronize()
+        for i in range(torch.cuda.device_count()):  # every GPU: +parallel runs half of each step on a second one
+            torch.cuda.synchronize(i)
 
 
 def gib() -> float:
@@ -101,7 +103,8 @@ def free() -> None:
     gc.collect()
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
 
 
 class Events:
@@ -375,6 +378,9 @@ def main() -> None:
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
+        if "parallel" in options:  # exact: the unconditional half of every guided step on a second GPU
+            pipe.enable_guidance_parallel("cuda:1")
+            note = f"{note}; guidance halves on cuda:0 + cuda:1".lstrip("; ")
         if base == "compiled":
             pipe.compile(mode=args.compile_mode, cache_dir=args.compile_cache)
         kw = dict(call_kw, guidance_reuse=reuse)
@@ -419,6 +425,8 @@ def main() -> None:
         if len(enc) >= 2:
             log(f"[img2vid {mode}] CLIP {enc[-2]:.3f}s  VAE encode {enc[-1]:.3f}s (synced; last video)")
         row = ROWS[-1]
+        if "parallel" in options:
+            row["note"] += f"; cuda:1 peak {torch.cuda.max_memory_allocated(1) / 2**30:.2f} GiB"
         if "video" in ref:
             row["psnr"] = psnr(frames[:, :F], ref["video"])  # a chain's first segment is the plain video
         if mode == base:

@@ -145,6 +145,16 @@ def test_videos_per_image_use_consecutive_seeds(models, images, tmp_path, capsys
     assert (tmp_path / "v3.gif").is_file() and (tmp_path / "v4.gif").is_file()
 
 
+def test_guidance_device_gives_the_same_video(models, images, tmp_path, capsys):
+    """--guidance-device: the unconditional half on a second device (here the CPU twice: the wiring, not the speed)."""
+    outs = [tmp_path / "one.png", tmp_path / "two.png"]
+    for out, extra in zip(outs, ["", "--guidance-device cpu"], strict=True):
+        rc, _, err = generate(capsys, images["landscape"], out, models["folder"], f"--device cpu --seed 4 {extra}")
+        assert rc == 0, err
+    one, two = (read_video(o)[0].astype(int) for o in outs)
+    assert one.shape == two.shape and np.abs(one - two).max() <= 1  # float32 rounding of a batch of 1 vs 2
+
+
 @pytest.mark.parametrize("mode", ["stretch", "crop", "pad", "fit"])
 def test_resize_modes(mode, models, images, tmp_path, capsys):
     out = tmp_path / "clip.gif"
@@ -402,6 +412,14 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "device-cuda-missing": ("--device cuda:7", "not available"),
     "device-meta": ("--device meta", "unknown device 'meta'"),  # not blamed on the model's safetensors files
     "device-cpu-index": ("--device cpu:1", "unknown device 'cpu:1'"),
+    "guidance-device-unknown": ("--guidance-device toaster", "unknown device 'toaster' for --guidance-device"),
+    "guidance-device-missing": ("--device cpu --guidance-device cuda:7", "no cuda:7: this machine has"),
+    "guidance-device-kind": ("--device cpu --guidance-device meta", "must be of the main device's kind"),
+    "guidance-device-low-memory": (
+        "--device cpu --guidance-device cpu --low-memory",
+        "cannot run with sequential (--low-memory) CPU offload",
+    ),
+    "guidance-device-cache": ("--guidance-device cpu --compile-cache cc", "--compile-cache does not keep"),
     "variant-path": ("--variant ../fp16", "argument --variant: '../fp16' is not a variant name"),
     "compile-cache-not-a-folder": ("--compile-cache /dev/null/cache", "as a compile cache"),
     "hub-model-size": ("--model stabilityai/stable-video-diffusion-img2vid-xt", "multiple of 64"),
@@ -430,7 +448,7 @@ def assert_one_line_error(rc: int, err: str, needle: str, out_dir: Path) -> None
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_option_values(case, bad_env, capsys):
-    if case == "device-cuda-missing" and torch.cuda.device_count() > 7:
+    if case in ("device-cuda-missing", "guidance-device-missing") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     models, images, out_dir = bad_env
     extra, needle = BAD[case]

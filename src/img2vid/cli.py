@@ -23,6 +23,7 @@ from img2vid.cli_setup import (
     FORMATS,
     device_dtype,
     expand_images,
+    guidance_device,
     load_pipeline,
     model_source,
     output_paths,
@@ -135,6 +136,11 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
         help="least GPU memory: sequential offload, chunking, decode 2 frames at a time",
     )
     g.add_argument("--forward-chunking", action="store_true", help="chunk the UNet feed-forwards (less memory)")
+    g.add_argument(
+        "--guidance-device",
+        metavar="DEVICE",
+        help="a second GPU (e.g. cuda:1) for the unconditional half of guidance: about half the step, same numbers",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     g.add_argument(
         "--compile-cache",
@@ -270,6 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = {s: load_image(s) for s in sources}  # unreadable images fail now, not after a long model load
     sizes = {s: video_size(args, image, multiple, fmt) for s, image in images.items()}
     device, dtype = device_dtype(args)
+    guidance_device(args, device)  # checked now: the model loads after
 
     import torch
 
@@ -314,6 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     kind, _ = model_source(args.model)
     device, dtype = device_dtype(args)
+    guidance_device(args, device)  # checked now: the model loads after
     # Bound before the (long) model load: a port in use is an error now, not after it
     server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
     try:

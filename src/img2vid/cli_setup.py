@@ -138,6 +138,28 @@ def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
 
 
+def guidance_device(args: argparse.Namespace, device: Any) -> Any:
+    """--guidance-device as a torch.device, or None; what it cannot run with is an error before the model loads."""
+    import torch
+
+    from img2vid.images import InputError
+    from img2vid.parallel import check_devices
+
+    if args.guidance_device is None:
+        return None
+    try:
+        second = torch.device(args.guidance_device)
+    except RuntimeError:
+        raise InputError(f"unknown device {args.guidance_device!r} for --guidance-device; use cuda:N") from None
+    if args.compile_cache:
+        raise InputError("--compile-cache does not keep guidance-parallel steps yet: use --compile with it")
+    offload = (
+        "sequential (--low-memory)" if args.low_memory else None if args.offload in (None, "none") else args.offload
+    )
+    check_devices(device, second, offload)
+    return second
+
+
 def only_variant(folder: Path) -> str | None:
     """The variant of a folder whose UNet weights exist in that variant alone (unet/*.fp16.safetensors, no plain
     file), else None: such a folder has nothing else to load."""
@@ -169,6 +191,8 @@ def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) 
         pipe.enable_sequential_cpu_offload(device=device)
     if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
         pipe.unet.enable_forward_chunking()
+    if second := guidance_device(args, device):  # after forward chunking (the copy takes it), before compiling
+        pipe.enable_guidance_parallel(second)
     if args.compile or args.compile_cache:
         # the whole denoising step and the decoder as compiled graphs (fullgraph), kept ahead of time in a cache dir
         pipe.compile(cache_dir=args.compile_cache)

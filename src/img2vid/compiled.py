@@ -44,11 +44,11 @@ def denoise_step(
     the UNet is per-sample)."""
     if cfg:  # the guided step of guidance reuse, whose delta output is unused here (compiled: not computed)
         return reuse_full_step(unet, latents, image_latents, emb, time_ids, g, sigma, sigma_next, t, split)[0]
-    v = _velocity(unet, sampling.scale_input(latents, sigma), image_latents, emb, time_ids, t)
+    v = velocity(unet, sampling.scale_input(latents, sigma), image_latents, emb, time_ids, t)
     return sampling.euler_step(latents, v, sigma, sigma_next)
 
 
-def _velocity(
+def velocity(
     unet: torch.nn.Module,
     x: torch.Tensor,
     image_latents: torch.Tensor,
@@ -78,9 +78,9 @@ def _guidance_halves(
         u_lat, c_lat = image_latents.chunk(2)
         u_emb, c_emb = emb.chunk(2)
         u_ids, c_ids = time_ids.chunk(2)
-        return _velocity(unet, x, u_lat, u_emb, u_ids, t), _velocity(unet, x, c_lat, c_emb, c_ids, t)
+        return velocity(unet, x, u_lat, u_emb, u_ids, t), velocity(unet, x, c_lat, c_emb, c_ids, t)
     x = sampling.scale_input(torch.cat([latents, latents]), sigma)  # (2B, F, 4, h, w)
-    v_uncond, v_cond = _velocity(unet, x, image_latents, emb, time_ids, t).chunk(2)
+    v_uncond, v_cond = velocity(unet, x, image_latents, emb, time_ids, t).chunk(2)
     return v_uncond, v_cond
 
 
@@ -121,7 +121,7 @@ def reuse_cond_step(
 ) -> torch.Tensor:
     """An approximate guided step: the UNet on the conditional half only (batch B, with or without split)."""
     c_lat, c_emb, c_ids = image_latents.chunk(2)[1], emb.chunk(2)[1], time_ids.chunk(2)[1]
-    v_cond = _velocity(unet, sampling.scale_input(latents, sigma), c_lat, c_emb, c_ids, t)
+    v_cond = velocity(unet, sampling.scale_input(latents, sigma), c_lat, c_emb, c_ids, t)
     return sampling.euler_step(latents, sampling.guidance_from_delta(v_cond, delta, g), sigma, sigma_next)
 
 

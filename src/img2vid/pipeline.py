@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from img2vid import checkpoint, compiled, fused, offload, precompiled, sampling
+from img2vid import checkpoint, compiled, fused, offload, parallel, precompiled, sampling
 from img2vid.configs import PipelineConfig, preset
 from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
 from img2vid.image_encoder import ImageEncoder, preprocess
@@ -222,6 +222,18 @@ class Pipeline(DiffusersAttributes):
         _orig(self.vae).spatial_frame_chunk = 2
         return self
 
+    def enable_guidance_parallel(self, device: str | torch.device) -> Pipeline:
+        """Exact, for two GPUs: guided steps run the unconditional half on `device` (a copy of the UNet there) while
+        this pipeline's device runs the conditional half (`parallel`), about halving the step. Call after `to()`
+        and before `compile()`; guidance_reuse > 1 still runs on the first GPU alone."""
+        second = torch.device(device)
+        parallel.check_devices(self._device, second, self._offload)
+        if self._step is not compiled.denoise_step:
+            raise InputError("enable_guidance_parallel goes before compile(), and once")
+        self._fit_layout()  # the copy takes the conv weights' layout with it
+        self._step = parallel.GuidanceParallel(_orig(self.unet), second)
+        return self
+
     def enable_fp8(self) -> int:
         """EXPERIMENTAL and APPROXIMATE, opt-in: float8 (e4m3) matrix products for the UNet's transformer linears
         (`fp8.quantize_unet_fp8`). Measured on an H100 it is not yet a speed-up: compiled, 0.482 s per step against
@@ -250,13 +262,19 @@ class Pipeline(DiffusersAttributes):
 
         cache_dir keeps the compiled graphs in that folder ahead of time (`precompiled`): a later process loads them
         instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""
+        guidance_parallel = isinstance(self._step, parallel.GuidanceParallel)
         if cache_dir is not None:
+            if guidance_parallel:
+                raise InputError("the compile cache does not keep guidance-parallel steps yet: compile without it")
             precompiled.check_cache_dir(cache_dir)
         # What is compiled; the VAE encoder runs eagerly (once a video) and keeps the NCHW kernels it is fast in.
         channels_last_(_orig(self.unet), channels_last)
         channels_last_(_orig(self.vae).decoder, channels_last)
         self._laid_out = True  # as asked, also for later eager calls
-        self._step = compiled.compile_step(mode, cache_dir=cache_dir)
+        if guidance_parallel:
+            self._step.compile(mode)
+        else:
+            self._step = compiled.compile_step(mode, cache_dir=cache_dir)
         # compiled on use
         self._reuse_steps = tuple(compiled.compile_step(mode, s, cache_dir) for s in compiled.REUSE_STEPS)
         if decoder:

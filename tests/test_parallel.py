@@ -1,0 +1,88 @@
+"""Guidance parallelism (img2vid.parallel): the unconditional half of each guided step on a second device. On the
+CPU both "devices" are the CPU, which checks the wiring and the numbers; the two-GPU test needs a machine with two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image
+
+from img2vid import Pipeline
+from img2vid.images import InputError
+from img2vid.parallel import GuidanceParallel
+
+H, W = 32, 48
+KW = dict(height=H, width=W, num_frames=3, num_inference_steps=3, decode_chunk_size=2, output_type="pt")
+
+
+def tiny(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+    pipe = Pipeline.from_config("tiny", dtype, seed=1).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def batches(unet: torch.nn.Module) -> list[int]:
+    """The batch sizes the module's forward sees from now on."""
+    seen: list[int] = []
+    unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+def video(pipe: Pipeline, **kw) -> torch.Tensor:
+    return pipe(make_image(56, 40), generator=torch.manual_seed(3), **{**KW, **kw}).frames
+
+
+def test_guidance_parallel_gives_the_split_halves_numbers():
+    """The same numbers as split guidance (the halves one after the other), each UNet copy running one half."""
+    split = tiny()
+    split._split_guidance = True
+    par = tiny().enable_guidance_parallel("cpu")
+    step = par._step
+    assert isinstance(step, GuidanceParallel) and step.unet is not par.unet
+    main_seen, second_seen = batches(par.unet), batches(step.unet)
+    expected = video(split)
+    assert torch.equal(video(par), expected)
+    assert main_seen == second_seen == [1, 1, 1]  # each step: one video's half on each copy
+    # and the plain 2B batch agrees to rounding
+    torch.testing.assert_close(video(tiny()), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_parallel_without_guidance_runs_on_the_main_device_only():
+    par = tiny().enable_guidance_parallel("cpu")
+    second_seen = batches(par._step.unet)
+    assert torch.equal(video(par, max_guidance_scale=1.0), video(tiny(), max_guidance_scale=1.0))
+    assert second_seen == []
+
+
+def test_guidance_parallel_refuses_what_it_cannot_run():
+    with pytest.raises(InputError, match="cannot run with model CPU offload"):
+        pipe = tiny()
+        pipe.enable_model_cpu_offload(device="cpu")
+        pipe.enable_guidance_parallel("cpu")
+    pipe = tiny().enable_guidance_parallel("cpu")
+    with pytest.raises(InputError, match="before compile\\(\\), and once"):
+        pipe.enable_guidance_parallel("cpu")
+    with pytest.raises(InputError, match="compile cache does not keep guidance-parallel steps"):
+        pipe.compile(cache_dir="/tmp/never-used")
+    with pytest.raises(InputError, match="must be of the main device's kind"):
+        tiny().enable_guidance_parallel("meta")
+    n = torch.cuda.device_count()
+    with pytest.raises(InputError, match=f"no cuda:{n}: this machine has {n} CUDA device"):
+        tiny().enable_guidance_parallel(f"cuda:{n}")
+
+
+def test_compiled_guidance_parallel_matches_eager():
+    eager = video(tiny().enable_guidance_parallel("cpu"))
+    compiled = tiny().enable_guidance_parallel("cpu").compile(decoder=False)
+    torch.testing.assert_close(video(compiled), eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_guidance_parallel_on_two_gpus_gives_the_split_halves_numbers():
+    split = tiny("cuda:0", torch.float16)
+    split._split_guidance = True
+    par = tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1")
+    assert next(par._step.unet.parameters()).device == torch.device("cuda:1")
+    got, expected = video(par, height=64, width=64), video(split, height=64, width=64)
+    assert got.device == expected.device
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)
