@@ -269,3 +269,14 @@ def test_artifacts_are_readable_as_the_umask_allows_and_a_failed_write_leaves_no
     with pytest.warns(UserWarning, match="not cached .*No space left"):
         torch.testing.assert_close(g(x, layer, 2.0), affine_silu(x, layer, 2.0))
     assert artifacts(tmp_path) == [name]
+
+
+def test_keyed_on_the_triton_version(monkeypatch):
+    """Triton builds and runs the GPU kernels an artifact holds, and can be upgraded under the same torch (`pip
+    install triton`): another version must not load this one's artifacts."""
+    f, args = PrecompiledFunction(affine_silu, "unused"), (torch.randn(4, 8), torch.nn.Linear(8, 16), 1.0)
+    keys = set()
+    for version in ("triton 3.5.0", "triton 3.9.0", None):
+        monkeypatch.setattr(precompiled, "_triton_version", lambda v=version: v)
+        keys.add(f.key(args))
+    assert len(keys) == 3

@@ -8,14 +8,15 @@ and loads it in later processes instead of tracing.
 
 The artifacts are pickles written by torch (as are the entries of torch's own inductor cache): only a folder the
 user passed explicitly is read, and it must be as trusted as the code itself. Every key covers the img2vid
-sources, torch/CUDA/Python versions and the card (or the CPU model and its instruction set), so a stale artifact is
-never picked; one that fails to load or whose guards reject the inputs is compiled again and replaced, with a
-warning.
+sources, torch/CUDA/Triton/Python versions and the card (or the CPU model and its instruction set), so a stale
+artifact is never picked; one that fails to load or whose guards reject the inputs is compiled again and replaced,
+with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -79,6 +80,18 @@ def _arg_signature(a: Any, modules: dict[Any, tuple[weakref.ref, str]]) -> Any:
     raise TypeError(f"cannot key a precompiled call on an argument of type {type(a).__name__}")
 
 
+@cache
+def _triton_version() -> str | None:
+    """The installed Triton, which built the GPU kernels an artifact holds and runs them (torch keys its own cache
+    on it): `pip install triton` can change it under the same torch. Read from the package metadata: no import."""
+    for name in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def _device_name(args: tuple[Any, ...]) -> str:
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type == "cuda":
@@ -130,6 +143,7 @@ class PrecompiledFunction:
             _sources_digest(),
             torch.__version__,
             torch.version.cuda,
+            _triton_version(),
             platform.python_version(),
             _device_name(args),
             torch.is_grad_enabled(),
