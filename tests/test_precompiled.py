@@ -280,3 +280,43 @@ def test_keyed_on_the_triton_version(monkeypatch):
         monkeypatch.setattr(precompiled, "_triton_version", lambda v=version: v)
         keys.add(f.key(args))
     assert len(keys) == 3
+
+
+@torch.no_grad()
+def test_a_read_only_cache_folder_is_loaded_from(tmp_path, monkeypatch):
+    """A cache filled once and then shipped read-only (a container image, a folder another user filled) still
+    saves the start-up: one note that new compiles are not saved, its artifacts loaded, a missing one compiled
+    for this process with no further note. A folder that cannot be read stays an error."""
+    import os
+
+    layer, x = torch.nn.Linear(8, 16).requires_grad_(False), torch.randn(4, 8)
+    PrecompiledFunction(affine_silu, tmp_path)(x, layer, 1.0)
+    os.chmod(tmp_path, 0o555)
+    try:
+        real_access = os.access
+
+        def access(path, mode, **kw):  # root passes every access check: answer as for an ordinary user
+            return not (mode & (os.W_OK if Path(path) == tmp_path else 0)) and real_access(path, mode, **kw)
+
+        monkeypatch.setattr(os, "access", access)
+        with pytest.warns(UserWarning, match="read-only: its files are used"):
+            precompiled.check_cache_dir(tmp_path)
+        f = PrecompiledFunction(affine_silu, tmp_path)
+        torch.testing.assert_close(f(x, layer, 1.0), affine_silu(x, layer, 1.0))
+        assert (f.compiled, f.loaded) == (0, 1)
+
+        def read_only(self, path, external_data=None):  # what root's writes would meet as an ordinary user
+            raise PermissionError(13, "Permission denied", path)
+
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        monkeypatch.setattr(AOTCompiledFunction, "save_compiled_function", read_only)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once already, by check_cache_dir
+            torch.testing.assert_close(f(x, layer, 2.0), affine_silu(x, layer, 2.0))
+        assert f.compiled == 1
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False)
+        with pytest.raises(InputError, match="not readable"):
+            precompiled.check_cache_dir(tmp_path)
+    finally:
+        os.chmod(tmp_path, 0o755)

@@ -35,6 +35,8 @@ from img2vid.images import InputError
 
 FILE_SUFFIX = ".aot"
 
+_UNSAVED: set[Path] = set()  # cache folders this process could not write to: warned about once
+
 
 @cache
 def _sources_digest() -> str:
@@ -199,8 +201,10 @@ class PrecompiledFunction:
         self.compiled += 1
         try:
             self._save(fn, key)
-        except OSError as e:  # a full disk or a folder gone read-only: this run keeps its compiled function
-            warnings.warn(f"img2vid: compiled function not cached in {self.folder} ({e})", stacklevel=3)
+        except OSError as e:  # a full disk or a read-only folder: this run keeps its compiled function
+            if self.folder.resolve() not in _UNSAVED:  # said once a folder: a decoder has ~20 functions to save
+                _UNSAVED.add(self.folder.resolve())
+                warnings.warn(f"img2vid: compiled functions not cached in {self.folder} ({e})", stacklevel=3)
         return fn
 
     def _save(self, fn: Any, key: str) -> None:
@@ -238,5 +242,13 @@ def check_cache_dir(folder: str | os.PathLike) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot use {str(path)!r} as a compile cache: {e.strerror or e}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"cannot use {str(path)!r} as a compile cache: not writable")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise InputError(f"cannot use {str(path)!r} as a compile cache: not readable")
+    if not os.access(path, os.W_OK):
+        # A cache filled elsewhere and shipped read-only (a container image, another user's folder) still saves
+        # the start-up; what it lacks is compiled for this process only (one note, not one per function).
+        _UNSAVED.add(path.resolve())
+        warnings.warn(
+            f"img2vid: compile cache {str(path)!r} is read-only: its files are used, new compiles are not saved",
+            stacklevel=3,
+        )
