@@ -85,3 +85,16 @@ def test_offload_to_a_missing_gpu_is_a_one_line_error_that_changes_nothing(enabl
     frames(pipe)  # still runs where it was
     with pytest.raises(InputError, match="unknown device"):
         pipe.enable_model_cpu_offload(device="gpu")
+
+
+@torch.no_grad()
+def test_streamed_modules_compile():
+    """A compiled function around streamed modules (pipe.compile() after sequential offload, fullgraph): dynamo
+    traces the streaming hooks, which must hold nothing it cannot trace (a data-pointer comparison did)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).requires_grad_(False)
+    x = torch.randn(4, 64)
+    want = m(x)
+    streaming = SequentialOffload(m, torch.device("cpu"), unit_bytes=64 * 65 * 4)
+    assert len(streaming.streamed) == 2
+    torch.testing.assert_close(torch.compile(m, fullgraph=True, dynamic=False)(x), want)

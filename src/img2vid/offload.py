@@ -143,7 +143,9 @@ class SequentialOffload:
     def _load(self, m: nn.Module, args: object) -> None:
         """Bring m's weights in (from the prefetch if one is waiting), then start copying the unit that ran after m
         last time on a side stream, so the copy overlaps m's compute. At most two units are on the device."""
-        changed = self._adopt(m)
+        # Not while torch.compile traces the hook (a compiled step around streamed modules): dynamo cannot trace
+        # data-pointer comparisons, and a cast after compiling is a new graph anyway.
+        changed = not torch.compiler.is_compiling() and self._adopt(m)
         pending = self.pending.pop(m, None)
         if pending is not None and pending[2] == self.compute_dtype and not changed:
             tensors, event, _ = pending
