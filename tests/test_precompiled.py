@@ -320,3 +320,18 @@ def test_a_read_only_cache_folder_is_loaded_from(tmp_path, monkeypatch):
             precompiled.check_cache_dir(tmp_path)
     finally:
         os.chmod(tmp_path, 0o755)
+
+
+@torch.no_grad()
+def test_streamed_modules_are_refused_in_one_line(tmp_path, monkeypatch):
+    """A module whose weights are streamed (sequential offload, low memory) is guarded on its hooks' identity, which
+    no artifact can hold: a one-line InputError, not torch's packaging trace, and nothing left in the folder."""
+    from img2vid.offload import SequentialOffload
+
+    monkeypatch.setattr(SequentialOffload, "RESIDENT_BYTES", 0)  # these small layers would stay resident
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).requires_grad_(False)
+    assert len(SequentialOffload(m, torch.device("cpu"), unit_bytes=64 * 65 * 4).streamed) == 2
+    f = PrecompiledFunction(relu_of, tmp_path)
+    with pytest.raises(InputError, match="compile cache cannot keep .*sequential offload") as e:
+        f(torch.randn(4, 64), m)
+    assert "\n" not in str(e.value) and artifacts(tmp_path) == []

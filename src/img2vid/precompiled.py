@@ -197,7 +197,16 @@ class PrecompiledFunction:
         # the patch is scoped to this call.
         with torch._dynamo.config.patch(enable_aot_compile=True):
             compiled = torch.compile(self.fn, fullgraph=True, dynamic=False, mode=self.mode)
-        fn = compiled.aot_compile((args, {}))
+        try:
+            fn = compiled.aot_compile((args, {}))
+        except torch._dynamo.exc.PackageError as e:
+            # Guards no other process could check, such as the identity of the hooks that stream a module's weights
+            # (sequential offload, low memory): one line instead of torch's multi-line trace after the tracing.
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(
+                f"the compile cache cannot keep {self.name} for these arguments ({why}); with sequential offload or "
+                "low memory, compile without a cache folder"
+            ) from None
         self.compiled += 1
         try:
             self._save(fn, key)
