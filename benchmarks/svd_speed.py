@@ -51,7 +51,8 @@ ap.add_argument(
     "Hopper, which lacks TMA: the GEGLU projections through the kernel that loads through pointers); any img2vid mode "
     "takes +segmentsN (a longer video: N chained segments, img2vid.longer; PSNR of its first segment); low-memory "
     "modes take +ffchunkN (forward chunks of N frames instead of enable_low_memory's); eager/compiled take +parallel "
-    "(guidance parallelism: the unconditional half on cuda:1; peak GiB is cuda:0's, cuda:1's in the note)",
+    "(guidance parallelism: the unconditional half on cuda:1; peak GiB is cuda:0's, cuda:1's in the note) or "
+    "+parallel1thread (the same, both halves queued from one host thread)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
@@ -378,9 +379,11 @@ def main() -> None:
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
-        if "parallel" in options:  # exact: the unconditional half of every guided step on a second GPU
+        threads = 2 if "parallel" in options else 1 if "parallel1thread" in options else 0
+        if threads:  # exact: the uncond half of every guided step on a second GPU; 1thread: its A/B
             pipe.enable_guidance_parallel("cuda:1")
-            note = f"{note}; guidance halves on cuda:0 + cuda:1".lstrip("; ")
+            pipe._step._worker = pipe._step._worker if threads == 2 else None
+            note = f"{note}; guidance halves on cuda:0 + cuda:1, {threads} host thread(s)".lstrip("; ")
         if base == "compiled":
             pipe.compile(mode=args.compile_mode, cache_dir=args.compile_cache)
         kw = dict(call_kw, guidance_reuse=reuse)
@@ -425,7 +428,7 @@ def main() -> None:
         if len(enc) >= 2:
             log(f"[img2vid {mode}] CLIP {enc[-2]:.3f}s  VAE encode {enc[-1]:.3f}s (synced; last video)")
         row = ROWS[-1]
-        if "parallel" in options:
+        if threads:
             row["note"] += f"; cuda:1 peak {torch.cuda.max_memory_allocated(1) / 2**30:.2f} GiB"
         if "video" in ref:
             row["psnr"] = psnr(frames[:, :F], ref["video"])  # a chain's first segment is the plain video

@@ -6,9 +6,11 @@ UNet, while the first GPU runs the conditional half: the numbers of running the 
 guidance, as low-memory mode does), in about half the step time. Per step only the scaled latents (B, F, 4, h, w)
 cross to the second GPU and its velocity comes back: 1.8 MB each way at 25 frames of 576x1024.
 
-The host queues the second GPU's half first, then the first GPU's; no call waits for a GPU, so both run at once as
-long as the host queues a step faster than the GPUs run it. The cross-device copies are ordered by the streams (torch
-makes the receiving stream wait for the sending one), so the result is deterministic.
+No call waits for a GPU, so both GPUs run at once as long as the host queues a step faster than they run it. Eager,
+queueing a half's kernels takes the host about as long as a GPU takes to run them, so a worker thread queues the
+second GPU's half while the caller's thread queues the first's: PyTorch releases the GIL inside its ops, so the two
+overlap (BENCHMARKS.md, run 119: 0.253 s a step from one thread). The cross-device copies are ordered by the streams
+(torch makes the receiving stream wait for the sending one), so the result is deterministic.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -26,12 +29,17 @@ class GuidanceParallel:
     """A drop-in for `compiled.denoise_step` (the same arguments) whose guided steps run the unconditional half on
     `device` with its own copy of the UNet. Steps without guidance run as before, on the first GPU alone."""
 
-    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, unet: torch.nn.Module, device: torch.device, threaded: bool = True) -> None:
         # A deep copy keeps what the original carries beside its weights (forward chunking, fp8 layers, the conv
         # weights' layout); made where the original is, then moved, so for a moment both copies are there.
         self.unet = copy.deepcopy(unet).to(device).eval().requires_grad_(False)
         self.device = device
         self.velocity: Callable[..., torch.Tensor] = compiled.velocity
+        # threaded False: the caller's thread queues both halves (slower eager; kept for comparison). Never on the
+        # CPU, whose ops run as they are called: two threads' OpenMP teams would fight over the same cores (tests
+        # on 2 cores ran ~30x slower).
+        threaded = threaded and device.type == "cuda"
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="img2vid-guidance") if threaded else None
 
     def compile(self, mode: str | None) -> None:
         """Both halves through one compiled velocity function (a graph per UNet copy: dynamo guards on the module)."""
@@ -61,10 +69,21 @@ class GuidanceParallel:
         x = sampling.scale_input(latents, sigma)  # (B, F, 4, h, w): the input of both halves, as split guidance's
         (u_lat, c_lat), (u_emb, c_emb), (u_ids, c_ids) = image_latents.chunk(2), emb.chunk(2), time_ids.chunk(2)
         d = self.device
-        with self._on_device():  # the second GPU's half first: it runs while the host queues the first GPU's
-            # (conditioning copied each step: ~2 MB, microseconds, and nothing to go stale between calls)
-            v_uncond = self.velocity(self.unet, x.to(d), u_lat.to(d), u_emb.to(d), u_ids.to(d), t.to(d))
-        v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
+
+        def uncond_half() -> torch.Tensor:  # on the second GPU; no_grad and the current device are per thread
+            with torch.no_grad(), self._on_device():
+                # (conditioning copied each step: ~2 MB, microseconds, and nothing to go stale between calls)
+                return self.velocity(self.unet, x.to(d), u_lat.to(d), u_emb.to(d), u_ids.to(d), t.to(d))
+
+        if self._worker is None:
+            v_uncond = uncond_half()  # queued first: the second GPU runs it while the host queues the first's
+            v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
+        else:
+            queued = self._worker.submit(uncond_half)
+            try:
+                v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
+            finally:  # waited for even when this half failed: the worker's half never outlives the step
+                v_uncond = queued.result()
         v = sampling.apply_guidance(v_uncond.to(latents.device), v_cond, g)
         return sampling.euler_step(latents, v, sigma, sigma_next)
 
