@@ -419,6 +419,8 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
         "--device cpu --guidance-device cpu --low-memory",
         "cannot run with sequential (--low-memory) CPU offload",
     ),
+    "compile-cache-low-memory": ("--low-memory --compile-cache cc", "--compile-cache cannot keep streamed weights"),
+    "compile-cache-sequential": ("--offload sequential --compile-cache cc", "cannot keep streamed weights"),
     "guidance-device-cache": ("--guidance-device cpu --compile-cache cc", "--compile-cache does not keep"),
     "variant-path": ("--variant ../fp16", "argument --variant: '../fp16' is not a variant name"),
     "compile-cache-not-a-folder": ("--compile-cache /dev/null/cache", "as a compile cache"),

@@ -98,3 +98,33 @@ def test_streamed_modules_compile():
     streaming = SequentialOffload(m, torch.device("cpu"), unit_bytes=64 * 65 * 4)
     assert len(streaming.streamed) == 2
     torch.testing.assert_close(torch.compile(m, fullgraph=True, dynamic=False)(x), want)
+
+
+def test_model_offload_after_streaming_stops_the_streaming():
+    pipe = Pipeline.from_config("tiny")
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    want = frames(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hooks(pipe) == 0 and pipe._sequential == {} and pipe._offload == "model"
+    assert torch.equal(frames(pipe), want)
+
+
+@pytest.mark.parametrize("enable", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_to_a_device_under_offload(enable):
+    """As diffusers: offloaded components run where offloading was set up; .to("cpu") changes nothing, and a move
+    to another device is an error, not inputs and weights on two devices at the first generation."""
+    pipe = Pipeline.from_config("tiny")
+    getattr(pipe, enable)(device="cpu")
+    assert pipe.to("cpu").device == torch.device("cpu")
+    with pytest.raises(InputError, match="CPU offload runs on cpu; enable it again with device=meta"):
+        pipe.to("meta")
+    assert pipe.device == torch.device("cpu")
+    frames(pipe)
+
+
+def test_compile_cache_with_streamed_weights_is_refused_before_tracing(tmp_path):
+    pipe = Pipeline.from_config("tiny")
+    pipe.enable_low_memory(device="cpu")
+    with pytest.raises(InputError, match="cannot keep modules whose weights are streamed"):
+        pipe.compile(cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

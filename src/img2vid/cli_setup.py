@@ -120,6 +120,10 @@ def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from img2vid.images import InputError
 
+    if args.compile_cache and (args.low_memory or args.offload == "sequential"):  # known now, not after tracing
+        raise InputError(
+            "--compile-cache cannot keep streamed weights (--low-memory, --offload sequential): use --compile"
+        )
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)

@@ -10,8 +10,6 @@ Neither changes a single number: the same kernels run on the same values.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -83,11 +81,8 @@ class SequentialOffload:
     UNIT_BYTES = 128 << 20
 
     def __init__(self, module: nn.Module, device: torch.device, unit_bytes: int | None = None) -> None:
-        """unit_bytes: the largest unit (default UNIT_BYTES). Replaces an earlier streaming of `module` (offload
-        enabled twice, or low memory after sequential offload): stacked, both would copy every weight."""
-        previous = _STREAMING.get(module)
-        if previous is not None:
-            previous.remove()
+        """unit_bytes: the largest unit (default UNIT_BYTES). A module streams under one SequentialOffload at a time:
+        the owner removes the last one first (stacked, both would copy every weight)."""
         self.device = device
         # Set to run the module in another dtype without touching its stored weights (the VAE's float32 encode).
         self.compute_dtype: torch.dtype | None = None
@@ -116,7 +111,6 @@ class SequentialOffload:
                 p.data = self.cpu_copies[p]
             self.handles.append(unit.register_forward_pre_hook(self._load))
             self.handles.append(unit.register_forward_hook(self._unload))
-        _STREAMING[module] = self
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
         """The CPU copy a weight is streamed from (pinned for CUDA: asynchronous copies)."""
@@ -124,16 +118,19 @@ class SequentialOffload:
         # empty_like keeps the weight's layout (channels-last convs, `Pipeline._fit_layout`) in the copy
         return torch.empty_like(cpu, pin_memory=True).copy_(cpu) if self.pin else cpu
 
-    def _adopt(self, m: nn.Module) -> bool:
-        """Whether m's weights were replaced since m last ran, and if so stream the new ones from now on: module.to
-        (pipe.to(torch.float16)) casts the CPU copies into new tensors, which the old copies would override."""
+    def refresh(self) -> None:
+        """Stream the weights as they are now: module.to (pipe.to(torch.float16)) after streaming began casts the CPU
+        copies into new tensors, which the old copies would override. Once per pipeline call, not per unit: a pass
+        over every parameter."""
         changed = False
-        for p in self.streamed[m]:
-            copy = self.cpu_copies[p]
-            if p.data_ptr() != copy.data_ptr() or p.dtype != copy.dtype or p.device != copy.device:
-                self.cpu_copies[p] = self._stored(p.data)
-                changed = True
-        return changed
+        for params in self.streamed.values():
+            for p in params:
+                copy = self.cpu_copies[p]
+                if p.data_ptr() != copy.data_ptr() or p.dtype != copy.dtype or p.device != copy.device:
+                    self.cpu_copies[p] = self._stored(p.data)
+                    changed = True
+        if changed:
+            self.pending.clear()  # prefetched copies of the old weights
 
     def _copy(self, m: nn.Module) -> list[torch.Tensor]:
         return [
@@ -143,11 +140,8 @@ class SequentialOffload:
     def _load(self, m: nn.Module, args: object) -> None:
         """Bring m's weights in (from the prefetch if one is waiting), then start copying the unit that ran after m
         last time on a side stream, so the copy overlaps m's compute. At most two units are on the device."""
-        # Not while torch.compile traces the hook (a compiled step around streamed modules): dynamo cannot trace
-        # data-pointer comparisons, and a cast after compiling is a new graph anyway.
-        changed = not torch.compiler.is_compiling() and self._adopt(m)
         pending = self.pending.pop(m, None)
-        if pending is not None and pending[2] == self.compute_dtype and not changed:
+        if pending is not None and pending[2] == self.compute_dtype:
             tensors, event, _ = pending
             torch.cuda.current_stream(self.device).wait_event(event)
             for t in tensors:  # allocated on the copy stream, used and freed on the compute stream
@@ -192,11 +186,3 @@ class SequentialOffload:
         self.handles.clear()
         self.cpu_copies.clear()
         self.pending.clear()
-        for module, offload in list(_STREAMING.items()):
-            if offload is self:
-                del _STREAMING[module]
-
-
-# The streaming each module is under, so that streaming it again replaces it. Weak: a pipeline's models are freed
-# with it (the hooks reference their SequentialOffload, which references units, never the root module).
-_STREAMING: weakref.WeakKeyDictionary[nn.Module, SequentialOffload] = weakref.WeakKeyDictionary()

@@ -164,19 +164,25 @@ class Pipeline(DiffusersAttributes):
         for a in args:  # positional: a device, a dtype, or both
             dtype, device = (a, device) if isinstance(a, torch.dtype) else (dtype, a)
         device = torch.device(device) if device is not None else None
+        if device is not None and self._offload is not None and device.type != "cpu" and device != self._device:
+            # as diffusers: offloaded components run where offloading was set up (a move to the CPU is a no-op)
+            raise InputError(
+                f"{self._offload} CPU offload runs on {self._device}; enable it again with device={device} instead"
+            )
         for c in COMPONENTS:
             m = _orig(getattr(self, c))
             if dtype is not None:
                 m.to(dtype)
             if device is not None and self._offload is None:
                 m.to(device)
-        if device is not None:
+        if device is not None and self._offload is None:
             self._device = device
         return self
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
         """Components wait on the CPU and visit the GPU one at a time (image encoder -> UNet -> VAE)."""
         self._device = offload.accelerator(gpu_id, device)
+        self._stop_streaming()
         self._offload = "model"
         for c in COMPONENTS:
             move_module(_orig(getattr(self, c)), torch.device("cpu"))
@@ -190,12 +196,18 @@ class Pipeline(DiffusersAttributes):
         if any(isinstance(m, Fp8Linear) for m in _orig(self.unet).modules()):
             raise InputError(_FP8_STREAMING)
         self._device = offload.accelerator(gpu_id, device)
+        self._stop_streaming()  # enabled again: one streaming at a time (stacked, every weight would copy twice)
         self._fit_layout()  # before the streamed copies are made: they keep the layout
         self._offload = "sequential"
         for c in COMPONENTS:
             m = _orig(getattr(self, c))
             move_module(m, torch.device("cpu"))
             self._sequential[c] = SequentialOffload(m, self._device)
+
+    def _stop_streaming(self) -> None:
+        for s in self._sequential.values():
+            s.remove()
+        self._sequential.clear()
 
     def _stage(self, name: str) -> None:
         """Model offload: bring `name` onto the device and send the others home."""
@@ -266,6 +278,8 @@ class Pipeline(DiffusersAttributes):
         if cache_dir is not None:
             if guidance_parallel:
                 raise InputError("the compile cache does not keep guidance-parallel steps yet: compile without it")
+            if self._offload == "sequential":  # found now, not after minutes of tracing (precompiled says why)
+                raise InputError(precompiled.STREAMED_MODULES)
             precompiled.check_cache_dir(cache_dir)
         # What is compiled; the VAE encoder runs eagerly (once a video) and keeps the NCHW kernels it is fast in.
         channels_last_(_orig(self.unet), channels_last)
@@ -310,6 +324,8 @@ class Pipeline(DiffusersAttributes):
         """diffusers' arguments (see README), plus guidance_reuse: APPROXIMATE, opt-in; N > 1 runs the unconditional
         half of guidance on every N-th step only and reuses its guidance direction in between (1: exact guidance)."""
         self._fit_layout()
+        for s in self._sequential.values():  # weights cast since streaming began (pipe.to(dtype)) stream as they are
+            s.refresh()
         num_frames = num_frames if num_frames is not None else self.config.num_frames
         if decode_chunk_size is None:
             decode_chunk_size = min(self.default_decode_chunk_size or num_frames, num_frames)

@@ -35,6 +35,10 @@ from img2vid.images import InputError
 
 FILE_SUFFIX = ".aot"
 
+STREAMED_MODULES = (
+    "the compile cache cannot keep modules whose weights are streamed (sequential offload, low memory): their "
+    "hooks are guarded by identity, which no other process can check; compile without a cache folder"
+)
 _UNSAVED: set[Path] = set()  # cache folders this process could not write to: warned about once
 
 
