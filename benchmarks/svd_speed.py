@@ -379,13 +379,11 @@ def main() -> None:
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
-        threads = 2 if "parallel" in options else 1 if {"parallel1thread", "parallelgraph"} & set(options) else 0
-        if threads:  # exact: the uncond half of every guided step on a second GPU; 1thread, graph: A/Bs
+        threads = 2 if "parallel" in options else 1 if "parallel1thread" in options else 0
+        if threads:  # exact: the uncond half of every guided step on a second GPU; 1thread: its A/B
             pipe.enable_guidance_parallel("cuda:1")
             pipe._step._worker = pipe._step._worker if threads == 2 else None
-            pipe._step.graphs = "parallelgraph" in options
-            how = "CUDA graphs" if pipe._step.graphs else f"{threads} host thread(s)"
-            note = f"{note}; guidance halves on cuda:0 + cuda:1, {how}".lstrip("; ")
+            note = f"{note}; guidance halves on cuda:0 + cuda:1, {threads} host thread(s)".lstrip("; ")
         if base == "compiled":
             pipe.compile(mode=args.compile_mode, cache_dir=args.compile_cache)
         kw = dict(call_kw, guidance_reuse=reuse)

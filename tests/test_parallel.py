@@ -78,12 +78,10 @@ def test_compiled_guidance_parallel_matches_eager():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("graphs", [False, True], ids=["threads", "cuda-graphs"])
-def test_guidance_parallel_on_two_gpus_gives_the_split_halves_numbers(graphs):
+def test_guidance_parallel_on_two_gpus_gives_the_split_halves_numbers():
     split = tiny("cuda:0", torch.float16)
     split._split_guidance = True
     par = tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1")
-    par._step.graphs = graphs
     assert next(par._step.unet.parameters()).device == torch.device("cuda:1")
     got, expected = video(par, height=64, width=64), video(split, height=64, width=64)
     assert got.device == expected.device

@@ -41,23 +41,9 @@ class GuidanceParallel:
         threaded = threaded and device.type == "cuda"
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="img2vid-guidance") if threaded else None
 
-        # graphs: each half's UNet call as a CUDA graph (GraphedVelocity), so a step costs the host a few launches
-        self.graphs = False
-        self._graphed: dict[torch.device, GraphedVelocity] = {}
-
     def compile(self, mode: str | None) -> None:
         """Both halves through one compiled velocity function (a graph per UNet copy: dynamo guards on the module)."""
         self.velocity = torch.compile(compiled.velocity, fullgraph=True, mode=mode, dynamic=False)
-
-    def _graph(self, unet: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        """The velocity of `unet` (either copy) through its CUDA graph, captured on first use and again when the
-        shapes change (one graph per copy is kept: each holds its activations' memory)."""
-        device = next(unet.parameters()).device
-        graphed = self._graphed.get(device)
-        if graphed is None or graphed.key != _shapes(list(args)):
-            self._graphed.pop(device, None)  # the old graph's memory first
-            graphed = self._graphed[device] = GraphedVelocity(self.velocity, unet, list(args))
-        return graphed(list(args))
 
     def _on_device(self) -> contextlib.AbstractContextManager:
         """Kernels launched by img2vid's own ops (Triton) go to the current device's stream: make it the second GPU
@@ -89,11 +75,7 @@ class GuidanceParallel:
                 # (conditioning copied each step: ~2 MB, microseconds, and nothing to go stale between calls)
                 return self.velocity(self.unet, x.to(d), u_lat.to(d), u_emb.to(d), u_ids.to(d), t.to(d))
 
-        if self.graphs:
-            with self._on_device():
-                v_uncond = self._graph(self.unet, x, u_lat, u_emb, u_ids, t)
-            v_cond = self._graph(unet, x, c_lat, c_emb, c_ids, t)
-        elif self._worker is None:
+        if self._worker is None:
             v_uncond = uncond_half()  # queued first: the second GPU runs it while the host queues the first's
             v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
         else:
@@ -104,37 +86,6 @@ class GuidanceParallel:
                 v_uncond = queued.result()
         v = sampling.apply_guidance(v_uncond.to(latents.device), v_cond, g)
         return sampling.euler_step(latents, v, sigma, sigma_next)
-
-
-class GraphedVelocity:
-    """One UNet copy's velocity as a CUDA graph for one set of shapes: the inputs are copied into static buffers
-    (across devices where they come from the other GPU) and the graph replays the ~2000 kernels of the forward in one
-    launch. The output is a static buffer too, overwritten by the next replay: the caller reads it before then, in
-    stream order."""
-
-    def __init__(self, velocity: Callable[..., torch.Tensor], unet: torch.nn.Module, args: list[torch.Tensor]) -> None:
-        device = next(unet.parameters()).device
-        self.key = _shapes(args)
-        self.inputs = [torch.empty_like(a, device=device).copy_(a) for a in args]
-        side = torch.cuda.Stream(device)  # warm-up off the default stream, as capture needs (cuDNN/cuBLAS set-up)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            velocity(unet, *self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the other GPU's work queued meanwhile from this process does not invalidate the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = velocity(unet, *self.inputs)
-
-    def __call__(self, args: list[torch.Tensor]) -> torch.Tensor:
-        for buffer, a in zip(self.inputs, args, strict=True):
-            buffer.copy_(a, non_blocking=True)
-        self.graph.replay()
-        return self.output
-
-
-def _shapes(args: list[torch.Tensor]) -> tuple:
-    return tuple((tuple(a.shape), a.dtype) for a in args)
 
 
 def check_devices(main: torch.device, second: torch.device, offload: str | None) -> None:
