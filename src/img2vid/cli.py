@@ -139,7 +139,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
     g.add_argument(
         "--guidance-device",
         metavar="DEVICE",
-        help="a second GPU (e.g. cuda:1) for the unconditional half of guidance: about half the step, same numbers",
+        help="a second GPU (e.g. cuda:1) for the unconditional half of guidance: faster steps, same numbers",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     g.add_argument(
