@@ -516,6 +516,25 @@ def test_peer_closed_sees_the_end_of_stream_only():
     assert server_module.peer_closed(a)  # our own side closed: nothing to answer either
 
 
+def test_peer_closed_on_a_descriptor_past_select_s_limit():
+    """A server with over 1024 open files gets sockets select.select refuses: an open client is not gone."""
+    import os
+
+    resource = pytest.importorskip("resource")  # Unix; Windows' select has no such limit
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 1100:
+        pytest.skip("the open-file limit is too low for a descriptor past 1024")
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1100))
+    try:
+        assert not server_module.peer_closed(high)
+        b.close()
+        a.close()
+        assert server_module.peer_closed(high)
+    finally:
+        high.close()
+        a.close()
+
+
 def send_post(address, png: bytes, **params) -> socket.socket:
     sock = socket.create_connection(address, timeout=10)
     query = urlencode({**SMALL, **params})

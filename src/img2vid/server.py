@@ -92,8 +92,13 @@ def peer_closed(sock: socket.socket) -> bool:
     readable socket with nothing to read is the peer's end of stream; bytes waiting (a pipelined next request) are
     left in place for the handler."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        if hasattr(select, "poll"):  # select.select refuses descriptors from 1024 on (a busy server has them)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:  # Windows: no poll, and no such limit on its select
+            readable = bool(select.select([sock], [], [], 0)[0])
+        return readable and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):  # reset, or already closed on our side (fileno -1)
         return True
 
