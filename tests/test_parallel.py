@@ -86,3 +86,16 @@ def test_guidance_parallel_on_two_gpus_gives_the_split_halves_numbers():
     got, expected = video(par, height=64, width=64), video(split, height=64, width=64)
     assert got.device == expected.device
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)
+
+
+def test_to_after_guidance_parallel_keeps_the_copy_in_step():
+    """pipe.to(dtype) after enabling casts the second device's UNet copy too (it failed the call on mixed dtypes);
+    a move that would leave the copy on the main device, or on another kind of device, is refused before it moves."""
+    par = tiny().enable_guidance_parallel("cpu").to(torch.float64)
+    assert next(par._step.unet.parameters()).dtype == torch.float64
+    split = tiny().to(torch.float64)
+    split._split_guidance = True
+    assert torch.equal(video(par), video(split))
+    with pytest.raises(InputError, match="must be of the main device's kind"):
+        par.to("meta")
+    assert par.device == torch.device("cpu") and next(par.unet.parameters()).device == torch.device("cpu")

@@ -66,6 +66,9 @@ class RunModes:
             raise InputError(
                 f"{self._offload} CPU offload runs on {self._device}; enable it again with device={device} instead"
             )
+        par = self._step if isinstance(self._step, parallel.GuidanceParallel) else None
+        if par is not None and device is not None and self._offload is None:  # before anything moves
+            parallel.check_devices(device, par.device, None)
         for c in COMPONENTS:
             m = orig_module(getattr(self, c))
             if dtype is not None:
@@ -74,6 +77,8 @@ class RunModes:
                 m.to(device)
         if device is not None and self._offload is None:
             self._device = device
+        if par is not None and dtype is not None:  # the second GPU's UNet copy: its half gets inputs in the new dtype
+            par.unet.to(dtype)
         return self
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
