@@ -99,3 +99,17 @@ def test_to_after_guidance_parallel_keeps_the_copy_in_step():
     with pytest.raises(InputError, match="must be of the main device's kind"):
         par.to("meta")
     assert par.device == torch.device("cpu") and next(par.unet.parameters()).device == torch.device("cpu")
+
+
+def test_compile_lays_out_the_copy_as_the_unet():
+    """compile()'s conv layout (channels_last, default on) reaches the second device's UNet copy made before it."""
+
+    def strides(unet: torch.nn.Module) -> list[tuple[int, ...]]:
+        return [p.stride() for p in unet.parameters() if p.ndim in (4, 5)]
+
+    for on in (True, False):
+        pipe = tiny().enable_guidance_parallel("cpu")
+        before = strides(pipe._step.unet)
+        pipe.compile(decoder=False, channels_last=on)
+        assert strides(pipe._step.unet) == strides(pipe.unet)
+        assert (strides(pipe.unet) != before) == on  # on the CPU the copy starts NCHW
