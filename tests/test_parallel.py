@@ -113,3 +113,21 @@ def test_compile_lays_out_the_copy_as_the_unet():
         pipe.compile(decoder=False, channels_last=on)
         assert strides(pipe._step.unet) == strides(pipe.unet)
         assert (strides(pipe.unet) != before) == on  # on the CPU the copy starts NCHW
+
+
+def test_fp8_after_guidance_parallel_quantizes_both_halves(monkeypatch):
+    """enable_fp8 after enable_guidance_parallel: the second device's copy too (it stayed exact while the first half
+    ran float8). At the tiny model's widths only with a smaller min_features."""
+    import functools
+
+    from img2vid import modes
+    from img2vid.fp8 import Fp8Linear
+
+    monkeypatch.setattr(modes, "quantize_unet_fp8", functools.partial(modes.quantize_unet_fp8, min_features=16))
+    pipe = tiny().enable_guidance_parallel("cpu")
+    assert pipe.enable_fp8() > 0
+
+    def fp8_layers(unet: torch.nn.Module) -> list[str]:
+        return [name for name, m in unet.named_modules() if isinstance(m, Fp8Linear)]
+
+    assert fp8_layers(pipe._step.unet) == fp8_layers(pipe.unet)

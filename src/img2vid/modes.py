@@ -156,6 +156,8 @@ class RunModes:
         replaced."""
         if self._offload == "sequential":
             raise InputError(_FP8_STREAMING)
+        if isinstance(self._step, parallel.GuidanceParallel):  # the second GPU's copy too: both halves alike
+            quantize_unet_fp8(self._step.unet)
         return quantize_unet_fp8(orig_module(self.unet))
 
     def compile(
