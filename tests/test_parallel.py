@@ -131,3 +131,13 @@ def test_fp8_after_guidance_parallel_quantizes_both_halves(monkeypatch):
         return [name for name, m in unet.named_modules() if isinstance(m, Fp8Linear)]
 
     assert fp8_layers(pipe._step.unet) == fp8_layers(pipe.unet)
+
+
+def test_offload_after_guidance_parallel_is_refused_as_before_it():
+    pipe = tiny().enable_guidance_parallel("cpu")
+    with pytest.raises(InputError, match="cannot run with model CPU offload"):
+        pipe.enable_model_cpu_offload(device="cpu")
+    for enable in (pipe.enable_sequential_cpu_offload, pipe.enable_low_memory):
+        with pytest.raises(InputError, match="cannot run with sequential CPU offload"):
+            enable(device="cpu")
+    assert pipe._offload is None and not pipe._sequential and not pipe._split_guidance

@@ -83,6 +83,7 @@ class RunModes:
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
         """Components wait on the CPU and visit the GPU one at a time (image encoder -> UNet -> VAE)."""
+        self._check_no_guidance_parallel("model")
         self._device = offload.accelerator(gpu_id, device)
         self._stop_streaming()
         self._offload = "model"
@@ -97,6 +98,7 @@ class RunModes:
         # buffers, which would stay on the CPU.
         if any(isinstance(m, Fp8Linear) for m in orig_module(self.unet).modules()):
             raise InputError(_FP8_STREAMING)
+        self._check_no_guidance_parallel("sequential")
         self._device = offload.accelerator(gpu_id, device)
         self._stop_streaming()  # enabled again: one streaming at a time (stacked, every weight would copy twice)
         self._fit_layout()  # before the streamed copies are made: they keep the layout
@@ -105,6 +107,11 @@ class RunModes:
             m = orig_module(getattr(self, c))
             move_module(m, torch.device("cpu"))
             self._sequential[c] = SequentialOffload(m, self._device)
+
+    def _check_no_guidance_parallel(self, kind: str) -> None:
+        """Offload after enable_guidance_parallel: refused as the other order is (`parallel.check_devices`)."""
+        if isinstance(self._step, parallel.GuidanceParallel):
+            raise InputError(f"guidance parallelism keeps a UNet on each GPU; it cannot run with {kind} CPU offload")
 
     def _stop_streaming(self) -> None:
         for s in self._sequential.values():
