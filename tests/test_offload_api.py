@@ -122,6 +122,19 @@ def test_to_a_device_under_offload(enable):
     frames(pipe)
 
 
+def test_to_the_offload_device_without_its_index_is_a_no_op():
+    """enable_model_cpu_offload() runs on cuda:0; a diffusers script's later pipe.to("cuda") names that device and
+    changes nothing (it was refused as another device). Faked on the CPU: no move is made under offload."""
+    pipe = Pipeline.from_config("tiny")
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe._device = torch.device("cuda", 0)
+    assert pipe.to("cuda").device == torch.device("cuda", 0)
+    assert pipe.to("cuda:0", torch.float32).device == torch.device("cuda", 0)
+    with pytest.raises(InputError, match="CPU offload runs on cuda:0; enable it again with device=cuda:1"):
+        pipe.to("cuda:1")
+    assert next(pipe.unet.parameters()).device == torch.device("cpu")
+
+
 def test_compile_cache_with_streamed_weights_is_refused_before_tracing(tmp_path):
     pipe = Pipeline.from_config("tiny")
     pipe.enable_low_memory(device="cpu")

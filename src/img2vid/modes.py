@@ -61,7 +61,9 @@ class RunModes:
         for a in args:  # positional: a device, a dtype, or both
             dtype, device = (a, device) if isinstance(a, torch.dtype) else (dtype, a)
         device = torch.device(device) if device is not None else None
-        if device is not None and self._offload is not None and device.type != "cpu" and device != self._device:
+        # "cuda" (no index) names the offload's own device as well as "cuda:0" does: diffusers scripts call to("cuda")
+        same = device is not None and device.type == self._device.type and device.index in (None, self._device.index)
+        if device is not None and self._offload is not None and device.type != "cpu" and not same:
             # as diffusers: offloaded components run where offloading was set up (a move to the CPU is a no-op)
             raise InputError(
                 f"{self._offload} CPU offload runs on {self._device}; enable it again with device={device} instead"
