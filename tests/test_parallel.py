@@ -141,3 +141,57 @@ def test_offload_after_guidance_parallel_is_refused_as_before_it():
         with pytest.raises(InputError, match="cannot run with sequential CPU offload"):
             enable(device="cpu")
     assert pipe._offload is None and not pipe._sequential and not pipe._split_guidance
+
+
+def worker_step() -> tuple[GuidanceParallel, tuple]:
+    """A GuidanceParallel with its worker thread (only CUDA devices get one by default) and a guided step's args."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = GuidanceParallel(torch.nn.Linear(1, 1), torch.device("cpu"))
+    step._worker = ThreadPoolExecutor(1)
+    x, lat = torch.zeros(1, 2, 4, 2, 2), torch.zeros(2, 2, 4, 2, 2)
+    s = torch.tensor(1.0)
+    args = (torch.nn.Linear(1, 1), x, lat, torch.zeros(2, 1, 3), torch.zeros(2, 3), torch.ones(1, 2, 1, 1, 1), s, s, s)
+    return step, args
+
+
+def test_the_callers_half_error_is_raised_after_the_workers_half_ends():
+    step, args = worker_step()
+    finished = []
+
+    def velocity(unet, *a):
+        if unet is step.unet:  # the worker's half: fails too, later
+            import time
+
+            time.sleep(0.2)
+            finished.append(True)
+            raise RuntimeError("second half failed")
+        raise ValueError("first half failed")
+
+    step.velocity = velocity
+    with pytest.raises(ValueError, match="first half failed"):
+        step(*args, True)
+    assert finished == [True]  # waited for, not left running into the next step
+
+
+def test_the_workers_half_runs_under_the_callers_autocast():
+    step, args = worker_step()
+    seen = []
+
+    def velocity(unet, x, *a):
+        seen.append((unet is step.unet, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return torch.zeros_like(x)
+
+    step.velocity = velocity
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step(*args, True)
+    assert sorted(seen) == [(False, True, torch.bfloat16), (True, True, torch.bfloat16)]
+    seen.clear()
+    step(*args, True)
+    assert sorted(seen) == [(False, False, torch.bfloat16), (True, False, torch.bfloat16)]
+
+
+def test_compile_with_cuda_graphs_queues_both_halves_from_the_callers_thread():
+    step, _ = worker_step()
+    step.compile("reduce-overhead")
+    assert step._worker is None

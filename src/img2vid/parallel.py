@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -28,7 +28,9 @@ from img2vid import compiled, sampling
 
 class GuidanceParallel:
     """A drop-in for `compiled.denoise_step` (the same arguments) whose guided steps run the unconditional half on
-    `device` with its own copy of the UNet. Steps without guidance run as before, on the first GPU alone."""
+    `device` with its own copy of the UNet. Steps without guidance run as before, on the first GPU alone. The copy is
+    made when guidance parallelism is enabled: set up the UNet first (weights, forward chunking); `Pipeline.to`,
+    `compile` and `enable_fp8` follow it to the copy."""
 
     def __init__(self, unet: torch.nn.Module, device: torch.device, threaded: bool = True) -> None:
         # A deep copy keeps what the original carries beside its weights (forward chunking, fp8 layers, the conv
@@ -43,8 +45,13 @@ class GuidanceParallel:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="img2vid-guidance") if threaded else None
 
     def compile(self, mode: str | None) -> None:
-        """Both halves through one compiled velocity function (a graph per UNet copy: dynamo guards on the module)."""
+        """Both halves through one compiled velocity function (a graph per UNet copy: dynamo guards on the module).
+        With CUDA graphs (reduce-overhead) a step costs the host a few launches and torch keeps their state per
+        thread, so the caller's thread queues both halves."""
         self.velocity = torch.compile(compiled.velocity, fullgraph=True, mode=mode, dynamic=False)
+        if mode in ("reduce-overhead", "max-autotune") and self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
 
     def _on_device(self) -> contextlib.AbstractContextManager:
         """Kernels launched by img2vid's own ops (Triton) go to the current device's stream: make it the second GPU
@@ -71,8 +78,11 @@ class GuidanceParallel:
         (u_lat, c_lat), (u_emb, c_emb), (u_ids, c_ids) = image_latents.chunk(2), emb.chunk(2), time_ids.chunk(2)
         d = self.device
 
-        def uncond_half() -> torch.Tensor:  # on the second GPU; no_grad and the current device are per thread
-            with torch.no_grad(), self._on_device():
+        # Autocast, like no_grad and the current device, is per thread: the worker's half runs under the caller's
+        autocast = torch.is_autocast_enabled(d.type), torch.get_autocast_dtype(d.type)
+
+        def uncond_half() -> torch.Tensor:  # on the second GPU
+            with torch.no_grad(), self._on_device(), torch.autocast(d.type, dtype=autocast[1], enabled=autocast[0]):
                 # (conditioning copied each step: ~2 MB, microseconds, and nothing to go stale between calls)
                 return self.velocity(self.unet, x.to(d), u_lat.to(d), u_emb.to(d), u_ids.to(d), t.to(d))
 
@@ -83,8 +93,10 @@ class GuidanceParallel:
             queued = self._worker.submit(uncond_half)
             try:
                 v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
-            finally:  # waited for even when this half failed: the worker's half never outlives the step
-                v_uncond = queued.result()
+            except BaseException:  # the worker's half never outlives the step; this half's error is the one raised
+                wait([queued])
+                raise
+            v_uncond = queued.result()
         v = sampling.apply_guidance(v_uncond.to(latents.device), v_cond, g)
         return sampling.euler_step(latents, v, sigma, sigma_next)
 
