@@ -512,6 +512,9 @@ def test_only_variant_and_info_use_the_one_listing(tmp_path):
     info = checkpoint_info(half)
     assert (info["variant"], info["variants"]) == ("fp16", ["fp16"])
     # A plain model in shards beside an fp16 variant: the plain one is what loads without a variant.
+    # Plain pickles beside it: they load only when allowed, else the fp16 safetensors are what the folder offers
+    (half / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    assert only_variant(half) == "fp16" and only_variant(half, allow_pickle=True) is None
     (half / "unet" / "diffusion_pytorch_model-00001-of-00001.safetensors").write_bytes(b"")
     assert only_variant(half) is None
 

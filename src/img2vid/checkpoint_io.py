@@ -318,14 +318,18 @@ def check_variant(variant: str | None) -> None:
 _SHARD = re.compile(r"-\d+-of-\d+")
 
 
-def weight_variants(folder: Path, component: str) -> tuple[bool, list[str]]:
+def weight_variants(folder: Path, component: str, pickles: bool = True) -> tuple[bool, list[str]]:
     """(whether the plain weights are there, the sorted variants there) of one component of a diffusers folder. Plain:
     stem.safetensors, its shards (stem-00001-of-00002.safetensors) or index; a variant v: stem.v.safetensors, its
-    shards (stem.v-00001-of-00002.safetensors) or either index name (component_file); .bin pickles count too."""
+    shards (stem.v-00001-of-00002.safetensors) or either index name (component_file); .bin pickles count too unless
+    `pickles` is False (weights that will not be loaded)."""
     stem, plain, variants = WEIGHTS_NAME[component], False, set()
+    suffixes = (
+        (".safetensors", ".bin", ".safetensors.index.json") if pickles else (".safetensors", ".safetensors.index.json")
+    )
     for p in (Path(folder) / component).glob(f"{stem}*"):
         rest = p.name[len(stem) :]
-        for suffix in (".safetensors", ".bin", ".safetensors.index.json"):
+        for suffix in suffixes:
             if rest.endswith(suffix):
                 rest = rest.removesuffix(suffix)
                 break

@@ -164,12 +164,12 @@ def guidance_device(args: argparse.Namespace, device: Any) -> Any:
     return second
 
 
-def only_variant(folder: Path) -> str | None:
+def only_variant(folder: Path, allow_pickle: bool = False) -> str | None:
     """The variant of a folder whose UNet weights exist in that variant alone (unet/*.fp16.safetensors, no plain
-    file), else None: such a folder has nothing else to load."""
+    file), else None: such a folder has nothing else to load (plain .bin pickles count only when they may load)."""
     from img2vid.checkpoint_io import weight_variants
 
-    plain, variants = weight_variants(folder, "unet")
+    plain, variants = weight_variants(folder, "unet", pickles=allow_pickle)
     return variants[0] if len(variants) == 1 and not plain else None
 
 
@@ -181,7 +181,7 @@ def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) 
     # The hub's fp16 files for float16: half the download, the same float16 weights.
     variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
     if variant is None and kind == "folder":  # e.g. what `img2vid convert ... --variant fp16` writes
-        variant = only_variant(Path(args.model).expanduser())
+        variant = only_variant(Path(args.model).expanduser(), args.allow_pickle)
     variant = None if variant == "none" else variant
     offload = args.offload or "none"
     load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
