@@ -77,14 +77,16 @@ class GuidanceParallel:
         x = sampling.scale_input(latents, sigma)  # (B, F, 4, h, w): the input of both halves, as split guidance's
         (u_lat, c_lat), (u_emb, c_emb), (u_ids, c_ids) = image_latents.chunk(2), emb.chunk(2), time_ids.chunk(2)
         d = self.device
-
+        # The second GPU's inputs, copied from this thread before either half is queued: a copy out of the first GPU
+        # waits for all the work queued there when it is issued, which, issued from the worker, could include part of
+        # the first GPU's half. (The conditioning is copied each step: ~2 MB, and nothing goes stale between calls.)
+        u_in = (x.to(d), u_lat.to(d), u_emb.to(d), u_ids.to(d), t.to(d))
         # Autocast, like no_grad and the current device, is per thread: the worker's half runs under the caller's
         autocast = torch.is_autocast_enabled(d.type), torch.get_autocast_dtype(d.type)
 
         def uncond_half() -> torch.Tensor:  # on the second GPU
             with torch.no_grad(), self._on_device(), torch.autocast(d.type, dtype=autocast[1], enabled=autocast[0]):
-                # (conditioning copied each step: ~2 MB, microseconds, and nothing to go stale between calls)
-                return self.velocity(self.unet, x.to(d), u_lat.to(d), u_emb.to(d), u_ids.to(d), t.to(d))
+                return self.velocity(self.unet, *u_in)
 
         if self._worker is None:
             v_uncond = uncond_half()  # queued first: the second GPU runs it while the host queues the first's
