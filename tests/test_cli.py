@@ -465,25 +465,22 @@ def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
     broken_model = tmp_path / "broken.safetensors"
     broken_model.write_bytes(b"\x00" * 64)
     good = images["landscape"]
-    cases = [
-        ([tmp_path / "missing.png"], out_dir / "a.mp4", models["folder"], "image not found"),
-        ([str(tmp_path / "*.jpeg")], out_dir / "a.mp4", models["folder"], "no image matches"),
-        ([not_image], out_dir / "a.mp4", models["folder"], "not an image"),
-        ([good], out_dir / "a.avi", models["folder"], "unknown video format"),
-        ([good], tmp_path / "no-such-dir" / "a.mp4", models["folder"], "output folder"),
-        ([good, images["second"]], out_dir / "a.mp4", models["folder"], "{stem}"),
-        ([good, good], out_dir, models["folder"], "same file"),
-        ([good], out_dir / "a.mp4", broken_model, "broken.safetensors"),
+    folder = models["folder"]
+    cases = [  # (images, -o, --model, more arguments, expected part of the message)
+        ([tmp_path / "missing.png"], out_dir / "a.mp4", folder, "", "image not found"),
+        ([str(tmp_path / "*.jpeg")], out_dir / "a.mp4", folder, "", "no image matches"),
+        ([not_image], out_dir / "a.mp4", folder, "", "not an image"),
+        ([good], out_dir / "a.avi", folder, "", "unknown video format"),
+        ([good], tmp_path / "no-such-dir" / "a.mp4", folder, "", "output folder"),
+        ([good, images["second"]], out_dir / "a.mp4", folder, "", "{stem}"),
+        ([good, good], out_dir, folder, "", "same file"),
+        ([good], out_dir / "a.mp4", broken_model, "", "broken.safetensors"),
+        ([good], out_dir / "a.mp4", folder, "--videos 2", "2 videos need -o to be a folder or a pattern"),
+        ([good, images["second"]], out_dir / "{seed}.mp4", folder, "-n 2", "pattern with {stem} and {seed}"),
+        ([good], out_dir / "a{seed}.mp4", folder, "-n 3 --seed 9223372036854775806", "past the largest seed"),
     ]
-    for sources, out, model, needle in cases:
-        rc, _, err = generate(capsys, sources, out, model)
-        assert_one_line_error(rc, err, needle, out_dir)
-    for sources, out, extra, needle in [
-        ([good], out_dir / "a.mp4", "--videos 2", "2 videos need -o to be a folder or a pattern"),
-        ([good, images["second"]], out_dir / "{seed}.mp4", "-n 2", "pattern with {stem} and {seed}"),
-        ([good], out_dir / "a{seed}.mp4", "-n 3 --seed 9223372036854775806", "past the largest seed"),
-    ]:
-        rc, _, err = generate(capsys, sources, out, models["folder"], extra)
+    for sources, out, model, extra, needle in cases:
+        rc, _, err = generate(capsys, sources, out, model, extra)
         assert_one_line_error(rc, err, needle, out_dir)
 
 

@@ -542,9 +542,9 @@ def send_post(address, png: bytes, **params) -> socket.socket:
     return sock
 
 
-def test_a_client_that_leaves_stops_its_generation(address, png, monkeypatch, capsys):
-    """Closing the connection mid-generation (a closed browser tab) stops the generation at its next step: the
-    lock is free for the next request at once, not after the whole video."""
+def hold_after_first_step(monkeypatch) -> tuple[threading.Event, threading.Event, list[tuple[str, int]]]:
+    """Generations pause after their first denoise step (`reached` is set) until `release`; `stopped` gets the
+    (stage, done) of each report at which the server found the client gone (ClientGone)."""
     reached, release = threading.Event(), threading.Event()
     stopped: list[tuple[str, int]] = []
     real = Pipeline.__call__
@@ -563,6 +563,13 @@ def test_a_client_that_leaves_stops_its_generation(address, png, monkeypatch, ca
         return real(self, *args, progress=hook, **kwargs)
 
     monkeypatch.setattr(Pipeline, "__call__", held)
+    return reached, release, stopped
+
+
+def test_a_client_that_leaves_stops_its_generation(address, png, monkeypatch, capsys):
+    """Closing the connection mid-generation (a closed browser tab) stops the generation at its next step: the
+    lock is free for the next request at once, not after the whole video."""
+    reached, release, stopped = hold_after_first_step(monkeypatch)
     sock = send_post(address, png, seed=1, steps=6)
     try:
         assert reached.wait(30)
@@ -636,23 +643,7 @@ def test_page_generates_and_shows_the_video(address, png, tmp_path):
 
 @pytest.mark.skipif(NODE is None, reason="no Node.js to run the page's script")
 def test_page_stop_button_stops_the_generation(address, png, monkeypatch, tmp_path):
-    release = threading.Event()
-    stopped: list[tuple[str, int]] = []
-    real = Pipeline.__call__
-
-    def held(self, *args, progress, **kwargs):
-        def hook(stage: str, done: int, total: int) -> None:
-            try:
-                progress(stage, done, total)
-            except server_module.ClientGone:
-                stopped.append((stage, done))
-                raise
-            if (stage, done) == ("denoise", 1):
-                release.wait(30)  # until the page has pressed Stop
-
-        return real(self, *args, progress=hook, **kwargs)
-
-    monkeypatch.setattr(Pipeline, "__call__", held)
+    _, release, stopped = hold_after_first_step(monkeypatch)  # released once the page has pressed Stop
     try:
         shown = run_page(address, png, tmp_path, "stop", steps=6)
     finally:
