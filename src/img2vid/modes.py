@@ -113,7 +113,7 @@ class RunModes:
     def _check_no_guidance_parallel(self, kind: str) -> None:
         """Offload after enable_guidance_parallel: refused as the other order is (`parallel.check_devices`)."""
         if isinstance(self._step, parallel.GuidanceParallel):
-            raise InputError(f"guidance parallelism keeps a UNet on each GPU; it cannot run with {kind} CPU offload")
+            raise parallel.offload_refused(kind)
 
     def _stop_streaming(self) -> None:
         for s in self._sequential.values():

@@ -103,12 +103,19 @@ class GuidanceParallel:
         return sampling.euler_step(latents, v, sigma, sigma_next)
 
 
+def offload_refused(offload: str) -> Exception:
+    """The one error for guidance parallelism with CPU offload, whichever was enabled first."""
+    from img2vid.images import InputError
+
+    return InputError(f"guidance parallelism keeps a UNet on each GPU; it cannot run with {offload} CPU offload")
+
+
 def check_devices(main: torch.device, second: torch.device, offload: str | None) -> None:
     """The combinations guidance parallelism cannot run, as one-line errors (InputError from the caller's module)."""
     from img2vid.images import InputError
 
     if offload is not None:
-        raise InputError(f"guidance parallelism keeps a UNet on each GPU; it cannot run with {offload} CPU offload")
+        raise offload_refused(offload)
     if second.type == "cuda" and (second.index or 0) >= torch.cuda.device_count():
         raise InputError(f"no {second}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if second.type not in ("cuda", "cpu") or second.type != main.type:
