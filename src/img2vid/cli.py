@@ -276,13 +276,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images = {s: load_image(s) for s in sources}  # unreadable images fail now, not after a long model load
     sizes = {s: video_size(args, image, multiple, fmt) for s, image in images.items()}
     device, dtype = device_dtype(args)
-    guidance_device(args, device)  # checked now: the model loads after
+    second = guidance_device(args, device)  # checked now: the model loads after
 
     import torch
 
     from img2vid.video import export_video
 
-    pipe, variant = load_pipeline(args, kind, device, dtype)
+    pipe, variant = load_pipeline(args, kind, device, dtype, second)
     cfg, frames, fps = pipe.config, args.frames or pipe.config.num_frames, args.fps or pipe.config.default_fps
     if not args.quiet:
         print(f"seed {seed}" if args.videos == 1 else f"seeds {seed}..{seed + args.videos - 1}", file=sys.stderr)
@@ -321,11 +321,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     kind, _ = model_source(args.model)
     device, dtype = device_dtype(args)
-    guidance_device(args, device)  # checked now: the model loads after
+    second = guidance_device(args, device)  # checked now: the model loads after
     # Bound before the (long) model load: a port in use is an error now, not after it
     server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
     try:
-        server.pipe, _ = load_pipeline(args, kind, device, dtype)
+        server.pipe, _ = load_pipeline(args, kind, device, dtype, second)
     except BaseException:
         server.server_close()
         raise

@@ -173,7 +173,10 @@ def only_variant(folder: Path, allow_pickle: bool = False) -> str | None:
     return variants[0] if len(variants) == 1 and not plain else None
 
 
-def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) -> tuple[Any, str | None]:
+def load_pipeline(
+    args: argparse.Namespace, kind: str, device: Any, dtype: Any, second: Any = None
+) -> tuple[Any, str | None]:
+    """The pipeline as the runtime options ask; second: guidance_device's checked --guidance-device, or None."""
     import torch
 
     from img2vid.pipeline import Pipeline
@@ -195,7 +198,7 @@ def load_pipeline(args: argparse.Namespace, kind: str, device: Any, dtype: Any) 
         pipe.enable_sequential_cpu_offload(device=device)
     if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
         pipe.unet.enable_forward_chunking()
-    if second := guidance_device(args, device):  # after forward chunking (the copy takes it), before compiling
+    if second is not None:  # after forward chunking (the copy takes it), before compiling
         pipe.enable_guidance_parallel(second)
     if args.compile or args.compile_cache:
         # the whole denoising step and the decoder as compiled graphs (fullgraph), kept ahead of time in a cache dir

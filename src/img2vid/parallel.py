@@ -32,16 +32,16 @@ class GuidanceParallel:
     made when guidance parallelism is enabled: set up the UNet first (weights, forward chunking); `Pipeline.to`,
     `compile` and `enable_fp8` follow it to the copy."""
 
-    def __init__(self, unet: torch.nn.Module, device: torch.device, threaded: bool = True) -> None:
+    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
         # A deep copy keeps what the original carries beside its weights (forward chunking, fp8 layers, the conv
         # weights' layout); made where the original is, then moved, so for a moment both copies are there.
         self.unet = copy.deepcopy(unet).to(device).eval().requires_grad_(False)
         self.device = device
         self.velocity: Callable[..., torch.Tensor] = compiled.velocity
-        # threaded False: the caller's thread queues both halves (slower eager; kept for comparison). Never on the
-        # CPU, whose ops run as they are called: two threads' OpenMP teams would fight over the same cores (tests
-        # on 2 cores ran ~30x slower).
-        threaded = threaded and device.type == "cuda"
+        # None: the caller's thread queues both halves (svd_speed.py's +parallel1thread sets it for comparison). Never
+        # a worker on the CPU, whose ops run as they are called: two threads' OpenMP teams would fight over the same
+        # cores (tests on 2 cores ran ~30x slower).
+        threaded = device.type == "cuda"
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="img2vid-guidance") if threaded else None
 
     def compile(self, mode: str | None) -> None:
