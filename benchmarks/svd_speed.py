@@ -51,8 +51,9 @@ ap.add_argument(
     "Hopper, which lacks TMA: the GEGLU projections through the kernel that loads through pointers); any img2vid mode "
     "takes +segmentsN (a longer video: N chained segments, img2vid.longer; PSNR of its first segment); low-memory "
     "modes take +ffchunkN (forward chunks of N frames instead of enable_low_memory's); eager/compiled take +parallel "
-    "(guidance parallelism: the unconditional half on cuda:1; peak GiB is cuda:0's, cuda:1's in the note) or "
-    "+parallel1thread (the same, both halves queued from one host thread)",
+    "(guidance parallelism: the unconditional half on cuda:1, each eager half a CUDA graph; peak GiB is cuda:0's, "
+    "cuda:1's in the note), +parallelnograph (eager halves queued from two host threads) or +parallel1thread (from "
+    "one)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
 ap.add_argument("--model", default="svd-xt")
@@ -379,11 +380,13 @@ def main() -> None:
         if args.vae_frame_chunk:
             pipe.vae.spatial_frame_chunk = args.vae_frame_chunk
             note = f"vae frame chunk {args.vae_frame_chunk}"
-        threads = 2 if "parallel" in options else 1 if "parallel1thread" in options else 0
-        if threads:  # exact: the uncond half of every guided step on a second GPU; 1thread: its A/B
+        parallel = next((o for o in options if o.startswith("parallel")), None)
+        if parallel:  # exact: the uncond half of every guided step on a second GPU; nograph, 1thread: their A/B
             pipe.enable_guidance_parallel("cuda:1")
-            pipe._step._worker = pipe._step._worker if threads == 2 else None
-            note = f"{note}; guidance halves on cuda:0 + cuda:1, {threads} host thread(s)".lstrip("; ")
+            pipe._step.graphs = parallel == "parallel" and base != "compiled"
+            pipe._step._worker = None if parallel == "parallel1thread" else pipe._step._worker
+            how = "CUDA graphs" if pipe._step.graphs else f"{1 if pipe._step._worker is None else 2} host thread(s)"
+            note = f"{note}; guidance halves on cuda:0 + cuda:1, {how}".lstrip("; ")
         if base == "compiled":
             pipe.compile(mode=args.compile_mode, cache_dir=args.compile_cache)
         kw = dict(call_kw, guidance_reuse=reuse)
@@ -428,8 +431,11 @@ def main() -> None:
         if len(enc) >= 2:
             log(f"[img2vid {mode}] CLIP {enc[-2]:.3f}s  VAE encode {enc[-1]:.3f}s (synced; last video)")
         row = ROWS[-1]
-        if threads:
-            row["note"] += f"; cuda:1 peak {torch.cuda.max_memory_allocated(1) / 2**30:.2f} GiB"
+        if parallel:
+            # A CUDA graph's activations stay in its own pool (reserved) and are not allocated again at replay
+            r0, r1 = (torch.cuda.max_memory_reserved(i) / 2**30 for i in (0, 1))
+            peak1 = torch.cuda.max_memory_allocated(1) / 2**30
+            row["note"] += f"; cuda:1 peak {peak1:.2f} GiB; reserved cuda:0 {r0:.2f}, cuda:1 {r1:.2f} GiB"
         if "video" in ref:
             row["psnr"] = psnr(frames[:, :F], ref["video"])  # a chain's first segment is the plain video
         if mode == base:

@@ -195,3 +195,98 @@ def test_compile_with_cuda_graphs_queues_both_halves_from_the_callers_thread():
     step, _ = worker_step()
     step.compile("reduce-overhead")
     assert step._worker is None
+
+
+class FakeGraph:
+    """Stands in for parallel.HalfGraph on the CPU: the eager half, plus a record of its capture."""
+
+    def __init__(self, velocity, unet: torch.nn.Module, key: tuple) -> None:
+        self.velocity, self.unet, self.key = velocity, unet, key
+
+    def __call__(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.velocity(self.unet, *args)
+
+
+def fake_captures(monkeypatch) -> list[tuple]:
+    """Every capture_halves call from now on, as (key, the UNets of its halves), with FakeGraphs as the graphs."""
+    from img2vid import parallel
+
+    calls: list[tuple] = []
+
+    def capture(velocity, halves, key):
+        calls.append((key, [unet for unet, _, _ in halves]))
+        return [FakeGraph(velocity, unet, key) for unet, _, _ in halves]
+
+    monkeypatch.setattr(parallel, "capture_halves", capture)
+    return calls
+
+
+def test_graphs_are_captured_again_only_when_shapes_or_the_unets_change(monkeypatch):
+    """A CUDA graph replays the kernels and memory it captured: a new video size, a cast, re-laid or chunked UNet
+    needs a new capture; the same call again, or weights loaded in place, does not. The graphed halves give the split
+    halves' numbers."""
+    captures = fake_captures(monkeypatch)
+    split = tiny()
+    split._split_guidance = True
+    pipe = tiny().enable_guidance_parallel("cpu")
+    step = pipe._step
+    assert step.graphs is False  # on by default on CUDA only
+    step.graphs = True
+    assert torch.equal(video(pipe), video(split))
+    assert len(captures) == 1 and captures[0][1] == [step.unet, pipe.unet]  # [second device's half, first's]
+    video(pipe)
+    pipe.unet.load_state_dict(pipe.unet.state_dict())  # copied into the same memory
+    video(pipe)
+    assert len(captures) == 1
+    video(pipe, height=48)
+    assert len(captures) == 2
+    pipe.unet.enable_forward_chunking(1)
+    video(pipe, height=48)
+    assert len(captures) == 3
+    pipe.to(torch.float64)
+    video(pipe, height=48)
+    assert len(captures) == 4 and captures[-1][0][0][0][1] == torch.float64  # key: ((shape, dtype), ...), autocast
+    pipe.compile(decoder=False)  # compiled halves run no graphs of these
+    assert step._graphed == []
+    video(pipe, height=48)
+    assert len(captures) == 4
+
+
+def test_a_failed_capture_warns_once_and_runs_the_halves_eagerly():
+    """On the CPU capture_halves refuses (no CUDA graphs there), as a capture that fails on a GPU raises: the video
+    is still made, with the eager halves' numbers, and later calls do not try again."""
+    split = tiny()
+    split._split_guidance = True
+    pipe = tiny().enable_guidance_parallel("cpu")
+    pipe._step.graphs = True
+    with pytest.warns(UserWarning, match=r"CUDA graphs of the guidance halves failed \(CUDA graphs run on CUDA"):
+        got = video(pipe)
+    assert torch.equal(got, video(split))
+    assert pipe._step.graphs is False
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphed_halves_on_two_gpus_are_the_eager_halves():
+    """On two GPUs the halves run as CUDA graphs by default: the same frames as the eager halves, bit for bit, one
+    capture for two calls of one size, and another for a new size."""
+    eager = tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1")
+    eager._step.graphs = False
+    graphed = tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1")
+    assert graphed._step.graphs is True
+    first = video(graphed, height=64, width=64)
+    graphs = list(graphed._step._graphed)
+    assert len(graphs) == 2 and graphs[0].device == torch.device("cuda:1")
+    assert torch.equal(first, video(eager, height=64, width=64))
+    assert torch.equal(video(graphed, height=64, width=64), first)
+    assert graphed._step._graphed == graphs  # replayed, not captured again
+    assert torch.equal(video(graphed, height=64, width=96), video(eager, height=64, width=96))
+    assert graphed._step._graphed != graphs
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_compiled_guidance_parallel_on_two_gpus_matches_eager():
+    """Compiled halves (one compiled function, a graph per UNet copy) on two GPUs: the eager halves' frames."""
+    eager = video(tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1"), height=64, width=64)
+    pipe = tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1").compile(decoder=False)
+    torch.testing.assert_close(video(pipe, height=64, width=64), eager, rtol=0, atol=4e-3)
+    assert pipe._step._graphed == []  # compiled: no eager graphs

@@ -209,6 +209,16 @@ class RunModes:
             self._decode = compiled.compile_decoder(orig_module(self.vae), mode, cache_dir)
         return self
 
+    def _prepare_call(self) -> None:
+        """What each call settles before its first step: the conv layout, weights cast since streaming began
+        (pipe.to(dtype): they stream as they are now), and whether the guidance halves' CUDA graphs still fit the
+        UNets."""
+        self._fit_layout()
+        for s in self._sequential.values():
+            s.refresh()
+        if isinstance(self._step, parallel.GuidanceParallel):
+            self._step.refresh(orig_module(self.unet))
+
     def _fit_layout(self) -> None:
         """Before the first eager run on a GPU where `norm_act`'s kernels (which read either layout) run: the UNet's
         and the decoder's conv weights channels-last, as compile() lays them, and with them the activations. On NCHW

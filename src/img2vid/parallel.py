@@ -7,17 +7,24 @@ guidance, as low-memory mode does), in less time: on two H100s 0.23-0.24 s a ste
 (BENCHMARKS.md, runs 118-121; each GPU's half takes 0.18 s, the host sets the pace). Per step only the scaled
 latents (B, F, 4, h, w) cross to the second GPU and its velocity comes back: 1.8 MB each way at SVD-XT's size.
 
-No call waits for a GPU, so both GPUs run at once as long as the host queues a step faster than they run it. Eager,
-queueing a half's kernels takes the host about as long as a GPU takes to run them, so a worker thread queues the
-second GPU's half while the caller's thread queues the first's: PyTorch releases the GIL inside its ops, so the two
-overlap (0.253-0.258 s a step from one thread, 0.232-0.240 s from two). The cross-device copies are ordered by the
-streams (torch makes the receiving stream wait for the sending one), so the result is deterministic.
+No call waits for a GPU, so both GPUs run at once as long as the host queues a step faster than they run it.
+Queueing an eager half's ~2000 kernels takes the host about as long as a GPU takes to run them, so on CUDA each half
+is a CUDA graph (`HalfGraph`): captured on the first guided step, then one launch a half. A graph replays the
+kernels and the memory it captured, so it is captured again when the inputs' shapes or dtypes, autocast, or either
+UNet (its weights' memory, its modules' settings such as forward chunking) change; its activations' memory stays
+reserved between calls. Where no graph runs (compiled halves, `graphs` off, or a capture that failed), a worker
+thread queues the second GPU's half while the caller's thread queues the first's: PyTorch releases the GIL inside
+its ops, so the two overlap (0.253-0.258 s a step from one thread, 0.232-0.240 s from two). The cross-device copies
+are ordered by the streams (torch makes the receiving stream wait for the sending one), so the result is
+deterministic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -43,12 +50,29 @@ class GuidanceParallel:
         # cores (tests on 2 cores ran ~30x slower).
         threaded = device.type == "cuda"
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="img2vid-guidance") if threaded else None
+        # Each eager half as a CUDA graph, on CUDA (svd_speed.py's +parallelnograph turns it off for comparison;
+        # set on the CPU, the capture fails and the halves run eagerly)
+        self.graphs = device.type == "cuda"
+        self._graphed: list[HalfGraph] = []  # [second GPU's half, first GPU's half] once captured
+        self._unets_key: tuple | None = None  # both UNets as the graphs captured them (`refresh`)
+
+    def refresh(self, unet: torch.nn.Module) -> None:
+        """Once a pipeline call, before its steps: the graphs go if either UNet changed since their capture (weights
+        cast, moved or re-laid, modules swapped for fp8 ones, forward chunking set). Replaced in place
+        (load_state_dict) the weights need no new capture; the second GPU's copy does not see them either way."""
+        if not self._graphs_run():
+            return
+        key = (module_key(unet), module_key(self.unet))
+        if key != self._unets_key:
+            self._graphed = []
+            self._unets_key = key
 
     def compile(self, mode: str | None) -> None:
         """Both halves through one compiled velocity function (a graph per UNet copy: dynamo guards on the module).
         With CUDA graphs (reduce-overhead) a step costs the host a few launches and torch keeps their state per
         thread, so the caller's thread queues both halves."""
         self.velocity = torch.compile(compiled.velocity, fullgraph=True, mode=mode, dynamic=False)
+        self._graphed = []  # the eager halves' graphs: their memory back
         if mode in ("reduce-overhead", "max-autotune") and self._worker is not None:
             self._worker.shutdown()
             self._worker = None
@@ -88,7 +112,10 @@ class GuidanceParallel:
             with torch.no_grad(), self._on_device(), torch.autocast(d.type, dtype=autocast[1], enabled=autocast[0]):
                 return self.velocity(self.unet, *u_in)
 
-        if self._worker is None:
+        graphed = self._graphed_halves(unet, u_in, (x, c_lat, c_emb, c_ids, t), autocast)
+        if graphed is not None:
+            v_uncond, v_cond = graphed
+        elif self._worker is None:
             v_uncond = uncond_half()  # queued first: the second GPU runs it while the host queues the first's
             v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
         else:
@@ -101,6 +128,102 @@ class GuidanceParallel:
             v_uncond = queued.result()
         v = sampling.apply_guidance(v_uncond.to(latents.device), v_cond, g)
         return sampling.euler_step(latents, v, sigma, sigma_next)
+
+    def _graphs_run(self) -> bool:
+        return self.graphs and self.velocity is compiled.velocity
+
+    def _graphed_halves(
+        self, unet: torch.nn.Module, u_in: tuple[torch.Tensor, ...], c_in: tuple[torch.Tensor, ...], autocast: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(v_uncond on the second GPU, v_cond) through the halves' CUDA graphs, captured first where none fits;
+        None where no graph runs. Both outputs are the graphs' own buffers: read before the next step's replay."""
+        if not self._graphs_run():
+            return None
+        if self._unets_key is None:  # called outside a pipeline call
+            self.refresh(unet)
+        key = (tuple((a.shape, a.dtype) for a in c_in), autocast)
+        if not self._graphed or self._graphed[0].key != key:
+            self._graphed = []  # the old graphs' memory first
+            halves = [(self.unet, self.device, u_in), (unet, c_in[0].device, c_in)]
+            try:
+                self._graphed = capture_halves(self.velocity, halves, key)
+            except RuntimeError as e:  # a kernel or library that cannot be captured: the eager halves still work
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                warnings.warn(f"img2vid: CUDA graphs of the guidance halves failed ({why}); run eagerly", stacklevel=3)
+                self.graphs = False
+                return None
+        second, first = self._graphed
+        with self._on_device():
+            v_uncond = second(u_in)
+        return v_uncond, first(c_in)
+
+
+class HalfGraph:
+    """One guidance half's UNet call as a CUDA graph for one key (the inputs' shapes and dtypes, autocast). Each call
+    copies its inputs into the graph's static buffers (across devices for the second GPU's half: ordered by the
+    streams) and replays the forward's ~2000 kernels in one launch. The output is the graph's static buffer,
+    overwritten by the next replay; the caller reads it before then, in stream order."""
+
+    WARMUPS = 3  # eager calls before capture: lazy set-up (kernel loads, library plans) must not happen in a capture
+
+    def __init__(self, velocity: Callable[..., torch.Tensor], unet: torch.nn.Module, device: torch.device, key: tuple):
+        self.velocity, self.unet, self.device, self.key = velocity, unet, device, key
+
+    def warm_up(self, args: tuple[torch.Tensor, ...]) -> None:
+        """Queue the warm-up calls on a side stream (capture needs the work before it off the capturing stream)."""
+        with torch.cuda.device(self.device), torch.no_grad():
+            self.inputs = [torch.empty_like(a, device=self.device).copy_(a) for a in args]
+            self.side = torch.cuda.Stream(self.device)
+            self.side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side):
+                for _ in range(self.WARMUPS):
+                    self.velocity(self.unet, *self.inputs)
+
+    def capture(self) -> None:
+        with torch.cuda.device(self.device), torch.no_grad():
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads' CUDA calls (a server's, the other GPU's) do not invalidate this capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.output = self.velocity(self.unet, *self.inputs)
+            del self.side
+
+    def __call__(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        for buffer, a in zip(self.inputs, args, strict=True):
+            buffer.copy_(a, non_blocking=True)
+        self.graph.replay()
+        return self.output
+
+
+def capture_halves(
+    velocity: Callable[..., torch.Tensor],
+    halves: list[tuple[torch.nn.Module, torch.device, tuple[torch.Tensor, ...]]],
+    key: tuple,
+) -> list[HalfGraph]:
+    """A graph per (unet, device, inputs): the warm-ups of all are queued first, so the GPUs run them at once."""
+    for _, device, _ in halves:
+        if device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs run on CUDA devices, not {device}")
+    graphs = [HalfGraph(velocity, unet, device, key) for unet, device, _ in halves]
+    for graph, (_, _, args) in zip(graphs, halves, strict=True):
+        graph.warm_up(args)
+    for graph in graphs:
+        graph.capture()
+    return graphs
+
+
+def module_key(module: torch.nn.Module) -> tuple:
+    """What a CUDA graph of `module`'s forward depends on beyond its inputs: where each weight lives (dtype, shape,
+    strides, memory) and every submodule's plain settings (forward chunking, fused projections, ...). ~10 ms for
+    SVD's UNet, so once a call, not once a step."""
+    tensors = tuple(
+        (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in itertools.chain(module.parameters(), module.buffers())
+    )
+    plain = (bool, int, float, str, type(None))
+    settings = tuple(
+        (type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, plain))) for m in module.modules()
+    )
+    return tensors, settings
 
 
 def offload_refused(offload: str) -> Exception:

@@ -173,9 +173,7 @@ class Pipeline(DiffusersAttributes, RunModes):
     ) -> PipelineOutput | Any:
         """diffusers' arguments (see README), plus guidance_reuse: APPROXIMATE, opt-in; N > 1 runs the unconditional
         half of guidance on every N-th step only and reuses its guidance direction in between (1: exact guidance)."""
-        self._fit_layout()
-        for s in self._sequential.values():  # weights cast since streaming began (pipe.to(dtype)) stream as they are
-            s.refresh()
+        self._prepare_call()
         num_frames = num_frames if num_frames is not None else self.config.num_frames
         if decode_chunk_size is None:
             decode_chunk_size = min(self.default_decode_chunk_size or num_frames, num_frames)
