@@ -148,7 +148,7 @@ def test_videos_per_image_use_consecutive_seeds(models, images, tmp_path, capsys
 def test_guidance_device_gives_the_same_video(models, images, tmp_path, capsys):
     """--guidance-device: the unconditional half on a second device (here the CPU twice: the wiring, not the speed)."""
     outs = [tmp_path / "one.png", tmp_path / "two.png"]
-    for out, extra in zip(outs, ["", "--guidance-device cpu"], strict=True):
+    for out, extra in zip(outs, ["", "--guidance-device cpu --no-cuda-graphs"], strict=True):
         rc, _, err = generate(capsys, images["landscape"], out, models["folder"], f"--device cpu --seed 4 {extra}")
         assert rc == 0, err
     one, two = (read_video(o)[0].astype(int) for o in outs)
@@ -422,6 +422,7 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "compile-cache-low-memory": ("--low-memory --compile-cache cc", "--compile-cache cannot keep streamed weights"),
     "compile-cache-sequential": ("--offload sequential --compile-cache cc", "cannot keep streamed weights"),
     "guidance-device-cache": ("--guidance-device cpu --compile-cache cc", "--compile-cache does not keep"),
+    "no-cuda-graphs-alone": ("--no-cuda-graphs", "--no-cuda-graphs is an option of --guidance-device"),
     "variant-path": ("--variant ../fp16", "argument --variant: '../fp16' is not a variant name"),
     "compile-cache-not-a-folder": ("--compile-cache /dev/null/cache", "as a compile cache"),
     "hub-model-size": ("--model stabilityai/stable-video-diffusion-img2vid-xt", "multiple of 64"),

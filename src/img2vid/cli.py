@@ -141,6 +141,11 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
         metavar="DEVICE",
         help="a second GPU (e.g. cuda:1) for the unconditional half of guidance: faster steps, same numbers",
     )
+    g.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="with --guidance-device: queue each half op by op instead of replaying it as a CUDA graph",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     g.add_argument(
         "--compile-cache",

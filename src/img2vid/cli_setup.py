@@ -150,6 +150,8 @@ def guidance_device(args: argparse.Namespace, device: Any) -> Any:
     from img2vid.parallel import check_devices
 
     if args.guidance_device is None:
+        if args.no_cuda_graphs:
+            raise InputError("--no-cuda-graphs is an option of --guidance-device: give both, or neither")
         return None
     try:
         second = torch.device(args.guidance_device)
@@ -199,7 +201,7 @@ def load_pipeline(
     if args.forward_chunking and not args.low_memory:  # low memory chunks already, in its own slice size
         pipe.unet.enable_forward_chunking()
     if second is not None:  # after forward chunking (the copy takes it), before compiling
-        pipe.enable_guidance_parallel(second)
+        pipe.enable_guidance_parallel(second, cuda_graphs=not args.no_cuda_graphs)
     if args.compile or args.compile_cache:
         # the whole denoising step and the decoder as compiled graphs (fullgraph), kept ahead of time in a cache dir
         pipe.compile(cache_dir=args.compile_cache)

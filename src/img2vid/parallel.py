@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -39,7 +38,7 @@ class GuidanceParallel:
     made when guidance parallelism is enabled: set up the UNet first (weights, forward chunking); `Pipeline.to`,
     `compile` and `enable_fp8` follow it to the copy."""
 
-    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, unet: torch.nn.Module, device: torch.device, cuda_graphs: bool = True) -> None:
         # A deep copy keeps what the original carries beside its weights (forward chunking, fp8 layers, the conv
         # weights' layout); made where the original is, then moved, so for a moment both copies are there.
         self.unet = copy.deepcopy(unet).to(device).eval().requires_grad_(False)
@@ -51,8 +50,8 @@ class GuidanceParallel:
         threaded = device.type == "cuda"
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="img2vid-guidance") if threaded else None
         # Each eager half as a CUDA graph, on CUDA (svd_speed.py's +parallelnograph turns it off for comparison;
-        # set on the CPU, the capture fails and the halves run eagerly)
-        self.graphs = device.type == "cuda"
+        # set on the CPU, the capture is refused with an error)
+        self.graphs = cuda_graphs and device.type == "cuda"
         self._graphed: list[HalfGraph] = []  # [second GPU's half, first GPU's half] once captured
         self._unets_key: tuple | None = None  # both UNets as the graphs captured them (`refresh`)
 
@@ -147,11 +146,16 @@ class GuidanceParallel:
             halves = [(self.unet, self.device, u_in), (unet, c_in[0].device, c_in)]
             try:
                 self._graphed = capture_halves(self.velocity, halves, key)
-            except RuntimeError as e:  # a kernel or library that cannot be captured: the eager halves still work
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                warnings.warn(f"img2vid: CUDA graphs of the guidance halves failed ({why}); run eagerly", stacklevel=3)
+            except RuntimeError as e:
+                # Not run eagerly instead: after a failed capture torch's allocator cannot be trusted (run 125's
+                # eager halves after one gave non-finite frames)
                 self.graphs = False
-                return None
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise RuntimeError(
+                    f"CUDA graphs of the guidance halves failed ({why}); start a new process and enable guidance "
+                    "parallelism with cuda_graphs=False (CLI: --no-cuda-graphs)"
+                ) from None
+
         second, first = self._graphed
         with self._on_device():
             v_uncond = second(u_in)
@@ -183,10 +187,11 @@ class HalfGraph:
         with torch.cuda.device(self.device), torch.no_grad():
             torch.cuda.current_stream(self.device).wait_stream(self.side)
             self.graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads' CUDA calls (a server's, the other GPU's) do not invalidate this capture
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            # On the warm-up's stream, which is this GPU's: torch's default capture stream is one per process, made on
+            # the device of the first capture, so a second GPU's capture on it fails (runs 121, 125). thread_local:
+            # other threads' CUDA calls (a server's) do not invalidate this capture.
+            with torch.cuda.graph(self.graph, stream=self.side, capture_error_mode="thread_local"):
                 self.output = self.velocity(self.unet, *self.inputs)
-            del self.side
 
     def __call__(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         for buffer, a in zip(self.inputs, args, strict=True):
