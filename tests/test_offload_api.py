@@ -130,6 +130,7 @@ def test_to_the_offload_device_without_its_index_is_a_no_op():
     pipe._device = torch.device("cuda", 0)
     assert pipe.to("cuda").device == torch.device("cuda", 0)
     assert pipe.to("cuda:0", torch.float32).device == torch.device("cuda", 0)
+    assert pipe._execution_device == torch.device("cuda", 0)  # diffusers' name, which scripts use for their tensors
     with pytest.raises(InputError, match="CPU offload runs on cuda:0; enable it again with device=cuda:1"):
         pipe.to("cuda:1")
     assert next(pipe.unet.parameters()).device == torch.device("cpu")

@@ -50,6 +50,12 @@ class RunModes:
     # ---- placement ---------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where the models run, under CPU offload too (diffusers' `device` is the CPU there between calls)."""
+        return self._device
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """diffusers' name for where the models run, which scripts and callbacks use to place their tensors."""
         return self._device
 
     @property
