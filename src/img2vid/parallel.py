@@ -135,7 +135,8 @@ class GuidanceParallel:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(v_uncond on the second GPU, v_cond) through the halves' CUDA graphs, captured first where none fits;
         None where no graph runs. Both outputs are the graphs' own buffers: read before the next step's replay."""
-        if not self._graphs_run():
+        if not self._graphs_run() or hasattr(unet, "_orig_mod"):
+            # pipe.unet = torch.compile(pipe.unet, ...), diffusers style: compiled code keeps its own graphs
             return None
         if self._unets_key is None:  # called outside a pipeline call
             self.refresh(unet)
