@@ -156,7 +156,7 @@ class RunModes:
         this pipeline's device runs the conditional half (`parallel`): on two H100s 0.19 s a step instead of 0.37.
         Call after `to()` and before `compile()`; guidance_reuse > 1 still runs on the first GPU alone.
         cuda_graphs: each eager half as a CUDA graph (the host queues a step in microseconds); False queues the
-        halves op by op from two threads (what compiled halves always do)."""
+        eager halves op by op from two threads (compiled halves are never graphed here)."""
         second = torch.device(device)
         parallel.check_devices(self._device, second, self._offload)
         if self._step is not compiled.denoise_step:
