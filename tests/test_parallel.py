@@ -254,7 +254,8 @@ def test_graphs_are_captured_again_only_when_shapes_or_the_unets_change(monkeypa
 
 def test_a_failed_capture_is_an_error_that_says_how_to_run_without_graphs():
     """On the CPU capture_halves refuses (no CUDA graphs there), as a capture that fails on a GPU raises. It is not
-    run eagerly instead: after a failed capture torch's allocator gave non-finite frames (run 125)."""
+    run eagerly instead, then or in a later call (a server's next request): after a failed capture torch's allocator
+    gave non-finite frames (run 125)."""
     pipe = tiny().enable_guidance_parallel("cpu")
     pipe._step.graphs = True
     with pytest.raises(
@@ -263,7 +264,9 @@ def test_a_failed_capture_is_an_error_that_says_how_to_run_without_graphs():
         r"cuda_graphs=False \(CLI: --no-cuda-graphs\)",
     ):
         video(pipe)
-    assert pipe._step.graphs is False
+    pipe._step.graphs = False  # and every later call, graphs or not, until a new process: no frames from it
+    with pytest.raises(RuntimeError, match="graphs of the guidance halves failed"):
+        video(pipe, max_guidance_scale=1.0)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -53,6 +53,7 @@ class GuidanceParallel:
         self.graphs = cuda_graphs and device.type == "cuda"
         self._graphed: list[HalfGraph] = []  # [second GPU's half, first GPU's half] once captured
         self._unets_key: tuple | None = None  # both UNets as the graphs captured them (`refresh`)
+        self._failed: str | None = None  # a failed capture's error: every later step raises it (see _graphed_halves)
 
     def refresh(self, unet: torch.nn.Module) -> None:
         """Once a pipeline call, before its steps: the graphs go if either UNet changed since their capture (weights
@@ -94,6 +95,8 @@ class GuidanceParallel:
         cfg: bool,
         split: bool = False,
     ) -> torch.Tensor:
+        if self._failed is not None:
+            raise RuntimeError(self._failed)
         if not cfg:
             return compiled.denoise_step(unet, latents, image_latents, emb, time_ids, g, sigma, sigma_next, t, cfg)
         x = sampling.scale_input(latents, sigma)  # (B, F, 4, h, w): the input of both halves, as split guidance's
@@ -147,14 +150,14 @@ class GuidanceParallel:
             try:
                 self._graphed = capture_halves(self.velocity, halves, key)
             except RuntimeError as e:
-                # Not run eagerly instead: after a failed capture torch's allocator cannot be trusted (run 125's
-                # eager halves after one gave non-finite frames)
-                self.graphs = False
+                # Not run eagerly instead, now or in a later call (a server's next request): after a failed capture
+                # torch's allocator cannot be trusted (run 125's eager halves after one gave non-finite frames)
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise RuntimeError(
+                self._failed = (
                     f"CUDA graphs of the guidance halves failed ({why}); start a new process and enable guidance "
                     "parallelism with cuda_graphs=False (CLI: --no-cuda-graphs)"
-                ) from None
+                )
+                raise RuntimeError(self._failed) from None
 
         second, first = self._graphed
         with self._on_device():
