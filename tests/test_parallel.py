@@ -15,9 +15,11 @@ H, W = 32, 48
 KW = dict(height=H, width=W, num_frames=3, num_inference_steps=3, decode_chunk_size=2, output_type="pt")
 
 
-def tiny(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Pipeline:
+def tiny(device: str = "cpu", dtype: torch.dtype = torch.float32, split: bool = False) -> Pipeline:
+    """The tiny pipeline; split: its guidance halves one after the other, the numbers guidance parallelism gives."""
     pipe = Pipeline.from_config("tiny", dtype, seed=1).to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe._split_guidance = split
     return pipe
 
 
@@ -34,8 +36,7 @@ def video(pipe: Pipeline, **kw) -> torch.Tensor:
 
 def test_guidance_parallel_gives_the_split_halves_numbers():
     """The same numbers as split guidance (the halves one after the other), each UNet copy running one half."""
-    split = tiny()
-    split._split_guidance = True
+    split = tiny(split=True)
     par = tiny().enable_guidance_parallel("cpu")
     step = par._step
     assert isinstance(step, GuidanceParallel) and step.unet is not par.unet
@@ -79,8 +80,7 @@ def test_compiled_guidance_parallel_matches_eager():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_guidance_parallel_on_two_gpus_gives_the_split_halves_numbers():
-    split = tiny("cuda:0", torch.float16)
-    split._split_guidance = True
+    split = tiny("cuda:0", torch.float16, split=True)
     par = tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1")
     assert next(par._step.unet.parameters()).device == torch.device("cuda:1")
     got, expected = video(par, height=64, width=64), video(split, height=64, width=64)
@@ -93,8 +93,7 @@ def test_to_after_guidance_parallel_keeps_the_copy_in_step():
     a move that would leave the copy on the main device, or on another kind of device, is refused before it moves."""
     par = tiny().enable_guidance_parallel("cpu").to(torch.float64)
     assert next(par._step.unet.parameters()).dtype == torch.float64
-    split = tiny().to(torch.float64)
-    split._split_guidance = True
+    split = tiny(split=True).to(torch.float64)
     assert torch.equal(video(par), video(split))
     with pytest.raises(InputError, match="must be of the main device's kind"):
         par.to("meta")
@@ -226,8 +225,7 @@ def test_graphs_are_captured_again_only_when_shapes_or_the_unets_change(monkeypa
     needs a new capture; the same call again, or weights loaded in place, does not. The graphed halves give the split
     halves' numbers."""
     captures = fake_captures(monkeypatch)
-    split = tiny()
-    split._split_guidance = True
+    split = tiny(split=True)
     pipe = tiny().enable_guidance_parallel("cpu")
     step = pipe._step
     assert step.graphs is False  # on by default on CUDA only
@@ -312,8 +310,7 @@ def test_a_unet_compiled_diffusers_style_runs_its_halves_without_these_graphs(mo
             return self._orig_mod(*args)
 
     captures = fake_captures(monkeypatch)
-    split = tiny()
-    split._split_guidance = True
+    split = tiny(split=True)
     pipe = tiny().enable_guidance_parallel("cpu")
     pipe._step.graphs = True
     pipe.unet = Compiled(pipe.unet)
