@@ -397,8 +397,9 @@ def main() -> None:
         pipe(img, num_inference_steps=2, generator=gen(), **kw)  # warm-up (compiles in compiled mode)
         sync()
         warm = time.perf_counter() - t0
-        if base == "compiled":
-            note = f"{note}; first call (compile) {warm:.1f}s".lstrip("; ")
+        # The first call's extra work: compiling, capturing the guidance halves' graphs, loading kernels
+        what = ", compile" if base == "compiled" else ", graph capture" if parallel and pipe._step.graphs else ""
+        note = f"{note}; first call (2 steps{what}) {warm:.1f}s".lstrip("; ")
         dec: list = []
         timed_call(pipe, "decode_latents", dec)
         enc: list = []  # the work before the loop, for the time outside steps and decode

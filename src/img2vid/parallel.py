@@ -102,18 +102,21 @@ class GuidanceParallel:
         x = sampling.scale_input(latents, sigma)  # (B, F, 4, h, w): the input of both halves, as split guidance's
         (u_lat, c_lat), (u_emb, c_emb), (u_ids, c_ids) = image_latents.chunk(2), emb.chunk(2), time_ids.chunk(2)
         d = self.device
-        # The second GPU's inputs, copied from this thread before either half is queued: a copy out of the first GPU
-        # waits for all the work queued there when it is issued, which, issued from the worker, could include part of
-        # the first GPU's half. (The conditioning is copied each step: ~2 MB, and nothing goes stale between calls.)
-        u_in = (x.to(d), u_lat.to(d), u_emb.to(d), u_ids.to(d), t.to(d))
         # Autocast, like no_grad and the current device, is per thread: the worker's half runs under the caller's
         autocast = torch.is_autocast_enabled(d.type), torch.get_autocast_dtype(d.type)
+        # The second GPU's inputs, still on the first GPU. A copy out of the first GPU runs on its stream, after all
+        # the work queued there when it is issued: every copy is issued before the first GPU's half is queued. The
+        # graphs copy them straight into their static buffers; the threads copy them here, not from the worker.
+        # (The conditioning crosses each step: ~2 MB, and nothing goes stale between calls.)
+        u_src = (x, u_lat, u_emb, u_ids, t)
+        graphed = self._graphed_halves(unet, u_src, (x, c_lat, c_emb, c_ids, t), autocast)
+        if graphed is None:
+            u_in = tuple(a.to(d) for a in u_src)
 
         def uncond_half() -> torch.Tensor:  # on the second GPU
             with torch.no_grad(), self._on_device(), torch.autocast(d.type, dtype=autocast[1], enabled=autocast[0]):
                 return self.velocity(self.unet, *u_in)
 
-        graphed = self._graphed_halves(unet, u_in, (x, c_lat, c_emb, c_ids, t), autocast)
         if graphed is not None:
             v_uncond, v_cond = graphed
         elif self._worker is None:
