@@ -153,10 +153,11 @@ class RunModes:
 
     def enable_guidance_parallel(self, device: str | torch.device, cuda_graphs: bool = True) -> Self:
         """Exact, for two GPUs: guided steps run the unconditional half on `device` (a copy of the UNet there) while
-        this pipeline's device runs the conditional half (`parallel`): on two H100s 0.19 s a step instead of 0.37.
-        Call after `to()` and before `compile()`; guidance_reuse > 1 still runs on the first GPU alone.
+        this pipeline's device runs the conditional half (`parallel`): on two H100s 0.18-0.19 s a step instead of
+        0.36-0.37. Call after `to()` and before `compile()`; guidance_reuse > 1 still runs on the first GPU alone.
         cuda_graphs: each eager half as a CUDA graph (the host queues a step in microseconds); False queues the
-        eager halves op by op from two threads (compiled halves are never graphed here)."""
+        eager halves op by op from two threads (compiled halves are never graphed here, and on two H100s they were
+        no faster than graphed eager halves: BENCHMARKS.md, run 132)."""
         second = torch.device(device)
         parallel.check_devices(self._device, second, self._offload)
         if self._step is not compiled.denoise_step:

@@ -3,9 +3,9 @@
 Every guided SVD step runs the UNet on 2B samples, B unconditional (zero image embedding and latents) and B
 conditional. Every op in the UNet is per-sample, so the unconditional half can run on a second GPU, on a copy of the
 UNet, while the first GPU runs the conditional half: the numbers of running the halves one after the other (split
-guidance, as low-memory mode does), in less time: on two H100s 0.19 s a step against 0.37 s on one (BENCHMARKS.md,
-run 126; each GPU's half takes 0.18 s). Per step only the scaled latents (B, F, 4, h, w) cross to the second GPU
-and its velocity comes back: 1.8 MB each way at SVD-XT's size.
+guidance, as low-memory mode does), in less time: on two H100s 0.18-0.19 s a step against 0.36-0.37 s on one
+(BENCHMARKS.md, runs 126, 131; each GPU's half takes 0.18 s). Per step only the scaled latents (B, F, 4, h, w)
+cross to the second GPU and its velocity comes back: 1.8 MB each way at SVD-XT's size.
 
 No call waits for a GPU, so both GPUs run at once as long as the host queues a step faster than they run it.
 Queueing an eager half's ~2000 kernels takes the host about as long as a GPU takes to run them, so on CUDA each half
@@ -14,7 +14,7 @@ kernels and the memory it captured, so it is captured again when the inputs' sha
 UNet (its weights' memory, its modules' settings such as forward chunking) change; its activations' memory stays
 reserved between calls. Where no graph runs (compiled halves, or `cuda_graphs=False`), a worker thread queues the
 second GPU's half while the caller's thread queues the first's: PyTorch releases the GIL inside its ops, so the two
-overlap (0.253-0.258 s a step from one thread, 0.219-0.268 s from two: runs 118-126). The cross-device copies are
+overlap (0.253-0.258 s a step from one thread, 0.191-0.268 s from two: runs 118-131). The cross-device copies are
 ordered by the streams (torch makes the receiving stream wait for the sending one), so the result is deterministic.
 """
 
