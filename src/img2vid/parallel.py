@@ -101,46 +101,49 @@ class GuidanceParallel:
             return compiled.denoise_step(unet, latents, image_latents, emb, time_ids, g, sigma, sigma_next, t, cfg)
         x = sampling.scale_input(latents, sigma)  # (B, F, 4, h, w): the input of both halves, as split guidance's
         (u_lat, c_lat), (u_emb, c_emb), (u_ids, c_ids) = image_latents.chunk(2), emb.chunk(2), time_ids.chunk(2)
-        d = self.device
         # Autocast, like no_grad and the current device, is per thread: the worker's half runs under the caller's
-        autocast = torch.is_autocast_enabled(d.type), torch.get_autocast_dtype(d.type)
+        autocast = torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(self.device.type)
         # The second GPU's inputs, still on the first GPU. A copy out of the first GPU runs on its stream, after all
-        # the work queued there when it is issued: every copy is issued before the first GPU's half is queued. The
-        # graphs copy them straight into their static buffers; the threads copy them here, not from the worker.
+        # the work queued there when it is issued: every copy is issued before the first GPU's half is queued.
         # (The conditioning crosses each step: ~2 MB, and nothing goes stale between calls.)
-        u_src = (x, u_lat, u_emb, u_ids, t)
-        graphed = self._graphed_halves(unet, u_src, (x, c_lat, c_emb, c_ids, t), autocast)
-        if graphed is None:
-            u_in = tuple(a.to(d) for a in u_src)
+        u_src, c_in = (x, u_lat, u_emb, u_ids, t), (x, c_lat, c_emb, c_ids, t)
+        halves = self._graphed_halves(unet, u_src, c_in, autocast)
+        v_uncond, v_cond = halves if halves is not None else self._queued_halves(unet, u_src, c_in, autocast)
+        v = sampling.apply_guidance(v_uncond.to(latents.device), v_cond, g)
+        return sampling.euler_step(latents, v, sigma, sigma_next)
+
+    def _queued_halves(
+        self, unet: torch.nn.Module, u_src: tuple[torch.Tensor, ...], c_in: tuple[torch.Tensor, ...], autocast: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v_uncond on the second GPU, v_cond), each half queued op by op: the second GPU's from the worker thread
+        (or first, from this one), the first GPU's from this thread."""
+        d = self.device
+        u_in = tuple(a.to(d) for a in u_src)  # from this thread, before either half is queued (see __call__)
 
         def uncond_half() -> torch.Tensor:  # on the second GPU
             with torch.no_grad(), self._on_device(), torch.autocast(d.type, dtype=autocast[1], enabled=autocast[0]):
                 return self.velocity(self.unet, *u_in)
 
-        if graphed is not None:
-            v_uncond, v_cond = graphed
-        elif self._worker is None:
+        if self._worker is None:
             v_uncond = uncond_half()  # queued first: the second GPU runs it while the host queues the first's
-            v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
-        else:
-            queued = self._worker.submit(uncond_half)
-            try:
-                v_cond = self.velocity(unet, x, c_lat, c_emb, c_ids, t)
-            except BaseException:  # the worker's half never outlives the step; this half's error is the one raised
-                wait([queued])
-                raise
-            v_uncond = queued.result()
-        v = sampling.apply_guidance(v_uncond.to(latents.device), v_cond, g)
-        return sampling.euler_step(latents, v, sigma, sigma_next)
+            return v_uncond, self.velocity(unet, *c_in)
+        queued = self._worker.submit(uncond_half)
+        try:
+            v_cond = self.velocity(unet, *c_in)
+        except BaseException:  # the worker's half never outlives the step; this half's error is the one raised
+            wait([queued])
+            raise
+        return queued.result(), v_cond
 
     def _graphs_run(self) -> bool:
         return self.graphs and self.velocity is compiled.velocity
 
     def _graphed_halves(
-        self, unet: torch.nn.Module, u_in: tuple[torch.Tensor, ...], c_in: tuple[torch.Tensor, ...], autocast: tuple
+        self, unet: torch.nn.Module, u_src: tuple[torch.Tensor, ...], c_in: tuple[torch.Tensor, ...], autocast: tuple
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(v_uncond on the second GPU, v_cond) through the halves' CUDA graphs, captured first where none fits;
-        None where no graph runs. Both outputs are the graphs' own buffers: read before the next step's replay."""
+        None where no graph runs. The second GPU's inputs (u_src, on the first GPU) are copied straight into its
+        graph's buffers. Both outputs are the graphs' own buffers: read before the next step's replay."""
         if not self._graphs_run() or hasattr(unet, "_orig_mod"):
             # pipe.unet = torch.compile(pipe.unet, ...), diffusers style: compiled code keeps its own graphs
             return None
@@ -149,7 +152,7 @@ class GuidanceParallel:
         key = (tuple((a.shape, a.dtype) for a in c_in), autocast)
         if not self._graphed or self._graphed[0].key != key:
             self._graphed = []  # the old graphs' memory first
-            halves = [(self.unet, self.device, u_in), (unet, c_in[0].device, c_in)]
+            halves = [(self.unet, self.device, u_src), (unet, c_in[0].device, c_in)]
             try:
                 self._graphed = capture_halves(self.velocity, halves, key)
             except RuntimeError as e:
@@ -164,7 +167,7 @@ class GuidanceParallel:
 
         second, first = self._graphed
         with self._on_device():
-            v_uncond = second(u_in)
+            v_uncond = second(u_src)
         return v_uncond, first(c_in)
 
 
