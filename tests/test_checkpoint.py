@@ -650,3 +650,106 @@ def test_whole_file_reader_places_every_tensor_aligned(tmp_path, monkeypatch):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
     assert cio._read_whole_file(bad, torch.device("cpu"), torch.float16) is None
+
+
+def test_a_component_without_the_variant_loads_its_plain_weights(tmp_path):
+    """As diffusers: a folder whose UNet alone is fp16 loads with variant="fp16" (the others' plain weights); a variant
+    that no component has is still an error, and `info` reads the files that loading reads."""
+    sds = random_components(TINY, seed=5)
+    folder = ck.save_folder(tmp_path / "f", TINY, sds)
+    for p in (folder / "unet").glob("*.safetensors"):
+        p.rename(p.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    _, back = ck.load_folder(folder, "fp16")
+    assert_same(back, sds)  # fp32 files, whatever their names
+    info = checkpoint_info(folder, "fp16")
+    assert info["ok"] and info["variants"] == ["fp16"]
+    with pytest.raises(CheckpointError, match=r"no 'bf16' variant|bf16\.safetensors not found"):
+        ck.load_folder(folder, "bf16")
+
+
+def test_an_index_wins_over_a_stale_single_file_and_our_save_removes_stale_shards(tmp_path):
+    """diffusers' sharded save over a folder leaves its single file behind, and loads the index: so do we. Our save
+    over a sharded folder removes the shards and the index, so that no loader takes the old weights."""
+    old, new = reference_pipeline("a", seed=6), reference_pipeline("a", seed=7)
+    old.unet.save_pretrained(tmp_path / "unet")
+    new.unet.save_pretrained(tmp_path / "unet", max_shard_size="300KB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert_same({"unet": ck.load_component(tmp_path, "unet")}, {"unet": new.unet.state_dict()})
+    folder = tmp_path / "g"
+    new_sds = {c: getattr(new, c).state_dict() for c in COMPONENTS}
+    new.unet.save_pretrained(folder / "unet", max_shard_size="300KB")
+    assert ck.shard_files(folder, "unet")
+    sds = random_components(TINY, seed=8)
+    ck.save_folder(folder, TINY, sds)
+    assert not ck.shard_files(folder, "unet")
+    assert_same({"unet": ck.load_component(folder, "unet")}, {"unet": sds["unet"]})
+    assert not torch.equal(sds["unet"]["conv_in.weight"], new_sds["unet"]["conv_in.weight"])
+
+
+def test_hub_patterns_take_sharded_weights():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from img2vid.hub import hub_patterns
+
+    files = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+        "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "svd_xt.safetensors",
+    ]
+    assert list(filter_repo_objects(files, allow_patterns=hub_patterns())) == files[:5]
+    fp16 = list(filter_repo_objects(files, allow_patterns=hub_patterns("fp16")))
+    assert fp16 == ["model_index.json", "unet/config.json", *files[5:7]]
+
+
+def test_convert_dtype_wins_over_the_variant_and_integer_dtypes_are_refused(tmp_path):
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    out = convert(folder, tmp_path / "g", dtype=torch.bfloat16, variant="fp16")
+    assert ck.load_component(out, "unet", "fp16", dtype=None)["conv_in.weight"].dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match="cannot save weights as torch.int8"):
+        ck.save_single_file(tmp_path / "i.safetensors", TINY, random_components(TINY), dtype=torch.int8)
+    assert not (tmp_path / "i.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "rel, change, message",
+    [
+        ("scheduler/scheduler_config.json", {"sigma_min": 0.0}, "0 < sigma_min < sigma_max"),
+        ("scheduler/scheduler_config.json", {"sigma_min": 800.0}, "0 < sigma_min < sigma_max"),
+        ("vae/config.json", {"force_upcast": "false"}, "force_upcast must be a bool"),
+        ("feature_extractor/preprocessor_config.json", {"image_mean": 0.5}, "image_mean must be a list of 3"),
+    ],
+)
+def test_config_values_out_of_range_are_named(tmp_path, rel, change, message):
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    data = json.loads((folder / rel).read_text())
+    (folder / rel).write_text(json.dumps({**data, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        ck.read_pipeline_config(folder)
+
+
+def test_a_temporal_vae_ignores_norm_num_groups_as_diffusers():
+    cfg = configs.vae_to_diffusers(TINY.vae)
+    assert TINY.vae.temporal_decoder and "norm_num_groups" not in cfg
+    assert configs.vae_from_diffusers({**cfg, "norm_num_groups": 16}).norm_num_groups == 32
+
+
+def test_bad_devices_and_dtypes_are_one_line_errors(tmp_path):
+    from img2vid import Pipeline
+    from img2vid.images import InputError
+
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    single = ck.save_single_file(tmp_path / "s.safetensors", TINY, random_components(TINY))
+    missing = f"cuda:{torch.cuda.device_count()}"
+    for path in (folder, single):
+        for device, message in [(missing, "is not available"), ("meta", "unknown device"), ("nope", "unknown device")]:
+            with pytest.raises(InputError, match=message):
+                Pipeline.from_pretrained(path, device=device)
+        with pytest.raises(InputError, match="torch_dtype must be a floating-point dtype"):
+            Pipeline.from_pretrained(path, torch_dtype=torch.int8)
+    assert Pipeline.from_pretrained(folder, torch_dtype="float16").dtype == torch.float16

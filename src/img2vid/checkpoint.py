@@ -26,12 +26,14 @@ from img2vid.checkpoint_io import (
     StateDict,
     check_variant,
     component_file,
+    component_variants,
     config_from_dict,
     config_to_dict,
     folder_json_files,
     read_header,
     read_safetensors,
     read_state_dict,
+    shard_files,
     stored_config,
     write_json,
     write_safetensors,
@@ -237,9 +239,10 @@ def load_folder(
     """A diffusers folder -> (config, {component: state dict}), checked against the config with errors that name
     the folder. On a GPU the three files are read at once (bound by page-cache copies, not by the device)."""
     config = read_pipeline_config(folder)
+    variants = component_variants(folder, variant)
 
     def load(c: str) -> StateDict:
-        return load_component(folder, c, variant, device, dtype, allow_pickle)
+        return load_component(folder, c, variants[c], device, dtype, allow_pickle)
 
     with ThreadPoolExecutor(len(COMPONENTS) if torch.device(device).type == "cuda" else 1) as pool:
         sds = dict(zip(COMPONENTS, pool.map(load, COMPONENTS), strict=True))
@@ -350,6 +353,9 @@ def save_folder(
     dtype = dtype or VARIANT_DTYPES.get(variant or "")
     v = f".{variant}" if variant else ""
     for c in COMPONENTS:
+        # an older save's shards and index go: loaders prefer an index to the single file written here
+        for stale in shard_files(path, c, variant):
+            stale.unlink()
         write_safetensors(path / c / f"{WEIGHTS_NAME[c]}{v}.safetensors", drop_buffers(components[c], c), {}, dtype)
     for rel, data in folder_json_files(config).items():  # model_index.json comes last
         write_json(path / rel, data)

@@ -20,7 +20,7 @@ import torch
 
 from img2vid import configs
 from img2vid.configs import PipelineConfig
-from img2vid.sgm_keys import CheckpointError
+from img2vid.sgm_keys import COMPONENTS, CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 Device = str | torch.device
@@ -289,6 +289,8 @@ def write_safetensors(path: Path, sd: StateDict, metadata: dict[str, str], dtype
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    if dtype is not None and not dtype.is_floating_point:  # int8 would truncate every weight, and never reload
+        raise CheckpointError(f"cannot save weights as {dtype}: pick a floating-point dtype (float16, bfloat16, ...)")
     tensors = {k: _complete(cast(t, dtype)) for k, t in sd.items()}
 
     def write(tmp: Path) -> None:
@@ -344,11 +346,33 @@ def weight_variants(folder: Path, component: str, pickles: bool = True) -> tuple
     return plain, sorted(variants)
 
 
+def component_variants(folder: Path, variant: str | None) -> dict[str, str | None]:
+    """The variant each component loads. As diffusers: a component that lacks the requested variant loads its plain
+    weights (a folder whose UNet alone is fp16), unless no component has that variant at all (a mistyped variant,
+    or a folder without one: component_file's error says so)."""
+    check_variant(variant)
+    if variant is None:
+        return dict.fromkeys(COMPONENTS)
+    has = {c: variant in weight_variants(folder, c)[1] for c in COMPONENTS}
+    if not any(has.values()):
+        return dict.fromkeys(COMPONENTS, variant)
+    return {c: variant if has[c] else None for c in COMPONENTS}
+
+
+def shard_files(folder: Path, component: str, variant: str | None = None) -> list[Path]:
+    """One component's sharded weights in one variant: the index (either name) and the shards it would name."""
+    sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
+    indexes = dict.fromkeys([sub / f"{stem}.safetensors.index{v}.json", sub / f"{stem}{v}.safetensors.index.json"])
+    shards = [p for p in sub.glob(f"{stem}{v}-*-of-*.safetensors") if _SHARD.fullmatch(p.name[len(stem + v) : -12])]
+    return [p for p in indexes if p.is_file()] + sorted(shards)
+
+
 def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
     check_variant(variant)
     sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
+    # An index first, as diffusers: saving sharded weights over a folder leaves its old single file behind.
     # diffusers names a sharded variant's index stem.safetensors.index.fp16.json, transformers stem.fp16.safetensors...
-    for name in (f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors.index.json"):
+    for name in (f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors.index.json", f"{stem}{v}.safetensors"):
         if (sub / name).is_file():
             return sub / name
     if (sub / f"{stem}{v}.bin").is_file():

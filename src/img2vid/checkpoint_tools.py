@@ -20,7 +20,14 @@ from img2vid.checkpoint import (
     save_single_file,
     single_file_config,
 )
-from img2vid.checkpoint_io import PICKLE_SUFFIXES, StateDict, component_file, read_header, weight_variants
+from img2vid.checkpoint_io import (
+    PICKLE_SUFFIXES,
+    StateDict,
+    component_file,
+    component_variants,
+    read_header,
+    weight_variants,
+)
 from img2vid.sgm_keys import COMPONENTS, CheckpointError, detect_format, detect_sgm_variant, split_sgm
 
 __all__ = ["convert", "checkpoint_info"]
@@ -45,7 +52,8 @@ def convert(
         config, comps = load_single_file(src, "cpu", dtype, allow_pickle=allow_pickle)
     if to_file:
         return save_single_file(dst, config, comps)
-    return save_folder(dst, config, comps, variant=variant)
+    # dtype, when given, wins over the variant's usual dtype (the weights were cast to it while read)
+    return save_folder(dst, config, comps, dtype=dtype, variant=variant)
 
 
 def _summary(sd: StateDict, expected: dict[str, torch.Size] | None) -> dict[str, Any]:
@@ -71,8 +79,9 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
         variants = sorted({v for c in COMPONENTS for v in weight_variants(path, c)[1]})
         if variant is None and not plain and unet_variants:
             variant = unet_variants[0]  # a folder holding only a variant (e.g. fp16)
+        chosen = component_variants(path, variant)  # as loading picks them: plain where a component lacks it
         comps = {
-            c: drop_buffers(read_header(component_file(path, c, variant, allow_pickle), allow_pickle)[0], c)
+            c: drop_buffers(read_header(component_file(path, c, chosen[c], allow_pickle), allow_pickle)[0], c)
             for c in COMPONENTS
         }
         info.update(format="diffusers-folder", variant=variant, variants=variants, config=config.name)

@@ -124,21 +124,9 @@ def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
         raise InputError(
             "--compile-cache cannot keep streamed weights (--low-memory, --offload sequential): use --compile"
         )
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
-    # meta holds no data and cpu has no second index: both would fail later, blamed on the model's files
-    if device.type == "meta" or (device.type == "cpu" and device.index not in (None, 0)):
-        raise InputError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise InputError(f"device {name} is not available (CUDA GPUs found: {torch.cuda.device_count()})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("device mps is not available")
-    backend = getattr(torch, device.type, None)  # torch.xpu and the like: their own is_available()
-    if device.type not in ("cpu", "cuda", "mps") and not (backend and getattr(backend, "is_available", bool)()):
-        raise InputError(f"device {name} is not available")
+    from img2vid.offload import available_device
+
+    device = available_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
 
 

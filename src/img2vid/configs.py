@@ -245,9 +245,10 @@ def vae_from_diffusers(cfg: dict[str, Any]) -> VAEConfig:
         block_out_channels=tuple(cfg.get("block_out_channels", (64,))),
         layers_per_block=cfg.get("layers_per_block", 1),
         latent_channels=cfg.get("latent_channels", 4),
-        norm_num_groups=cfg.get("norm_num_groups", 32),
+        # AutoencoderKLTemporalDecoder takes no norm_num_groups (diffusers ignores the key, and its norms have 32)
+        norm_num_groups=32 if temporal else cfg.get("norm_num_groups", 32),
         scaling_factor=cfg.get("scaling_factor", 0.18215),
-        force_upcast=bool(cfg.get("force_upcast", True)),
+        force_upcast=cfg.get("force_upcast", True),  # not bool(): "false" must fail check(), not load as True
         temporal_decoder=temporal,
         sample_size=cfg.get("sample_size", 32),
     )
@@ -280,10 +281,11 @@ def clip_from_transformers(cfg: dict[str, Any], preprocessor: dict[str, Any] | N
         raise ValueError(f"unsupported CLIP activation {act!r}")
     extra: dict[str, Any] = {}
     if preprocessor:
-        if "image_mean" in preprocessor:
-            extra["image_mean"] = tuple(preprocessor["image_mean"])
-        if "image_std" in preprocessor:
-            extra["image_std"] = tuple(preprocessor["image_std"])
+        for key in ("image_mean", "image_std"):
+            if key in preprocessor:
+                value = preprocessor[key]
+                # a list as it comes (check() names a wrong one); a bare number is not one, and tuple() would fail
+                extra[key] = tuple(value) if isinstance(value, list | tuple) else value
     return CLIPVisionConfig(
         hidden_size=cfg.get("hidden_size", 768),
         intermediate_size=cfg.get("intermediate_size", 3072),
@@ -407,6 +409,12 @@ def check(config: Any, where: str = "") -> None:
             check(value, f"{where}{f.name}.")
         elif not _fits(value, kind, least):
             raise ValueError(f"{where}{f.name} must be {_describe(kind, least)}, not {value!r}")
+    if isinstance(config, SchedulerConfig) and not 0 < config.sigma_min < config.sigma_max:
+        # a zero, negative or inverted range loads and samples NaN frames without an error
+        raise ValueError(
+            f"{where}sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max, not "
+            f"{config.sigma_min!r} and {config.sigma_max!r}"
+        )
 
 
 def replace(config: Any, **changes: Any) -> Any:

@@ -14,7 +14,16 @@ def hub_patterns(variant: str | None = None) -> list[str]:
     """What the pipeline needs from a hub repo: configs and one variant's safetensors (repos also hold .bin files,
     other variants and the original single files)."""
     v = f".{variant}" if variant else ""
-    weights = [f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors" for c in COMPONENTS]
+    weights = [
+        pattern
+        for c in COMPONENTS
+        for pattern in (  # one file, or an index (either name, see component_file) and its shards
+            f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors",
+            f"{c}/{WEIGHTS_NAME[c]}.safetensors.index{v}.json",
+            f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors.index.json",
+            f"{c}/{WEIGHTS_NAME[c]}{v}-*-of-*.safetensors",
+        )
+    ]
     config_files = [f"{c}/config.json" for c in COMPONENTS]
     return ["model_index.json", *config_files, *weights, "scheduler/*.json", "feature_extractor/*.json"]
 

@@ -16,6 +16,26 @@ from torch import nn
 from img2vid.images import InputError
 
 
+def available_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device this machine has, else a one-line InputError, before any weight is read or moved
+    (torch's own errors are an AssertionError for CUDA on a CPU-only build, or blame the checkpoint file). The meta
+    device holds no data, and the CPU has no second index: both would fail later, far from the cause."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # "Invalid device string"
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "meta" or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise InputError(f"device {dev} is not available (CUDA GPUs found: {torch.cuda.device_count()})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device mps is not available")
+    backend = getattr(torch, dev.type, None)  # torch.xpu and the like: their own is_available()
+    if dev.type not in ("cpu", "cuda", "mps") and not (backend and getattr(backend, "is_available", bool)()):
+        raise InputError(f"device {dev} is not available")
+    return dev
+
+
 def accelerator(gpu_id: int | None, device: str | torch.device | None) -> torch.device:
     """Where offloaded components run: `device` if given, else CUDA device `gpu_id` (default 0). A CUDA device
     this machine lacks is a one-line InputError now, before the pipeline changes, not a failure mid-generation."""

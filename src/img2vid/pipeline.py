@@ -38,9 +38,20 @@ from img2vid.inputs import (
     to_tensor,
 )
 from img2vid.modes import COMPONENTS, RunModes, orig_module
-from img2vid.offload import SequentialOffload
+from img2vid.offload import SequentialOffload, available_device
 from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
+
+
+def weights_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype:
+    """What the weights load as: float32 by default (as diffusers); a dtype's name ("float16") is taken too. Anything
+    else is a one-line error, not torch's "Invalid device string" or weights silently cast to integers."""
+    if torch_dtype is None:
+        return torch.float32
+    dtype = getattr(torch, torch_dtype.removeprefix("torch."), None) if isinstance(torch_dtype, str) else torch_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"torch_dtype must be a floating-point dtype such as torch.float16, not {torch_dtype!r}")
+    return dtype
 
 
 @dataclass
@@ -99,11 +110,12 @@ class Pipeline(DiffusersAttributes, RunModes):
         allow_pickle: bool = False,
     ) -> Pipeline:
         """A diffusers-format folder or hub id (through huggingface_hub's cache), or a single checkpoint file."""
+        available_device(device), weights_dtype(torch_dtype)  # before any download or read
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
             return cls.from_single_file(path, torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
         folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only)
-        dtype, dev = torch_dtype or torch.float32, torch.device(device)
+        dtype, dev = weights_dtype(torch_dtype), torch.device(device)
         config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle)
         return cls.from_state_dicts(config, sds, device)
 
@@ -119,7 +131,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         """Stability's original checkpoints (svd*.safetensors, sgm layout) or our own single files."""
         config = preset(config) if isinstance(config, str) else config
         config, sds = checkpoint.load_single_file(
-            Path(path), torch.device(device), torch_dtype or torch.float32, config, allow_pickle=allow_pickle
+            Path(path), available_device(device), weights_dtype(torch_dtype), config, allow_pickle=allow_pickle
         )
         return cls.from_state_dicts(config, sds, device)
 
