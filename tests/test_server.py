@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import shutil
 import socket
 import struct
@@ -653,3 +654,62 @@ def test_page_stop_button_stops_the_generation(address, png, monkeypatch, tmp_pa
     assert shown["stopHidden"] and not shown["goDisabled"]
     poll_until(address, lambda p: not p["busy"])
     assert stopped == [("denoise", 2)]  # the server stopped at the next step
+
+
+def test_queued_requests_run_in_arrival_order(address, png, monkeypatch):
+    """First come, first served: the seeds reach the pipeline in the order their requests queued (a polled lock let
+    any waiter in, and a request could be overtaken again and again)."""
+    reached, release = threading.Event(), threading.Event()
+    order: list[int] = []
+    real = Pipeline.__call__
+
+    def held(self, *args, generator, **kwargs):
+        order.append(generator.initial_seed())
+        if len(order) == 1:
+            reached.set()
+            release.wait(30)
+        return real(self, *args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    monkeypatch.setattr(server_module, "LOCK_POLL_S", 0.02)
+    results: list[int] = []
+    first = threading.Thread(target=lambda: results.append(post(address, png, seed=100)[0]))
+    first.start()
+    socks = []
+    try:
+        assert reached.wait(30)
+        for k in range(1, 5):  # each queued before the next is sent
+            socks.append(send_post(address, png, seed=100 + k))
+            poll_until(address, lambda p, k=k: p["waiting"] == k)
+    finally:
+        release.set()
+        first.join(timeout=60)
+    for sock in socks:
+        sock.settimeout(60)
+        assert sock.recv(12).startswith(b"HTTP/1.0 200")
+        sock.close()
+    assert results == [200] and order == [100, 101, 102, 103, 104]
+
+
+def test_bad_guidance_and_long_numbers_are_400_at_once(address, png):
+    status, _, text = post(address, png, max_guidance=70000, min_guidance=0)
+    assert status == 400 and text == b"max_guidance: 70000 is out of range 0..65504.0\n", text
+    status, _, text = post(address, png, width="9" * 5000)
+    assert status == 400 and text == b"width: 999999999999...(5000 characters) is out of range 1..16384\n", text
+    status, _, text = post(address, png, steps="x" * 3000)
+    assert status == 400 and len(text) < 100 and b"expected an integer" in text, text
+
+
+def test_an_image_declaring_too_many_pixels_is_400_before_decoding(address, monkeypatch):
+    monkeypatch.setattr(server_module, "MAX_INPUT_PIXELS", 100 * 100)
+    big = io.BytesIO()
+    make_image(101, 100).save(big, format="PNG")
+    status, _, text = post(address, big.getvalue())
+    assert status == 400 and b"is 101x100: over the limit of 10000 pixels" in text, text
+
+
+@pytest.mark.parametrize("line", [b"PRI * HTTP/2.0", b"GET /health HTTP/1.x", b"GET /health HTTP/1.1 extra"])
+def test_a_bad_request_line_gets_a_status_line(address, line):
+    reply = raw(address, line + b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.0 (400|505) ", reply), reply
+    assert reply.split(b"\r\n\r\n", 1)[1].count(b"\n") == 1

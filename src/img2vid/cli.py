@@ -50,18 +50,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"img2vid: error: {message} (see `{self.prog} --help`)\n")
 
 
+MAX_GUIDANCE = 65504.0  # float16's largest value
+
+
 def _number(kind: type, lo: float, hi: float | None = None) -> Callable[[str], Any]:
     """An argparse type: `kind` parsed from text and checked against lo..hi, so ranges fail before any loading."""
 
     def parse(text: str) -> Any:
+        shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"  # a server echoes it
         try:
             value = kind(text)
-        except ValueError:
+        except ValueError:  # also int()'s refusal of over 4300 digits: a number, too long to be one we take
             what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+            if text.isascii() and text.isdigit():
+                raise argparse.ArgumentTypeError(f"{shown} is out of range {lo}..{'' if hi is None else hi}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {shown!r}") from None
         # (isfinite of an int past float's range raises: ints are finite anyway)
         if (kind is float and not math.isfinite(value)) or value < lo or (hi is not None and value > hi):
-            shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
             raise argparse.ArgumentTypeError(f"{shown} is out of range {lo}..{'' if hi is None else hi}")
         return value
 
@@ -103,8 +108,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--export-fps", type=_number(float, 1, 240), help="playback fps of the file (default: --fps)")
     g.add_argument("--motion-bucket-id", type=_number(int, 0, 1023), help="more = more motion (default 127)")
     g.add_argument("--noise-aug-strength", type=_number(float, 0, 10), default=0.02, help="default %(default)s")
-    g.add_argument("--min-guidance", type=_number(float, 0), default=1.0, help="first frame's CFG (default 1.0)")
-    g.add_argument("--max-guidance", type=_number(float, 0), default=3.0, help="last frame's CFG (default 3.0)")
+    # float16's range bounds the scales (the pipeline refuses more, but only once a server request has its turn)
+    guidance = _number(float, 0, MAX_GUIDANCE)
+    g.add_argument("--min-guidance", type=guidance, default=1.0, help="first frame's CFG (default 1.0)")
+    g.add_argument("--max-guidance", type=guidance, default=3.0, help="last frame's CFG (default 3.0)")
     g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), help="random seed (default: random, printed and stored)")
     g.add_argument(
         "-n",

@@ -4,7 +4,7 @@ the encoded video out, `GET /health` a JSON liveness probe, `GET /progress` what
 
 Design: the request body IS the image (any format Pillow reads) and the parameters travel in the query string, so
 there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'host:8000/generate?seed=1'` just works.
-The model is shared by every request thread, so generations run one at a time behind a lock; other requests (the
+The model is shared by every request thread, so generations run one at a time, in arrival order; other requests (the
 page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
 oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 500 for our own failures (the
 traceback goes to the server's stderr, never to the client). A client that disconnects stops its generation at the
@@ -15,18 +15,19 @@ TCP and is treated as gone; browsers, curl and Python's clients do not.)
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
 `{"busy": true, "job": "k3x9", "stage": "denoise", "done": 12, "total": 25, "segment": 2, "segments": 3, "waiting": 1}`
-- waiting: requests (past their input checks) waiting for the generation lock, behind the running one.
+- waiting: requests (past their input checks) waiting for their turn, behind the running one.
 - job: the running request's `X-Img2vid-Job` header (any short token the client picks; null without one), so a
   client can tell its own generation from one it is queued behind.
 - stage, done, total: "denoise" finished steps/steps (0 from the segment's start), then "decode" chunks, per
   segment; "export" with total 0 (not counted) while the video file is written. These fields are
-  absent for the few milliseconds between taking the lock and the first report.
+  absent for the few milliseconds between a request's turn and its first report.
 - segment, segments: the segment running (1-based) of how many (1 and 1 for a plain video; img2vid.longer).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import importlib.resources
 import io
@@ -47,7 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 import PIL.Image
 
 from img2vid import __version__
-from img2vid.cli import MAX_SIDE, _number
+from img2vid.cli import MAX_GUIDANCE, MAX_SIDE, _number
 from img2vid.images import SIZE_MODES, InputError, frame_size, load_image, video_input
 
 __all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "FORMATS", "make_server", "serve"]
@@ -58,6 +59,10 @@ MAX_PIXELS = 2048 * 2048
 # Pixels of a whole video (frames x width x height): a chain of segments stays on the host as float32 until it is
 # encoded (12 bytes a pixel), so 2**28 (455 frames at 576x1024) is 3 GiB; frames=256&segments=64 asked ~115 GB.
 MAX_VIDEO_PIXELS = 2**28
+# Pixels of an uploaded image, checked from its header before decoding: a 300 KB PNG can declare 13000x13000 16-bit
+# pixels (4 GB of memory to decode, before the request waits for the model). 8192x8192 covers any camera's photo.
+MAX_INPUT_PIXELS = 8192 * 8192
+DECODERS = 2  # uploads decoded at once (each up to ~1 GB at MAX_INPUT_PIXELS); more wait their turn
 DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dropped (Handler._discard says why)
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
 FORMATS = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}  # formats a browser can show inline
@@ -71,8 +76,8 @@ PARAMS: dict[str, Callable[[str], Any]] = {
     "fps": _number(int, 1, 240),
     "motion_bucket_id": _number(int, 0, 1023),
     "noise_aug_strength": _number(float, 0, 10),
-    "min_guidance": _number(float, 0),
-    "max_guidance": _number(float, 0),
+    "min_guidance": _number(float, 0, MAX_GUIDANCE),
+    "max_guidance": _number(float, 0, MAX_GUIDANCE),
     "seed": _number(int, 0, 2**63 - 1),
     "guidance_reuse": _number(int, 1, 1000),  # APPROXIMATE when > 1 (Pipeline.__call__'s guidance_reuse)
 }
@@ -110,7 +115,7 @@ def page() -> bytes:
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server plus what every request thread shares: the pipeline and the lock that serialises it."""
+    """The HTTP server plus what every request thread shares: the pipeline and the queue that serialises it."""
 
     daemon_threads = True  # a hung client must not keep the process alive at shutdown
 
@@ -119,7 +124,12 @@ class Server(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.pipe, self.model, self.max_body, self.quiet = pipe, model, max_body, quiet
-        self.lock = threading.Lock()
+        self.decoders = threading.BoundedSemaphore(DECODERS)
+        # One generation at a time, in arrival order: a plain lock lets any waiter in, and overtaken requests
+        # could wait forever. The queue holds a token per waiting request; the first runs when none is running.
+        self._turn = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._running = False
         # What /progress reports. The generating thread replaces `_state` whole, never edits it, and both fields
         # change under `_state_lock`, so a reader always sees one report and the waiting count of that moment.
         self._state_lock = threading.Lock()
@@ -138,8 +148,9 @@ class Server(ThreadingHTTPServer):
         job: str | None,
         gone: Callable[[], bool] = lambda: False,
     ) -> tuple[bytes, dict]:
-        """`generate` behind the lock, reporting to /progress; idle again when it ends, failed or not. gone() says
-        whether the client has left: checked while queued and at every report, it raises ClientGone."""
+        """`generate` in its turn (first come, first served), reporting to /progress; idle again when it ends,
+        failed or not. gone() says whether the client has left: checked while queued and at every report, it raises
+        ClientGone."""
 
         def report(stage: str, done: int, total: int, segment: int, segments: int) -> None:
             if gone():  # a syscall, microseconds: between steps that take milliseconds to seconds
@@ -149,22 +160,32 @@ class Server(ThreadingHTTPServer):
             with self._state_lock:
                 self._state = state
 
-        with self._state_lock:
-            self._waiting += 1
-        while not self.lock.acquire(timeout=LOCK_POLL_S):
-            if gone():
-                with self._state_lock:
-                    self._waiting -= 1
-                raise ClientGone("client left while queued")
-        try:
-            with self._state_lock:  # one change: a reader never sees the lock taken and the server idle
+        token = object()
+        with self._turn:
+            self._queue.append(token)
+            with self._state_lock:
+                self._waiting += 1
+            while self._running or self._queue[0] is not token:
+                self._turn.wait(LOCK_POLL_S)
+                if gone():
+                    self._queue.remove(token)
+                    with self._state_lock:
+                        self._waiting -= 1
+                    self._turn.notify_all()  # the next in line may be first now
+                    raise ClientGone("client left while queued")
+            self._queue.popleft()
+            self._running = True
+            with self._state_lock:  # one change: a reader never sees the turn taken and the server idle
                 self._waiting -= 1
                 self._state = {"busy": True, "job": job}
+        try:
             return generate(self.pipe, image, params, self.model, report)
         finally:
-            with self._state_lock:
-                self._state = IDLE
-            self.lock.release()
+            with self._turn:
+                with self._state_lock:
+                    self._state = IDLE
+                self._running = False
+                self._turn.notify_all()
 
 
 def _decode_image(data: bytes) -> PIL.Image.Image:
@@ -173,6 +194,11 @@ def _decode_image(data: bytes) -> PIL.Image.Image:
         raise InputError("no image: send the image file as the request body")
     try:
         image = PIL.Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_INPUT_PIXELS:
+            raise InputError(
+                f"the uploaded image is {width}x{height}: over the limit of {MAX_INPUT_PIXELS} pixels; scale it down"
+            )
         image.load()
     except PIL.Image.DecompressionBombError as e:
         raise InputError(f"the uploaded image is too large to decode safely: {e}") from None
@@ -305,6 +331,8 @@ class Handler(BaseHTTPRequestHandler):
         text, not its HTML page."""
         self.log_error("code %d, message %s", code, message)
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # still the default while the request line failed to parse, and
+            self.request_version = "HTTP/1.0"  # at 0.9 the stdlib writes no status line and no headers
         self._error(code, message or self.responses.get(code, ("error",))[0])
 
     def _content_length(self) -> int | None:
@@ -375,7 +403,8 @@ class Handler(BaseHTTPRequestHandler):
             if len(data) < length:  # the client closed early: a prefix that happens to decode is not the upload
                 raise InputError(f"the request body ended after {len(data)} of its {length} bytes (Content-Length)")
             params = parse_params(url.query)  # cheap checks first: a typo never waits for the lock
-            image = _decode_image(data)
+            with self.server.decoders:
+                image = _decode_image(data)
             check_request(self.server.pipe.config, image, params)  # size and segments too, before the lock
             job = (self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: it is echoed to all
             video, info = self.server.run_generation(image, params, job, lambda: peer_closed(self.connection))
