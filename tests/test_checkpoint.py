@@ -750,6 +750,24 @@ def test_bad_devices_and_dtypes_are_one_line_errors(tmp_path):
         for device, message in [(missing, "is not available"), ("meta", "unknown device"), ("nope", "unknown device")]:
             with pytest.raises(InputError, match=message):
                 Pipeline.from_pretrained(path, device=device)
-        with pytest.raises(InputError, match="torch_dtype must be a floating-point dtype"):
+        with pytest.raises(InputError, match="torch_dtype must be torch.float16, bfloat16"):
             Pipeline.from_pretrained(path, torch_dtype=torch.int8)
     assert Pipeline.from_pretrained(folder, torch_dtype="float16").dtype == torch.float16
+
+
+def test_cpu_index_zero_impossible_sizes_and_zero_scales(tmp_path):
+    from img2vid import Pipeline
+    from img2vid.images import InputError
+    from img2vid.unet import UNet
+
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    assert Pipeline.from_pretrained(folder, device="cpu:0").device.type == "cpu"
+    data = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**data, "scaling_factor": 0}))
+    with pytest.raises(CheckpointError, match="scaling_factor must be positive"):
+        ck.read_pipeline_config(folder)
+    config = replace(TINY, unet=replace(TINY.unet, num_attention_heads=(3,) * len(TINY.unet.num_attention_heads)))
+    with pytest.raises(CheckpointError, match="the unet cannot be built from its config"):
+        ck.build(UNet, config.unet, {}, "unet")
+    with pytest.raises(InputError, match="torch_dtype must be"):
+        Pipeline.from_pretrained(folder, torch_dtype=torch.float8_e4m3fn)

@@ -623,3 +623,30 @@ def test_console_script():
     assert run.stderr.strip().splitlines() == [
         "img2vid: error: argument --frames: 0 is out of range 1..256 (see `img2vid generate --help`)"
     ]
+
+
+def test_png_frames_again_replace_the_earlier_frames(models, images, tmp_path, capsys):
+    """-o naming an earlier PNG-frames video replaces it (it was taken for a folder to put a new video in: frames
+    nested inside the old ones, or an mp4 among them)."""
+    for out, extra in ((tmp_path / "framesdir", "--format png --seed 1"), (tmp_path / "frames.png", "--seed 1")):
+        for _ in range(2):
+            rc, stdout, err = generate(capsys, images["landscape"], out, models["folder"], extra)
+            assert rc == 0, err
+        names = sorted(p.name for p in out.iterdir())
+        assert names and all(n.startswith("frame_") or n.endswith(".json") for n in names), names
+
+
+def test_conflicting_and_ambiguous_requests_are_refused(models, images, tmp_path, capsys):
+    extra = "--low-memory --offload model"
+    rc, _, err = generate(capsys, images["landscape"], tmp_path / "a.mp4", models["folder"], extra)
+    assert rc == 2 and "--low-memory streams the weights itself; drop --offload model" in err
+    twin = tmp_path / "elsewhere" / images["landscape"].name
+    twin.parent.mkdir()
+    twin.write_bytes(images["landscape"].read_bytes())
+    rc, _, err = generate(capsys, [images["landscape"], twin], f"{tmp_path}/out/", models["folder"])
+    assert rc == 2 and "images with the same name would write the same video" in err
+    busy = tmp_path / "photos"
+    busy.mkdir()
+    (busy / "a.png").write_bytes(b"x")
+    assert main(["convert", str(models["single_file"]), str(busy)]) == 2
+    assert "holds other files" in capsys.readouterr().err and sorted(p.name for p in busy.iterdir()) == ["a.png"]

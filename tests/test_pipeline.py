@@ -566,3 +566,81 @@ def test_eager_video_never_imports_dynamo(device: str) -> None:
     first, second = proc.stdout.split("\n")[:2]
     assert first.split() == [str(preset("tiny").num_frames), "False"]
     assert second.split() == ["True", "False", "False"]
+
+
+def test_output_indexes_as_diffusers_base_output():
+    pipe = Pipeline.from_config("tiny")
+    out = pipe(make_image(64, 64), height=64, width=64, num_frames=2, num_inference_steps=1, output_type="pt")
+    assert out[0] is out.frames and out["frames"] is out.frames and out.to_tuple() == (out.frames,)
+    assert list(out.keys()) == ["frames"] and out[:1] == (out.frames,) and dict(out.items())["frames"] is out.frames
+
+
+def test_guidance_runs_when_only_the_first_frames_are_over_one():
+    """min_guidance_scale 3 down to max 1: the first frames are guided (it used to be decided on max alone)."""
+    pipe = Pipeline.from_config("tiny")
+
+    def video(lo: float, hi: float) -> torch.Tensor:
+        kw = dict(height=64, width=64, num_frames=3, num_inference_steps=2, output_type="pt")
+        return pipe(
+            make_image(64, 64), generator=torch.manual_seed(0), min_guidance_scale=lo, max_guidance_scale=hi, **kw
+        ).frames
+
+    assert not torch.equal(video(3.0, 1.0), video(1.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.zeros(0, 3, 64, 64), "image tensor batch is empty"),
+        (np.zeros((0, 64, 64, 3), np.uint8), "image array batch is empty"),
+        (
+            np.zeros((2, 3, 64, 64), np.float32),
+            r"image arrays must be \(H, W, 3\) or \(B, H, W, 3\) .*got \(2, 3, 64, 64\)",
+        ),
+        (np.full((64, 64, 3), 200.0, np.float32), "image array float values must be in"),
+    ],
+)
+def test_bad_image_batches_and_arrays_are_named(image, message):
+    with pytest.raises(InputError, match=message):
+        Pipeline.from_config("tiny")(image, height=64, width=64, num_frames=2, num_inference_steps=1)
+
+
+def test_numpy_counts_zero_size_images_and_nested_sigmas():
+    pipe = Pipeline.from_config("tiny")
+    kw = dict(height=64, width=64, output_type="pt")
+    a = pipe(
+        make_image(64, 64),
+        num_frames=np.int64(2),
+        num_inference_steps=np.int64(1),
+        generator=torch.manual_seed(0),
+        **kw,
+    )
+    b = pipe(make_image(64, 64), num_frames=2, num_inference_steps=1, generator=torch.manual_seed(0), **kw)
+    assert torch.equal(a.frames, b.frames)
+    with pytest.raises(InputError, match="image tensor has zero size"):
+        pipe(torch.zeros(1, 3, 8, 0), num_frames=2, num_inference_steps=1, **kw)
+    with pytest.raises(InputError, match="sigmas must be one-dimensional"):
+        pipe(make_image(64, 64), num_frames=2, sigmas=[[2.0, 1.0], [0.5, 0.0]], **kw)
+
+
+def test_a_callback_steers_guidance_through_pipe_guidance_scale():
+    """As diffusers' callback guide: assigning pipe._guidance_scale changes the guidance of the steps after it."""
+    pipe = Pipeline.from_config("tiny")
+
+    def run(callback=None) -> torch.Tensor:
+        kw = dict(height=64, width=64, num_frames=3, num_inference_steps=3, output_type="pt")
+        return pipe(make_image(64, 64), generator=torch.manual_seed(0), callback_on_step_end=callback, **kw).frames
+
+    def weaker(p, i, t, tensors):
+        if i == 0:
+            p._guidance_scale = 1 + (p._guidance_scale - 1) * 0.25
+        return {}
+
+    def same(p, i, t, tensors):
+        p._guidance_scale = p._guidance_scale.clone()
+        return {}
+
+    plain = run()
+    assert torch.equal(run(same), plain) and not torch.equal(run(weaker), plain)
+    with pytest.raises(InputError, match="pipe._guidance_scale set by a callback must be"):
+        run(lambda p, i, t, tensors: setattr(p, "_guidance_scale", "strong") or {})

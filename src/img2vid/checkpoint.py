@@ -155,8 +155,11 @@ def load_into(module: nn.Module, state_dict: StateDict, component: str) -> None:
 
 def build(cls: type[nn.Module], config: Any, state_dict: StateDict, component: str) -> nn.Module:
     """`cls(config)` on the meta device, filled with `state_dict` (no random init, no second copy)."""
-    with torch.device("meta"):
-        module = cls(config)
+    try:
+        with torch.device("meta"):
+            module = cls(config)
+    except (ValueError, RuntimeError) as e:  # well-typed but impossible sizes: channels that no norm group divides
+        raise CheckpointError(f"the {component} cannot be built from its config: {str(e).splitlines()[0]}") from None
     load_into(module, state_dict, component)
     return module.eval()
 

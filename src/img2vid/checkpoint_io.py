@@ -32,6 +32,7 @@ _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }  # fmt: skip
 
 
@@ -90,7 +91,8 @@ def _open_safetensors(path: Path, device: Device = "cpu") -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return safe_open(str(path), framework="pt", device=str(device))
+        dev = torch.device(device)  # safetensors takes "cpu" but not "cpu:0", and blamed the file for it
+        return safe_open(str(path), framework="pt", device="cpu" if dev.type == "cpu" else str(dev))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 

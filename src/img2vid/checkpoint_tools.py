@@ -43,6 +43,8 @@ def convert(
     to_file = dst.suffix == ".safetensors"
     if dst.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{dst}: we write .safetensors files or folders only")
+    if not to_file and dst.is_dir() and any(dst.iterdir()) and not (dst / "model_index.json").is_file():
+        raise CheckpointError(f"{dst} is a folder that holds other files: pick a new or empty folder (or a model's)")
     if dst.is_dir() if to_file else dst.is_file():  # before the (long) read, not an OSError after it
         kind = "folder (a .safetensors path is written as one file)" if to_file else "file (a folder goes there)"
         raise CheckpointError(f"{dst} already exists as a {kind}: pick another path")

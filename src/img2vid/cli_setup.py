@@ -48,9 +48,12 @@ def output_paths(
     """(source, seed, output path) of every video, each source's seeds in turn, and the format. Several videos need a
     folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}."""
     from img2vid.images import InputError
+    from img2vid.video import holds_frames
 
     out = Path(output).expanduser()
-    as_folder = out.is_dir() or output.endswith(("/", os.sep))
+    # An earlier PNG-frames video at -o is replaced by this one, not taken for a folder to put videos in
+    frames_again = (fmt == "png" or out.suffix.lower() == ".png") and holds_frames(out)
+    as_folder = (out.is_dir() and not frames_again) or output.endswith(("/", os.sep))
     jobs = [(s, seed) for s in sources for seed in seeds]
     if not as_folder and len(jobs) > 1 and "{stem}" not in output and "{seed}" not in output:
         what = f"{len(sources)} images" if len(seeds) == 1 else f"{len(jobs)} videos"
@@ -70,6 +73,13 @@ def output_paths(
         paths = [Path(str(out).replace("{stem}", stem(s)).replace("{seed}", str(seed))) for s, seed in jobs]
         paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
     if len(set(paths)) < len(paths):
+        stems = [stem(s) for s in sources]
+        if len(set(stems)) < len(stems):  # no pattern tells a/x.png from b/x.png apart
+            twins = [s for s in sources if stems.count(stem(s)) > 1]
+            raise InputError(
+                f"images with the same name would write the same video ({', '.join(twins[:2])}); "
+                "rename them or run them separately"
+            )
         need = "{stem}" if len(seeds) == 1 else "{stem} and {seed}" if len(sources) > 1 else "{seed}"
         raise InputError(f"several videos would write the same file; use a pattern with {need} (got {output})")
     # a folder given with a trailing slash is created (by the export) if its own parent exists
@@ -120,6 +130,8 @@ def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from img2vid.images import InputError
 
+    if args.low_memory and args.offload not in (None, "none"):  # low memory is its own offload: one would be dropped
+        raise InputError(f"--low-memory streams the weights itself; drop --offload {args.offload}")
     if args.compile_cache and (args.low_memory or args.offload == "sequential"):  # known now, not after tracing
         raise InputError(
             "--compile-cache cannot keep streamed weights (--low-memory, --offload sequential): use --compile"

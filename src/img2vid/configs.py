@@ -409,6 +409,10 @@ def check(config: Any, where: str = "") -> None:
             check(value, f"{where}{f.name}.")
         elif not _fits(value, kind, least):
             raise ValueError(f"{where}{f.name} must be {_describe(kind, least)}, not {value!r}")
+    positive = {"scaling_factor": getattr(config, "scaling_factor", 1.0), "image_std": getattr(config, "image_std", ())}
+    for name, value in positive.items():  # 0 divides the latents or the pixels: NaN frames, no error
+        if any(v <= 0 for v in (value if isinstance(value, tuple) else (value,))):
+            raise ValueError(f"{where}{name} must be positive, not {value!r}")
     if isinstance(config, SchedulerConfig) and not 0 < config.sigma_min < config.sigma_max:
         # a zero, negative or inverted range loads and samples NaN frames without an error
         raise ValueError(

@@ -26,12 +26,11 @@ FLOAT16_MAX = 65504.0
 
 def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse: int, output_type: str) -> None:
     """The pipeline call's counts and choices, each a one-line InputError (sizes: images.check_size)."""
-    for name, v in (("num_frames", frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
-        if not isinstance(v, int) or v < 1:
+    counts = (("num_frames", frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk))
+    for name, v in (*counts, ("num_videos_per_prompt", nv)):  # numpy's integers too, as diffusers takes them
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(nv, int) or nv < 1:
-        raise InputError(f"num_videos_per_prompt must be a positive integer, got {nv!r}")
-    if not isinstance(guidance_reuse, int) or guidance_reuse < 1:
+    if isinstance(guidance_reuse, bool) or not isinstance(guidance_reuse, numbers.Integral) or guidance_reuse < 1:
         raise InputError(f"guidance_reuse must be an integer >= 1 (1: exact guidance), got {guidance_reuse!r}")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
@@ -111,13 +110,32 @@ class DiffusersAttributes:
     config: PipelineConfig
     _progress_bar_config: dict[str, Any]
     _guidance_scale: torch.Tensor
+    _guidance_scale_shape: torch.Size
     _do_classifier_free_guidance: bool
     _num_timesteps: int
 
     def _set_call_state(self, guidance: torch.Tensor, videos: int, guided: bool, steps: int) -> None:
         """Set by a call before its first step, from its (1, F, 1, 1, 1) per-frame guidance: callbacks read them."""
         self._guidance_scale = guidance.expand(videos, -1, -1, -1, -1)
+        self._guidance_scale_shape = self._guidance_scale.shape
         self._do_classifier_free_guidance, self._num_timesteps = guided, steps
+
+    def _callback_guidance(self, g: torch.Tensor) -> torch.Tensor:
+        """The per-frame guidance after a step-end callback: diffusers' callbacks steer it by assigning
+        pipe._guidance_scale (a number, or a tensor that broadcasts to (videos, F, 1, 1, 1)); else `g` as it was."""
+        value = self._guidance_scale
+        if isinstance(value, torch.Tensor) and value.data_ptr() == g.data_ptr() and value.shape[1:] == g.shape[1:]:
+            return g  # untouched (the expanded view of g itself)
+        try:
+            new = torch.as_tensor(value).to(g.device, g.dtype)
+            torch.broadcast_shapes(new.shape, self._guidance_scale_shape)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(
+                f"pipe._guidance_scale set by a callback must be a number or a tensor that broadcasts to "
+                f"{tuple(self._guidance_scale_shape)}, got {value!r}"
+            ) from None
+        self._guidance_scale = new
+        return new.view(1, 1, 1, 1, 1) if new.ndim == 0 else new
 
     @property
     def guidance_scale(self) -> torch.Tensor:
@@ -168,18 +186,33 @@ def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
             t = t[None]
         if t.ndim != 4 or t.shape[1] != 3:
             raise InputError(f"image tensors must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
-        t = (t.float() if t.is_floating_point() else t.float() / 255.0).cpu()  # integer samples: 0..255
-        # Checked here, not left to garbage out: [0, 255] floats, [-1, 1] data or NaN would make a video of noise
-        check_unit_tensor(t, "image tensor")
-        return list(t.unbind(0))  # B x (3, H, W)
+        return _unit_images(t, "image tensor")
     if isinstance(image, np.ndarray) and image.ndim == 4:
+        if len(image) == 0:
+            raise InputError("image array batch is empty")
         if np.issubdtype(image.dtype, np.floating):  # kept at full precision, like a float tensor
-            return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2))  # (B,H,W,3)->(B,3,H,W)
+            if image.shape[-1] != 3:  # numpy images are channels-last, as diffusers' numpy inputs
+                raise InputError(f"image arrays must be (H, W, 3) or (B, H, W, 3) in [0, 1], got {image.shape}")
+            t = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2)  # (B,H,W,3)->(B,3,H,W)
+            return _unit_images(t, "image array")
         return [load_image(frame) for frame in image]  # integer samples (uint8, 16-bit) scaled as image files are
     if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating) and image.ndim == 3:
         if image.shape[-1] == 3:
-            return as_images(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))  # (H,W,3)->(3,H,W)
+            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (H,W,3)->(1,3,H,W)
+            return _unit_images(t, "image array")
     return [load_image(image)]
+
+
+def _unit_images(t: torch.Tensor, name: str) -> list[torch.Tensor]:
+    """(B, 3, H, W) samples (floats in [0, 1], integers in 0..255) -> B x (3, H, W) float32 on the CPU."""
+    if t.shape[0] == 0:
+        raise InputError(f"{name} batch is empty")
+    if t.shape[-2] == 0 or t.shape[-1] == 0:  # as a PIL image of zero size is refused, not a resize's RuntimeError
+        raise InputError(f"{name} has zero size: {t.shape[-1]}x{t.shape[-2]}")
+    t = (t.float() if t.is_floating_point() else t.float() / 255.0).cpu()  # integer samples: 0..255
+    # Checked here, not left to garbage out: [0, 255] floats, [-1, 1] data or NaN would make a video of noise
+    check_unit_tensor(t, name)
+    return list(t.unbind(0))  # B x (3, H, W)
 
 
 def to_tensor(img: PIL.Image.Image | torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,8 @@ def weights_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype:
     if torch_dtype is None:
         return torch.float32
     dtype = getattr(torch, torch_dtype.removeprefix("torch."), None) if isinstance(torch_dtype, str) else torch_dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InputError(f"torch_dtype must be a floating-point dtype such as torch.float16, not {torch_dtype!r}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8: no kernels take it
+        raise InputError(f"torch_dtype must be torch.float16, bfloat16, float32 or float64, not {torch_dtype!r}")
     return dtype
 
 
@@ -60,6 +60,22 @@ class PipelineOutput:
     "pt", or the final (B, F, 4, H/8, W/8) latents for "latent"."""
 
     frames: Any
+
+    # As diffusers' BaseOutput, an ordered mapping of its one field: out[0], out["frames"], out.to_tuple()
+    def to_tuple(self) -> tuple[Any]:
+        return (self.frames,)
+
+    def keys(self) -> tuple[str]:
+        return ("frames",)
+
+    def values(self) -> tuple[Any]:
+        return self.to_tuple()
+
+    def items(self) -> tuple[tuple[str, Any]]:
+        return (("frames", self.frames),)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        return dict(self.items())[key] if isinstance(key, str) else self.to_tuple()[key]
 
 
 class Pipeline(DiffusersAttributes, RunModes):
@@ -201,7 +217,9 @@ class Pipeline(DiffusersAttributes, RunModes):
         batch = n_img * nv
         check_generators(generator, batch)
         device, dtype = self._device, self.dtype
-        cfg = max_guidance_scale > 1
+        # Guided when any frame's scale is over 1: with min > 1 >= max the first frames are (diffusers decides on
+        # max_guidance_scale alone, then guides per frame, and fails on that call)
+        cfg = max(min_guidance_scale, max_guidance_scale) > 1
         progress = self._progress(progress)
 
         # 1. CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (batch, 1, D)
@@ -257,6 +275,7 @@ class Pipeline(DiffusersAttributes, RunModes):
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {k: latents for k in names}) or {}  # names: only "latents"
                 latents = out.get("latents", latents)
+                g = self._callback_guidance(g)  # a callback may steer guidance, as diffusers' do
             progress("denoise", i + 1, n_steps)
 
         if output_type == "latent":

@@ -32,7 +32,13 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 7
 
 def custom_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """A user's schedule, used exactly as given (its last entry is the final sigma, usually 0), as float32."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten().float()
+    try:
+        s = torch.as_tensor(sigmas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"sigmas must be a sequence of numbers, got {sigmas!r}") from None
+    if s.ndim != 1:  # a (2, 2) nest was flattened into one schedule
+        raise ValueError(f"sigmas must be one-dimensional, got shape {tuple(s.shape)}")
+    s = s.float()
     if s.numel() < 2:
         raise ValueError("sigmas needs at least two values (a start and a final sigma)")
     if not torch.isfinite(s).all() or (s[:-1] <= 0).any() or (s[-1] < 0):

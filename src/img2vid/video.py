@@ -256,6 +256,11 @@ def _is_frame_folder(folder: Path) -> bool:
     return all(p.name == FOLDER_META or (p.name.startswith("frame_") and p.suffix == ".png") for p in folder.iterdir())
 
 
+def holds_frames(folder: Path) -> bool:
+    """Whether `folder` is a non-empty folder of frames this module wrote: a video's output, not a place for videos."""
+    return folder.is_dir() and any(folder.glob("frame_*.png")) and _is_frame_folder(folder)
+
+
 def _replace_folder(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.replace(tmp, final)
