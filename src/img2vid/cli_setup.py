@@ -73,9 +73,11 @@ def output_paths(
         paths = [Path(str(out).replace("{stem}", stem(s)).replace("{seed}", str(seed))) for s, seed in jobs]
         paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
     if len(set(paths)) < len(paths):
-        stems = [stem(s) for s in sources]
-        if len(set(stems)) < len(stems):  # no pattern tells a/x.png from b/x.png apart
-            twins = [s for s in sources if stems.count(stem(s)) > 1]
+        by_stem: dict[str, set[str]] = {}
+        for s in sources:
+            by_stem.setdefault(stem(s), set()).add(s)
+        twins = next((sorted(group) for group in by_stem.values() if len(group) > 1), None)
+        if twins:  # no pattern tells a/x.png from b/x.png apart
             raise InputError(
                 f"images with the same name would write the same video ({', '.join(twins[:2])}); "
                 "rename them or run them separately"
