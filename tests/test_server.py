@@ -713,3 +713,22 @@ def test_a_bad_request_line_gets_a_status_line(address, line):
     reply = raw(address, line + b"\r\n\r\n")
     assert re.match(rb"HTTP/1\.0 (400|505) ", reply), reply
     assert reply.split(b"\r\n\r\n", 1)[1].count(b"\n") == 1
+
+
+def test_exotic_formats_and_bad_exif_are_400_and_a_large_image_says_so(address, png, monkeypatch):
+    """Formats outside UPLOAD_FORMATS are refused before decoding (Pillow's ICO decodes its PNG while opening, DDS
+    raised NotImplementedError: a 500), a bad EXIF block is the caller's input (SyntaxError: a 500), and the size
+    limit's message is its own, not "truncated or corrupt"."""
+    ico = io.BytesIO()
+    make_image(32, 32).save(ico, format="ICO")
+    status, _, text = post(address, ico.getvalue())
+    assert status == 400 and b"not an image in a format this server takes" in text, text
+    bad_exif = io.BytesIO()
+    make_image(64, 64).save(bad_exif, format="PNG", exif=b"Exif\0\0XX\0\0\0\0\0\0")
+    status, _, text = post(address, bad_exif.getvalue())
+    assert status == 400 and b"truncated or corrupt" in text, text
+    monkeypatch.setattr(server_module, "MAX_INPUT_PIXELS", 100 * 100)
+    big = io.BytesIO()
+    make_image(101, 100).save(big, format="PNG")
+    status, _, text = post(address, big.getvalue())
+    assert status == 400 and text.startswith(b"the uploaded image is 101x100: over the limit"), text

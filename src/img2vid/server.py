@@ -188,25 +188,39 @@ class Server(ThreadingHTTPServer):
                 self._turn.notify_all()
 
 
+# What uploads may be: common still-image formats whose header gives the size before any decoding (Pillow's ICO
+# decodes its embedded PNG while opening, past MAX_INPUT_PIXELS; DDS, BLP and the like fail with errors of their own)
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG opens MPO (phone) files too
+
+
 def _decode_image(data: bytes) -> PIL.Image.Image:
     """Upload bytes -> RGB image; Pillow is lazy, so `.load()` is what surfaces truncated data."""
     if not data:
         raise InputError("no image: send the image file as the request body")
     try:
-        image = PIL.Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_INPUT_PIXELS:
-            raise InputError(
-                f"the uploaded image is {width}x{height}: over the limit of {MAX_INPUT_PIXELS} pixels; scale it down"
-            )
+        image = PIL.Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    except MemoryError:
+        raise
+    except PIL.UnidentifiedImageError:
+        raise InputError(
+            "the uploaded file is not an image in a format this server takes (PNG, JPEG, WebP, GIF, BMP or TIFF)"
+        ) from None
+    except Exception as e:  # a malformed header: Pillow's plugins raise many kinds (struct.error, SyntaxError, ...)
+        raise InputError(f"the uploaded image is truncated or corrupt: {type(e).__name__}: {e}") from None
+    width, height = image.size
+    if width * height > MAX_INPUT_PIXELS:
+        raise InputError(
+            f"the uploaded image is {width}x{height}: over the limit of {MAX_INPUT_PIXELS} pixels; scale it down"
+        )
+    try:
         image.load()
+        return load_image(image)  # EXIF rotation, alpha on white, 16-bit scaling: as for files
+    except (InputError, MemoryError):
+        raise
     except PIL.Image.DecompressionBombError as e:
         raise InputError(f"the uploaded image is too large to decode safely: {e}") from None
-    except PIL.UnidentifiedImageError:
-        raise InputError("the uploaded file is not an image (or not a format Pillow can read)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"the uploaded image is truncated or corrupt: {e}") from None
-    return load_image(image)  # EXIF rotation, alpha on white, 16-bit scaling: as for files
+    except Exception as e:  # truncated data or a bad EXIF block, whatever the plugin raises: the caller's input
+        raise InputError(f"the uploaded image is truncated or corrupt: {type(e).__name__}: {e}") from None
 
 
 def parse_params(query: str) -> dict[str, Any]:
