@@ -732,3 +732,13 @@ def test_exotic_formats_and_bad_exif_are_400_and_a_large_image_says_so(address, 
     make_image(101, 100).save(big, format="PNG")
     status, _, text = post(address, big.getvalue())
     assert status == 400 and text.startswith(b"the uploaded image is 101x100: over the limit"), text
+
+
+def test_a_large_post_to_another_path_still_reads_its_answer(address):
+    """A 4 MB body POSTed to /health or an unknown path: the 405 / 404 reaches Python's http.client (the unread
+    body used to reset the connection, a BrokenPipeError on the client's side)."""
+    for path, code in (("/health", 405), ("/nope", 404)):
+        conn = http.client.HTTPConnection(*address, timeout=30)
+        conn.request("POST", path, b"\0" * 4_000_000)
+        assert conn.getresponse().status == code
+        conn.close()

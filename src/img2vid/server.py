@@ -391,11 +391,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
-        if url.path in ("/", "/index.html", "/health", "/progress"):
-            self._error(405, f"{url.path} takes GET (POST /generate)", {"Allow": "GET, HEAD"})
-            return
         if url.path != "/generate":
-            self._error(404, f"not found: {url.path} (POST /generate)")
+            # The body is read and dropped first (as a 413's): closing on unread data reset the connection, and
+            # clients still sending saw a broken pipe instead of the answer
+            self.close_connection = True
+            self._discard(self._content_length() or 0)
+            if url.path in ("/", "/index.html", "/health", "/progress"):
+                self._error(405, f"{url.path} takes GET (POST /generate)", {"Allow": "GET, HEAD"})
+            else:
+                self._error(404, f"not found: {url.path} (POST /generate)")
             return
         length = self._content_length()
         if length is None:
