@@ -365,7 +365,11 @@ def shard_files(folder: Path, component: str, variant: str | None = None) -> lis
     """One component's sharded weights in one variant: the index (either name) and the shards it would name."""
     sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
     indexes = dict.fromkeys([sub / f"{stem}.safetensors.index{v}.json", sub / f"{stem}{v}.safetensors.index.json"])
-    shards = [p for p in sub.glob(f"{stem}{v}-*-of-*.safetensors") if _SHARD.fullmatch(p.name[len(stem + v) : -12])]
+    shards = [
+        p
+        for p in sub.glob(f"{stem}{v}-*-of-*.safetensors")
+        if _SHARD.fullmatch(p.name.removeprefix(stem + v).removesuffix(".safetensors"))
+    ]
     return [p for p in indexes if p.is_file()] + sorted(shards)
 
 

@@ -31,6 +31,7 @@ from img2vid.cli_setup import (
     video_size,
 )
 from img2vid.cli_tools import cmd_convert, cmd_info, cmd_selftest, sample_video
+from img2vid.configs import FLOAT16_MAX
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -48,9 +49,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other error of ours, instead of argparse's usage block.
         self.exit(2, f"img2vid: error: {message} (see `{self.prog} --help`)\n")
-
-
-MAX_GUIDANCE = 65504.0  # float16's largest value
 
 
 def _number(kind: type, lo: float, hi: float | None = None) -> Callable[[str], Any]:
@@ -109,7 +107,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--motion-bucket-id", type=_number(int, 0, 1023), help="more = more motion (default 127)")
     g.add_argument("--noise-aug-strength", type=_number(float, 0, 10), default=0.02, help="default %(default)s")
     # float16's range bounds the scales (the pipeline refuses more, but only once a server request has its turn)
-    guidance = _number(float, 0, MAX_GUIDANCE)
+    guidance = _number(float, 0, FLOAT16_MAX)
     g.add_argument("--min-guidance", type=guidance, default=1.0, help="first frame's CFG (default 1.0)")
     g.add_argument("--max-guidance", type=guidance, default=3.0, help="last frame's CFG (default 3.0)")
     g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), help="random seed (default: random, printed and stored)")

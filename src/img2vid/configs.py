@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# float16's largest value: the bound of the call's real-valued knobs (inputs.check_conditioning, the CLI's and the
+# server's guidance scales), which a float16 model could not hold beyond it
+FLOAT16_MAX = 65504.0
+
 
 @dataclass(frozen=True)
 class UNetConfig:

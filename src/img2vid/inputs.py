@@ -15,13 +15,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from img2vid.configs import PipelineConfig
+from img2vid.configs import FLOAT16_MAX, PipelineConfig
 from img2vid.images import InputError, check_unit_tensor, load_image
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 Generator = torch.Generator | list[torch.Generator] | None
 ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
-FLOAT16_MAX = 65504.0
 
 
 def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse: int, output_type: str) -> None:
@@ -121,11 +120,9 @@ class DiffusersAttributes:
         self._do_classifier_free_guidance, self._num_timesteps = guided, steps
 
     def _callback_guidance(self, g: torch.Tensor) -> torch.Tensor:
-        """The per-frame guidance after a step-end callback: diffusers' callbacks steer it by assigning
-        pipe._guidance_scale (a number, or a tensor that broadcasts to (videos, F, 1, 1, 1)); else `g` as it was."""
+        """The per-frame guidance once a step-end callback has assigned pipe._guidance_scale (diffusers' callbacks
+        steer guidance so): a number, or a tensor that broadcasts to (videos, F, 1, 1, 1), in `g`'s dtype and place."""
         value = self._guidance_scale
-        if isinstance(value, torch.Tensor) and value.data_ptr() == g.data_ptr() and value.shape[1:] == g.shape[1:]:
-            return g  # untouched (the expanded view of g itself)
         try:
             new = torch.as_tensor(value).to(g.device, g.dtype)
             torch.broadcast_shapes(new.shape, self._guidance_scale_shape)

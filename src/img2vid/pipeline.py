@@ -126,12 +126,11 @@ class Pipeline(DiffusersAttributes, RunModes):
         allow_pickle: bool = False,
     ) -> Pipeline:
         """A diffusers-format folder or hub id (through huggingface_hub's cache), or a single checkpoint file."""
-        available_device(device), weights_dtype(torch_dtype)  # before any download or read
+        dev, dtype = available_device(device), weights_dtype(torch_dtype)  # before any download or read
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
-            return cls.from_single_file(path, torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+            return cls.from_single_file(path, torch_dtype=dtype, device=dev, allow_pickle=allow_pickle)
         folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only)
-        dtype, dev = weights_dtype(torch_dtype), torch.device(device)
         config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle)
         return cls.from_state_dicts(config, sds, device)
 
@@ -263,6 +262,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         self._stage("unet")
         timesteps = sampling.c_noise(sig[:-1])
         reuse, delta = guidance_reuse if cfg else 1, None  # without guidance there is no half to skip
+        steered = self._guidance_scale  # what a callback replaces to steer guidance (see below)
         for i in range(n_steps):
             t = timesteps[i]
             step = (self.unet, latents, image_latents, emb, time_ids, g, sig[i], sig[i + 1], t)
@@ -275,7 +275,9 @@ class Pipeline(DiffusersAttributes, RunModes):
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, i, t, {k: latents for k in names}) or {}  # names: only "latents"
                 latents = out.get("latents", latents)
-                g = self._callback_guidance(g)  # a callback may steer guidance, as diffusers' do
+                if self._guidance_scale is not steered:  # a callback steered guidance, as diffusers' may
+                    g = self._callback_guidance(g)
+                    steered = self._guidance_scale
             progress("denoise", i + 1, n_steps)
 
         if output_type == "latent":

@@ -48,7 +48,8 @@ from urllib.parse import parse_qs, urlsplit
 import PIL.Image
 
 from img2vid import __version__
-from img2vid.cli import MAX_GUIDANCE, MAX_SIDE, _number
+from img2vid.cli import MAX_SIDE, _number
+from img2vid.configs import FLOAT16_MAX
 from img2vid.images import SIZE_MODES, InputError, frame_size, load_image, video_input
 
 __all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "FORMATS", "make_server", "serve"]
@@ -76,8 +77,8 @@ PARAMS: dict[str, Callable[[str], Any]] = {
     "fps": _number(int, 1, 240),
     "motion_bucket_id": _number(int, 0, 1023),
     "noise_aug_strength": _number(float, 0, 10),
-    "min_guidance": _number(float, 0, MAX_GUIDANCE),
-    "max_guidance": _number(float, 0, MAX_GUIDANCE),
+    "min_guidance": _number(float, 0, FLOAT16_MAX),
+    "max_guidance": _number(float, 0, FLOAT16_MAX),
     "seed": _number(int, 0, 2**63 - 1),
     "guidance_reuse": _number(int, 1, 1000),  # APPROXIMATE when > 1 (Pipeline.__call__'s guidance_reuse)
 }
@@ -130,16 +131,15 @@ class Server(ThreadingHTTPServer):
         self._turn = threading.Condition()
         self._queue: collections.deque[object] = collections.deque()
         self._running = False
-        # What /progress reports. The generating thread replaces `_state` whole, never edits it, and both fields
-        # change under `_state_lock`, so a reader always sees one report and the waiting count of that moment.
+        # What /progress reports. The generating thread replaces `_state` whole, never edits it, and it and the
+        # queue change under `_state_lock`, so a reader always sees one report and the waiting count of that moment.
         self._state_lock = threading.Lock()
         self._state: dict[str, Any] = IDLE
-        self._waiting = 0
 
     def progress(self) -> dict[str, Any]:
         """/progress's JSON object (module docstring)."""
         with self._state_lock:
-            return {**self._state, "waiting": self._waiting}
+            return {**self._state, "waiting": len(self._queue)}
 
     def run_generation(
         self,
@@ -162,21 +162,18 @@ class Server(ThreadingHTTPServer):
 
         token = object()
         with self._turn:
-            self._queue.append(token)
-            with self._state_lock:
-                self._waiting += 1
+            with self._state_lock:  # the queue changes under both locks: /progress counts it under the second
+                self._queue.append(token)
             while self._running or self._queue[0] is not token:
                 self._turn.wait(LOCK_POLL_S)
                 if gone():
-                    self._queue.remove(token)
                     with self._state_lock:
-                        self._waiting -= 1
+                        self._queue.remove(token)
                     self._turn.notify_all()  # the next in line may be first now
                     raise ClientGone("client left while queued")
-            self._queue.popleft()
             self._running = True
             with self._state_lock:  # one change: a reader never sees the turn taken and the server idle
-                self._waiting -= 1
+                self._queue.popleft()
                 self._state = {"busy": True, "job": job}
         try:
             return generate(self.pipe, image, params, self.model, report)
