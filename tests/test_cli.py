@@ -403,6 +403,7 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "width-huge": ("--width 100000", "argument --width: 100000 is out of range 1..16384"),  # not an OverflowError
     "seed-negative": ("--seed -1", "--seed"),
     "crf": ("--crf 99", "--crf"),
+    "crf-over-x264": ("--crf 52", "crf for mp4 must be an integer in 0..51"),  # x264 would cap it silently
     "format-unknown": ("--format avi", "--format"),
     "format-mismatch": ("--format gif", "does not match"),
     "resize-unknown": ("--resize zoom", "--resize"),
@@ -650,3 +651,48 @@ def test_conflicting_and_ambiguous_requests_are_refused(models, images, tmp_path
     (busy / "a.png").write_bytes(b"x")
     assert main(["convert", str(models["single_file"]), str(busy)]) == 2
     assert "holds other files" in capsys.readouterr().err and sorted(p.name for p in busy.iterdir()) == ["a.png"]
+
+
+def test_patterns_may_name_folders(models, images, tmp_path, capsys):
+    """{stem} / {seed} in folder names: each video in a folder of its own, created by the export."""
+    two = [images["landscape"], images["second"]]
+    (tmp_path / "out").mkdir()  # the folder above the first placeholder must exist: a typo creates no tree
+    rc, _, err = generate(capsys, two, f"{tmp_path}/out/{{stem}}/", models["folder"])
+    assert rc == 0, err
+    assert (tmp_path / "out/landscape/landscape.mp4").is_file() and (tmp_path / "out/second/second.mp4").is_file()
+    rc, _, err = generate(
+        capsys, images["landscape"], f"{tmp_path}/out/{{seed}}/clip.gif", models["folder"], "-n 2 --seed 5"
+    )
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["5", "6", "landscape", "second"]
+    assert (tmp_path / "out/6/clip.gif").is_file()
+    (tmp_path / "blocked").write_text("a file where a folder would go")
+    rc, _, err = generate(capsys, two, f"{tmp_path}/blocked/{{stem}}.mp4", models["folder"])
+    assert rc == 2 and "blocked is a file" in err, err
+    (tmp_path / "out" / "portrait").write_text("a file where a folder would go")
+    rc, _, err = generate(capsys, images["portrait"], f"{tmp_path}/out/{{stem}}/clip.mp4", models["folder"])
+    assert rc == 2 and "portrait is a file, not a folder" in err, err
+    rc, _, err = generate(capsys, two, f"{tmp_path}/no-such/{{stem}}/", models["folder"])
+    assert rc == 2 and "no-such does not exist" in err, err
+
+
+def test_empty_output_variant_of_a_single_file_and_late_write_failures(models, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = generate(capsys, images["landscape"], "", models["folder"])
+    assert rc == 2 and "-o is empty" in err and list(tmp_path.iterdir()) == [], err
+    rc, _, err = generate(capsys, images["landscape"], tmp_path / "a.mp4", models["single_file"], "--variant fp16")
+    assert rc == 2 and "--variant fp16 picks files of a model folder or hub repo" in err, err
+
+    import img2vid.video
+
+    def disk_full(frames, path, *args):  # the encoder fails half-way through the hidden temp file
+        Path(path).write_bytes(b"half a video")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(img2vid.video, "_write_av", disk_full)
+    out = tmp_path / "late" / "clip.mp4"
+    out.parent.mkdir()
+    rc, _, err = generate(capsys, images["landscape"], out, models["folder"])
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and f"cannot write {out}: No space left on device" in lines[0], err
+    assert ".tmp" not in err and list(out.parent.iterdir()) == []

@@ -211,6 +211,12 @@ def test_crf_controls_quality(tmp_path: Path) -> None:
     assert errors[0] < errors[1]
 
 
+def test_vp9_takes_crf_up_to_63(tmp_path: Path) -> None:
+    frames = _frames()
+    decoded, _ = read_video(export_video(frames, tmp_path / "q63.webm", fps=7, crf=63))
+    assert decoded.shape == frames.shape
+
+
 def test_export_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown video format"):
         export_video(_frames(), tmp_path / "a.avi", fps=7)
@@ -220,6 +226,10 @@ def test_export_errors(tmp_path: Path) -> None:
         export_video(_frames(), tmp_path / "a.mp4", fps=0)
     with pytest.raises(InputError, match="crf"):
         export_video(_frames(), tmp_path / "a.mp4", fps=7, crf=99)
+    with pytest.raises(InputError, match=r"crf for mp4 must be an integer in 0\.\.51, got 52"):
+        export_video(_frames(), tmp_path / "a.mp4", fps=7, crf=52)  # 8-bit x264 would cap it at 51 silently
+    with pytest.raises(InputError, match="crf for webm"):
+        export_video(_frames(), tmp_path / "a.webm", fps=7, crf=True)
     (tmp_path / "d.mp4").mkdir()
     with pytest.raises(InputError, match="is a directory"):
         export_video(_frames(), tmp_path / "d.mp4", fps=7)

@@ -279,8 +279,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     if seed + args.videos - 1 > 2**63 - 1:
         raise InputError(f"--seed {seed} with --videos {args.videos} runs past the largest seed, 2**63 - 1")
-    jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)))
+    jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)), args.crf)
     kind, multiple = model_source(args.model)
+    if kind == "file" and args.variant not in (None, "none"):  # it would be ignored, yet recorded in the sidecar
+        raise InputError(f"--variant {args.variant} picks files of a model folder or hub repo, not of one file")
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
     images = {s: load_image(s) for s in sources}  # unreadable images fail now, not after a long model load

@@ -43,19 +43,23 @@ def stem(source: str) -> str:
 
 
 def output_paths(
-    sources: list[str], output: str, fmt: str | None, seeds: list[int]
+    sources: list[str], output: str, fmt: str | None, seeds: list[int], crf: int | None = None
 ) -> tuple[list[tuple[str, int, Path]], str]:
     """(source, seed, output path) of every video, each source's seeds in turn, and the format. Several videos need a
-    folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}."""
+    folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}; a pattern
+    may name folders too (out/{stem}/ or out/{stem}/{seed}.mp4), which the export creates."""
     from img2vid.images import InputError
-    from img2vid.video import holds_frames
+    from img2vid.video import check_crf, check_output, holds_frames
 
+    if not output:
+        raise InputError("-o is empty; give a file, a folder or a pattern such as {stem}.mp4")
     out = Path(output).expanduser()
     # An earlier PNG-frames video at -o is replaced by this one, not taken for a folder to put videos in
     frames_again = (fmt == "png" or out.suffix.lower() == ".png") and holds_frames(out)
     as_folder = (out.is_dir() and not frames_again) or output.endswith(("/", os.sep))
+    pattern = "{stem}" in output or "{seed}" in output
     jobs = [(s, seed) for s in sources for seed in seeds]
-    if not as_folder and len(jobs) > 1 and "{stem}" not in output and "{seed}" not in output:
+    if not as_folder and len(jobs) > 1 and not pattern:
         what = f"{len(sources)} images" if len(seeds) == 1 else f"{len(jobs)} videos"
         raise InputError(f"{what} need -o to be a folder or a pattern containing {{stem}} or {{seed}}, not {output}")
     if not as_folder:
@@ -66,11 +70,16 @@ def output_paths(
             raise InputError(f"--format {fmt} does not match the extension of {output}")
         fmt = fmt or suffix or "mp4"
     fmt = fmt or "mp4"
+    check_crf(crf, fmt)
     ext = "" if fmt == "png" else f".{fmt}"  # png = a folder of frames
+
+    def fill(s: str, seed: int) -> Path:
+        return Path(str(out).replace("{stem}", stem(s)).replace("{seed}", str(seed)))
+
     if as_folder:
-        paths = [out / f"{stem(s)}{f'-{seed}' if len(seeds) > 1 else ''}{ext}" for s, seed in jobs]
+        paths = [fill(s, seed) / f"{stem(s)}{f'-{seed}' if len(seeds) > 1 else ''}{ext}" for s, seed in jobs]
     else:
-        paths = [Path(str(out).replace("{stem}", stem(s)).replace("{seed}", str(seed))) for s, seed in jobs]
+        paths = [fill(s, seed) for s, seed in jobs]
         paths = [p if p.suffix.lower().lstrip(".") in FORMATS else p.with_name(p.name + ext) for p in paths]
     if len(set(paths)) < len(paths):
         by_stem: dict[str, set[str]] = {}
@@ -84,14 +93,23 @@ def output_paths(
             )
         need = "{stem}" if len(seeds) == 1 else "{stem} and {seed}" if len(sources) > 1 else "{seed}"
         raise InputError(f"several videos would write the same file; use a pattern with {need} (got {output})")
-    # a folder given with a trailing slash is created (by the export) if its own parent exists
-    for folder in {out if out.is_dir() else out.parent} if as_folder else {p.parent for p in paths}:
+    # The folder that must exist already: the one above the first placeholder of a pattern, that of a folder given
+    # with a trailing slash (which the export creates), or the video's own. Folders below it are created.
+    if pattern:
+        first = next(i for i, part in enumerate(out.parts) if "{stem}" in part or "{seed}" in part)
+        bases = {Path(*out.parts[:first]) if first else Path(".")}
+    else:
+        bases = {out if out.is_dir() else out.parent} if as_folder else {p.parent for p in paths}
+    for folder in bases:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise InputError(f"output folder {folder} {'is not writable' if folder.is_dir() else 'does not exist'}")
+            why = "is not writable" if folder.is_dir() else "is a file" if folder.exists() else "does not exist"
+            raise InputError(f"output folder {folder} {why}")
+    for path in paths:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise InputError(f"cannot write {path}: {blocker} is a file, not a folder")
     if fmt != "png" and any(p.is_dir() for p in paths):
         raise InputError(f"output {next(p for p in paths if p.is_dir())} is a folder; give a file name")
-    from img2vid.video import check_output
-
     for path in paths:  # what export_video would refuse (a file where PNG frames go, ...), before the model loads
         check_output(path, fmt)
     return [(s, seed, path) for (s, seed), path in zip(jobs, paths, strict=True)], fmt

@@ -44,6 +44,7 @@ __all__ = [
     "apply_loop",
     "check_output",
     "check_frame_size",
+    "check_crf",
     "export_video",
     "read_video",
     "read_metadata",
@@ -54,6 +55,8 @@ LOOP_MODES = ("none", "loop", "pingpong")
 DEFAULT_CRF = 18  # x264/VP9 constant quality: 18 is visually lossless for x264, lower = bigger and better
 WEBP_QUALITY = 90
 _CODECS = {"mp4": "libx264", "webm": "libvpx-vp9"}
+# The largest crf each encoder takes: 8-bit x264 stops at 51 (it would cap 52..63 silently), VP9 at 63.
+MAX_CRF = {"mp4": 51, "webm": 63}
 _BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709 share the value 1 in ffmpeg's enums
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("tv" range, what players expect from yuv420p)
 # The largest width or height each format's encoder takes (x264 and WebP refuse more; GIF stores 16-bit sizes,
@@ -301,6 +304,25 @@ def check_frame_size(width: int, height: int, fmt: str) -> None:
         raise InputError(f"{width}x{height} frames are too large for {fmt}: at most {limit} pixels a side")
 
 
+def check_crf(crf: int | None, fmt: str) -> None:
+    """A one-line InputError if `crf` is not a quality `fmt`'s encoder takes (None: the default; gif/webp/png
+    ignore crf, so any integer 0..63 passes for them)."""
+    top = MAX_CRF.get(fmt, 63)
+    if crf is not None and not (isinstance(crf, (int, np.integer)) and not isinstance(crf, bool) and 0 <= crf <= top):
+        raise InputError(f"crf for {fmt} must be an integer in 0..{top}, got {crf!r}")
+
+
+@contextlib.contextmanager
+def _named_failures(final: Path) -> Iterator[None]:
+    """An OSError while writing (a full disk, a folder gone) names the video the user asked for, not the hidden
+    temp file that was being written."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        raise OSError(e.errno, f"cannot write {final}: {reason}") from e
+
+
 def export_video(
     frames: Sequence | np.ndarray | torch.Tensor,
     path: str | os.PathLike,
@@ -322,8 +344,7 @@ def export_video(
     rate = _fps_fraction(fps)
     pixels = apply_loop(to_uint8_frames(frames), loop)
     comment = _metadata_json(metadata)
-    if crf is not None and not (isinstance(crf, (int, np.integer)) and 0 <= crf <= 63):
-        raise InputError(f"crf must be an integer in 0..63, got {crf!r}")
+    check_crf(crf, fmt)
     check_frame_size(pixels.shape[2], pixels.shape[1], fmt)
     final.parent.mkdir(parents=True, exist_ok=True)
     check_output(final, fmt)
@@ -331,14 +352,15 @@ def export_video(
         tmp = _temp_name(final, ".tmp")
         tmp.mkdir()
         try:
-            _write_png_folder(pixels, tmp, rate, comment)
-            _replace_folder(tmp, final)
+            with _named_failures(final):
+                _write_png_folder(pixels, tmp, rate, comment)
+                _replace_folder(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
     sidecar = final.with_name(final.name + ".json")
-    with _staged_file(final) as tmp_video:
+    with _named_failures(final), _staged_file(final) as tmp_video:
         if fmt in _CODECS:
             _write_av(pixels, tmp_video, fmt, rate, DEFAULT_CRF if crf is None else crf, bitrate, comment)
         else:
