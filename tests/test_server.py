@@ -105,7 +105,12 @@ def test_page_has_the_form(address):
         assert f'id="{field}"' in page
     assert "fetch(" in page and "/generate" in page and "<option>gif</option>" in page
     # polls /progress while generating, naming its request so it can tell its own progress from a queue
-    assert 'fetch("/progress"' in page and "setInterval(" in page and "clearInterval(timer)" in page
+    assert (
+        'fetch("/progress?job=" + job' in page
+        and "p.ahead" in page
+        and "setInterval(" in page
+        and "clearInterval(timer)" in page
+    )
     assert '"X-Img2vid-Job": job' in page
     # Stop aborts the request, which closes the connection: the server then stops the generation (tests below)
     assert 'id="stop"' in page and "new AbortController()" in page and "signal: abort.signal" in page
@@ -517,6 +522,21 @@ def test_peer_closed_sees_the_end_of_stream_only():
     assert server_module.peer_closed(a)  # our own side closed: nothing to answer either
 
 
+@pytest.mark.skipif(not hasattr(server_module.select, "POLLRDHUP"), reason="Linux's POLLRDHUP only")
+def test_peer_closed_behind_unread_bytes():
+    """A client that sent bytes past its body, then left: the close behind the unread bytes is seen (a peek at the
+    first byte saw data forever, and the generation ran to its end for nobody)."""
+    a, b = socket.socketpair()
+    try:
+        b.sendall(b"trailing garbage")
+        assert not server_module.peer_closed(a)
+        b.close()
+        assert server_module.peer_closed(a)
+        assert a.recv(64) == b"trailing garbage"  # still left in place
+    finally:
+        a.close()
+
+
 def test_peer_closed_on_a_descriptor_past_select_s_limit():
     """A server with over 1024 open files gets sockets select.select refuses: an open client is not gone."""
     import os
@@ -536,10 +556,11 @@ def test_peer_closed_on_a_descriptor_past_select_s_limit():
         a.close()
 
 
-def send_post(address, png: bytes, **params) -> socket.socket:
+def send_post(address, png: bytes, job: str | None = None, **params) -> socket.socket:
     sock = socket.create_connection(address, timeout=10)
     query = urlencode({**SMALL, **params})
-    sock.sendall(f"POST /generate?{query} HTTP/1.1\r\nContent-Length: {len(png)}\r\n\r\n".encode() + png)
+    head = f"POST /generate?{query} HTTP/1.1\r\nContent-Length: {len(png)}\r\n"
+    sock.sendall((head + (f"X-Img2vid-Job: {job}\r\n" if job else "") + "\r\n").encode() + png)
     return sock
 
 
@@ -583,6 +604,20 @@ def test_a_client_that_leaves_stops_its_generation(address, png, monkeypatch, ca
     assert "Traceback" not in capsys.readouterr().err
     monkeypatch.undo()
     assert post(address, png, seed=1)[0] == 200  # the lock was released
+
+
+@pytest.mark.skipif(not hasattr(server_module.select, "POLLRDHUP"), reason="Linux's POLLRDHUP only")
+def test_a_client_that_sent_extra_bytes_and_left_stops_its_generation(address, png, monkeypatch):
+    reached, release, stopped = hold_after_first_step(monkeypatch)
+    sock = send_post(address, png, seed=1, steps=6)
+    try:
+        assert reached.wait(30)
+        sock.sendall(b"bytes past the Content-Length")
+        sock.close()
+    finally:
+        release.set()
+    poll_until(address, lambda p: not p["busy"])
+    assert stopped == [("denoise", 2)]
 
 
 def test_a_queued_client_that_leaves_never_runs(address, png, monkeypatch):
@@ -679,8 +714,13 @@ def test_queued_requests_run_in_arrival_order(address, png, monkeypatch):
     try:
         assert reached.wait(30)
         for k in range(1, 5):  # each queued before the next is sent
-            socks.append(send_post(address, png, seed=100 + k))
+            socks.append(send_post(address, png, seed=100 + k, job=f"j{k}"))
             poll_until(address, lambda p, k=k: p["waiting"] == k)
+        # each request's place in the line: those queued before it, not the total (the page's "waiting for N")
+        for k in range(1, 5):
+            status, _, body = request(address, "GET", f"/progress?job=j{k}")
+            assert status == 200 and json.loads(body)["ahead"] == k - 1, body
+        assert "ahead" not in json.loads(request(address, "GET", "/progress?job=nobody")[2])
     finally:
         release.set()
         first.join(timeout=60)
@@ -742,3 +782,12 @@ def test_a_large_post_to_another_path_still_reads_its_answer(address):
         conn.request("POST", path, b"\0" * 4_000_000)
         assert conn.getresponse().status == code
         conn.close()
+
+
+def test_raw_utf8_in_the_query_and_path_is_echoed_as_sent(address, png):
+    query = "format=gïf&" + urlencode(SMALL)
+    head = f"POST /generate?{query} HTTP/1.0\r\nContent-Length: {len(png)}\r\n\r\n".encode()
+    reply = raw(address, head + png)
+    assert reply.startswith(b"HTTP/1.0 400") and "got 'gïf'".encode() in reply, reply
+    reply = raw(address, "GET /vidéo HTTP/1.0\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.0 404") and "not found: /vidéo ".encode() in reply, reply

@@ -9,13 +9,17 @@ page, /health) stay responsive meanwhile. Errors are one line of plain text: 400
 oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 500 for our own failures (the
 traceback goes to the server's stderr, never to the client). A client that disconnects stops its generation at the
 next step or decode chunk (or never starts it, if it was still queued), so a closed browser tab does not keep the
-GPU and the queue busy. (A client that half-closes, shutting its sending side after the body, looks the same to
-TCP and is treated as gone; browsers, curl and Python's clients do not.)
+GPU and the queue busy; so does one that sent bytes past its body before closing. (A client that half-closes,
+shutting its sending side after the body, looks the same to TCP and is treated as gone; browsers, curl and Python's
+clients do not.) Raw UTF-8 in the query and in headers is read as UTF-8 (http.server reads it as Latin-1), so the
+errors that echo it show what was sent.
 
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
 `{"busy": true, "job": "k3x9", "stage": "denoise", "done": 12, "total": 25, "segment": 2, "segments": 3, "waiting": 1}`
 - waiting: requests (past their input checks) waiting for their turn, behind the running one.
+- ahead: with `/progress?job=TOKEN` while that request waits, how many of the waiting ones came before it (the
+  running one not counted); absent otherwise. The page shows it as its place in the line.
 - job: the running request's `X-Img2vid-Job` header (any short token the client picks; null without one), so a
   client can tell its own generation from one it is queued behind.
 - stage, done, total: "denoise" finished steps/steps (0 from the segment's start), then "decode" chunks, per
@@ -96,17 +100,27 @@ class ClientGone(Exception):
 def peer_closed(sock: socket.socket) -> bool:
     """True once the peer has closed or reset the connection. The request body has been read in full by then, so a
     readable socket with nothing to read is the peer's end of stream; bytes waiting (a pipelined next request) are
-    left in place for the handler."""
+    left in place for the handler. Linux reports the peer's close behind such bytes too (POLLRDHUP)."""
     try:
         if hasattr(select, "poll"):  # select.select refuses descriptors from 1024 on (a busy server has them)
             poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            readable = bool(poller.poll(0))
+            hangup = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+            poller.register(sock, select.POLLIN | hangup)
+            events = poller.poll(0)
+            if events and events[0][1] & hangup:
+                return True
+            readable = bool(events)
         else:  # Windows: no poll, and no such limit on its select
             readable = bool(select.select([sock], [], [], 0)[0])
         return readable and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):  # reset, or already closed on our side (fileno -1)
         return True
+
+
+def as_utf8(text: str) -> str:
+    """Text that http.server decoded as Latin-1 (the request line, headers), read as the UTF-8 it almost always is;
+    bytes that are not UTF-8 become U+FFFD."""
+    return text.encode("latin-1", "replace").decode("utf-8", "replace")
 
 
 @functools.cache
@@ -127,19 +141,21 @@ class Server(ThreadingHTTPServer):
         self.pipe, self.model, self.max_body, self.quiet = pipe, model, max_body, quiet
         self.decoders = threading.BoundedSemaphore(DECODERS)
         # One generation at a time, in arrival order: a plain lock lets any waiter in, and overtaken requests
-        # could wait forever. The queue holds a token per waiting request; the first runs when none is running.
+        # could wait forever. The queue holds a ticket per waiting request; the first runs when none is running.
         self._turn = threading.Condition()
-        self._queue: collections.deque[object] = collections.deque()
+        self._queue: collections.deque[_Ticket] = collections.deque()
         self._running = False
         # What /progress reports. The generating thread replaces `_state` whole, never edits it, and it and the
         # queue change under `_state_lock`, so a reader always sees one report and the waiting count of that moment.
         self._state_lock = threading.Lock()
         self._state: dict[str, Any] = IDLE
 
-    def progress(self) -> dict[str, Any]:
-        """/progress's JSON object (module docstring)."""
+    def progress(self, job: str | None = None) -> dict[str, Any]:
+        """/progress's JSON object (module docstring); job: a waiting request's token, whose place it adds."""
         with self._state_lock:
-            return {**self._state, "waiting": len(self._queue)}
+            report = {**self._state, "waiting": len(self._queue)}
+            ahead = next((i for i, ticket in enumerate(self._queue) if job and ticket.job == job), None)
+        return report if ahead is None else {**report, "ahead": ahead}
 
     def run_generation(
         self,
@@ -160,7 +176,7 @@ class Server(ThreadingHTTPServer):
             with self._state_lock:
                 self._state = state
 
-        token = object()
+        token = _Ticket(job)
         with self._turn:
             with self._state_lock:  # the queue changes under both locks: /progress counts it under the second
                 self._queue.append(token)
@@ -183,6 +199,15 @@ class Server(ThreadingHTTPServer):
                     self._state = IDLE
                 self._running = False
                 self._turn.notify_all()
+
+
+class _Ticket:
+    """A waiting request's place in the queue: compared by identity (two requests may share a job token)."""
+
+    __slots__ = ("job",)
+
+    def __init__(self, job: str | None) -> None:
+        self.job = job
 
 
 # What uploads may be: common still-image formats whose header gives the size before any decoding (Pillow's ICO
@@ -369,7 +394,8 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
+        url = urlsplit(as_utf8(self.path))
+        path = url.path
         if path in ("/", "/index.html"):
             self._send(200, page(), "text/html; charset=utf-8")
         elif path == "/health":
@@ -377,7 +403,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, body, "application/json")
         elif path == "/progress":
             # no-store: a cached answer would freeze the page's progress display
-            body = json.dumps(self.server.progress()).encode()
+            job = (parse_qs(url.query).get("job") or [""])[0].strip()[:64] or None  # as X-Img2vid-Job is cut
+            body = json.dumps(self.server.progress(job)).encode()
             self._send(200, body, "application/json", {"Cache-Control": "no-store"})
         elif path == "/generate":
             self._error(405, "/generate takes POST with the image as the body", {"Allow": "POST"})
@@ -387,7 +414,7 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
-        url = urlsplit(self.path)
+        url = urlsplit(as_utf8(self.path))
         if url.path != "/generate":
             # The body is read and dropped first (as a 413's): closing on unread data reset the connection, and
             # clients still sending saw a broken pipe instead of the answer
@@ -421,7 +448,7 @@ class Handler(BaseHTTPRequestHandler):
             with self.server.decoders:
                 image = _decode_image(data)
             check_request(self.server.pipe.config, image, params)  # size and segments too, before the lock
-            job = (self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: it is echoed to all
+            job = as_utf8(self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: echoed to all
             video, info = self.server.run_generation(image, params, job, lambda: peer_closed(self.connection))
         except ClientGone as e:  # nobody to answer: no response, no traceback
             self.close_connection = True
