@@ -414,7 +414,10 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
     "device-meta": ("--device meta", "unknown device 'meta'"),  # not blamed on the model's safetensors files
     "device-cpu-index": ("--device cpu:1", "unknown device 'cpu:1'"),
     "guidance-device-unknown": ("--guidance-device toaster", "unknown device 'toaster' for --guidance-device"),
-    "guidance-device-missing": ("--device cpu --guidance-device cuda:7", "no cuda:7: this machine has"),
+    "guidance-device-missing": (
+        "--device cpu --guidance-device cuda:7",
+        "guidance parallelism: device cuda:7 is not available",
+    ),
     "guidance-device-kind": ("--device cpu --guidance-device meta", "must be of the main device's kind"),
     "guidance-device-low-memory": (
         "--device cpu --guidance-device cpu --low-memory",

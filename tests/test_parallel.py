@@ -68,7 +68,9 @@ def test_guidance_parallel_refuses_what_it_cannot_run():
     with pytest.raises(InputError, match="must be of the main device's kind"):
         tiny().enable_guidance_parallel("meta")
     n = torch.cuda.device_count()
-    with pytest.raises(InputError, match=f"no cuda:{n}: this machine has {n} CUDA device"):
+    with pytest.raises(
+        InputError, match=f"guidance parallelism: device cuda:{n} is not available \\(CUDA GPUs found: {n}\\)"
+    ):
         tiny().enable_guidance_parallel(f"cuda:{n}")
 
 

@@ -42,13 +42,10 @@ def accelerator(gpu_id: int | None, device: str | torch.device | None) -> torch.
     if device is None and not torch.cuda.is_available():
         # No accelerator: offload degenerates to running on the CPU (kept so scripts written for GPUs still run).
         return torch.device("cpu")
-    try:
-        dev = torch.device(device) if device is not None else torch.device("cuda", gpu_id or 0)
-    except RuntimeError:  # "Invalid device string"
-        raise InputError(f"cannot offload to unknown device {device!r}") from None
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        raise InputError(f"cannot offload to {dev}: not available (CUDA GPUs found: {torch.cuda.device_count()})")
-    return dev
+    try:  # one check of every device a user names, one wording (available_device), here with its context
+        return available_device(device if device is not None else torch.device("cuda", gpu_id or 0))
+    except InputError as e:
+        raise InputError(f"cannot offload: {e}") from None
 
 
 def move_module(module: nn.Module, device: torch.device) -> None:

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from img2vid import compiled, sampling
+from img2vid.offload import available_device
 
 
 class GuidanceParallel:
@@ -253,8 +254,11 @@ def check_devices(main: torch.device, second: torch.device, offload: str | None)
 
     if offload is not None:
         raise offload_refused(offload)
-    if second.type == "cuda" and (second.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"no {second}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if second.type == "cuda":
+        try:
+            available_device(second)
+        except InputError as e:
+            raise InputError(f"guidance parallelism: {e}") from None
     if second.type not in ("cuda", "cpu") or second.type != main.type:
         raise InputError(f"the second device {second} must be of the main device's kind ({main})")
     if second.type == "cuda" and (second.index or 0) == (main.index or 0):  # allowed on the CPU: a test of the wiring
