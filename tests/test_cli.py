@@ -365,6 +365,19 @@ def test_info_and_convert(models, tmp_path, capsys):
     converted_pipe = Pipeline.from_pretrained(converted, variant="fp16", torch_dtype=torch.float16)
     assert converted_pipe.dtype == torch.float16
 
+    # --variant picks which of a folder's files are described; a single file has no variants to pick
+    both = tmp_path / "both"
+    shutil.copytree(models["folder"], both)
+    for c in ("unet", "vae", "image_encoder"):
+        shutil.copy(next((converted / c).glob("*.fp16.safetensors")), both / c)
+    assert main(["info", str(both), "--variant", "fp16"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "variant: fp16" in lines and next(line for line in lines if line.startswith("unet ")).endswith("float16")
+    assert main(["info", str(both)]) == 0
+    assert next(line.strip() for line in capsys.readouterr().out.splitlines() if "unet " in line).endswith("float32")
+    assert main(["info", str(models["single_file"]), "--variant", "fp16"]) == 2
+    assert "picks files of a model folder, not of one file" in capsys.readouterr().err
+
 
 def test_folder_of_one_variant_needs_no_variant_flag(models, images, tmp_path, capsys):
     """A folder holding only fp16 files (what `convert --variant fp16` writes) loads without --variant: it has

@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", parents=[common], help="describe a checkpoint file or folder")
     info.add_argument("checkpoint")
+    info.add_argument("--variant", type=_variant, help="a folder's variant files to describe, e.g. fp16")
     info.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
     info.set_defaults(func=cmd_info)
 
@@ -280,9 +281,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if seed + args.videos - 1 > 2**63 - 1:
         raise InputError(f"--seed {seed} with --videos {args.videos} runs past the largest seed, 2**63 - 1")
     jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)), args.crf)
-    kind, multiple = model_source(args.model)
-    if kind == "file" and args.variant not in (None, "none"):  # it would be ignored, yet recorded in the sidecar
-        raise InputError(f"--variant {args.variant} picks files of a model folder or hub repo, not of one file")
+    kind, multiple = model_source(args.model, args.variant)
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
     images = {s: load_image(s) for s in sources}  # unreadable images fail now, not after a long model load
@@ -331,7 +330,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from img2vid.server import make_server, serve
 
-    kind, _ = model_source(args.model)
+    kind, _ = model_source(args.model, args.variant)
     device, dtype = device_dtype(args)
     second = guidance_device(args, device)  # checked now: the model loads after
     # Bound before the (long) model load: a port in use is an error now, not after it

@@ -125,10 +125,11 @@ def video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) ->
     return width, height
 
 
-def model_source(model: str) -> tuple[str, int]:
+def model_source(model: str, variant: str | None = None) -> tuple[str, int]:
     """("folder" | "file" | "hub", the size multiple), without loading weights: a typo fails fast, not as a hub
-    lookup. Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD
-    model (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
+    lookup, and so does a --variant given with a single file (ignored, it would still be recorded in the sidecar).
+    Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD model
+    (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
     from img2vid import checkpoint
 
     path, config = Path(model).expanduser(), None
@@ -140,6 +141,10 @@ def model_source(model: str) -> tuple[str, int]:
         kind = "hub"
     else:
         raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
+    if kind == "file" and variant not in (None, "none"):
+        from img2vid.images import InputError
+
+        raise InputError(f"--variant {variant} picks files of a model folder or hub repo, not of one file")
     if config is None:
         return kind, 64
     return kind, config.size_multiple

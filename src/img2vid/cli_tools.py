@@ -67,8 +67,13 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from img2vid.checkpoint_tools import checkpoint_info
+    from img2vid.images import InputError
 
-    info = checkpoint_info(Path(args.checkpoint).expanduser(), allow_pickle=args.allow_pickle)
+    path = Path(args.checkpoint).expanduser()
+    if args.variant is not None and not path.is_dir():
+        raise InputError(f"--variant {args.variant} picks files of a model folder, not of one file")
+    variant = None if args.variant == "none" else args.variant
+    info = checkpoint_info(path, variant=variant, allow_pickle=args.allow_pickle)
     print(info["path"])
     for key in ("format", "variant", "variants", "config", "config_source"):
         if info.get(key) not in (None, []):
