@@ -705,6 +705,48 @@ def test_hub_patterns_take_sharded_weights():
     assert list(filter_repo_objects(files, allow_patterns=hub_patterns())) == files[:5]
     fp16 = list(filter_repo_objects(files, allow_patterns=hub_patterns("fp16")))
     assert fp16 == ["model_index.json", "unet/config.json", *files[5:7]]
+    # with the repo's list: components without fp16 files take their plain ones (the VAE here), as loading does
+    mixed = [*files, "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    fp16 = list(filter_repo_objects(mixed, allow_patterns=hub_patterns("fp16", mixed)))
+    assert fp16 == ["model_index.json", "unet/config.json", *files[5:7], *mixed[-2:]]
+    # a variant no component has: no weights at all (loading then names what is missing), not every plain file
+    assert not any("pytorch_model" in p for p in filter_repo_objects(mixed, allow_patterns=hub_patterns("fp32", mixed)))
+
+
+def test_hub_download_asks_for_each_component_s_own_variant(monkeypatch, tmp_path):
+    """resolve_pretrained lists the repo once with a variant, and asks snapshot_download for the plain weights of a
+    component that lacks it; offline (local_files_only) or unlisted, only the variant's files."""
+    import huggingface_hub
+
+    from img2vid.hub import resolve_pretrained
+
+    listing = [
+        "model_index.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    asked: list[list[str]] = []
+
+    def snapshot(repo_id, allow_patterns, local_files_only):
+        asked.append(allow_patterns)
+        return str(tmp_path)
+
+    def unreachable(repo_id):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: listing)
+    assert resolve_pretrained("someone/svd", variant="fp16") == tmp_path
+    assert (
+        "vae/diffusion_pytorch_model.safetensors" in asked[-1]
+        and "vae/diffusion_pytorch_model.fp16.safetensors" not in asked[-1]
+    )
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in asked[-1]
+    resolve_pretrained("someone/svd", variant="fp16", local_files_only=True)
+    assert "vae/diffusion_pytorch_model.fp16.safetensors" in asked[-1]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+    resolve_pretrained("someone/svd", variant="fp16")
+    assert "vae/diffusion_pytorch_model.fp16.safetensors" in asked[-1]
 
 
 def test_convert_dtype_wins_over_the_variant_and_integer_dtypes_are_refused(tmp_path):

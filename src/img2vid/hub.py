@@ -3,6 +3,7 @@ huggingface_hub's cache, downloading only the files the pipeline reads."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -10,22 +11,42 @@ from img2vid.checkpoint_io import PICKLE_SUFFIXES, WEIGHTS_NAME
 from img2vid.sgm_keys import COMPONENTS, CheckpointError
 
 
-def hub_patterns(variant: str | None = None) -> list[str]:
+def _weight_patterns(component: str, variant: str | None) -> tuple[str, ...]:
+    """A component's weights in one variant: one file, or an index (either name, see component_file) and shards."""
+    name, v = WEIGHTS_NAME[component], f".{variant}" if variant else ""
+    return (
+        f"{component}/{name}{v}.safetensors",
+        f"{component}/{name}.safetensors.index{v}.json",
+        f"{component}/{name}{v}.safetensors.index.json",
+        f"{component}/{name}{v}-*-of-*.safetensors",
+    )
+
+
+def hub_patterns(variant: str | None = None, files: list[str] | None = None) -> list[str]:
     """What the pipeline needs from a hub repo: configs and one variant's safetensors (repos also hold .bin files,
-    other variants and the original single files)."""
-    v = f".{variant}" if variant else ""
-    weights = [
-        pattern
+    other variants and the original single files). Given the repo's file list, a component that lacks the variant
+    takes its plain weights, as loading does (checkpoint_io.component_variants) and diffusers does; if none has it
+    (a mistyped variant), no weights match and loading then names what is missing, with nothing large downloaded."""
+    has = {
+        c: files is None or any(fnmatch.fnmatchcase(f, p) for p in _weight_patterns(c, variant) for f in files)
         for c in COMPONENTS
-        for pattern in (  # one file, or an index (either name, see component_file) and its shards
-            f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors",
-            f"{c}/{WEIGHTS_NAME[c]}.safetensors.index{v}.json",
-            f"{c}/{WEIGHTS_NAME[c]}{v}.safetensors.index.json",
-            f"{c}/{WEIGHTS_NAME[c]}{v}-*-of-*.safetensors",
-        )
-    ]
+    }
+    if not any(has.values()):
+        has = dict.fromkeys(COMPONENTS, True)
+    weights = [p for c in COMPONENTS for p in _weight_patterns(c, variant if has[c] else None)]
     config_files = [f"{c}/config.json" for c in COMPONENTS]
     return ["model_index.json", *config_files, *weights, "scheduler/*.json", "feature_extractor/*.json"]
+
+
+def _repo_files(repo_id: str) -> list[str] | None:
+    """The repo's file names, or None where the hub cannot say; snapshot_download then reports why (or falls back
+    to the cache), with its own handling of every network, offline and access failure."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        return list_repo_files(repo_id)
+    except Exception:  # whatever the transport raises: this list only refines the patterns
+        return None
 
 
 REPO_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
@@ -51,7 +72,9 @@ def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_
     )
 
     try:
-        patterns = hub_patterns(variant)
+        # a variant: which components have it (one listing call); without, every component is plain
+        files = _repo_files(path_or_id) if variant and not local_files_only else None
+        patterns = hub_patterns(variant, files)
         return Path(snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=local_files_only))
     except LocalEntryNotFoundError:
         raise CheckpointError(
