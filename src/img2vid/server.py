@@ -176,15 +176,15 @@ class Server(ThreadingHTTPServer):
             with self._state_lock:
                 self._state = state
 
-        token = _Ticket(job)
+        ticket = _Ticket(job)
         with self._turn:
             with self._state_lock:  # the queue changes under both locks: /progress counts it under the second
-                self._queue.append(token)
-            while self._running or self._queue[0] is not token:
+                self._queue.append(ticket)
+            while self._running or self._queue[0] is not ticket:
                 self._turn.wait(LOCK_POLL_S)
                 if gone():
                     with self._state_lock:
-                        self._queue.remove(token)
+                        self._queue.remove(ticket)
                     self._turn.notify_all()  # the next in line may be first now
                     raise ClientGone("client left while queued")
             self._running = True
