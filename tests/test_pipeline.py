@@ -380,14 +380,17 @@ def test_decode_chunking_matches_reference_and_is_exact_for_2d_decoder(reference
 
 
 def test_image_input_kinds_agree(pipes):
-    """PIL, numpy uint8, a path and a [0,1] tensor of the same pixels give the same video."""
+    """PIL, numpy uint8, a path and a [0,1] tensor of the same pixels give the same video; so do lists of arrays,
+    float arrays, uint8 tensors and float64 tensors, where diffusers reads 0..255 values as they are or divides by
+    255 twice, and draws float64 noise (README, "where we differ")."""
     p = pipes["a"]
     img = make_image(W, H)  # already the output size, so the tensor path needs no resize
     arr = np.asarray(img)
     ten = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
     kw = dict(height=H, width=W, num_frames=2, num_inference_steps=2, output_type="pt")
     ref = p(img, generator=torch.manual_seed(0), **kw).frames
-    for x in (arr, ten, ten[None]):
+    more = ([arr], [arr.astype(np.float32) / 255], torch.from_numpy(arr).permute(2, 0, 1), ten.double())
+    for x in (arr, ten, ten[None], *more):
         out = p(x, generator=torch.manual_seed(0), **kw).frames
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
@@ -425,9 +428,12 @@ def test_tensor_images_resized_for_clip_like_pil(pipes):
         # Tensors outside [0, 1]: 0-255 floats, [-1, 1] data, NaN
         (
             dict(image=torch.full((3, 40, 40), 200.0)),
-            r"image tensor float values must be in \[0, 1\], got \[200, 200\]",
+            r"image tensor float values must be in \[0, 1\], got \[200, 200\]; for 0..255 data divide by 255$",
         ),
-        (dict(image=torch.linspace(-1, 1, 3 * 40 * 40).view(3, 40, 40)), r"must be in \[0, 1\], got \[-1, 1\]"),
+        (
+            dict(image=torch.linspace(-1, 1, 3 * 40 * 40).view(3, 40, 40)),
+            r"must be in \[0, 1\], got \[-1, 1\]; for \[-1, 1\] data pass \(x \+ 1\) / 2$",
+        ),
         (dict(image=torch.full((1, 3, 40, 40), float("nan"))), "image tensor contains NaN or infinite values"),
         (dict(latents=torch.full((1, 2, 4, H // 2, W // 2), float("nan"))), "latents contain NaN or infinite values"),
     ],

@@ -123,7 +123,10 @@ def check_unit_floats(finite: bool, lo: float, hi: float, name: str) -> None:
         raise InputError(f"{name} contains NaN or infinite values")
     # A little slack for decoder overshoot; a real range error ([-1, 1] or [0, 255] data) is reported.
     if lo < -0.01 or hi > 1.01:
-        raise InputError(f"{name} float values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        # the two usual other conventions, named with their fix (diffusers guesses [-1, 1] from a negative minimum)
+        hint = "; for [-1, 1] data pass (x + 1) / 2" if lo >= -1.01 and hi <= 1.01 else ""
+        hint = "; for 0..255 data divide by 255" if lo >= -0.01 and hi <= 255.5 else hint
+        raise InputError(f"{name} float values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]{hint}")
 
 
 def check_unit_tensor(t: torch.Tensor, name: str) -> None:
