@@ -252,9 +252,12 @@ def test_export_options_and_compile(models, images, tmp_path, capsys, monkeypatc
     assert (meta["fps"], meta["export_fps"], meta["loop"]) == (6, 12, "pingpong")
     assert compiled[0].get("cache_dir") is None
     # --compile-cache implies --compile and names the folder the compiled graphs are kept in
-    rc, _, err = generate(capsys, images["landscape"], tmp_path / "c.mp4", models["folder"], "--compile-cache cc")
+    cache = tmp_path / "cc"
+    rc, _, err = generate(capsys, images["landscape"], tmp_path / "c.mp4", models["folder"], f"--compile-cache {cache}")
     assert rc == 0, err
-    assert len(compiled) == 2 and compiled[1]["cache_dir"] == "cc"
+    assert len(compiled) == 2 and compiled[1]["cache_dir"] == str(cache) and cache.is_dir()
+    meta = read_metadata(tmp_path / "c.mp4")
+    assert (meta["compiled"], meta["guidance_parallel"], meta["loop"]) == (True, False, "loop")
 
 
 def test_our_warnings_are_one_line_notes(models, images, tmp_path, capsys, monkeypatch):
@@ -520,6 +523,7 @@ def test_outputs_refused_before_the_model_loads(models, images, tmp_path, capsys
         ([images["landscape"]], tmp_path / "wide.webp", "--width 16384 --height 64", "too large for webp"),
         ([tallest], tmp_path / "tall.webp", "--resize fit --width 4096 --height 4096", "too large for webp"),
         ([tmp_path], tmp_path / "x.mp4", "", "is a directory, not an image file"),
+        ([images["landscape"]], tmp_path / "c.mp4", f"--compile-cache {images['second']}", "is a file, not a folder"),
     ]
     for sources, out, extra, needle in cases:
         rc, _, err = generate(capsys, sources, out, models["folder"], extra)

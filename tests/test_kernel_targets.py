@@ -1,9 +1,10 @@
 """img2vid's Triton kernels build for the cards they are enabled on below Hopper (`fused.KERNELS_MIN_CAPABILITY`):
-Ampere's sm_80 (A100) and sm_86 (RTX 30xx, A10, A40), whose limits (shared memory, instructions) differ from the
-H100 that the GPU tests run on. Built on the CPU: the kernels are launched with SVD's shapes through their real
-launch code, with Triton's driver replaced by one that names no device and a compile hook that takes each request
-instead of running it; each request is then compiled (to a cubin, through Triton's ptxas) for each target. What this
-cannot prove is their speed on those cards (not measured: BENCHMARKS.md has H100 numbers only)."""
+Ampere's sm_80 (A100) and sm_86 (RTX 30xx, A10, A40) and Ada's sm_89 (RTX 40xx, L4, L40), whose limits (shared
+memory, instructions) differ from the H100 / H200 that the GPU tests run on. Built on the CPU: the kernels are
+launched with SVD's shapes through their real launch code, with Triton's driver replaced by one that names no device
+and a compile hook that takes each request instead of running it; each request is then compiled (to a cubin, through
+Triton's ptxas) for each target. What this cannot prove is their speed on those cards (not measured: BENCHMARKS.md
+has H100 and H200 numbers only)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import textwrap
 
 from conftest import needs_triton
 
-TARGETS = {80: 163 * 1024, 86: 99 * 1024}  # compute capability -> the most shared memory a block may have there
+TARGETS = {
+    80: 163 * 1024,
+    86: 99 * 1024,
+    89: 99 * 1024,
+}  # compute capability -> the most shared memory a block may have there
 KERNELS = {
     "gn_stats", "gn_finish", "gn_apply", "conv_epilogue_kernel", "gn_stats_nhwc", "gn_apply_nhwc",
     "conv_epilogue_nhwc", "time_mix_kernel", "add_norm_kernel", "frame_attention_kernel", "geglu_loads_kernel",
@@ -71,7 +76,7 @@ SCRIPT = textwrap.dedent(
             frame_kernel.launch_frame_attention(q, q, q, torch.empty_like(q), 5, frames)
     for fn, req in requests.values():
         options = {k: req[k] for k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")}
-        for cap in (80, 86):
+        for cap in CAPS:
             src = ASTSource(fn, req["signature"], req["constants"], req["configs"][0])
             kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
             print(fn.fn.__name__, cap, kernel.metadata.shared, "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0)
@@ -80,11 +85,16 @@ SCRIPT = textwrap.dedent(
 
 
 @needs_triton
-def test_kernels_build_for_ampere() -> None:
+def test_kernels_build_for_ampere_and_ada() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compiles, not the interpreter
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=root
+        [sys.executable, "-c", SCRIPT.replace("CAPS", repr(tuple(TARGETS)))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=root,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()]

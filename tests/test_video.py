@@ -90,6 +90,19 @@ def test_to_uint8_frames_errors(bad: object) -> None:
         to_uint8_frames(bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_loop_modes_set_whether_gif_and_webp_play_once_or_forever(tmp_path: Path, fmt: str) -> None:
+    """loop (the default) and pingpong play forever (loop count 0), none once (a GIF without its looping block, a
+    WebP with a count of 1): none and loop gave the same file."""
+    counts = {}
+    for loop in ("none", "loop", "pingpong", None):
+        kw = {} if loop is None else {"loop": loop}
+        with PIL.Image.open(export_video(_frames(), tmp_path / f"{loop}.{fmt}", fps=7, **kw)) as im:
+            counts[loop] = (im.info.get("loop"), im.n_frames)
+    once = None if fmt == "gif" else 1
+    assert counts == {"none": (once, F), "loop": (0, F), "pingpong": (0, 2 * F - 2), None: (0, F)}
+
+
 def test_apply_loop_orders() -> None:
     frames = np.arange(5)[:, None, None, None]
     assert apply_loop(frames, "none") is frames and apply_loop(frames, "loop") is frames

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from img2vid import __version__
 from img2vid.cli_setup import (
     FORMATS,
+    check_compile_cache,
     device_dtype,
     expand_images,
     guidance_device,
@@ -151,7 +152,11 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
         action="store_true",
         help="with --guidance-device: queue each half op by op instead of replaying it as a CUDA graph",
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the denoising step and the VAE decoder (minutes at the first call, faster after)",
+    )
     g.add_argument(
         "--compile-cache",
         metavar="DIR",
@@ -175,7 +180,13 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, help="default: from the output's extension, mp4 if none")
-    g.add_argument("--loop", choices=("none", "loop", "pingpong"), default="none", help="default %(default)s")
+    g.add_argument(
+        "--loop",
+        choices=("none", "loop", "pingpong"),
+        default="loop",
+        help="gif/webp play forever (loop, the default) or once (none); pingpong: forward then back, forever (2F-2 "
+        "frames); mp4/webm carry no loop flag (players decide)",
+    )
     g.add_argument("--crf", type=_number(int, 0, 63), help="mp4/webm quality, lower = better (default 18)")
 
 
@@ -197,18 +208,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(gen, guidance_reuse=True)
     gen.set_defaults(func=cmd_generate)
 
-    test = sub.add_parser("selftest", parents=[common], help="run the whole path on a tiny random model (seconds)")
+    test = sub.add_parser(
+        "selftest",
+        parents=[common],
+        help="run the whole path on a tiny random model (seconds)",
+        description="Sample a short video with a tiny random SVD model, check the same seed repeats it, export it as "
+        "mp4 and read it back: a check of this installation (torch, the video encoder) with no download.",
+    )
     test.set_defaults(func=cmd_selftest)
 
-    info = sub.add_parser("info", parents=[common], help="describe a checkpoint file or folder")
-    info.add_argument("checkpoint")
+    info = sub.add_parser(
+        "info",
+        parents=[common],
+        help="describe a checkpoint file or folder",
+        description="Describe a checkpoint from its headers (no weights are loaded): format, variant, config, and per "
+        "component the tensor and parameter counts, dtypes and any missing, unexpected or wrong-shape tensors.",
+    )
+    info.add_argument("checkpoint", help="a single .safetensors file (Stability's or ours) or a diffusers folder")
     info.add_argument("--variant", type=_variant, help="a folder's variant files to describe, e.g. fp16")
     info.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
     info.set_defaults(func=cmd_info)
 
-    conv = sub.add_parser("convert", parents=[common], help="convert a checkpoint (single file <-> diffusers folder)")
-    conv.add_argument("src")
-    conv.add_argument("dst")
+    conv = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a checkpoint (single file <-> diffusers folder)",
+        description="Convert a single .safetensors file (Stability's original or ours) to a diffusers folder, or a "
+        "diffusers folder to a single file, with the same weights (optionally cast with --dtype).",
+    )
+    conv.add_argument("src", help="a checkpoint file (.safetensors; .ckpt with --allow-pickle) or a diffusers folder")
+    conv.add_argument("dst", help="the other kind: a folder for a file, a .safetensors file for a folder")
     conv.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep)")
     conv.add_argument("--variant", type=_variant, help="the folder side's variant files, e.g. fp16")
     conv.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
@@ -288,6 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sizes = {s: video_size(args, image, multiple, fmt) for s, image in images.items()}
     device, dtype = device_dtype(args)
     second = guidance_device(args, device)  # checked now: the model loads after
+    check_compile_cache(args)
 
     import torch
 
@@ -312,6 +342,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant)
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
     run.update(export_fps=args.export_fps or fps, segments=args.segments)
+    run.update(compiled=bool(args.compile or args.compile_cache), guidance_parallel=second is not None)
     for source, seed, path in jobs:  # one video at a time: the memory of one, whatever the count
         start = time.perf_counter()
         width, height = sizes[source]
@@ -333,6 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kind, _ = model_source(args.model, args.variant)
     device, dtype = device_dtype(args)
     second = guidance_device(args, device)  # checked now: the model loads after
+    check_compile_cache(args)
     # Bound before the (long) model load: a port in use is an error now, not after it
     server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
     try:

@@ -191,6 +191,15 @@ def guidance_device(args: argparse.Namespace, device: Any) -> Any:
     return second
 
 
+def check_compile_cache(args: argparse.Namespace) -> None:
+    """--compile-cache naming a file or a place that cannot be written: an error now, not after the model loads.
+    Called after the option checks, since it creates the folder."""
+    if args.compile_cache:
+        from img2vid.precompiled import check_cache_dir
+
+        check_cache_dir(Path(args.compile_cache).expanduser())
+
+
 def only_variant(folder: Path, allow_pickle: bool = False) -> str | None:
     """The variant of a folder whose UNet weights exist in that variant alone (unet/*.fp16.safetensors, no plain
     file), else None: such a folder has nothing else to load (plain .bin pickles count only when they may load)."""

@@ -251,15 +251,17 @@ def check_cache_dir(folder: str | os.PathLike) -> None:
             f"a compile cache needs torch 2.10 or later (torch.compile(...).aot_compile); this is {torch.__version__}"
         )
     path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"cannot use {str(path)!r} as a compile cache: it is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot use {str(path)!r} as a compile cache: {e.strerror or e}") from None
     if not os.access(path, os.R_OK | os.X_OK):
         raise InputError(f"cannot use {str(path)!r} as a compile cache: not readable")
-    if not os.access(path, os.W_OK):
+    if not os.access(path, os.W_OK) and path.resolve() not in _UNSAVED:
         # A cache filled elsewhere and shipped read-only (a container image, another user's folder) still saves
-        # the start-up; what it lacks is compiled for this process only (one note, not one per function).
+        # the start-up; what it lacks is compiled for this process only (one note, not one per function or check).
         _UNSAVED.add(path.resolve())
         warnings.warn(
             f"img2vid: compile cache {str(path)!r} is read-only: its files are used, new compiles are not saved",

@@ -117,8 +117,8 @@ def to_uint8_frames(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def apply_loop(frames: np.ndarray, loop: str) -> np.ndarray:
-    """none / loop: unchanged (players loop the file); pingpong: 0..F-1 then F-2..1, so that looping playback
-    never shows the turning frames twice in a row."""
+    """The frames of a loop mode: none / loop unchanged; pingpong 0..F-1 then F-2..1, so that looping playback never
+    shows the turning frames twice in a row. (Whether a GIF / WebP plays once or forever: `export_video`.)"""
     if loop not in LOOP_MODES:
         raise InputError(f"unknown loop mode {loop!r}; choose one of {', '.join(LOOP_MODES)}")
     if loop != "pingpong":
@@ -206,7 +206,7 @@ def _write_av(
         container.mux(stream.encode(None))  # flush the encoder's delayed frames
 
 
-def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comment: str | None) -> None:
+def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comment: str | None, forever: bool) -> None:
     images = [PIL.Image.fromarray(f) for f in frames]
     if fmt == "gif":
         # GIF delays are whole centiseconds (Pillow truncates ms / 10), and browsers slow delays under 2 cs down to
@@ -223,8 +223,10 @@ def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comm
             exif = PIL.Image.Exif()
             exif[EXIF_IMAGE_DESCRIPTION] = comment
             extra["exif"] = exif.tobytes()
-    # loop=0: play forever, as a generated clip is meant to.
-    images[0].save(path, format=fmt.upper(), save_all=True, append_images=images[1:], loop=0, **extra)
+    # Loop count 0 is forever. Once: a GIF without the looping (NETSCAPE) block, a WebP with a count of 1.
+    if forever or fmt == "webp":
+        extra["loop"] = 0 if forever else 1
+    images[0].save(path, format=fmt.upper(), save_all=True, append_images=images[1:], **extra)
 
 
 def _write_png_folder(frames: np.ndarray, folder: Path, rate: Fraction, comment: str | None) -> None:
@@ -329,15 +331,17 @@ def export_video(
     fps: float | Fraction,
     format: str | None = None,
     crf: int | None = None,
-    loop: str = "none",
+    loop: str = "loop",
     metadata: dict | None = None,
     bitrate: int | None = None,
 ) -> Path:
     """Write frames as mp4 / webm / gif / webp / png-folder (format from the extension unless given).
 
     crf: constant quality for mp4/webm (default 18; ignored by gif/webp/png). bitrate: a fixed bitrate in bit/s for
-    mp4/webm instead of crf. loop: none / loop / pingpong (see `apply_loop`). metadata: a JSON-able dict stored in a
-    sidecar and in the file (see module doc); without it a stale sidecar of an earlier export is removed.
+    mp4/webm instead of crf. loop: "loop" (GIF and WebP play forever), "none" (they play once) or "pingpong" (forward
+    then back, forever; see `apply_loop`); mp4 and webm have no loop flag, their players decide. metadata: a
+    JSON-able dict stored in a sidecar and in the file (see module doc); without it a stale sidecar of an earlier
+    export is removed.
     """
     final = Path(path).expanduser()
     fmt = _infer_format(final, format)
@@ -364,7 +368,7 @@ def export_video(
         if fmt in _CODECS:
             _write_av(pixels, tmp_video, fmt, rate, DEFAULT_CRF if crf is None else crf, bitrate, comment)
         else:
-            _write_pillow(pixels, tmp_video, fmt, rate, comment)
+            _write_pillow(pixels, tmp_video, fmt, rate, comment, forever=loop != "none")
         if comment is None:
             os.replace(tmp_video, final)
             sidecar.unlink(missing_ok=True)  # an older export's parameters would now describe the wrong video
