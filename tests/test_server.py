@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import make_image
 
-from img2vid import Pipeline
+from img2vid import Pipeline, server_requests
 from img2vid import server as server_module
 from img2vid.cli import main
 from img2vid.server import Handler, generate, make_server, parse_params
@@ -132,6 +132,7 @@ def test_generate_mp4_is_seeded_and_reproducible(address, png, tmp_path):
     info = json.loads(headers["x-img2vid-params"])
     assert info["num_frames"] == FRAMES and info["motion_bucket_id"] == 30 and info["fps"] == 6
     assert (info["width"], info["height"], info["num_inference_steps"]) == (W, H, STEPS)
+    assert (info["format"], info["device"], info["dtype"]) == ("mp4", "cpu", "float32")
     frames = frames_of(video, "mp4", tmp_path)
     assert frames.shape == (FRAMES, H, W, 3)
     _, headers2, video2 = post(address, png, seed=42, motion_bucket_id=30, fps=6)
@@ -296,7 +297,7 @@ def test_huge_size_is_400_before_any_work(address, png, monkeypatch):
     assert status == 400 and b"width: 100000000000...(401 characters) is out of range 1..16384" in text, text
     # resize=fit keeps the image's aspect at about width*height pixels: far more for a 1x400 sliver, so the limit
     # holds for the size it picks (4x780 here), not just for the one asked for
-    monkeypatch.setattr(server_module, "MAX_PIXELS", W * H)
+    monkeypatch.setattr(server_requests, "MAX_PIXELS", W * H)
     sliver = io.BytesIO()
     make_image(1, 400).save(sliver, format="PNG")
     status, _, text = post(address, sliver.getvalue(), resize="fit")
@@ -305,7 +306,7 @@ def test_huge_size_is_400_before_any_work(address, png, monkeypatch):
 
 def test_long_video_over_the_limit_is_400_before_any_work(address, png, monkeypatch):
     """A chain of segments stays on the host until encoded: frames x segments is capped in pixels, before the lock."""
-    monkeypatch.setattr(server_module, "MAX_VIDEO_PIXELS", 10 * W * H)
+    monkeypatch.setattr(server_requests, "MAX_VIDEO_PIXELS", 10 * W * H)
     status, _, text = post(address, png, frames=4, segments=3)  # 3 * (4 - 1) + 1 = 10 frames: at the limit
     assert status == 200, text
     status, _, text = post(address, png, frames=4, segments=4)  # 13 frames
@@ -319,6 +320,7 @@ def test_fit_passes_the_image_at_the_video_size(pipe):
 
     class Spy:  # the pipeline, recording the size of the image each call is given
         config, default_decode_chunk_size = pipe.config, pipe.default_decode_chunk_size
+        device, dtype = pipe.device, pipe.dtype
 
         def __call__(self, image, **kw):
             sizes.append(image.size)
@@ -741,7 +743,7 @@ def test_bad_guidance_and_long_numbers_are_400_at_once(address, png):
 
 
 def test_an_image_declaring_too_many_pixels_is_400_before_decoding(address, monkeypatch):
-    monkeypatch.setattr(server_module, "MAX_INPUT_PIXELS", 100 * 100)
+    monkeypatch.setattr(server_requests, "MAX_INPUT_PIXELS", 100 * 100)
     big = io.BytesIO()
     make_image(101, 100).save(big, format="PNG")
     status, _, text = post(address, big.getvalue())
@@ -767,7 +769,7 @@ def test_exotic_formats_and_bad_exif_are_400_and_a_large_image_says_so(address, 
     make_image(64, 64).save(bad_exif, format="PNG", exif=b"Exif\0\0XX\0\0\0\0\0\0")
     status, _, text = post(address, bad_exif.getvalue())
     assert status == 400 and b"truncated or corrupt" in text, text
-    monkeypatch.setattr(server_module, "MAX_INPUT_PIXELS", 100 * 100)
+    monkeypatch.setattr(server_requests, "MAX_INPUT_PIXELS", 100 * 100)
     big = io.BytesIO()
     make_image(101, 100).save(big, format="PNG")
     status, _, text = post(address, big.getvalue())

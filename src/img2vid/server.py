@@ -30,65 +30,43 @@ errors that echo it show what was sent.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import importlib.resources
-import io
 import json
-import secrets
 import select
 import socket
 import sys
-import tempfile
 import threading
 import traceback
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import PIL.Image
 
 from img2vid import __version__
-from img2vid.cli import MAX_SIDE, _number
-from img2vid.configs import FLOAT16_MAX
-from img2vid.images import SIZE_MODES, InputError, frame_size, load_image, video_input
+from img2vid.images import InputError
+from img2vid.server_requests import (
+    FORMATS,
+    MAX_INPUT_PIXELS,
+    MAX_PIXELS,
+    MAX_VIDEO_PIXELS,
+    check_request,
+    decode_image,
+    generate,
+    parse_params,
+)
 
-__all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "FORMATS", "make_server", "serve"]
+# the request's side (parameters, image, generation) lives in img2vid.server_requests; its names are also here
+__all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "MAX_INPUT_PIXELS", "FORMATS", "make_server", "serve"]
+__all__ += ["check_request", "generate", "parse_params"]
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-# Pixels per frame: memory grows with them, and a request for 100000x100000 must get a 400, not the OOM killer.
-MAX_PIXELS = 2048 * 2048
-# Pixels of a whole video (frames x width x height): a chain of segments stays on the host as float32 until it is
-# encoded (12 bytes a pixel), so 2**28 (455 frames at 576x1024) is 3 GiB; frames=256&segments=64 asked ~115 GB.
-MAX_VIDEO_PIXELS = 2**28
-# Pixels of an uploaded image, checked from its header before decoding: a 300 KB PNG can declare 13000x13000 16-bit
-# pixels (4 GB of memory to decode, before the request waits for the model). 8192x8192 covers any camera's photo.
-MAX_INPUT_PIXELS = 8192 * 8192
 DECODERS = 2  # uploads decoded at once (each up to ~1 GB at MAX_INPUT_PIXELS); more wait their turn
 DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dropped (Handler._discard says why)
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
-FORMATS = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}  # formats a browser can show inline
-# Query parameter -> parser with the CLI's ranges (cli._number), so both front ends accept exactly the same values.
-PARAMS: dict[str, Callable[[str], Any]] = {
-    "width": _number(int, 1, MAX_SIDE),
-    "height": _number(int, 1, MAX_SIDE),
-    "frames": _number(int, 1, 256),
-    "segments": _number(int, 1, 64),  # longer videos: chained segments (img2vid.longer)
-    "steps": _number(int, 1, 1000),
-    "fps": _number(int, 1, 240),
-    "motion_bucket_id": _number(int, 0, 1023),
-    "noise_aug_strength": _number(float, 0, 10),
-    "min_guidance": _number(float, 0, FLOAT16_MAX),
-    "max_guidance": _number(float, 0, FLOAT16_MAX),
-    "seed": _number(int, 0, 2**63 - 1),
-    "guidance_reuse": _number(int, 1, 1000),  # APPROXIMATE when > 1 (Pipeline.__call__'s guidance_reuse)
-}
-CHOICES = {"resize": SIZE_MODES, "format": tuple(FORMATS)}
-# generate's progress reports: (stage, done, total, segment, segments), as /progress shows them (module docstring)
-Report = Callable[[str, int, int, int, int], None]
 IDLE: dict[str, Any] = {"busy": False}
 LOCK_POLL_S = 0.5  # a queued request checks this often whether its client is still there
 
@@ -210,136 +188,6 @@ class _Ticket:
         self.job = job
 
 
-# What uploads may be: common still-image formats whose header gives the size before any decoding (Pillow's ICO
-# decodes its embedded PNG while opening, past MAX_INPUT_PIXELS; DDS, BLP and the like fail with errors of their own)
-UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG opens MPO (phone) files too
-
-
-def _decode_image(data: bytes) -> PIL.Image.Image:
-    """Upload bytes -> RGB image; Pillow is lazy, so `.load()` is what surfaces truncated data."""
-    if not data:
-        raise InputError("no image: send the image file as the request body")
-    try:
-        image = PIL.Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-    except MemoryError:
-        raise
-    except PIL.UnidentifiedImageError:
-        raise InputError(
-            "the uploaded file is not an image in a format this server takes (PNG, JPEG, WebP, GIF, BMP or TIFF)"
-        ) from None
-    except Exception as e:  # a malformed header: Pillow's plugins raise many kinds (struct.error, SyntaxError, ...)
-        raise InputError(f"the uploaded image is truncated or corrupt: {type(e).__name__}: {e}") from None
-    width, height = image.size
-    if width * height > MAX_INPUT_PIXELS:
-        raise InputError(
-            f"the uploaded image is {width}x{height}: over the limit of {MAX_INPUT_PIXELS} pixels; scale it down"
-        )
-    try:
-        image.load()
-        return load_image(image)  # EXIF rotation, alpha on white, 16-bit scaling: as for files
-    except (InputError, MemoryError):
-        raise
-    except PIL.Image.DecompressionBombError as e:
-        raise InputError(f"the uploaded image is too large to decode safely: {e}") from None
-    except Exception as e:  # truncated data or a bad EXIF block, whatever the plugin raises: the caller's input
-        raise InputError(f"the uploaded image is truncated or corrupt: {type(e).__name__}: {e}") from None
-
-
-def parse_params(query: str) -> dict[str, Any]:
-    """Query string -> parameters; unknown names, repeats and out-of-range values are InputErrors (one line)."""
-    params: dict[str, Any] = {"width": 1024, "height": 576, "steps": 25, "noise_aug_strength": 0.02}
-    params.update(min_guidance=1.0, max_guidance=3.0, resize="stretch", format="mp4")
-    for name, values in parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
-        if name not in PARAMS and name not in CHOICES:
-            raise InputError(f"unknown parameter {name!r}; known: {', '.join([*PARAMS, *CHOICES])}")
-        if len(values) != 1:
-            raise InputError(f"parameter {name!r} is given {len(values)} times")
-        if name in CHOICES:
-            if values[0] not in CHOICES[name]:
-                raise InputError(f"{name} must be one of {', '.join(CHOICES[name])}, got {values[0]!r}")
-            params[name] = values[0]
-            continue
-        try:
-            params[name] = PARAMS[name](values[0])
-        except argparse.ArgumentTypeError as e:
-            raise InputError(f"{name}: {e}") from None
-    if params["min_guidance"] > params["max_guidance"]:
-        raise InputError(f"min_guidance {params['min_guidance']} is above max_guidance {params['max_guidance']}")
-    return params
-
-
-def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> tuple[int, int]:
-    """The video's (width, height) once the checks that need the model's config and the image pass (size rule,
-    MAX_PIXELS, segments); else a one-line InputError. Cheap, so the handler runs it before waiting for the lock."""
-    from img2vid.longer import check_segments
-    from img2vid.video import check_frame_size
-
-    width, height = frame_size(image, params["width"], params["height"], params["resize"], cfg.size_multiple)
-    if width * height > MAX_PIXELS:
-        raise InputError(f"{width}x{height} is over this server's limit of {MAX_PIXELS} pixels per frame")
-    check_frame_size(width, height, params["format"])  # what the encoder takes: a side's limit
-    frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
-    check_segments(segments, frames)
-    total = segments * (frames - 1) + 1 if segments > 1 else frames  # chained segments share their joining frames
-    if total * width * height > MAX_VIDEO_PIXELS:
-        raise InputError(
-            f"{total} frames of {width}x{height} are over this server's limit of {MAX_VIDEO_PIXELS} pixels a video"
-        )
-    return width, height
-
-
-def generate(
-    pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: str | None, report: Report | None = None
-) -> tuple[bytes, dict]:
-    """One video, encoded, and the settings that reproduce it. The caller holds the pipeline lock. report(stage,
-    done, total, segment, segments) is called from this thread as the work advances (module docstring, /progress)."""
-    import torch
-
-    from img2vid.longer import chain_segments
-    from img2vid.video import export_video
-
-    cfg = pipe.config
-    (width, height), mode = check_request(cfg, image, params), params["resize"]
-    model_input = video_input(image, width, height, mode)  # as the CLI's
-    frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
-    run = dict(
-        height=height,
-        width=width,
-        num_frames=frames,
-        num_inference_steps=params["steps"],
-        min_guidance_scale=params["min_guidance"],
-        max_guidance_scale=params["max_guidance"],
-        fps=params.get("fps") or cfg.default_fps,
-        motion_bucket_id=params.get("motion_bucket_id", cfg.default_motion_bucket_id),
-        noise_aug_strength=params["noise_aug_strength"],
-        decode_chunk_size=min(pipe.default_decode_chunk_size or frames, frames),
-        guidance_reuse=params.get("guidance_reuse", 1),
-    )
-    seed = params["seed"] if "seed" in params else secrets.randbelow(2**32)
-    generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
-
-    report = report or (lambda *a: None)
-    at = [1, segments]  # the segment running now: the pipeline's own reports do not know it
-
-    def start(k: int, n: int) -> None:  # before segment k of n; a report now covers its CLIP and VAE encoding
-        at[:] = [k, n]
-        report("denoise", 0, run["num_inference_steps"], k, n)
-
-    def progress(stage: str, done: int, total: int) -> None:
-        report(stage, done, total, *at)
-
-    def segment(im: Any) -> torch.Tensor:  # (F, 3, H, W); the one generator continues from segment to segment
-        return pipe(im, generator=generator, output_type="pt", progress=progress, **run).frames[0]
-
-    # as the CLI: one segment is the plain call's frames; a chain is (N*(F-1)+1, 3, H, W) frames on the CPU
-    video = chain_segments(segment, model_input, segments, start)
-    report("export", 0, 0, segments, segments)  # encoding a long video to a file takes a while too
-    info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, "segments": segments, **run}
-    with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
-        path = export_video(video, Path(tmp) / f"video.{params['format']}", fps=run["fps"], metadata=info)
-        return path.read_bytes(), info
-
-
 class Handler(BaseHTTPRequestHandler):
     server: Server
     server_version = f"img2vid/{__version__}"
@@ -446,7 +294,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise InputError(f"the request body ended after {len(data)} of its {length} bytes (Content-Length)")
             params = parse_params(url.query)  # cheap checks first: a typo never waits for the lock
             with self.server.decoders:
-                image = _decode_image(data)
+                image = decode_image(data)
             check_request(self.server.pipe.config, image, params)  # size and segments too, before the lock
             job = as_utf8(self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: echoed to all
             video, info = self.server.run_generation(image, params, job, lambda: peer_closed(self.connection))
