@@ -715,38 +715,54 @@ def test_hub_patterns_take_sharded_weights():
 
 def test_hub_download_asks_for_each_component_s_own_variant(monkeypatch, tmp_path):
     """resolve_pretrained lists the repo once with a variant, and asks snapshot_download for the plain weights of a
-    component that lacks it; offline (local_files_only) or unlisted, only the variant's files."""
+    component that lacks it; offline (local_files_only) or unlisted, only the variant's files. revision, cache_dir
+    and token reach both calls, as in diffusers, and a revision the hub lacks is named."""
     import huggingface_hub
+    from huggingface_hub.errors import RevisionNotFoundError
 
     from img2vid.hub import resolve_pretrained
 
-    listing = [
-        "model_index.json",
-        "unet/diffusion_pytorch_model.fp16.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-    ]
-    asked: list[list[str]] = []
+    vae = "vae/diffusion_pytorch_model"
+    listing = ["model_index.json", "unet/diffusion_pytorch_model.fp16.safetensors", f"{vae}.safetensors"]
+    asked: list[dict] = []
 
-    def snapshot(repo_id, allow_patterns, local_files_only):
-        asked.append(allow_patterns)
+    def snapshot(repo_id, allow_patterns, **where):
+        asked.append({"patterns": allow_patterns, **where})
         return str(tmp_path)
 
-    def unreachable(repo_id):
+    def listed(repo_id, revision=None, token=None):
+        asked.append({"listed": (revision, token)})
+        return listing
+
+    def unreachable(repo_id, **kw):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: listing)
-    assert resolve_pretrained("someone/svd", variant="fp16") == tmp_path
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", listed)
     assert (
-        "vae/diffusion_pytorch_model.safetensors" in asked[-1]
-        and "vae/diffusion_pytorch_model.fp16.safetensors" not in asked[-1]
+        resolve_pretrained("someone/svd", variant="fp16", revision="v2", cache_dir=tmp_path, token="hf_x") == tmp_path
     )
-    assert "unet/diffusion_pytorch_model.fp16.safetensors" in asked[-1]
+    assert asked[-2] == {"listed": ("v2", "hf_x")}
+    got = asked[-1]
+    assert (got["revision"], got["cache_dir"], got["token"], got["local_files_only"]) == ("v2", tmp_path, "hf_x", False)
+    assert f"{vae}.safetensors" in got["patterns"] and f"{vae}.fp16.safetensors" not in got["patterns"]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in got["patterns"]
     resolve_pretrained("someone/svd", variant="fp16", local_files_only=True)
-    assert "vae/diffusion_pytorch_model.fp16.safetensors" in asked[-1]
+    assert f"{vae}.fp16.safetensors" in asked[-1]["patterns"] and "listed" not in asked[-2]
     monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
     resolve_pretrained("someone/svd", variant="fp16")
-    assert "vae/diffusion_pytorch_model.fp16.safetensors" in asked[-1]
+    assert f"{vae}.fp16.safetensors" in asked[-1]["patterns"]
+
+    def no_revision(repo_id, allow_patterns, **where):
+        error = RevisionNotFoundError.__new__(RevisionNotFoundError)  # its __init__ wants an HTTP response
+        Exception.__init__(error, "404 Revision Not Found")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_revision)
+    with pytest.raises(
+        CheckpointError, match=r"^someone/svd: no revision 'v9' \(a branch, tag or commit\) on the hub$"
+    ):
+        resolve_pretrained("someone/svd", revision="v9")
 
 
 def test_convert_dtype_wins_over_the_variant_and_integer_dtypes_are_refused(tmp_path):

@@ -288,7 +288,7 @@ def test_random_seed_is_printed_and_stored(models, images, tmp_path, capsys):
     assert isinstance(seed, int) and f"seed {seed}" in captured.err
 
 
-def test_hub_model_defaults_to_fp16_variant(images, tmp_path, capsys, monkeypatch):
+def test_hub_model_defaults_to_fp16_variant(models, images, tmp_path, capsys, monkeypatch):
     from img2vid.images import InputError
 
     seen = {}
@@ -302,7 +302,14 @@ def test_hub_model_defaults_to_fp16_variant(images, tmp_path, capsys, monkeypatc
         rc = main(["generate", str(images["landscape"]), "-o", str(tmp_path / "x.mp4"), "--dtype", dtype, "--offline"])
         assert rc == 2 and "stop here" in capsys.readouterr().err
         assert seen["path"] == "stabilityai/stable-video-diffusion-img2vid-xt" and seen["variant"] == variant
-        assert seen["local_files_only"] is True
+        assert seen["local_files_only"] is True and seen["revision"] is None
+    rc = main(["generate", str(images["landscape"]), "-o", str(tmp_path / "x.mp4"), "--revision", "v1.1", "--offline"])
+    assert rc == 2 and "stop here" in capsys.readouterr().err and seen["revision"] == "v1.1"
+    rc = main(
+        ["generate", str(images["landscape"]), "-o", str(tmp_path / "x.mp4"), "--model", str(models["folder"])]
+        + ["--revision", "v1"]
+    )
+    assert rc == 2 and "--revision v1 picks a version of a hub model" in capsys.readouterr().err
 
 
 # ---- other commands ------------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=_variant,
         help="weight variant, e.g. fp16 (default: fp16 for float16 from the hub; 'none': off)",
     )
+    g.add_argument("--revision", help="a hub model's branch, tag or commit (default: main)")
     g.add_argument("--offline", action="store_true", help="use only the local hub cache, never the network")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
 
@@ -310,7 +311,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if seed + args.videos - 1 > 2**63 - 1:
         raise InputError(f"--seed {seed} with --videos {args.videos} runs past the largest seed, 2**63 - 1")
     jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)), args.crf)
-    kind, multiple = model_source(args.model, args.variant)
+    kind, multiple = model_source(args.model, args.variant, args.revision)
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
     images = {s: load_image(s) for s in sources}  # unreadable images fail now, not after a long model load
@@ -339,7 +340,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_reuse=args.guidance_reuse,
     )
     # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
-    run = dict(img2vid_version=__version__, model=args.model, model_config=cfg.name, variant=variant)
+    run = dict(img2vid_version=__version__, model=args.model, revision=args.revision, model_config=cfg.name)
+    run.update(variant=variant)
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
     run.update(export_fps=args.export_fps or fps, segments=args.segments)
     run.update(compiled=bool(args.compile or args.compile_cache), guidance_parallel=second is not None)
@@ -361,7 +363,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from img2vid.server import make_server, serve
 
-    kind, _ = model_source(args.model, args.variant)
+    kind, _ = model_source(args.model, args.variant, args.revision)
     device, dtype = device_dtype(args)
     second = guidance_device(args, device)  # checked now: the model loads after
     check_compile_cache(args)

@@ -125,9 +125,10 @@ def video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) ->
     return width, height
 
 
-def model_source(model: str, variant: str | None = None) -> tuple[str, int]:
+def model_source(model: str, variant: str | None = None, revision: str | None = None) -> tuple[str, int]:
     """("folder" | "file" | "hub", the size multiple), without loading weights: a typo fails fast, not as a hub
-    lookup, and so does a --variant given with a single file (ignored, it would still be recorded in the sidecar).
+    lookup, and so do a --variant given with a single file and a --revision given with anything but a hub id (ignored,
+    they would still be recorded in the sidecar).
     Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD model
     (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
     from img2vid import checkpoint
@@ -141,10 +142,12 @@ def model_source(model: str, variant: str | None = None) -> tuple[str, int]:
         kind = "hub"
     else:
         raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
-    if kind == "file" and variant not in (None, "none"):
-        from img2vid.images import InputError
+    from img2vid.images import InputError
 
+    if kind == "file" and variant not in (None, "none"):
         raise InputError(f"--variant {variant} picks files of a model folder or hub repo, not of one file")
+    if kind != "hub" and revision is not None:
+        raise InputError(f"--revision {revision} picks a version of a hub model; {model} is a local {kind}")
     if config is None:
         return kind, 64
     return kind, config.size_multiple
@@ -225,6 +228,7 @@ def load_pipeline(
     offload = args.offload or "none"
     load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
     kw = dict(torch_dtype=dtype, variant=variant, local_files_only=args.offline, allow_pickle=args.allow_pickle)
+    kw.update(revision=args.revision)
     pipe = Pipeline.from_pretrained(args.model, device=load_to, **kw)
     if args.low_memory:  # sequential offload, split guidance halves, forward chunking, decode chunks of 2
         pipe.enable_low_memory(device=device)

@@ -4,6 +4,7 @@ huggingface_hub's cache, downloading only the files the pipeline reads."""
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from pathlib import Path
 
@@ -38,13 +39,13 @@ def hub_patterns(variant: str | None = None, files: list[str] | None = None) -> 
     return ["model_index.json", *config_files, *weights, "scheduler/*.json", "feature_extractor/*.json"]
 
 
-def _repo_files(repo_id: str) -> list[str] | None:
+def _repo_files(repo_id: str, revision: str | None, token: str | bool | None) -> list[str] | None:
     """The repo's file names, or None where the hub cannot say; snapshot_download then reports why (or falls back
     to the cache), with its own handling of every network, offline and access failure."""
     from huggingface_hub import list_repo_files
 
     try:
-        return list_repo_files(repo_id)
+        return list_repo_files(repo_id, revision=revision, token=token)
     except Exception:  # whatever the transport raises: this list only refines the patterns
         return None
 
@@ -52,8 +53,17 @@ def _repo_files(repo_id: str) -> list[str] | None:
 REPO_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
 
 
-def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_only: bool = False) -> Path:
-    """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache."""
+def resolve_pretrained(
+    path_or_id: str,
+    variant: str | None = None,
+    local_files_only: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache.
+    revision (a branch, tag or commit), cache_dir and token mean what they mean to diffusers and huggingface_hub
+    (token None: the saved login or HF_TOKEN; SVD's repos are gated)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -69,22 +79,27 @@ def resolve_pretrained(path_or_id: str, variant: str | None = None, local_files_
         HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
         # a variant: which components have it (one listing call); without, every component is plain
-        files = _repo_files(path_or_id) if variant and not local_files_only else None
+        files = _repo_files(path_or_id, revision, token) if variant and not local_files_only else None
         patterns = hub_patterns(variant, files)
-        return Path(snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=local_files_only))
+        where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        return Path(snapshot_download(path_or_id, allow_patterns=patterns, **where))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{path_or_id} is not in the local Hugging Face cache and the hub can't be reached (offline, or "
             "local_files_only); download it once while online, or pass a local diffusers folder or a single "
             ".safetensors file"
         ) from None
+    except RevisionNotFoundError:  # before HfHubHTTPError, its base
+        raise CheckpointError(f"{path_or_id}: no revision {revision!r} (a branch, tag or commit) on the hub") from None
     except RepositoryNotFoundError:
         raise CheckpointError(
-            f"{path_or_id}: no such model on the Hugging Face hub (gated or private models need `hf auth login`)"
+            f"{path_or_id}: no such model on the Hugging Face hub (gated or private models need `hf auth login` "
+            "or a token)"
         ) from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"{path_or_id}: download failed ({str(e).splitlines()[0]})") from None

@@ -124,13 +124,18 @@ class Pipeline(DiffusersAttributes, RunModes):
         device: str | torch.device = "cpu",
         local_files_only: bool = False,
         allow_pickle: bool = False,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
     ) -> Pipeline:
-        """A diffusers-format folder or hub id (through huggingface_hub's cache), or a single checkpoint file."""
+        """A diffusers-format folder or hub id (through huggingface_hub's cache), or a single checkpoint file.
+        revision, cache_dir and token: as in diffusers, for hub ids (a gated repo needs a login or a token)."""
         dev, dtype = available_device(device), weights_dtype(torch_dtype)  # before any download or read
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
             return cls.from_single_file(path, torch_dtype=dtype, device=dev, allow_pickle=allow_pickle)
-        folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only)
+        hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+        folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only, **hub)
         config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle)
         return cls.from_state_dicts(config, sds, device)
 
