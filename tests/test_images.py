@@ -325,6 +325,26 @@ def test_url_loading_and_errors(http_root: tuple[Path, str]) -> None:
     _one_line_error(e, f"{base}/cut.png")
 
 
+def test_url_with_spaces_and_bad_urls(http_root: tuple[Path, str]) -> None:
+    """A space in a URL is escaped (as requests does for diffusers); a malformed one is a one-line InputError."""
+    root, base = http_root
+    (root / "my photo.png").write_bytes(_png_bytes((8, 6)))
+    assert load_image(f"{base}/my photo.png").size == (8, 6)
+    with pytest.raises(InputError) as e:
+        load_image("http://[::1/x.png")
+    _one_line_error(e, "could not download http://[::1/x.png")
+
+
+def test_a_malformed_exif_block_is_ignored(tmp_path: Path) -> None:
+    """EXIF that is not TIFF data: the pixels load, unrotated, and the loaded image loads again (the CLI and the
+    pipeline each load it; exif_transpose raised SyntaxError on the second)."""
+    path = tmp_path / "badexif.jpg"
+    PIL.Image.new("RGB", (40, 30), (200, 30, 40)).save(path, exif=b"Exif\x00\x00garbage-garbage-garbage")
+    once = load_image(path)
+    assert once.size == (40, 30) and load_image(once).size == (40, 30)
+    assert load_image(PIL.Image.open(path)).size == (40, 30)
+
+
 def test_url_connection_refused() -> None:
     with pytest.raises(InputError) as e:
         load_image("http://127.0.0.1:9/x.png")  # discard port: nothing listens

@@ -6,11 +6,13 @@ exit 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+import http.client
 import io
 import math
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,16 +48,18 @@ def _is_url(source: object) -> bool:
 
 def _fetch_url(url: str, timeout: float = URL_TIMEOUT_S) -> bytes:
     """Download `url` with the stdlib (no `requests` dependency); any failure becomes a one-line InputError."""
-    request = urllib.request.Request(url, headers={"User-Agent": "img2vid"})
+    # Spaces and other characters a browser would escape, escaped as `requests` (diffusers' loader) does
+    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
     try:
+        request = urllib.request.Request(quoted, headers={"User-Agent": "img2vid"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read()
     except urllib.error.HTTPError as e:
         raise InputError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise InputError(f"could not download {url}: {e.reason}") from None
-    except (TimeoutError, OSError, ValueError) as e:
-        raise InputError(f"could not download {url}: {e}") from None
+    except (TimeoutError, OSError, ValueError, http.client.HTTPException) as e:  # a cut download: IncompleteRead
+        raise InputError(f"could not download {url}: {type(e).__name__}: {e}") from None
 
 
 def _open_decoded(fp: io.BytesIO, name: str) -> PIL.Image.Image:
@@ -240,7 +244,10 @@ def load_image(
     if image.width == 0 or image.height == 0:
         raise InputError(f"{name} has zero size ({image.width}x{image.height})")
     # Phones store portrait photos sideways plus an orientation tag; without this the video comes out rotated.
-    image = PIL.ImageOps.exif_transpose(image)
+    try:
+        image = PIL.ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block (not TIFF data, bad offsets): the pixels are fine, keep them as stored
+        pass
     return _to_rgb(image, bg, name)
 
 
