@@ -335,6 +335,16 @@ def test_url_with_spaces_and_bad_urls(http_root: tuple[Path, str]) -> None:
     _one_line_error(e, "could not download http://[::1/x.png")
 
 
+def test_16bit_grey_with_a_colour_key_is_composited(tmp_path: Path) -> None:
+    grey = np.array([[0, 65535], [30000, 0]], dtype=np.uint16)
+    path = tmp_path / "key16.png"
+    PIL.Image.fromarray(grey).save(path, transparency=0)
+    assert PIL.Image.open(path).info.get("transparency") == 0  # the key survives Pillow's round trip
+    out = np.asarray(load_image(path))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [255, 255, 255]  # keyed: background
+    assert out[0, 1].tolist() == [255, 255, 255] and out[1, 0].tolist() == [117, 117, 117]  # opaque samples, scaled
+
+
 def test_a_malformed_exif_block_is_ignored(tmp_path: Path) -> None:
     """EXIF that is not TIFF data: the pixels load, unrotated, and the loaded image loads again (the CLI and the
     pipeline each load it; exif_transpose raised SyntaxError on the second)."""

@@ -203,7 +203,10 @@ def _to_rgb(image: PIL.Image.Image, background: tuple[int, int, int], name: str)
         # Pillow opens 16-bit grayscale PNG/TIFF as I;16 or I; its own convert("L") clips at 255, turning most
         # of the picture white, so scale 0..65535 -> 0..255 ourselves.
         samples = np.asarray(image, dtype=np.float32)
-        scaled = np.clip(samples, 0.0, 65535.0) / 65535.0
+        scaled = np.clip(samples, 0.0, 65535.0) / 65535.0  # (H, W)
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a PNG colour key (tRNS): that sample value is transparent, as in 8-bit files
+            scaled = np.stack([scaled, (samples != key).astype(np.float32)], axis=-1)  # (H, W) -> (H, W, 2)
         return _from_array(scaled, background, name)
     if mode == "F":
         return _from_array(np.asarray(image, dtype=np.float32), background, name)
