@@ -110,11 +110,14 @@ def test_model_offload_after_streaming_stops_the_streaming():
 
 
 @pytest.mark.parametrize("enable", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
-def test_to_a_device_under_offload(enable):
+def test_to_a_device_under_offload(enable, monkeypatch):
     """As diffusers: offloaded components run where offloading was set up; .to("cpu") changes nothing, and a move
     to another device is an error, not inputs and weights on two devices at the first generation."""
     pipe = Pipeline.from_config("tiny")
     getattr(pipe, enable)(device="cpu")
+    import img2vid.offload
+
+    monkeypatch.setattr(img2vid.offload, "available_device", torch.device)  # "meta" stands for another GPU here
     assert pipe.to("cpu").device == torch.device("cpu")
     with pytest.raises(InputError, match="CPU offload runs on cpu; enable it again with device=meta"):
         pipe.to("meta")
@@ -122,9 +125,12 @@ def test_to_a_device_under_offload(enable):
     frames(pipe)
 
 
-def test_to_the_offload_device_without_its_index_is_a_no_op():
+def test_to_the_offload_device_without_its_index_is_a_no_op(monkeypatch):
     """enable_model_cpu_offload() runs on cuda:0; a diffusers script's later pipe.to("cuda") names that device and
     changes nothing (it was refused as another device). Faked on the CPU: no move is made under offload."""
+    import img2vid.offload
+
+    monkeypatch.setattr(img2vid.offload, "available_device", torch.device)  # no GPU here: names only
     pipe = Pipeline.from_config("tiny")
     pipe.enable_model_cpu_offload(device="cpu")
     pipe._device = torch.device("cuda", 0)
@@ -142,3 +148,25 @@ def test_compile_cache_with_streamed_weights_is_refused_before_tracing(tmp_path)
     with pytest.raises(InputError, match="cannot keep modules whose weights are streamed"):
         pipe.compile(cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_to_low_memory_and_guidance_parallel_refuse_bad_values_before_any_change():
+    """meta, float8, complex, a non-integer chunk or a device name torch cannot parse: one line, pipeline as it was
+    (pipe.to("meta") dropped the weights for good; chunk_size=2.5 left sequential offload on, then failed deep)."""
+    pipe = Pipeline.from_config("tiny")
+    for args, message in (
+        (("meta",), "unknown device 'meta'"),
+        ((torch.float8_e4m3fn,), "pipe.to takes torch.float16, bfloat16, float32 or float64"),
+        ((torch.complex64,), "pipe.to takes"),
+        (("xyz",), "unknown device 'xyz'"),
+    ):
+        with pytest.raises(InputError, match=message):
+            pipe.to(*args)
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+    with pytest.raises(InputError, match="chunk_size must be a positive integer"):
+        pipe.enable_low_memory(device="cpu", chunk_size=2.5)
+    assert pipe._offload is None and hooks(pipe) == 0
+    for device in ("xyz", None):
+        with pytest.raises(InputError, match="for guidance parallelism"):
+            pipe.enable_guidance_parallel(device)
+    frames(pipe)  # still runs where it was

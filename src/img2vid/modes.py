@@ -66,7 +66,10 @@ class RunModes:
         """pipe.to("cuda"), pipe.to(torch.float16), pipe.to("cuda", torch.float16) or by keyword, as in diffusers."""
         for a in args:  # positional: a device, a dtype, or both
             dtype, device = (a, device) if isinstance(a, torch.dtype) else (dtype, a)
-        device = torch.device(device) if device is not None else None
+        # checked before anything moves: meta (no data), a missing GPU, float8 or complex weights would fail later
+        device = offload.available_device(device) if device is not None else None
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise InputError(f"pipe.to takes torch.float16, bfloat16, float32 or float64 weights, not {dtype!r}")
         # "cuda" (no index) names the offload's own device as well as "cuda:0" does: diffusers scripts call to("cuda")
         same = device is not None and device.type == self._device.type and device.index in (None, self._device.index)
         if device is not None and self._offload is not None and device.type != "cpu" and not same:
@@ -144,6 +147,8 @@ class RunModes:
 
         chunk_size 25 keeps SVD-XT's frames whole: with the fused GEGLU the feed-forward is not this mode's peak, and
         smaller chunks only cost time (BENCHMARKS.md, run 52); longer videos are still chunked."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:  # before any change
+            raise InputError(f"chunk_size must be a positive integer (frames), got {chunk_size!r}")
         self.enable_sequential_cpu_offload(device=device)
         orig_module(self.unet).enable_forward_chunking(chunk_size)
         self._split_guidance = split_guidance  # False: half the weight traffic, more activation memory
@@ -158,7 +163,10 @@ class RunModes:
         cuda_graphs: each eager half as a CUDA graph (the host queues a step in microseconds); False queues the
         eager halves op by op from two threads (compiled halves are never graphed here, and on two H100s they were
         no faster than graphed eager halves: BENCHMARKS.md, run 132)."""
-        second = torch.device(device)
+        try:
+            second = torch.device(device)
+        except (RuntimeError, TypeError):  # "Invalid device string", None
+            raise InputError(f"unknown device {device!r} for guidance parallelism; use cuda:N") from None
         parallel.check_devices(self._device, second, self._offload)
         if self._step is not compiled.denoise_step:
             raise InputError("enable_guidance_parallel goes before compile(), and once")
