@@ -65,13 +65,39 @@ def test_guidance_parallel_refuses_what_it_cannot_run():
         pipe.enable_guidance_parallel("cpu")
     with pytest.raises(InputError, match="compile cache does not keep guidance-parallel steps"):
         pipe.compile(cache_dir="/tmp/never-used")
-    with pytest.raises(InputError, match="must be of the main device's kind"):
-        tiny().enable_guidance_parallel("meta")
+    for bad in ("meta", "cpu:1"):  # no data; a CPU that is not there
+        with pytest.raises(InputError, match=f"guidance parallelism: unknown device '{bad}'"):
+            tiny().enable_guidance_parallel(bad)
     n = torch.cuda.device_count()
     with pytest.raises(
         InputError, match=f"guidance parallelism: device cuda:{n} is not available \\(CUDA GPUs found: {n}\\)"
     ):
         tiny().enable_guidance_parallel(f"cuda:{n}")
+
+
+def test_the_copy_follows_the_unet_changed_after_enabling():
+    """Weights loaded into the UNet after enabling, a new UNet assigned, forward chunking set: the second device's
+    copy follows before the next call (its unconditional halves ran the old weights: a wrong video, silently)."""
+    other = Pipeline.from_config("tiny", torch.float32, seed=7).unet  # other weights, the same build
+    par = tiny().enable_guidance_parallel("cpu")
+    copy_ = par._step.unet
+    par.unet.load_state_dict(other.state_dict())
+    split = tiny(split=True)
+    split.unet.load_state_dict(other.state_dict())
+    assert torch.equal(video(par), video(split))
+    assert par._step.unet is copy_  # copied into the copy's memory, not copied anew
+    with torch.no_grad():  # an in-place change of one weight
+        next(par.unet.parameters()).mul_(1.5)
+        next(split.unet.parameters()).mul_(1.5)
+    assert torch.equal(video(par), video(split))
+    par.unet.enable_forward_chunking(1)
+    video(par)
+    assert all(m.chunk_size == 1 for m in par._step.unet.modules() if hasattr(m, "chunk_size"))
+    # another build: copied anew
+    big = Pipeline.from_config("tiny", torch.float32, seed=2)
+    par.unet = big.unet
+    split.unet = Pipeline.from_config("tiny", torch.float32, seed=2).unet
+    assert torch.equal(video(par), video(split))
 
 
 def test_compiled_guidance_parallel_matches_eager():

@@ -23,9 +23,9 @@ def available_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):  # "Invalid device string"
-        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
     if dev.type == "meta" or (dev.type == "cpu" and dev.index not in (None, 0)):
-        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps")
+        raise InputError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
         raise InputError(f"device {dev} is not available (CUDA GPUs found: {torch.cuda.device_count()})")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -34,6 +34,18 @@ def available_device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps") and not (backend and getattr(backend, "is_available", bool)()):
         raise InputError(f"device {dev} is not available")
     return dev
+
+
+def weights_dtype(torch_dtype: torch.dtype | str | None, what: str = "torch_dtype") -> torch.dtype:
+    """What the weights load or are cast as: float32 by default (as diffusers); a dtype's name ("float16") is taken
+    too. Anything else is a one-line error, not torch's "Invalid device string", weights silently cast to integers,
+    or float8 / complex weights that no kernel takes."""
+    if torch_dtype is None:
+        return torch.float32
+    dtype = getattr(torch, torch_dtype.removeprefix("torch."), None) if isinstance(torch_dtype, str) else torch_dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise InputError(f"{what} must be torch.float16, bfloat16, float32 or float64, not {torch_dtype!r}")
+    return dtype
 
 
 def accelerator(gpu_id: int | None, device: str | torch.device | None) -> torch.device:

@@ -35,14 +35,16 @@ from img2vid.offload import available_device
 class GuidanceParallel:
     """A drop-in for `compiled.denoise_step` (the same arguments) whose guided steps run the unconditional half on
     `device` with its own copy of the UNet. Steps without guidance run as before, on the first GPU alone. The copy is
-    made when guidance parallelism is enabled: set up the UNet first (weights, forward chunking); `Pipeline.to`,
-    `compile` and `enable_fp8` follow it to the copy."""
+    made when guidance parallelism is enabled and follows the UNet before every pipeline call (`sync`): weights loaded
+    or changed in place, a new UNet assigned, forward chunking set; `Pipeline.to`, `compile` and `enable_fp8` change
+    both alike."""
 
     def __init__(self, unet: torch.nn.Module, device: torch.device, cuda_graphs: bool = True) -> None:
         # A deep copy keeps what the original carries beside its weights (forward chunking, fp8 layers, the conv
         # weights' layout); made where the original is, then moved, so for a moment both copies are there.
-        self.unet = copy.deepcopy(unet).to(device).eval().requires_grad_(False)
         self.device = device
+        self.unet = self._copy_of(unet)
+        self._synced = source_key(unet)  # the UNet as the copy last matched it (`sync`)
         self.velocity: Callable[..., torch.Tensor] = compiled.velocity
         # None: the caller's thread queues both halves (svd_speed.py's +parallel1thread sets it for comparison). Never
         # a worker on the CPU, whose ops run as they are called: two threads' OpenMP teams would fight over the same
@@ -56,10 +58,43 @@ class GuidanceParallel:
         self._unets_key: tuple | None = None  # both UNets as the graphs captured them (`refresh`)
         self._failed: str | None = None  # a failed capture's error: every later step raises it (see _graphed_halves)
 
+    def _copy_of(self, unet: torch.nn.Module) -> torch.nn.Module:
+        return copy.deepcopy(unet).to(self.device).eval().requires_grad_(False)
+
+    def sync(self, unet: torch.nn.Module) -> None:
+        """Make the copy the UNet's twin again if the UNet changed since it last was: weights changed in place
+        (load_state_dict, copy_: the tensors' version counters tell) are copied into the copy's memory, settings
+        (forward chunking) copied over; a UNet of another structure (assigned, or modules swapped) is copied anew.
+        Without this the unconditional halves would run the old weights: a wrong video, silently."""
+        key = source_key(unet)
+        if key == self._synced:
+            return
+        src, dst = list(unet.modules()), list(self.unet.modules())
+        src_t, dst_t = _tensors(unet), _tensors(self.unet)
+        same_build = (
+            len(src) == len(dst)
+            and all(type(a) is type(b) for a, b in zip(src, dst, strict=True))
+            and len(src_t) == len(dst_t)
+            and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(src_t, dst_t, strict=True))
+        )
+        if same_build:
+            with torch.no_grad():
+                for a, b in zip(src_t, dst_t, strict=True):
+                    b.copy_(a)  # across GPUs: ordered by the streams, as the steps' copies are
+            for a, b in zip(src, dst, strict=True):
+                for name, value in vars(a).items():
+                    if isinstance(value, _PLAIN) and isinstance(vars(b).get(name, ()), _PLAIN):
+                        setattr(b, name, value)
+        else:
+            self._graphed, self.unet = [], None  # the old copy's memory (and its graphs') first
+            self.unet = self._copy_of(unet)
+        self._synced = source_key(unet)
+
     def refresh(self, unet: torch.nn.Module) -> None:
-        """Once a pipeline call, before its steps: the graphs go if either UNet changed since their capture (weights
-        cast, moved or re-laid, modules swapped for fp8 ones, forward chunking set). Replaced in place
-        (load_state_dict) the weights need no new capture; the second GPU's copy does not see them either way."""
+        """Once a pipeline call, before its steps: the copy made the UNet's twin (`sync`), then the graphs go if
+        either UNet changed since their capture (weights cast, moved or re-laid, modules swapped for fp8 ones, forward
+        chunking set). Weights replaced in place (load_state_dict) need no new capture."""
+        self.sync(unet)
         if not self._graphs_run():
             return
         key = (module_key(unet), module_key(self.unet))
@@ -227,6 +262,28 @@ def capture_halves(
     return graphs
 
 
+_PLAIN = (bool, int, float, str, type(None))  # the module attributes that are settings, not submodules or tensors
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The count of in-place writes to t; tensors made under torch.inference_mode keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def source_key(module: torch.nn.Module) -> tuple:
+    """What the second GPU's copy must match: the module, its tensors (memory, in-place writes, dtype, shape) and
+    its modules' settings. Microseconds a tensor, so once a pipeline call."""
+    tensors = tuple((t.data_ptr(), _version(t), t.dtype, t.shape) for t in _tensors(module))
+    return id(module), tensors, module_key(module)[1]
+
+
 def module_key(module: torch.nn.Module) -> tuple:
     """What a CUDA graph of `module`'s forward depends on beyond its inputs: where each weight lives (dtype, shape,
     strides, memory) and every submodule's plain settings (forward chunking, fused projections, ...). ~10 ms for
@@ -234,9 +291,8 @@ def module_key(module: torch.nn.Module) -> tuple:
     tensors = tuple(
         (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in itertools.chain(module.parameters(), module.buffers())
     )
-    plain = (bool, int, float, str, type(None))
     settings = tuple(
-        (type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, plain))) for m in module.modules()
+        (type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))) for m in module.modules()
     )
     return tensors, settings
 
@@ -254,11 +310,10 @@ def check_devices(main: torch.device, second: torch.device, offload: str | None)
 
     if offload is not None:
         raise offload_refused(offload)
-    if second.type == "cuda":
-        try:
-            available_device(second)
-        except InputError as e:
-            raise InputError(f"guidance parallelism: {e}") from None
+    try:  # a GPU this machine lacks, cpu:1, meta: named before the copy is made
+        available_device(second)
+    except InputError as e:
+        raise InputError(f"guidance parallelism: {e}") from None
     if second.type not in ("cuda", "cpu") or second.type != main.type:
         raise InputError(f"the second device {second} must be of the main device's kind ({main})")
     if second.type == "cuda" and (second.index or 0) == (main.index or 0):  # allowed on the CPU: a test of the wiring
