@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from img2vid import Pipeline
+from img2vid import Pipeline, compiled
 from img2vid.images import InputError
 from img2vid.offload import SequentialOffload
 
@@ -156,8 +156,8 @@ def test_to_low_memory_and_guidance_parallel_refuse_bad_values_before_any_change
     pipe = Pipeline.from_config("tiny")
     for args, message in (
         (("meta",), "unknown device 'meta'"),
-        ((torch.float8_e4m3fn,), "pipe.to takes torch.float16, bfloat16, float32 or float64"),
-        ((torch.complex64,), "pipe.to takes"),
+        ((torch.float8_e4m3fn,), "pipe.to's dtype must be torch.float16, bfloat16, float32 or float64"),
+        ((torch.complex64,), "pipe.to's dtype must be"),
         (("xyz",), "unknown device 'xyz'"),
     ):
         with pytest.raises(InputError, match=message):
@@ -169,4 +169,25 @@ def test_to_low_memory_and_guidance_parallel_refuse_bad_values_before_any_change
     for device in ("xyz", None):
         with pytest.raises(InputError, match="for guidance parallelism"):
             pipe.enable_guidance_parallel(device)
+    with pytest.raises(InputError, match="compile mode must be one of default, reduce-overhead, .* not 'bogus'"):
+        pipe.compile(mode="bogus")  # torch's RuntimeError at the first call, after the layout changed
+    assert pipe._step is compiled.denoise_step
     frames(pipe)  # still runs where it was
+
+
+def test_another_offload_after_low_memory_drops_its_chunking():
+    """enable_low_memory then enable_model_cpu_offload: model offload alone, as asked (low memory's decode chunk
+    size of 2, which changes the video, and its forward chunking and split guidance stayed on)."""
+    pipe = Pipeline.from_config("tiny")
+    pipe.enable_low_memory(device="cpu", chunk_size=1)
+    chunked = [m for m in pipe.unet.modules() if getattr(m, "chunk_size", None) == 1]
+    assert chunked and pipe._split_guidance and pipe.default_decode_chunk_size == 2
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert all(m.chunk_size is None for m in chunked)
+    assert not pipe._split_guidance and pipe.default_decode_chunk_size is None and pipe._offload == "model"
+    plain = Pipeline.from_config("tiny")
+    assert torch.equal(frames(pipe), frames(plain))
+    # a user's own chunking, set without low memory, is theirs to keep
+    pipe.unet.enable_forward_chunking(1)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert all(m.chunk_size == 1 for m in chunked)

@@ -127,6 +127,9 @@ def reuse_cond_step(
 
 REUSE_STEPS = (reuse_full_step, reuse_cond_step)
 
+# torch.compile's modes: anything else is torch's RuntimeError at the first call, after the pipeline changed
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def compile_step(
     mode: str | None = None, step: Callable[..., Any] = denoise_step, cache_dir: str | os.PathLike | None = None

@@ -43,6 +43,7 @@ class RunModes:
     _step: Callable[..., torch.Tensor]
     _reuse_steps: tuple[Callable[..., Any], ...]
     _split_guidance: bool
+    _low_memory: bool  # enable_low_memory's settings are on (undone by another offload)
     _decode: Callable[[torch.Tensor, int], torch.Tensor]
     _laid_out: bool
     default_decode_chunk_size: int | None
@@ -68,8 +69,7 @@ class RunModes:
             dtype, device = (a, device) if isinstance(a, torch.dtype) else (dtype, a)
         # checked before anything moves: meta (no data), a missing GPU, float8 or complex weights would fail later
         device = offload.available_device(device) if device is not None else None
-        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise InputError(f"pipe.to takes torch.float16, bfloat16, float32 or float64 weights, not {dtype!r}")
+        dtype = offload.weights_dtype(dtype, "pipe.to's dtype") if dtype is not None else None
         # "cuda" (no index) names the offload's own device as well as "cuda:0" does: diffusers scripts call to("cuda")
         same = device is not None and device.type == self._device.type and device.index in (None, self._device.index)
         if device is not None and self._offload is not None and device.type != "cpu" and not same:
@@ -97,6 +97,7 @@ class RunModes:
         self._check_no_guidance_parallel("model")
         self._device = offload.accelerator(gpu_id, device)
         self._stop_streaming()
+        self._leave_low_memory()
         self._offload = "model"
         for c in COMPONENTS:
             move_module(orig_module(getattr(self, c)), torch.device("cpu"))
@@ -112,6 +113,7 @@ class RunModes:
         self._check_no_guidance_parallel("sequential")
         self._device = offload.accelerator(gpu_id, device)
         self._stop_streaming()  # enabled again: one streaming at a time (stacked, every weight would copy twice)
+        self._leave_low_memory()
         self._fit_layout()  # before the streamed copies are made: they keep the layout
         self._offload = "sequential"
         for c in COMPONENTS:
@@ -123,6 +125,14 @@ class RunModes:
         """Offload after enable_guidance_parallel: refused as the other order is (`parallel.check_devices`)."""
         if isinstance(self._step, parallel.GuidanceParallel):
             raise parallel.offload_refused(kind)
+
+    def _leave_low_memory(self) -> None:
+        """Another offload asked for after enable_low_memory: its chunking and split guidance go with it (its
+        decode chunk size of 2 would change the video; diffusers' offloads change nothing but where weights live)."""
+        if not self._low_memory:
+            return
+        orig_module(self.unet).disable_forward_chunking()
+        self._split_guidance, self.default_decode_chunk_size, self._low_memory = False, None, False
 
     def _stop_streaming(self) -> None:
         for s in self._sequential.values():
@@ -154,6 +164,7 @@ class RunModes:
         self._split_guidance = split_guidance  # False: half the weight traffic, more activation memory
         self.default_decode_chunk_size = 2
         orig_module(self.vae).spatial_frame_chunk = 2
+        self._low_memory = True
         return self
 
     def enable_guidance_parallel(self, device: str | torch.device, cuda_graphs: bool = True) -> Self:
@@ -204,6 +215,8 @@ class RunModes:
 
         cache_dir keeps the compiled graphs in that folder ahead of time (`precompiled`): a later process loads them
         instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""
+        if mode not in compiled.MODES:
+            raise InputError(f"compile mode must be one of {', '.join(map(str, compiled.MODES[1:]))}, not {mode!r}")
         guidance_parallel = isinstance(self._step, parallel.GuidanceParallel)
         if cache_dir is not None:
             if guidance_parallel:

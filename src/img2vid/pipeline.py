@@ -38,20 +38,9 @@ from img2vid.inputs import (
     to_tensor,
 )
 from img2vid.modes import COMPONENTS, RunModes, orig_module
-from img2vid.offload import SequentialOffload, available_device
+from img2vid.offload import SequentialOffload, available_device, weights_dtype
 from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
-
-
-def weights_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype:
-    """What the weights load as: float32 by default (as diffusers); a dtype's name ("float16") is taken too. Anything
-    else is a one-line error, not torch's "Invalid device string" or weights silently cast to integers."""
-    if torch_dtype is None:
-        return torch.float32
-    dtype = getattr(torch, torch_dtype.removeprefix("torch."), None) if isinstance(torch_dtype, str) else torch_dtype
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8: no kernels take it
-        raise InputError(f"torch_dtype must be torch.float16, bfloat16, float32 or float64, not {torch_dtype!r}")
-    return dtype
 
 
 @dataclass
@@ -93,6 +82,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         self._step: Callable[..., torch.Tensor] = compiled.denoise_step
         self._reuse_steps: tuple[Callable[..., Any], ...] = compiled.REUSE_STEPS  # guidance_reuse > 1: (full, cond)
         self._split_guidance = False  # run the guidance halves one after the other (low memory)
+        self._low_memory = False  # enable_low_memory's settings on
         self.default_decode_chunk_size: int | None = None  # None: all frames at once, as diffusers
         # The decoder's per-frame layers run 2 frames at a time: same numbers, and on an H100 the activations of an
         # 8-frame decode chunk at 576x1024 fell from 9.6 (all at once) and 6.2 (4 at a time) to 3.9 GiB, for +15%
