@@ -20,7 +20,7 @@ from img2vid.video import FORMATS, apply_loop, export_video, read_metadata, read
 
 F, H, W = 8, 64, 96
 # Mean absolute error allowed after a decode, per format (0-255 scale): lossy codecs on smooth frames.
-TOLERANCE = {"mp4": 3.0, "webm": 3.0, "gif": 6.0, "webp": 4.0, "png": 0.0}
+TOLERANCE = {"mp4": 3.0, "webm": 3.0, "gif": 6.0, "webp": 4.0, "png": 0.0, "mkv": 3.0, "mov": 3.0}
 META = {"seed": 42, "model": "stabilityai/stable-video-diffusion-img2vid-xt", "steps": 25, "fps": 7, "note": "é→✓"}
 
 
@@ -101,6 +101,18 @@ def test_loop_modes_set_whether_gif_and_webp_play_once_or_forever(tmp_path: Path
             counts[loop] = (im.info.get("loop"), im.n_frames)
     once = None if fmt == "gif" else 1
     assert counts == {"none": (once, F), "loop": (0, F), "pingpong": (0, 2 * F - 2), None: (0, F)}
+
+
+def test_one_frame_webp_reads_back_its_stored_frame_rate(tmp_path: Path) -> None:
+    """Pillow writes a one-frame WebP as a still image, without a duration: the fps came back 0. The metadata's
+    export_fps (the CLI's playback rate), else fps, is read instead; without metadata there is none to give."""
+    one = _frames(count=1)
+    assert read_video(export_video(one, tmp_path / "a.webp", fps=7, metadata={"fps": 7}))[1] == 7.0
+    both = {"fps": 6, "export_fps": 12}
+    assert read_video(export_video(one, tmp_path / "b.webp", fps=12, metadata=both))[1] == 12.0
+    (tmp_path / "b.webp.json").unlink()  # the copy inside the file (EXIF) too
+    assert read_video(tmp_path / "b.webp")[1] == 12.0
+    assert read_video(export_video(one, tmp_path / "c.webp", fps=7))[1] == 0.0
 
 
 def test_apply_loop_orders() -> None:
@@ -326,7 +338,7 @@ def test_interrupted_write_leaves_old_file(tmp_path: Path, fmt: str, monkeypatch
     # encoded data reaches the disk before the failure.
     many = np.random.default_rng(0).integers(0, 256, (64, H, W, 3), dtype=np.uint8)
 
-    if fmt in ("mp4", "webm"):
+    if fmt in ("mp4", "webm", "mkv", "mov"):
         real = av.VideoFrame.from_ndarray
 
         calls = {"n": 0}
@@ -356,7 +368,7 @@ def test_interrupted_write_leaves_old_file(tmp_path: Path, fmt: str, monkeypatch
         export_video(many[::-1], target, fps=9, format=fmt, metadata={"version": "new"})
     # And with no older file: nothing at all under the final name.
     fresh = _target(tmp_path, fmt, stem="fresh")
-    if fmt in ("mp4", "webm"):
+    if fmt in ("mp4", "webm", "mkv", "mov"):
         calls["n"] = 0
     with pytest.raises(_Boom):
         export_video(many, fresh, fps=7, format=fmt, metadata={"v": 1})
@@ -409,6 +421,36 @@ def test_export_to_video_takes_tensors_and_arrays(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=needle):
             export_to_video(bad, str(tmp_path / "bad.mp4"))
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_export_to_video_takes_what_imageio_writes(tmp_path: Path) -> None:
+    """Grey (H, W) and (H, W, 1) frames and RGBA ones (the alpha dropped, as a yuv420p video does) as imageio writes
+    them (they were refused); .mkv and .mov are those containers with H.264, as ffmpeg picks from the extension (an
+    mp4 was written under the name); an extension it cannot write is an error, not an mp4 under another name."""
+    rgb = _frames()  # (F, H, W, 3) uint8
+    grey = rgb[..., 0]  # (F, H, W)
+    crf0 = dict(quality=10.0)
+    for name, given, expected in [
+        ("grey", list(grey), np.repeat(grey[..., None], 3, axis=3)),
+        ("grey1", list(grey[..., None]), np.repeat(grey[..., None], 3, axis=3)),
+        ("rgba", list(np.concatenate([rgb, np.zeros_like(rgb[..., :1])], axis=3)), rgb),
+    ]:
+        decoded, _ = read_video(export_to_video(given, str(tmp_path / f"{name}.mp4"), **crf0))
+        assert np.abs(decoded.astype(np.float32) - expected).mean() <= 4, name
+    for ext, container in (("mkv", "matroska"), ("mov", "mov")):
+        path = export_to_video(list(rgb), str(tmp_path / f"c.{ext}"), fps=7)
+        with av.open(path) as c:
+            assert container in c.format.name and c.streams.video[0].codec_context.name == "h264"
+        assert read_video(path)[0].shape == rgb.shape
+    for bad, needle in [
+        (str(tmp_path / "c.avi"), "writes .mp4, .mkv, .mov, .webm, .gif or .webp files, not"),
+        (str(tmp_path / "noext"), "writes .mp4"),
+    ]:
+        with pytest.raises(InputError, match=needle):
+            export_to_video(list(rgb), bad)
+        assert not Path(bad).exists()
+    with pytest.raises(InputError, match="a frame must be .* got shape \\(8, 8, 2\\)"):
+        export_to_video([np.zeros((8, 8, 2), np.uint8)], str(tmp_path / "two.mp4"))
 
 
 def test_export_to_video_defaults_and_macro_blocks(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("mp4", "webm", "gif", "webp", "png")  # = img2vid.video.FORMATS, spelled out to keep --help import-free
+# = img2vid.video.FORMATS, spelled out to keep --help import-free
+FORMATS = ("mp4", "webm", "gif", "webp", "png", "mkv", "mov")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -144,13 +145,22 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
         raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
     from img2vid.images import InputError
 
-    if kind == "file" and variant not in (None, "none"):
-        raise InputError(f"--variant {variant} picks files of a model folder or hub repo, not of one file")
+    if kind == "file":
+        refuse_variant_of_file(variant)
     if kind != "hub" and revision is not None:
         raise InputError(f"--revision {revision} picks a version of a hub model; {model} is a local {kind}")
     if config is None:
         return kind, 64
     return kind, config.size_multiple
+
+
+def refuse_variant_of_file(variant: str | None) -> None:
+    """A --variant given with a single file would be ignored, yet recorded in the sidecar: refused (generate, serve,
+    info). "none", the default's spelling, is no variant."""
+    from img2vid.images import InputError
+
+    if variant not in (None, "none"):
+        raise InputError(f"--variant {variant} picks files of a model folder or hub repo, not of one file")
 
 
 def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -67,11 +67,11 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from img2vid.checkpoint_tools import checkpoint_info
-    from img2vid.images import InputError
+    from img2vid.cli_setup import refuse_variant_of_file
 
     path = Path(args.checkpoint).expanduser()
-    if args.variant is not None and not path.is_dir():
-        raise InputError(f"--variant {args.variant} picks files of a model folder, not of one file")
+    if path.is_file():
+        refuse_variant_of_file(args.variant)
     variant = None if args.variant == "none" else args.variant
     info = checkpoint_info(path, variant=variant, allow_pickle=args.allow_pickle)
     print(info["path"])

@@ -59,13 +59,23 @@ def load_image(
 
 
 def _diffusers_uint8(frame: np.ndarray | PIL.Image.Image) -> np.ndarray:
+    """One frame as (H, W, 3) uint8, as imageio-ffmpeg would encode it."""
     if isinstance(frame, PIL.Image.Image):
         return np.asarray(frame.convert("RGB"))
-    if frame.dtype == np.uint8:
-        return frame
+    if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[-1] in (1, 3, 4)):
+        # grey (H, W) or (H, W, 1), RGB, or RGBA whose alpha the yuv420p video drops (imageio writes all four)
+        rgb = (
+            np.repeat(frame.reshape(*frame.shape[:2], 1), 3, axis=2)
+            if frame.ndim == 2 or frame.shape[-1] == 1
+            else frame[..., :3]
+        )
+    else:
+        raise InputError(f"a frame must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {frame.shape}")
+    if rgb.dtype == np.uint8:
+        return np.ascontiguousarray(rgb)
     # diffusers truncates (frame * 255).astype(uint8); we keep the truncation so files match its output, but clip
     # first so slight overshoot cannot wrap around to black.
-    return (np.clip(frame, 0.0, 1.0) * 255).astype(np.uint8)
+    return (np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def _to_macro_blocks(frames: list[np.ndarray], block: int) -> list[np.ndarray]:
@@ -119,8 +129,13 @@ def export_to_video(
         fd, output_video_path = tempfile.mkstemp(suffix=".mp4")
         os.close(fd)
     suffix = Path(output_video_path).suffix.lower().lstrip(".")
-    # imageio picks the format from the extension too; anything we do not know becomes mp4.
-    fmt = suffix if suffix in FORMATS and suffix != "png" else "mp4"
+    # imageio picks the container from the extension too (H.264 in each); one we cannot write is an error, not an mp4
+    # under another name
+    if suffix not in FORMATS or suffix == "png":
+        raise InputError(
+            f"export_to_video writes .mp4, .mkv, .mov, .webm, .gif or .webp files, not {output_video_path}"
+        )
+    fmt = suffix
     crf = None if bitrate is not None else (int((1 - quality / 10) * 51) if quality is not None else _X264_DEFAULT_CRF)
     export_video(frames, output_video_path, fps=fps, format=fmt, crf=crf, bitrate=bitrate)
     return output_video_path

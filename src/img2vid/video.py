@@ -50,18 +50,21 @@ __all__ = [
     "read_metadata",
 ]
 
-FORMATS = ("mp4", "webm", "gif", "webp", "png")  # "png" = a folder of PNG frames
+FORMATS = ("mp4", "webm", "gif", "webp", "png", "mkv", "mov")  # "png" = a folder of PNG frames
 LOOP_MODES = ("none", "loop", "pingpong")
 DEFAULT_CRF = 18  # x264/VP9 constant quality: 18 is visually lossless for x264, lower = bigger and better
 WEBP_QUALITY = 90
-_CODECS = {"mp4": "libx264", "webm": "libvpx-vp9"}
+# mkv and mov: H.264 as in mp4, for editors and players that want those containers (and diffusers' export_to_video
+# paths, which imageio writes as the extension says)
+_CODECS = {"mp4": "libx264", "webm": "libvpx-vp9", "mkv": "libx264", "mov": "libx264"}
+_CONTAINERS = {"mkv": "matroska"}  # ffmpeg's muxer names where they differ from the extension
 # The largest crf each encoder takes: 8-bit x264 stops at 51 (it would cap 52..63 silently), VP9 at 63.
-MAX_CRF = {"mp4": 51, "webm": 63}
+MAX_CRF = {"mp4": 51, "webm": 63, "mkv": 51, "mov": 51}
 _BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709 share the value 1 in ffmpeg's enums
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("tv" range, what players expect from yuv420p)
 # The largest width or height each format's encoder takes (x264 and WebP refuse more; GIF stores 16-bit sizes,
 # VP9 up to 65536); past these they fail only after the frames are made, with an encoder's cryptic message.
-MAX_SIDE = {"mp4": 16384, "webm": 65536, "gif": 65535, "webp": 16383}
+MAX_SIDE = {"mp4": 16384, "webm": 65536, "gif": 65535, "webp": 16383, "mkv": 16384, "mov": 16384}
 _GIF_MAX_CENTIS = 65535  # a GIF frame delay is a 16-bit count of centiseconds
 
 
@@ -178,8 +181,8 @@ def _write_av(
 ) -> None:
     frames = _pad_even(frames)
     # +faststart moves the moov index before the media data so browsers can start playing while downloading.
-    options = {"movflags": "+faststart"} if fmt == "mp4" else {}
-    with av.open(str(path), mode="w", format=fmt, options=options) as container:
+    options = {"movflags": "+faststart"} if fmt in ("mp4", "mov") else {}
+    with av.open(str(path), mode="w", format=_CONTAINERS.get(fmt, fmt), options=options) as container:
         if comment is not None:
             container.metadata["comment"] = comment
         stream = container.add_stream(_CODECS[fmt], rate=rate)
@@ -335,11 +338,11 @@ def export_video(
     metadata: dict | None = None,
     bitrate: int | None = None,
 ) -> Path:
-    """Write frames as mp4 / webm / gif / webp / png-folder (format from the extension unless given).
+    """Write frames as mp4 / mkv / mov / webm / gif / webp / png-folder (format from the extension unless given).
 
-    crf: constant quality for mp4/webm (default 18; ignored by gif/webp/png). bitrate: a fixed bitrate in bit/s for
-    mp4/webm instead of crf. loop: "loop" (GIF and WebP play forever), "none" (they play once) or "pingpong" (forward
-    then back, forever; see `apply_loop`); mp4 and webm have no loop flag, their players decide. metadata: a
+    crf: constant quality for mp4/mkv/mov/webm (default 18; ignored by gif/webp/png). bitrate: a fixed bitrate in
+    bit/s for those instead of crf. loop: "loop" (GIF and WebP play forever), "none" (they play once) or "pingpong"
+    (forward then back, forever; see `apply_loop`); the other containers have no loop flag, players decide. metadata: a
     JSON-able dict stored in a sidecar and in the file (see module doc); without it a stale sidecar of an earlier
     export is removed.
     """

@@ -55,7 +55,7 @@ def _read_png_folder(folder: Path) -> tuple[np.ndarray, float]:
             frames.append(np.asarray(image.convert("RGB")))
     with _open_image(files[0]) as first:
         rate = first.info.get(PNG_FPS_KEY)
-    fps = float(Fraction(rate)) if rate else float(read_metadata(folder).get("fps", 0.0))
+    fps = float(Fraction(rate)) if rate else _stored_fps(folder)
     return np.stack(frames), fps  # F x (H, W, 3) -> (F, H, W, 3)
 
 
@@ -67,7 +67,17 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, float]:
             frames.append(np.asarray(image.convert("RGB")))
             durations.append(float(image.info.get("duration", 0) or 0))
     mean_ms = sum(durations) / len(durations)
-    return np.stack(frames), (1000.0 / mean_ms if mean_ms > 0 else 0.0)  # F x (H, W, 3) -> (F, H, W, 3)
+    # A one-frame WebP is a still image (Pillow writes no animation chunk): no duration, so the stored fps, if any
+    fps = 1000.0 / mean_ms if mean_ms > 0 else _stored_fps(path)
+    return np.stack(frames), fps  # F x (H, W, 3) -> (F, H, W, 3)
+
+
+def _stored_fps(path: Path) -> float:
+    """The frame rate in the metadata `export_video` stored with the video, where the file itself keeps none: the
+    CLI's export_fps (its fps is the model's conditioning, which --export-fps may differ from), else fps; else 0."""
+    meta = read_metadata(path)
+    fps = meta.get("export_fps", meta.get("fps"))
+    return float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0 else 0.0
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
