@@ -153,6 +153,14 @@ def test_rgba_composited_on_background(tmp_path: Path) -> None:
 def test_la_and_palette_transparency(tmp_path: Path) -> None:
     la = _solid((4, 4), (100, 0), "LA")
     assert np.asarray(load_image(la, background=(1, 2, 3)))[0, 0].tolist() == [1, 2, 3]
+    # premultiplied grey (La, as RGBa): composited as its straight LA twin (it was a bare ValueError)
+    premultiplied = _solid((4, 4), (100, 128), "La")
+    straight = premultiplied.convert("LA")
+    assert np.array_equal(np.asarray(load_image(premultiplied)), np.asarray(load_image(straight)))
+    assert np.array_equal(
+        np.asarray(load_image(_solid((4, 4), (100, 50, 20, 128), "RGBa"))),
+        np.asarray(load_image(_solid((4, 4), (100, 50, 20, 128), "RGBa").convert("RGBA"))),
+    )
     palette = PIL.Image.new("P", (4, 4), 0)
     palette.putpalette([200, 10, 20, 30, 40, 50] + [0] * 762)
     palette.putpixel((0, 0), 1)

@@ -212,7 +212,9 @@ def _to_rgb(image: PIL.Image.Image, background: tuple[int, int, int], name: str)
         return _from_array(np.asarray(image, dtype=np.float32), background, name)
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
-        rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4); handles palette / colour-key transparency too
+        # Premultiplied grey (La) converts only to LA in Pillow, which then goes to RGBA
+        straight = image.convert("LA") if mode == "La" else image
+        rgba = np.asarray(straight.convert("RGBA"))  # (H, W, 4); handles palette / colour-key transparency too
         return PIL.Image.fromarray(_composite(rgba[..., :3], rgba[..., 3], background), mode="RGB")
     if mode == "RGB":
         return image
