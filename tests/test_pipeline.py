@@ -18,6 +18,7 @@ from img2vid import Pipeline
 from img2vid.configs import preset
 from img2vid.images import InputError
 from img2vid.inputs import to_host
+from img2vid.pipeline import NonFiniteVideo
 
 H, W = 32, 48  # non-square; tiny VAE (2 levels) and UNet (2-3 levels) need multiples of 8
 
@@ -579,6 +580,33 @@ def test_output_indexes_as_diffusers_base_output():
     out = pipe(make_image(64, 64), height=64, width=64, num_frames=2, num_inference_steps=1, output_type="pt")
     assert out[0] is out.frames and out["frames"] is out.frames and out.to_tuple() == (out.frames,)
     assert list(out.keys()) == ["frames"] and out[:1] == (out.frames,) and dict(out.items())["frames"] is out.frames
+
+
+def test_nan_weights_are_an_error_not_black_frames(tmp_path):
+    """A checkpoint with NaN weights (or a float16 overflow) gives NaN frames, which diffusers casts to black ones
+    silently: one error that names the likely causes; the CLI says it in one line, exit code 2, writes nothing."""
+    pipe = Pipeline.from_config("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        next(pipe.unet.parameters()).fill_(float("nan"))
+    kw = dict(height=32, width=32, num_frames=2, num_inference_steps=1)
+    for output_type in ("pil", "np", "pt"):
+        with pytest.raises(NonFiniteVideo, match="the decoded video holds NaN values: the weights hold NaN"):
+            pipe(make_image(64, 64), output_type=output_type, **kw)
+    assert pipe(make_image(64, 64), output_type="latent", **kw).frames.isnan().all()  # latents: the caller's to read
+    folder = tmp_path / "nan"
+    pipe.save_pretrained(folder)
+    image = tmp_path / "in.png"
+    make_image(64, 64).save(image)
+    out = tmp_path / "v.mp4"
+    args = ["generate", str(image), "-o", str(out), "--model", str(folder), "--steps", "1", "--frames", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "img2vid", *args, "--width", "32", "--height", "32", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "img2vid: error: the decoded video holds NaN values" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
 
 
 def test_guidance_runs_when_only_the_first_frames_are_over_one():

@@ -43,6 +43,10 @@ from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
 
 
+class NonFiniteVideo(ValueError):
+    """The model's output is not a video: NaN frames, which would be written as black ones."""
+
+
 @dataclass
 class PipelineOutput:
     """frames: list (videos) of lists of PIL images, or (B, F, H, W, 3) np.float32 for "np", or (B, F, 3, H, W) for
@@ -280,6 +284,12 @@ class Pipeline(DiffusersAttributes, RunModes):
         else:
             self._stage("vae")
             video = self.decode_latents(latents, decode_chunk_size, progress)  # (B, F, 3, H, W) in [-1, 1]
+            if bool(video.isnan().any()):  # one sync; the frames go to the host next anyway
+                # diffusers gives black frames here (NaN cast to bytes), silently. Infinities clamp to valid pixels.
+                raise NonFiniteVideo(
+                    "the decoded video holds NaN values: the weights hold NaN or infinite values, or float16 "
+                    "overflowed in them (try bfloat16 or float32)"
+                )
             frames = postprocess(video, output_type)
         self._stage("none")
         return PipelineOutput(frames=frames) if return_dict else frames
