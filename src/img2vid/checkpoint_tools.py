@@ -77,8 +77,9 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
     info: dict[str, Any] = {"path": str(path)}
     if path.is_dir():
         config = read_pipeline_config(path)
-        plain, unet_variants = weight_variants(path, "unet")
-        variants = sorted({v for c in COMPONENTS for v in weight_variants(path, c)[1]})
+        found = {c: weight_variants(path, c) for c in COMPONENTS}  # (plain weights?, variants) per component
+        plain, unet_variants = found["unet"]
+        variants = sorted({v for _, names in found.values() for v in names})
         if variant is None and not plain and unet_variants:
             variant = unet_variants[0]  # a folder holding only a variant (e.g. fp16)
         chosen = component_variants(path, variant)  # as loading picks them: plain where a component lacks it
