@@ -314,6 +314,22 @@ def test_graphed_halves_on_two_gpus_are_the_eager_halves():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphed_copy_on_the_second_gpu_follows_weights_loaded_after_enabling():
+    """Weights loaded into the UNet after the graphs were captured: copied into the second GPU's copy, whose graph
+    replays them (its memory is the one captured): the split halves' frames with the new weights, no new capture."""
+    other = Pipeline.from_config("tiny", torch.float16, seed=7).unet.state_dict()
+    par = tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1")
+    video(par, height=64, width=64)
+    graphs = list(par._step._graphed)
+    par.unet.load_state_dict(other)
+    split = tiny("cuda:0", torch.float16, split=True)
+    split.unet.load_state_dict(other)
+    got, expected = video(par, height=64, width=64), video(split, height=64, width=64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-3)
+    assert par._step._graphed == graphs
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_compiled_guidance_parallel_on_two_gpus_matches_eager():
     """Compiled halves (one compiled function, a graph per UNet copy) on two GPUs: the eager halves' frames."""
     eager = video(tiny("cuda:0", torch.float16).enable_guidance_parallel("cuda:1"), height=64, width=64)
