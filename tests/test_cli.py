@@ -441,7 +441,11 @@ BAD = {  # name: (arguments after IMAGE -o OUT --model MODEL SMALL, expected par
         "--device cpu --guidance-device cuda:7",
         "guidance parallelism: device cuda:7 is not available",
     ),
-    "guidance-device-kind": ("--device cpu --guidance-device meta", "must be of the main device's kind"),
+    "guidance-device-meta": ("--device cpu --guidance-device meta", "guidance parallelism: unknown device 'meta'"),
+    "guidance-device-cpu-index": (
+        "--device cpu --guidance-device cpu:1",
+        "guidance parallelism: unknown device 'cpu:1'",
+    ),
     "guidance-device-low-memory": (
         "--device cpu --guidance-device cpu --low-memory",
         "cannot run with sequential (--low-memory) CPU offload",
