@@ -386,7 +386,7 @@ def test_info_and_convert(models, tmp_path, capsys):
     assert main(["info", str(both)]) == 0
     assert next(line.strip() for line in capsys.readouterr().out.splitlines() if "unet " in line).endswith("float32")
     assert main(["info", str(models["single_file"]), "--variant", "fp16"]) == 2
-    assert "picks files of a model folder or hub repo, not of one file" in capsys.readouterr().err
+    assert "--variant fp16 picks files of a model folder, not of one file" in capsys.readouterr().err
 
 
 def test_folder_of_one_variant_needs_no_variant_flag(models, images, tmp_path, capsys):

@@ -3,13 +3,17 @@ CPU both "devices" are the CPU, which checks the wiring and the numbers; the two
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_image
 
 from img2vid import Pipeline
+from img2vid.configs import TINY_UNET
 from img2vid.images import InputError
 from img2vid.parallel import GuidanceParallel
+from img2vid.unet import UNet
 
 H, W = 32, 48
 KW = dict(height=H, width=W, num_frames=3, num_inference_steps=3, decode_chunk_size=2, output_type="pt")
@@ -28,6 +32,12 @@ def batches(unet: torch.nn.Module) -> list[int]:
     seen: list[int] = []
     unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     return seen
+
+
+def deeper_unet() -> UNet:
+    """A UNet of another build than the tiny pipeline's (two transformer layers at the first level), same inputs."""
+    torch.manual_seed(5)
+    return UNet(dataclasses.replace(TINY_UNET, transformer_layers_per_block=(2, 1))).eval().requires_grad_(False)
 
 
 def video(pipe: Pipeline, **kw) -> torch.Tensor:
@@ -90,14 +100,45 @@ def test_the_copy_follows_the_unet_changed_after_enabling():
         next(par.unet.parameters()).mul_(1.5)
         next(split.unet.parameters()).mul_(1.5)
     assert torch.equal(video(par), video(split))
+    # through .data, as PEFT merges LoRA weights: no version counter sees it
+    next(par.unet.parameters()).data.mul_(1.5)
+    next(split.unet.parameters()).data.mul_(1.5)
+    assert torch.equal(video(par), video(split))
     par.unet.enable_forward_chunking(1)
     video(par)
     assert all(m.chunk_size == 1 for m in par._step.unet.modules() if hasattr(m, "chunk_size"))
-    # another build: copied anew
-    big = Pipeline.from_config("tiny", torch.float32, seed=2)
-    par.unet = big.unet
-    split.unet = Pipeline.from_config("tiny", torch.float32, seed=2).unet
+    # a UNet of another build assigned: copied anew
+    par.unet = split.unet = deeper_unet()
     assert torch.equal(video(par), video(split))
+    assert par._step.unet is not copy_ and len(list(par._step.unet.modules())) == len(list(par.unet.modules()))
+
+
+def test_the_copy_follows_weights_made_under_inference_mode_and_a_failed_copy_is_made_again(monkeypatch):
+    """Tensors made under torch.inference_mode keep no version counter: weights loaded there are followed too. A new
+    copy that fails (out of memory on the second GPU) raises, and the next call makes it again, not a broken step."""
+    other = Pipeline.from_config("tiny", torch.float32, seed=7).unet.state_dict()
+    with torch.inference_mode():
+        par, split = tiny().enable_guidance_parallel("cpu"), tiny(split=True)
+        video(par)
+        par.unet.load_state_dict(other)
+        split.unet.load_state_dict(other)
+        assert torch.equal(video(par), video(split))
+    par, split = tiny().enable_guidance_parallel("cpu"), tiny(split=True)  # outside: inference tensors stay inside
+    step = par._step
+    real = GuidanceParallel._copy_of
+
+    def out_of_memory(self, unet):
+        raise torch.OutOfMemoryError("no room on the second device")
+
+    monkeypatch.setattr(GuidanceParallel, "_copy_of", out_of_memory)
+    par.unet = deeper_unet()  # another build: copied anew, which fails
+    with pytest.raises(torch.OutOfMemoryError):
+        video(par)
+    assert step.unet is None
+    par.to(torch.float64)  # with no copy in hand: nothing to cast, the next copy is made from the cast UNet
+    monkeypatch.setattr(GuidanceParallel, "_copy_of", real)
+    split.to(torch.float64).unet = par.unet
+    assert torch.equal(video(par), video(split)) and step.unet is not None
 
 
 def test_compiled_guidance_parallel_matches_eager():

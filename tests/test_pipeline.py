@@ -16,9 +16,8 @@ from conftest import make_image, rel_err
 
 from img2vid import Pipeline
 from img2vid.configs import preset
-from img2vid.images import InputError
+from img2vid.images import InputError, NonFiniteVideo
 from img2vid.inputs import to_host
-from img2vid.pipeline import NonFiniteVideo
 
 H, W = 32, 48  # non-square; tiny VAE (2 levels) and UNet (2-3 levels) need multiples of 8
 

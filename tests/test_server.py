@@ -24,6 +24,7 @@ from conftest import make_image
 from img2vid import Pipeline, server_requests
 from img2vid import server as server_module
 from img2vid.cli import main
+from img2vid.images import NonFiniteVideo
 from img2vid.server import Handler, generate, make_server, parse_params
 from img2vid.video import read_video
 
@@ -508,6 +509,19 @@ def test_progress_is_reset_after_a_failing_generation(address, png, monkeypatch)
     assert progress(address) == {"busy": False, "waiting": 0}
     monkeypatch.undo()
     assert post(address, png, seed=1)[0] == 200  # the lock was released too
+
+
+def test_nan_frames_are_a_500_in_one_line_without_a_traceback(address, png, monkeypatch, capfd):
+    """A model whose frames come out NaN (bad weights, float16 overflow): the server's failure, not the request's,
+    said in its one line; no traceback (it adds nothing to the message)."""
+
+    def nan(self, *args, **kwargs):
+        raise NonFiniteVideo("the decoded video holds NaN values: the weights hold NaN or infinite values")
+
+    monkeypatch.setattr(Pipeline, "__call__", nan)
+    status, _, text = post(address, png, seed=1)
+    assert status == 500 and text.startswith(b"the decoded video holds NaN values"), text
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_peer_closed_sees_the_end_of_stream_only():

@@ -437,6 +437,8 @@ def test_export_to_video_takes_what_imageio_writes(tmp_path: Path) -> None:
     ]:
         decoded, _ = read_video(export_to_video(given, str(tmp_path / f"{name}.mp4"), **crf0))
         assert np.abs(decoded.astype(np.float32) - expected).mean() <= 4, name
+    decoded, _ = read_video(export_to_video(grey, str(tmp_path / "stack.mp4"), **crf0))  # (F, H, W): F grey frames
+    assert np.abs(decoded.astype(np.float32) - np.repeat(grey[..., None], 3, axis=3)).mean() <= 4
     for ext, container in (("mkv", "matroska"), ("mov", "mov")):
         path = export_to_video(list(rgb), str(tmp_path / f"c.{ext}"), fps=7)
         with av.open(path) as c:

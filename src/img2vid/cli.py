@@ -186,9 +186,11 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
         choices=("none", "loop", "pingpong"),
         default="loop",
         help="gif/webp play forever (loop, the default) or once (none); pingpong: forward then back, forever (2F-2 "
-        "frames); mp4/webm carry no loop flag (players decide)",
+        "frames); mp4/mkv/mov/webm carry no loop flag (players decide)",
     )
-    g.add_argument("--crf", type=_number(int, 0, 63), help="mp4/webm quality, lower = better (default 18)")
+    g.add_argument(
+        "--crf", type=_number(int, 0, 63), help="mp4/mkv/mov (0..51), webm (0..63) quality, lower = better (default 18)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

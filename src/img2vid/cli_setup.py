@@ -154,13 +154,13 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
     return kind, config.size_multiple
 
 
-def refuse_variant_of_file(variant: str | None) -> None:
+def refuse_variant_of_file(variant: str | None, picks_from: str = "a model folder or hub repo") -> None:
     """A --variant given with a single file would be ignored, yet recorded in the sidecar: refused (generate, serve,
-    info). "none", the default's spelling, is no variant."""
+    info, which reads folders and files only). "none", the default's spelling, is no variant."""
     from img2vid.images import InputError
 
     if variant not in (None, "none"):
-        raise InputError(f"--variant {variant} picks files of a model folder or hub repo, not of one file")
+        raise InputError(f"--variant {variant} picks files of {picks_from}, not of one file")
 
 
 def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -127,8 +127,13 @@ def reuse_cond_step(
 
 REUSE_STEPS = (reuse_full_step, reuse_cond_step)
 
-# torch.compile's modes: anything else is torch's RuntimeError at the first call, after the pipeline changed
-MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+def compile_modes() -> list[str]:
+    """torch.compile's modes as this torch names them ("lite" is new in 2.13): anything else is torch's RuntimeError
+    at the first call, after the pipeline changed. Imports inductor, which compiling does anyway."""
+    from torch._inductor import list_mode_options
+
+    return list(list_mode_options())
 
 
 def compile_step(

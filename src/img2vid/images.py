@@ -36,6 +36,11 @@ class InputError(ValueError):
     """A user-facing problem with an input; str(e) is ONE clear line (the CLI prints it and exits 2)."""
 
 
+class NonFiniteVideo(ValueError):
+    """The model's output is not a video: NaN frames, which would be written as black ones (the weights or float16
+    overflow, not the request: the server answers 500, without a traceback). One line, as InputError's."""
+
+
 def is_tensor(value: object) -> bool:
     """isinstance(value, torch.Tensor) without importing torch: if torch is not loaded, nothing can be a tensor."""
     torch_module = sys.modules.get("torch")

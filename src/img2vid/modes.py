@@ -43,7 +43,7 @@ class RunModes:
     _step: Callable[..., torch.Tensor]
     _reuse_steps: tuple[Callable[..., Any], ...]
     _split_guidance: bool
-    _low_memory: bool  # enable_low_memory's settings are on (undone by another offload)
+    _low_memory: int | None  # the chunk size enable_low_memory set (its settings are undone by another offload)
     _decode: Callable[[torch.Tensor, int], torch.Tensor]
     _laid_out: bool
     default_decode_chunk_size: int | None
@@ -88,7 +88,8 @@ class RunModes:
                 m.to(device)
         if device is not None and self._offload is None:
             self._device = device
-        if par is not None and dtype is not None:  # the second GPU's UNet copy: its half gets inputs in the new dtype
+        # the second GPU's UNet copy: its half gets inputs in the new dtype (None: a failed copy, made anew next call)
+        if par is not None and dtype is not None and par.unet is not None:
             par.unet.to(dtype)
         return self
 
@@ -127,12 +128,17 @@ class RunModes:
             raise parallel.offload_refused(kind)
 
     def _leave_low_memory(self) -> None:
-        """Another offload asked for after enable_low_memory: its chunking and split guidance go with it (its
-        decode chunk size of 2 would change the video; diffusers' offloads change nothing but where weights live)."""
-        if not self._low_memory:
+        """Another offload asked for after enable_low_memory: its chunking, decode chunk size (2, which changes the
+        video) and split guidance go with it, as diffusers' offloads change nothing but where weights live. What the
+        user set since is theirs and stays."""
+        if self._low_memory is None:
             return
-        orig_module(self.unet).disable_forward_chunking()
-        self._split_guidance, self.default_decode_chunk_size, self._low_memory = False, None, False
+        unet = orig_module(self.unet)
+        if {m.chunk_size for m in unet.modules() if hasattr(m, "chunk_size")} == {self._low_memory}:
+            unet.disable_forward_chunking()
+        if self.default_decode_chunk_size == 2:
+            self.default_decode_chunk_size = None
+        self._split_guidance, self._low_memory = False, None
 
     def _stop_streaming(self) -> None:
         for s in self._sequential.values():
@@ -164,7 +170,7 @@ class RunModes:
         self._split_guidance = split_guidance  # False: half the weight traffic, more activation memory
         self.default_decode_chunk_size = 2
         orig_module(self.vae).spatial_frame_chunk = 2
-        self._low_memory = True
+        self._low_memory = chunk_size
         return self
 
     def enable_guidance_parallel(self, device: str | torch.device, cuda_graphs: bool = True) -> Self:
@@ -193,8 +199,9 @@ class RunModes:
         replaced."""
         if self._offload == "sequential":
             raise InputError(_FP8_STREAMING)
-        if isinstance(self._step, parallel.GuidanceParallel):  # the second GPU's copy too: both halves alike
-            quantize_unet_fp8(self._step.unet)
+        par = self._step if isinstance(self._step, parallel.GuidanceParallel) else None
+        if par is not None and par.unet is not None:  # the second GPU's copy too: both halves alike
+            quantize_unet_fp8(par.unet)
         return quantize_unet_fp8(orig_module(self.unet))
 
     def compile(
@@ -215,8 +222,8 @@ class RunModes:
 
         cache_dir keeps the compiled graphs in that folder ahead of time (`precompiled`): a later process loads them
         instead of re-tracing (start-up). Its files are pickles written by torch: name only a folder you trust."""
-        if mode not in compiled.MODES:
-            raise InputError(f"compile mode must be one of {', '.join(map(str, compiled.MODES[1:]))}, not {mode!r}")
+        if mode is not None and mode not in (known := compiled.compile_modes()):
+            raise InputError(f"compile mode must be one of {', '.join(known)} or None, not {mode!r}")
         guidance_parallel = isinstance(self._step, parallel.GuidanceParallel)
         if cache_dir is not None:
             if guidance_parallel:
@@ -229,7 +236,8 @@ class RunModes:
         channels_last_(orig_module(self.vae).decoder, channels_last)
         self._laid_out = True  # as asked, also for later eager calls
         if guidance_parallel:
-            channels_last_(self._step.unet, channels_last)  # the second GPU's copy: its half as fast as the first's
+            if self._step.unet is not None:  # the second GPU's copy: its half as fast as the first's
+                channels_last_(self._step.unet, channels_last)
             self._step.compile(mode)
         else:
             self._step = compiled.compile_step(mode, cache_dir=cache_dir)

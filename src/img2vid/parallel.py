@@ -43,8 +43,8 @@ class GuidanceParallel:
         # A deep copy keeps what the original carries beside its weights (forward chunking, fp8 layers, the conv
         # weights' layout); made where the original is, then moved, so for a moment both copies are there.
         self.device = device
-        self.unet = self._copy_of(unet)
-        self._synced = source_key(unet)  # the UNet as the copy last matched it (`sync`)
+        self.unet: torch.nn.Module | None = self._copy_of(unet)  # None after a copy that failed (`sync`)
+        self._synced: tuple | None = source_key(unet)  # the UNet as the copy last matched it (`sync`)
         self.velocity: Callable[..., torch.Tensor] = compiled.velocity
         # None: the caller's thread queues both halves (svd_speed.py's +parallel1thread sets it for comparison). Never
         # a worker on the CPU, whose ops run as they are called: two threads' OpenMP teams would fight over the same
@@ -63,20 +63,22 @@ class GuidanceParallel:
 
     def sync(self, unet: torch.nn.Module) -> None:
         """Make the copy the UNet's twin again if the UNet changed since it last was: weights changed in place
-        (load_state_dict, copy_: the tensors' version counters tell) are copied into the copy's memory, settings
-        (forward chunking) copied over; a UNet of another structure (assigned, or modules swapped) is copied anew.
-        Without this the unconditional halves would run the old weights: a wrong video, silently."""
+        (load_state_dict, copy_, writes through .data such as a LoRA merge: their bits' sums tell) are copied into
+        the copy's memory, settings (forward chunking) copied over; a UNet of another build (assigned, or modules
+        swapped) is copied anew. Without this the unconditional halves would run the old weights: a wrong video,
+        silently."""
         key = source_key(unet)
-        if key == self._synced:
+        if self._synced is not None and key[0] == self._synced[0] and torch.equal(key[1], self._synced[1]):
             return
-        src, dst = list(unet.modules()), list(self.unet.modules())
-        src_t, dst_t = _tensors(unet), _tensors(self.unet)
+        src, dst = list(unet.modules()), list(self.unet.modules()) if self.unet is not None else []
+        src_t, dst_t = _tensors(unet), _tensors(self.unet) if self.unet is not None else []
         same_build = (
             len(src) == len(dst)
             and all(type(a) is type(b) for a, b in zip(src, dst, strict=True))
             and len(src_t) == len(dst_t)
             and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(src_t, dst_t, strict=True))
         )
+        self._synced = None  # until the copy below is done: an error in it leaves the next call to copy again
         if same_build:
             with torch.no_grad():
                 for a, b in zip(src_t, dst_t, strict=True):
@@ -88,7 +90,7 @@ class GuidanceParallel:
         else:
             self._graphed, self.unet = [], None  # the old copy's memory (and its graphs') first
             self.unet = self._copy_of(unet)
-        self._synced = source_key(unet)
+        self._synced = key
 
     def refresh(self, unet: torch.nn.Module) -> None:
         """Once a pipeline call, before its steps: the copy made the UNet's twin (`sync`), then the graphs go if
@@ -269,19 +271,19 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """The count of in-place writes to t; tensors made under torch.inference_mode keep none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a tensor's bits as integers
 
 
-def source_key(module: torch.nn.Module) -> tuple:
-    """What the second GPU's copy must match: the module, its tensors (memory, in-place writes, dtype, shape) and
-    its modules' settings. Microseconds a tensor, so once a pipeline call."""
-    tensors = tuple((t.data_ptr(), _version(t), t.dtype, t.shape) for t in _tensors(module))
-    return id(module), tensors, module_key(module)[1]
+def source_key(module: torch.nn.Module) -> tuple[tuple, torch.Tensor]:
+    """What the second GPU's copy must match: (the module, its tensors' memory, dtypes and shapes, its modules'
+    settings) and, per tensor, the sum of its bits read as integers. Any change of a weight changes its sum but for
+    changes that cancel exactly; version counters would miss writes through .data (PEFT's merges) and tensors made
+    under inference_mode. One reduction a tensor and one sync: a few ms for SVD's UNet, once a pipeline call."""
+    tensors = _tensors(module)
+    build = (id(module), tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors), module_key(module)[1])
+    with torch.no_grad():
+        sums = [t.detach().view(_INT_OF_SIZE[t.element_size()]).sum(dtype=torch.int64) for t in tensors]
+    return build, (torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.int64))
 
 
 def module_key(module: torch.nn.Module) -> tuple:

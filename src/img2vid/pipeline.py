@@ -20,7 +20,7 @@ import torch
 from img2vid import checkpoint, compiled, sampling
 from img2vid.configs import PipelineConfig, preset
 from img2vid.image_encoder import ImageEncoder, preprocess
-from img2vid.images import InputError, check_size
+from img2vid.images import InputError, NonFiniteVideo, check_size
 from img2vid.inputs import (
     DiffusersAttributes,
     Generator,
@@ -41,10 +41,6 @@ from img2vid.modes import COMPONENTS, RunModes, orig_module
 from img2vid.offload import SequentialOffload, available_device, weights_dtype
 from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
-
-
-class NonFiniteVideo(ValueError):
-    """The model's output is not a video: NaN frames, which would be written as black ones."""
 
 
 @dataclass
@@ -86,7 +82,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         self._step: Callable[..., torch.Tensor] = compiled.denoise_step
         self._reuse_steps: tuple[Callable[..., Any], ...] = compiled.REUSE_STEPS  # guidance_reuse > 1: (full, cond)
         self._split_guidance = False  # run the guidance halves one after the other (low memory)
-        self._low_memory = False  # enable_low_memory's settings on
+        self._low_memory: int | None = None  # the chunk size enable_low_memory set, while its settings are on
         self.default_decode_chunk_size: int | None = None  # None: all frames at once, as diffusers
         # The decoder's per-frame layers run 2 frames at a time: same numbers, and on an H100 the activations of an
         # 8-frame decode chunk at 576x1024 fell from 9.6 (all at once) and 6.2 (4 at a time) to 3.9 GiB, for +15%

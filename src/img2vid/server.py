@@ -47,7 +47,7 @@ from urllib.parse import parse_qs, urlsplit
 import PIL.Image
 
 from img2vid import __version__
-from img2vid.images import InputError
+from img2vid.images import InputError, NonFiniteVideo
 from img2vid.server_requests import (
     FORMATS,
     MAX_INPUT_PIXELS,
@@ -304,6 +304,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         except InputError as e:
             self._error(400, str(e) or "bad request")
+            return
+        except NonFiniteVideo as e:  # the model's failure, said in a line: a traceback would add nothing
+            self._error(500, str(e))
             return
         except Exception as e:
             traceback.print_exc(file=sys.stderr)

@@ -111,8 +111,9 @@ def export_to_video(
     """
     if is_tensor(video_frames) or (isinstance(video_frames, (list, tuple)) and any(map(is_tensor, video_frames))):
         video_frames = list(to_uint8_frames(video_frames))  # F x (H, W, 3) uint8
-    elif isinstance(video_frames, np.ndarray) and video_frames.ndim == 4:
-        video_frames = list(video_frames)  # (F, H, W, 3) -> F x (H, W, 3), what iterating it gives diffusers
+    elif isinstance(video_frames, np.ndarray) and video_frames.ndim in (3, 4):
+        # (F, H, W[, C]) -> F frames, what iterating it gives diffusers (a 3-D array is grey frames to imageio)
+        video_frames = list(video_frames)
     if not isinstance(video_frames, (list, tuple)):
         raise InputError(f"export_to_video takes a list of frames, got {type(video_frames).__name__}")
     if not video_frames:
