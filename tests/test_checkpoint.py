@@ -249,6 +249,44 @@ def test_convert_onto_an_existing_path_of_the_other_kind(tmp_path):
     assert ck.load_single_file(single)[1]["unet"]["conv_in.weight"].dtype == torch.float16
 
 
+def test_convert_replaces_a_model_folder_whole_and_reads_a_variant_only_folder(tmp_path):
+    """Converting onto another model's folder replaces it whole (its plain weights stayed beside the new fp16 ones
+    and were the ones loaded); onto its own source folder, the new variant goes beside the old files. A folder of one
+    variant alone converts without --variant (as it loads), a leftover of an interrupted save can be written over,
+    --variant between two files is refused, the destination's suffix is read in any case, and a file in the way of
+    the destination's folders is named."""
+    old, new = random_components(TINY, seed=11), random_components(TINY, seed=12)
+    stale = ck.save_folder(tmp_path / "stale", TINY, old)
+    single = ck.save_single_file(tmp_path / "new.safetensors", TINY, new)
+    convert(single, stale, variant="fp16")
+    assert sorted(p.name for p in (stale / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    loaded = ck.load_component(stale, "unet", "fp16")
+    assert torch.equal(loaded["conv_in.weight"], new["unet"]["conv_in.weight"].half())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    # a folder of fp16 files alone: read in fp16 without --variant, to a folder and to a file
+    plain = convert(stale, tmp_path / "plain")
+    assert ck.load_component(plain, "unet")["conv_in.weight"].dtype == torch.float16
+    assert convert(stale, tmp_path / "f16.safetensors").is_file()
+    # its own folder: the plain files join the fp16 ones (the same model)
+    convert(stale, stale, dtype=torch.float32)
+    assert weight_variants(stale, "unet") == (True, ["fp16"])
+    # what an interrupted save over a model folder leaves (no model_index.json) is a model folder to write over
+    (plain / "model_index.json").unlink()
+    assert convert(single, plain) == plain and ck.read_pipeline_config(plain) == TINY
+    with pytest.raises(CheckpointError, match="--variant fp16 names a folder's files; .* are single files"):
+        convert(single, tmp_path / "x.safetensors", variant="fp16")
+    upper = convert(stale, tmp_path / "UP.SAFETENSORS")
+    assert upper.is_file()
+    with pytest.raises(CheckpointError, match="we write .safetensors files or folders only"):
+        convert(single, tmp_path / "out.CKPT")
+    (tmp_path / "in_the_way").write_text("a file")
+    with pytest.raises(CheckpointError, match="in_the_way is a file, not a folder"):
+        convert(single, tmp_path / "in_the_way" / "deeper" / "m.safetensors")
+
+
 def test_learned_quant_conv_round_trips_through_the_conditioning_autoencoder(tmp_path):
     """The temporal VAE's quant_conv has no place in sgm's video autoencoder: a learned one is written with a copy of
     the encoder as sgm's conditioning autoencoder (embedders.3), and comes back bit-identical, through a file too."""

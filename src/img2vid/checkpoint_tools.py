@@ -4,6 +4,8 @@ alone, checked against the config it implies."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +40,65 @@ def convert(
 ) -> Path:
     """Folder <-> single file (also folder -> folder and file -> file, e.g. to change the dtype). A `dst` ending in
     .safetensors is a single file, anything else a folder. `variant` names the folder side's files: read from a
-    source folder when writing a single file, written to a destination folder otherwise."""
+    source folder (without it, a folder holding one variant alone is read in it, as loading does) and written to a
+    destination folder. An existing model folder at `dst` is replaced whole, atomically (a mix of two models' files
+    would load the wrong one), except when it is `src` itself: the new variant's files then go beside the others."""
     src, dst = Path(src), Path(dst)
-    to_file = dst.suffix == ".safetensors"
-    if dst.suffix in PICKLE_SUFFIXES:
+    suffix = dst.suffix.lower()
+    to_file = suffix == ".safetensors"
+    if suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{dst}: we write .safetensors files or folders only")
-    if not to_file and dst.is_dir() and any(dst.iterdir()) and not (dst / "model_index.json").is_file():
+    if variant is not None and to_file and not src.is_dir():
+        raise CheckpointError(f"--variant {variant} names a folder's files; {src} and {dst} are single files")
+    _check_parents(dst)
+    if not to_file and dst.is_dir() and not _model_folder(dst):
         raise CheckpointError(f"{dst} is a folder that holds other files: pick a new or empty folder (or a model's)")
     if dst.is_dir() if to_file else dst.is_file():  # before the (long) read, not an OSError after it
         kind = "folder (a .safetensors path is written as one file)" if to_file else "file (a folder goes there)"
         raise CheckpointError(f"{dst} already exists as a {kind}: pick another path")
     if src.is_dir():
-        config, comps = load_folder(src, variant if to_file else None, "cpu", dtype, allow_pickle)
+        # to a file, the variant to read (it must be there); to a folder, the one to write, read where the source has
+        # it; without one, a source of one variant alone is read in it
+        plain, variants = weight_variants(src, "unet", pickles=allow_pickle)
+        read = variant if to_file or variant in variants else None
+        read = variants[0] if read is None and not plain and len(variants) == 1 else read
+        config, comps = load_folder(src, read, "cpu", dtype, allow_pickle)
     else:
         config, comps = load_single_file(src, "cpu", dtype, allow_pickle=allow_pickle)
     if to_file:
         return save_single_file(dst, config, comps)
     # dtype, when given, wins over the variant's usual dtype (the weights were cast to it while read)
-    return save_folder(dst, config, comps, dtype=dtype, variant=variant)
+    if not dst.exists() or (src.is_dir() and dst.resolve() == src.resolve()):
+        return save_folder(dst, config, comps, dtype=dtype, variant=variant)
+    staged = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        save_folder(staged, config, comps, dtype=dtype, variant=variant)
+        old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
+        os.replace(dst, old)  # a moment without dst; never a folder of two models
+        os.replace(staged, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return dst
+
+
+_MODEL_FOLDER_ENTRIES = {*COMPONENTS, "scheduler", "feature_extractor", "model_index.json"}
+
+
+def _model_folder(folder: Path) -> bool:
+    """A model folder, or what an interrupted save over one left (no model_index.json yet): safe to replace."""
+    return (folder / "model_index.json").is_file() or all(
+        p.name in _MODEL_FOLDER_ENTRIES or p.name.startswith(".") for p in folder.iterdir()
+    )
+
+
+def _check_parents(dst: Path) -> None:
+    """A file where a folder above `dst` must be: named now, not as "[Errno 17] File exists" after the read."""
+    for parent in dst.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"cannot write {dst}: {parent} is a file, not a folder")
+            return
 
 
 def _summary(sd: StateDict, expected: dict[str, torch.Size] | None) -> dict[str, Any]:

@@ -241,8 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("src", help="a checkpoint file (.safetensors; .ckpt with --allow-pickle) or a diffusers folder")
     conv.add_argument("dst", help="the other kind: a folder for a file, a .safetensors file for a folder")
-    conv.add_argument("--dtype", choices=DTYPES, help="cast weights (default: keep)")
-    conv.add_argument("--variant", type=_variant, help="the folder side's variant files, e.g. fp16")
+    conv.add_argument(
+        "--dtype", choices=DTYPES, help="cast weights (default: keep them, but fp16 / bf16 for a folder's variant)"
+    )
+    conv.add_argument(
+        "--variant",
+        type=_variant,
+        help="the folder side's variant files, e.g. fp16 (default: a source folder's only variant, else none)",
+    )
     conv.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
     conv.set_defaults(func=cmd_convert)
 
