@@ -503,6 +503,7 @@ def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
         ([str(tmp_path / "*.jpeg")], out_dir / "a.mp4", folder, "", "no image matches"),
         ([not_image], out_dir / "a.mp4", folder, "", "not an image"),
         ([good], out_dir / "a.avi", folder, "", "unknown video format"),
+        ([good], out_dir / "a.gif", folder, "--export-fps 240", "fps 240 is too fast for a GIF"),
         ([good], tmp_path / "no-such-dir" / "a.mp4", folder, "", "output folder"),
         ([good, images["second"]], out_dir / "a.mp4", folder, "", "{stem}"),
         ([good, good], out_dir, folder, "", "same file"),

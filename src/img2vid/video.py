@@ -45,6 +45,7 @@ __all__ = [
     "check_output",
     "check_frame_size",
     "check_crf",
+    "check_fps",
     "export_video",
     "read_video",
     "read_metadata",
@@ -66,6 +67,7 @@ _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("tv" range, what players expect from yuv
 # VP9 up to 65536); past these they fail only after the frames are made, with an encoder's cryptic message.
 MAX_SIDE = {"mp4": 16384, "webm": 65536, "gif": 65535, "webp": 16383, "mkv": 16384, "mov": 16384}
 _GIF_MAX_CENTIS = 65535  # a GIF frame delay is a 16-bit count of centiseconds
+_GIF_MIN_CENTIS = 2  # browsers play shorter delays at 10 cs: 2 is the shortest that plays as written
 
 
 def _stack_uint8(array: np.ndarray) -> np.ndarray:
@@ -214,9 +216,7 @@ def _write_pillow(frames: np.ndarray, path: Path, fmt: str, rate: Fraction, comm
     if fmt == "gif":
         # GIF delays are whole centiseconds (Pillow truncates ms / 10), and browsers slow delays under 2 cs down to
         # 10 cs, so round to the nearest valid value ourselves: fps 7 plays at 100 / 14 = 7.14.
-        centis = max(2, round(100 / rate))
-        if centis > _GIF_MAX_CENTIS:
-            raise InputError(f"fps {float(rate):.4g} is too slow for a GIF (at most {_GIF_MAX_CENTIS / 100} s a frame)")
+        centis = round(100 / rate)  # 2.._GIF_MAX_CENTIS (check_fps)
         extra = {"duration": centis * 10, "optimize": False}
         if comment is not None:
             extra["comment"] = comment
@@ -309,6 +309,19 @@ def check_frame_size(width: int, height: int, fmt: str) -> None:
         raise InputError(f"{width}x{height} frames are too large for {fmt}: at most {limit} pixels a side")
 
 
+def check_fps(fps: float | Fraction, fmt: str) -> None:
+    """A one-line InputError if a `fmt` file cannot play at `fps`: a GIF frame lasts 2..65535 centiseconds (browsers
+    slow shorter delays down to 10), so GIFs play at 50 fps at most and 1 frame in 655 s at least."""
+    if fmt != "gif":
+        return
+    if fps > 100 / _GIF_MIN_CENTIS:
+        raise InputError(
+            f"fps {float(fps):.4g} is too fast for a GIF (at most {100 // _GIF_MIN_CENTIS} fps); use webp or mp4"
+        )
+    if round(100 / fps) > _GIF_MAX_CENTIS:
+        raise InputError(f"fps {float(fps):.4g} is too slow for a GIF (at most {_GIF_MAX_CENTIS / 100} s a frame)")
+
+
 def check_crf(crf: int | None, fmt: str) -> None:
     """A one-line InputError if `crf` is not a quality `fmt`'s encoder takes (None: the default; gif/webp/png
     ignore crf, so any integer 0..63 passes for them)."""
@@ -352,6 +365,7 @@ def export_video(
     pixels = apply_loop(to_uint8_frames(frames), loop)
     comment = _metadata_json(metadata)
     check_crf(crf, fmt)
+    check_fps(rate, fmt)
     check_frame_size(pixels.shape[2], pixels.shape[1], fmt)
     final.parent.mkdir(parents=True, exist_ok=True)
     check_output(final, fmt)
