@@ -166,9 +166,11 @@ def test_resize_modes(mode, models, images, tmp_path, capsys):
     if mode == "fit":  # a portrait image keeps its orientation, at about W*H pixels in multiples of 4
         assert meta["height"] > meta["width"] and meta["height"] % 4 == 0 and meta["width"] % 4 == 0
         assert abs(meta["height"] * meta["width"] - H * W) < 0.2 * H * W
+        # the size asked for, with which --resize fit gives this video again (fitting its result again may not)
+        assert (meta["fit_width"], meta["fit_height"]) == (W, H)
     else:
-        assert (meta["height"], meta["width"]) == (H, W)
-    assert f"{meta['width']}x{meta['height']}" in stdout
+        assert (meta["height"], meta["width"]) == (H, W) and "fit_width" not in meta
+    assert f"{meta['width']}x{meta['height']}, seed 0, " in stdout
 
 
 def test_guidance_reuse_reaches_the_pipeline_and_is_recorded(models, images, tmp_path, capsys):

@@ -356,6 +356,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run.update(variant=variant)
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
     run.update(export_fps=args.export_fps or fps, segments=args.segments)
+    if args.resize == "fit":  # the size asked for: fitting the image again to its result can pick another size
+        run.update(fit_width=args.width, fit_height=args.height)
     run.update(compiled=bool(args.compile or args.compile_cache), guidance_parallel=second is not None)
     for source, seed, path in jobs:  # one video at a time: the memory of one, whatever the count
         start = time.perf_counter()
@@ -368,7 +370,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         metadata = {**run, "seed": seed, "image": source, **params}
         export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
         n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, 3, H, W) frames
-        print(f"wrote {path} ({n} frames, {width}x{height}, {time.perf_counter() - start:.1f} s)")
+        took = time.perf_counter() - start  # the seed here too: --quiet leaves this line alone
+        print(f"wrote {path} ({n} frames, {width}x{height}, seed {seed}, {took:.1f} s)")
     return 0
 
 
