@@ -829,6 +829,24 @@ def test_config_values_out_of_range_are_named(tmp_path, rel, change, message):
         ck.read_pipeline_config(folder)
 
 
+def test_a_config_that_builds_no_model_names_the_folder_in_load_info_and_convert(tmp_path):
+    """Heads that do not divide the channels: the error said only "32 channels do not split into 3 attention heads",
+    from the model's constructor; now which folder, which component."""
+    from img2vid.checkpoint_tools import checkpoint_info
+
+    folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
+    data = json.loads((folder / "unet/config.json").read_text())
+    (folder / "unet/config.json").write_text(json.dumps({**data, "num_attention_heads": [3, 5]}))
+    needle = rf"^{re.escape(str(folder))}: the unet cannot be built from its config: 32 channels do not split into 3"
+    for call in (
+        lambda: ck.load_folder(folder),
+        lambda: checkpoint_info(folder),
+        lambda: convert(folder, tmp_path / "g"),
+    ):
+        with pytest.raises(CheckpointError, match=needle):
+            call()
+
+
 def test_a_temporal_vae_ignores_norm_num_groups_as_diffusers():
     cfg = configs.vae_to_diffusers(TINY.vae)
     assert TINY.vae.temporal_decoder and "norm_num_groups" not in cfg

@@ -508,7 +508,8 @@ def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
         ([good], out_dir / "a.gif", folder, "--export-fps 240", "fps 240 is too fast for a GIF"),
         ([good], tmp_path / "no-such-dir" / "a.mp4", folder, "", "output folder"),
         ([good, images["second"]], out_dir / "a.mp4", folder, "", "{stem}"),
-        ([good, good], out_dir, folder, "", "same file"),
+        ([good, good], out_dir, folder, "", "is given twice"),
+        ([good, images["second"]], out_dir / "{seed}.mp4", folder, "", "would write the same file"),
         ([good], out_dir / "a.mp4", broken_model, "", "broken.safetensors"),
         ([good], out_dir / "a.mp4", folder, "--videos 2", "2 videos need -o to be a folder or a pattern"),
         ([good, images["second"]], out_dir / "{seed}.mp4", folder, "-n 2", "pattern with {stem} and {seed}"),
@@ -680,6 +681,12 @@ def test_conflicting_and_ambiguous_requests_are_refused(models, images, tmp_path
     twin.write_bytes(images["landscape"].read_bytes())
     rc, _, err = generate(capsys, [images["landscape"], twin], f"{tmp_path}/out/", models["folder"])
     assert rc == 2 and "images with the same name would write the same video" in err
+    # one file given twice, by one name or two: said so (it was "use a pattern with {stem}", which it had)
+    same, other_name = images["landscape"], tmp_path / "link.png"
+    other_name.symlink_to(same)
+    for pair, needle in (([same, same], "is given twice;"), ([same, other_name], "is given twice (also as")):
+        rc, _, err = generate(capsys, pair, f"{tmp_path}/out/{{stem}}.mp4", models["folder"])
+        assert rc == 2 and needle in err and "--videos N makes several videos of one image" in err, err
     busy = tmp_path / "photos"
     busy.mkdir()
     (busy / "a.png").write_bytes(b"x")

@@ -99,10 +99,19 @@ def model_class(component: str) -> type[nn.Module]:
     return ImageEncoder
 
 
-@functools.lru_cache(maxsize=12)
-def expected_shapes(component: str, config: PipelineConfig) -> dict[str, torch.Size]:
+def expected_shapes(component: str, config: PipelineConfig, where: str = "") -> dict[str, torch.Size]:
     """Our model's state-dict names and shapes for this config (built on the meta device: no memory, ~1 s full size;
-    cached because a load asks twice). Do not modify the returned dict."""
+    cached because a load asks twice). Do not modify the returned dict. A config that builds no model (heads that do
+    not divide the channels, ...) is a CheckpointError that starts with `where` (the file or folder)."""
+    try:
+        return _expected_shapes(component, config)
+    except (ValueError, RuntimeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{where}the {component} cannot be built from its config: {why}") from None
+
+
+@functools.lru_cache(maxsize=12)
+def _expected_shapes(component: str, config: PipelineConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
         module = model_class(component)(getattr(config, component))
     return {k: t.shape for k, t in module.state_dict().items()}
@@ -166,7 +175,7 @@ def build(cls: type[nn.Module], config: Any, state_dict: StateDict, component: s
 
 def check_components(components: dict[str, StateDict], config: PipelineConfig, where: str = "") -> None:
     for c in COMPONENTS:
-        check_state_dict(drop_buffers(components.get(c, {}), c), expected_shapes(c, config), c, where)
+        check_state_dict(drop_buffers(components.get(c, {}), c), expected_shapes(c, config, where), c, where)
 
 
 # ---- diffusers folders ----------------------------------------------------------------------------------------------
@@ -296,7 +305,7 @@ def load_single_file(
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} unknown tensor(s) for the sgm layout: {few(unknown)}")
     for c, sd in comps.items():
-        check_state_dict(sd, expected_shapes(c, config), c, f"{path.name}: ", config)
+        check_state_dict(sd, expected_shapes(c, config, f"{path.name}: "), c, f"{path.name}: ", config)
     keys = [k for k in header if not is_unused_sgm_key(k)] + (
         cond_encoder_keys(header) if variant == "temporal" else []
     )

@@ -145,7 +145,7 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
         comps, unknown, skipped = split_sgm(header, config)
         info.update(variant=sgm_variant, config=config.name, config_source=source)
         info.update(skipped_unused=skipped, unknown=unknown)
-    info["components"] = {c: _summary(comps[c], expected_shapes(c, config)) for c in COMPONENTS}
+    info["components"] = {c: _summary(comps[c], expected_shapes(c, config, f"{path}: ")) for c in COMPONENTS}
     keys = ("missing", "unexpected", "wrong_shape", "wrong_dtype")
     problems = [s[k] for s in info["components"].values() for k in keys]
     info["ok"] = not any(problems) and not info.get("unknown")

@@ -36,6 +36,13 @@ def expand_images(patterns: list[str]) -> list[str]:
             raise InputError(f"image not found: {pattern}")
         else:
             sources.append(str(Path(pattern).expanduser()))
+    seen: dict[str, str] = {}  # one file named twice would write its videos twice, or clash in one output
+    for source in sources:
+        key = source if source.lower().startswith(("http://", "https://")) else os.path.realpath(source)
+        if key in seen:
+            also = "" if seen[key] == source else f" (also as {seen[key]})"
+            raise InputError(f"{source} is given twice{also}; --videos N makes several videos of one image")
+        seen[key] = source
     return sources
 
 
