@@ -376,6 +376,9 @@ def test_info_and_convert(models, tmp_path, capsys):
     assert next(line for line in lines if line.startswith("unet ")).endswith("float16")
     converted_pipe = Pipeline.from_pretrained(converted, variant="fp16", torch_dtype=torch.float16)
     assert converted_pipe.dtype == torch.float16
+    # --variant none: the plain weights, as generate --variant none loads (info described the fp16 ones)
+    assert main(["info", str(converted), "--variant", "none"]) == 2
+    assert "only the fp16 variant" in capsys.readouterr().err
 
     # --variant picks which of a folder's files are described; a single file has no variants to pick
     both = tmp_path / "both"

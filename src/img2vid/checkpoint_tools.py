@@ -115,7 +115,8 @@ def _summary(sd: StateDict, expected: dict[str, torch.Size] | None) -> dict[str,
 def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
     """What a checkpoint is (used by `img2vid info`): format, sgm variant, config, and per component the tensor and
     parameter counts, dtypes and missing / unexpected / wrong-shape names against the config. Reads headers only
-    (pickles are loaded, so they need allow_pickle)."""
+    (pickles are loaded, so they need allow_pickle). variant None: a folder's only variant if it has no plain
+    weights, as loading picks; "none": the plain weights, as `generate --variant none` loads."""
     path = Path(path)
     info: dict[str, Any] = {"path": str(path)}
     if path.is_dir():
@@ -125,6 +126,7 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
         variants = sorted({v for _, names in found.values() for v in names})
         if variant is None and not plain and unet_variants:
             variant = unet_variants[0]  # a folder holding only a variant (e.g. fp16)
+        variant = None if variant == "none" else variant
         chosen = component_variants(path, variant)  # as loading picks them: plain where a component lacks it
         comps = {
             c: drop_buffers(read_header(component_file(path, c, chosen[c], allow_pickle), allow_pickle)[0], c)

@@ -72,8 +72,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint).expanduser()
     if path.is_file():
         refuse_variant_of_file(args.variant, "a model folder")
-    variant = None if args.variant == "none" else args.variant
-    info = checkpoint_info(path, variant=variant, allow_pickle=args.allow_pickle)
+    info = checkpoint_info(path, variant=args.variant, allow_pickle=args.allow_pickle)
     print(info["path"])
     for key in ("format", "variant", "variants", "config", "config_source"):
         if info.get(key) not in (None, []):
