@@ -524,6 +524,39 @@ def test_nan_frames_are_a_500_in_one_line_without_a_traceback(address, png, monk
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_found_before_the_queue_and_said_in_the_params(address, png, monkeypatch):
+    """A GIF over 50 fps is refused before the model runs (it was, after the whole generation); resize=fit's asked
+    size and the server's settings (variant, compile, two GPUs) are in X-Img2vid-Params, as in the CLI's sidecar;
+    the waiting line is capped (503 with Retry-After) and holds images at the video's size, not the upload's."""
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("the model ran")
+
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "__call__", never)
+        status, _, text = post(address, png, format="gif", fps=60)
+        assert status == 400 and text == b"fps 60 is too fast for a GIF (at most 50 fps); use webp or mp4\n", text
+        m.setattr(server_module, "MAX_WAITING", 0)
+        status, headers, text = post(address, png, seed=1)
+        assert status == 503 and headers["retry-after"] == "30" and b"requests are waiting already" in text
+    held = []
+    real = server_module.Server.run_generation
+
+    def spy(self, image, size, *args, **kwargs):
+        held.append((image.size, size))
+        before, self.settings = self.settings, {"variant": "fp16", "compiled": False, "guidance_parallel": False}
+        try:
+            return real(self, image, size, *args, **kwargs)
+        finally:
+            self.settings = before
+
+    monkeypatch.setattr(server_module.Server, "run_generation", spy)
+    status, headers, _ = post(address, png, seed=2, resize="fit", width=64, height=64)
+    info = json.loads(headers["x-img2vid-params"])
+    assert status == 200 and (info["fit_width"], info["fit_height"]) == (64, 64) and info["variant"] == "fp16"
+    assert held == [((info["width"], info["height"]),) * 2]  # fitted: the prepared image is the video's size
+
+
 def test_peer_closed_sees_the_end_of_stream_only():
     a, b = socket.socketpair()
     try:

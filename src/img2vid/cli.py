@@ -385,7 +385,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Bound before the (long) model load: a port in use is an error now, not after it
     server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
     try:
-        server.pipe, _ = load_pipeline(args, kind, device, dtype, second)
+        server.pipe, variant = load_pipeline(args, kind, device, dtype, second)
+        # how the model runs, as generate's sidecar says it: in every response's X-Img2vid-Params
+        server.settings = dict(revision=args.revision, model_config=server.pipe.config.name, variant=variant)
+        server.settings.update(compiled=bool(args.compile or args.compile_cache), guidance_parallel=second is not None)
     except BaseException:
         server.server_close()
         raise

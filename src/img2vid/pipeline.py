@@ -284,7 +284,7 @@ class Pipeline(DiffusersAttributes, RunModes):
                 # diffusers gives black frames here (NaN cast to bytes), silently. Infinities clamp to valid pixels.
                 raise NonFiniteVideo(
                     "the decoded video holds NaN values: the weights hold NaN or infinite values, or float16 "
-                    "overflowed in them (try bfloat16 or float32)"
+                    "overflowed (a large guidance scale can do it; try bfloat16 or float32)"
                 )
             frames = postprocess(video, output_type)
         self._stage("none")

@@ -6,13 +6,13 @@ Design: the request body IS the image (any format Pillow reads) and the paramete
 there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'host:8000/generate?seed=1'` just works.
 The model is shared by every request thread, so generations run one at a time, in arrival order; other requests (the
 page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
-oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 500 for our own failures (the
-traceback goes to the server's stderr, never to the client). A client that disconnects stops its generation at the
-next step or decode chunk (or never starts it, if it was still queued), so a closed browser tab does not keep the
-GPU and the queue busy; so does one that sent bytes past its body before closing. (A client that half-closes,
-shutting its sending side after the body, looks the same to TCP and is treated as gone; browsers, curl and Python's
-clients do not.) Raw UTF-8 in the query and in headers is read as UTF-8 (http.server reads it as Latin-1), so the
-errors that echo it show what was sent.
+oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 503 with Retry-After when MAX_WAITING
+requests wait already, 500 for our own failures (the traceback goes to the server's stderr, never to the client). A
+client that disconnects stops its generation at the next step or decode chunk (or never starts it, if it was still
+queued), so a closed browser tab does not keep the GPU and the queue busy; so does one that sent bytes past its body
+before closing. (A client that half-closes, shutting its sending side after the body, looks the same to TCP and is
+treated as gone; browsers, curl and Python's clients do not.) Raw UTF-8 in the query and in headers is read as UTF-8
+(http.server reads it as Latin-1), so the errors that echo it show what was sent.
 
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
@@ -57,6 +57,7 @@ from img2vid.server_requests import (
     decode_image,
     generate,
     parse_params,
+    prepare,
 )
 
 # the request's side (parameters, image, generation) lives in img2vid.server_requests; its names are also here
@@ -69,10 +70,19 @@ DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dr
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
 IDLE: dict[str, Any] = {"busy": False}
 LOCK_POLL_S = 0.5  # a queued request checks this often whether its client is still there
+# Requests that may wait for their turn: more get a 503. Each holds its image (the video's size, but the upload's
+# with resize=stretch: up to 0.2 GB at MAX_INPUT_PIXELS), a thread and a socket while it waits; without a cap,
+# uploads could queue until memory runs out.
+MAX_WAITING = 8
+RETRY_AFTER_S = 30  # what a 503 tells the client to wait: about a video's time on a GPU
 
 
 class ClientGone(Exception):
     """The client closed its connection: its generation stops where it is (Server.run_generation)."""
+
+
+class ServerBusy(Exception):
+    """MAX_WAITING requests are already waiting: this one is answered 503 with Retry-After."""
 
 
 def peer_closed(sock: socket.socket) -> bool:
@@ -117,6 +127,7 @@ class Server(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.pipe, self.model, self.max_body, self.quiet = pipe, model, max_body, quiet
+        self.settings: dict[str, Any] = {}  # how the model runs (variant, compile, two GPUs): in X-Img2vid-Params
         self.decoders = threading.BoundedSemaphore(DECODERS)
         # One generation at a time, in arrival order: a plain lock lets any waiter in, and overtaken requests
         # could wait forever. The queue holds a ticket per waiting request; the first runs when none is running.
@@ -138,13 +149,14 @@ class Server(ThreadingHTTPServer):
     def run_generation(
         self,
         image: PIL.Image.Image,
+        size: tuple[int, int],
         params: dict[str, Any],
         job: str | None,
         gone: Callable[[], bool] = lambda: False,
     ) -> tuple[bytes, dict]:
-        """`generate` in its turn (first come, first served), reporting to /progress; idle again when it ends,
-        failed or not. gone() says whether the client has left: checked while queued and at every report, it raises
-        ClientGone."""
+        """`generate` of `prepare`'s image and size in its turn (first come, first served), reporting to /progress;
+        idle again when it ends, failed or not. gone() says whether the client has left: checked while queued and at
+        every report, it raises ClientGone. More than MAX_WAITING waiting: ServerBusy."""
 
         def report(stage: str, done: int, total: int, segment: int, segments: int) -> None:
             if gone():  # a syscall, microseconds: between steps that take milliseconds to seconds
@@ -157,6 +169,8 @@ class Server(ThreadingHTTPServer):
         ticket = _Ticket(job)
         with self._turn:
             with self._state_lock:  # the queue changes under both locks: /progress counts it under the second
+                if len(self._queue) >= MAX_WAITING:
+                    raise ServerBusy(f"{len(self._queue)} requests are waiting already; try again later")
                 self._queue.append(ticket)
             while self._running or self._queue[0] is not ticket:
                 self._turn.wait(LOCK_POLL_S)
@@ -170,7 +184,7 @@ class Server(ThreadingHTTPServer):
                 self._queue.popleft()
                 self._state = {"busy": True, "job": job}
         try:
-            return generate(self.pipe, image, params, self.model, report)
+            return generate(self.pipe, image, params, self.model, report, size, self.settings)
         finally:
             with self._turn:
                 with self._state_lock:
@@ -293,17 +307,20 @@ class Handler(BaseHTTPRequestHandler):
             if len(data) < length:  # the client closed early: a prefix that happens to decode is not the upload
                 raise InputError(f"the request body ended after {len(data)} of its {length} bytes (Content-Length)")
             params = parse_params(url.query)  # cheap checks first: a typo never waits for the lock
-            with self.server.decoders:
-                image = decode_image(data)
-            check_request(self.server.pipe.config, image, params)  # size and segments too, before the lock
+            with self.server.decoders:  # checks that need the image (size, segments) too, before the queue
+                image, size = prepare(self.server.pipe.config, decode_image(data), params)
+            data = b""  # the upload's bytes are not held while the request waits
             job = as_utf8(self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: echoed to all
-            video, info = self.server.run_generation(image, params, job, lambda: peer_closed(self.connection))
+            video, info = self.server.run_generation(image, size, params, job, lambda: peer_closed(self.connection))
         except ClientGone as e:  # nobody to answer: no response, no traceback
             self.close_connection = True
             self.log_message("%s; generation stopped", e)
             return
         except InputError as e:
             self._error(400, str(e) or "bad request")
+            return
+        except ServerBusy as e:
+            self._error(503, str(e), {"Retry-After": str(RETRY_AFTER_S)})
             return
         except NonFiniteVideo as e:  # the model's failure, said in a line: a traceback would add nothing
             self._error(500, str(e))

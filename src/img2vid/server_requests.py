@@ -20,7 +20,16 @@ from img2vid.cli import MAX_SIDE, _number
 from img2vid.configs import FLOAT16_MAX
 from img2vid.images import SIZE_MODES, InputError, frame_size, load_image, video_input
 
-__all__ = ["MAX_PIXELS", "MAX_VIDEO_PIXELS", "MAX_INPUT_PIXELS", "FORMATS", "parse_params", "check_request", "generate"]
+__all__ = [
+    "MAX_PIXELS",
+    "MAX_VIDEO_PIXELS",
+    "MAX_INPUT_PIXELS",
+    "FORMATS",
+    "parse_params",
+    "check_request",
+    "prepare",
+    "generate",
+]
 
 # Pixels per frame: memory grows with them, and a request for 100000x100000 must get a 400, not the OOM killer.
 MAX_PIXELS = 2048 * 2048
@@ -113,8 +122,9 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     """The video's (width, height) once the checks that need the model's config and the image pass (size rule,
     MAX_PIXELS, segments); else a one-line InputError. Cheap, so the handler runs it before waiting for the lock."""
     from img2vid.longer import check_segments
-    from img2vid.video import check_frame_size
+    from img2vid.video import check_fps, check_frame_size
 
+    check_fps(params.get("fps") or cfg.default_fps, params["format"])  # a GIF at 60 fps: refused now, not after
     width, height = frame_size(image, params["width"], params["height"], params["resize"], cfg.size_multiple)
     if width * height > MAX_PIXELS:
         raise InputError(f"{width}x{height} is over this server's limit of {MAX_PIXELS} pixels per frame")
@@ -129,19 +139,35 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     return width, height
 
 
+def prepare(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> tuple[PIL.Image.Image, tuple[int, int]]:
+    """`check_request`, then (the image as the model takes it (`video_input`), the video's (width, height)): what a
+    request holds while it waits. Cropped, padded or fitted, that image is the video's size (at most MAX_PIXELS,
+    not the upload's up to MAX_INPUT_PIXELS); stretched, the pipeline resizes the upload itself, as diffusers."""
+    width, height = check_request(cfg, image, params)
+    return video_input(image, width, height, params["resize"]), (width, height)
+
+
 def generate(
-    pipe: Any, image: PIL.Image.Image, params: dict[str, Any], model: str | None, report: Report | None = None
+    pipe: Any,
+    image: PIL.Image.Image,
+    params: dict[str, Any],
+    model: str | None,
+    report: Report | None = None,
+    size: tuple[int, int] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict]:
     """One video, encoded, and the settings that reproduce it. The caller holds the pipeline lock. report(stage,
-    done, total, segment, segments) is called from this thread as the work advances (module docstring, /progress)."""
+    done, total, segment, segments) is called from this thread as the work advances (module docstring, /progress).
+    size: given, `image` and `size` are `prepare`'s output (fitting the image again could pick another size).
+    settings: how the server runs the model (variant, compile, two GPUs...), added to what is returned."""
     import torch
 
     from img2vid.longer import chain_segments
     from img2vid.video import export_video
 
     cfg = pipe.config
-    (width, height), mode = check_request(cfg, image, params), params["resize"]
-    model_input = video_input(image, width, height, mode)  # as the CLI's
+    mode = params["resize"]
+    model_input, (width, height) = (image, size) if size is not None else prepare(cfg, image, params)  # as the CLI's
     frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
     run = dict(
         height=height,
@@ -175,7 +201,10 @@ def generate(
     # as the CLI: one segment is the plain call's frames; a chain is (N*(F-1)+1, 3, H, W) frames on the CPU
     video = chain_segments(segment, model_input, segments, start)
     report("export", 0, 0, segments, segments)  # encoding a long video to a file takes a while too
-    info = {"img2vid_version": __version__, "model": model, "seed": seed, "resize": mode, "segments": segments, **run}
+    info = {"img2vid_version": __version__, "model": model, **(settings or {}), "seed": seed, "resize": mode}
+    info.update(segments=segments, **run)
+    if mode == "fit":  # the size asked for (the CLI's --resize fit with it gives this video; fitting 44x100 may not)
+        info.update(fit_width=params["width"], fit_height=params["height"])
     # where and in what precision it ran, as the CLI's sidecar says: they change the last bits of the numbers
     info.update(format=params["format"], device=pipe.device.type, dtype=str(pipe.dtype).removeprefix("torch."))
     with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
