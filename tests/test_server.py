@@ -251,13 +251,25 @@ def raw(address, data: bytes, timeout: float = 10, half_close: bool = False) -> 
         (b"Content-Length: \xb2\r\n", b"411 ", b"Content-Length"),
         (b"Content-Length: " + b"9" * 5000 + b"\r\n", b"413 ", b"over the limit"),
         (b"Content-Length: 2\r\nContent-Length: 100\r\n", b"411 ", b"one valid Content-Length"),
+        # chunked framing beside a length: its chunk sizes were read as the image's bytes
+        (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", b"411 ", b"(not chunked)"),
     ],
-    ids=["superscript", "5000-digits", "two-values"],
+    ids=["superscript", "5000-digits", "two-values", "chunked-and-length"],
 )
 def test_malformed_content_length_gets_an_answer(address, length_headers, code, message):
     reply = raw(address, b"POST /generate HTTP/1.1\r\nHost: x\r\n" + length_headers + b"\r\nab", half_close=True)
     head, _, text = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 " + code) and message in text and text.count(b"\n") == 1
+
+
+def test_a_multipart_form_upload_is_told_to_send_the_image_itself(address, png):
+    """curl -F image=@x.png (or an HTML form) sends a multipart body: it said "not an image", now what to do."""
+    headers = {"Content-Type": "multipart/form-data; boundary=x"}
+    status, _, text = request(address, "POST", "/generate?" + urlencode(SMALL), png, headers)
+    assert (
+        status == 400
+        and text == b"send the image itself as the request body (curl --data-binary @in.png), not a form\n"
+    )
 
 
 def test_body_shorter_than_its_content_length_is_400(address, png):

@@ -234,7 +234,10 @@ class Handler(BaseHTTPRequestHandler):
         self._error(code, message or self.responses.get(code, ("error",))[0])
 
     def _content_length(self) -> int | None:
-        """The one Content-Length as an int; None when absent, given twice with different values or not digits."""
+        """The one Content-Length as an int; None when absent, given twice with different values or not digits, or
+        beside a Transfer-Encoding (chunked framing is not read: it would be taken for the image's bytes)."""
+        if self.headers.get_all("Transfer-Encoding"):
+            return None
         values = {value.strip() for value in self.headers.get_all("Content-Length", [])}
         if len(values) != 1 or not (text := values.pop()).isascii() or not text.isdigit():  # "²".isdigit() too
             return None
@@ -290,7 +293,7 @@ class Handler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length is None:
             self.close_connection = True  # without a length the body's end is unknown: the connection is unusable
-            self._error(411, "send the image as the request body with one valid Content-Length header")
+            self._error(411, "send the image as the request body with one valid Content-Length header (not chunked)")
             return
         if length > self.server.max_body:
             self.close_connection = True  # the unread body would otherwise be parsed as the next request
@@ -307,6 +310,8 @@ class Handler(BaseHTTPRequestHandler):
             if len(data) < length:  # the client closed early: a prefix that happens to decode is not the upload
                 raise InputError(f"the request body ended after {len(data)} of its {length} bytes (Content-Length)")
             params = parse_params(url.query)  # cheap checks first: a typo never waits for the lock
+            if (self.headers.get("Content-Type") or "").lower().startswith("multipart/"):  # curl -F, an HTML form
+                raise InputError("send the image itself as the request body (curl --data-binary @in.png), not a form")
             with self.server.decoders:  # checks that need the image (size, segments) too, before the queue
                 image, size = prepare(self.server.pipe.config, decode_image(data), params)
             data = b""  # the upload's bytes are not held while the request waits
