@@ -250,11 +250,11 @@ def test_convert_onto_an_existing_path_of_the_other_kind(tmp_path):
 
 
 def test_convert_replaces_a_model_folder_whole_and_reads_a_variant_only_folder(tmp_path):
-    """Converting onto another model's folder replaces it whole (its plain weights stayed beside the new fp16 ones
-    and were the ones loaded); onto its own source folder, the new variant goes beside the old files. A folder of one
-    variant alone converts without --variant (as it loads), a leftover of an interrupted save can be written over,
-    --variant between two files is refused, the destination's suffix is read in any case, and a file in the way of
-    the destination's folders is named."""
+    """Converting onto another model's folder replaces its model entries whole (its plain weights stayed beside the
+    new fp16 ones and were the ones loaded); onto its own source folder, the new variant goes beside the old files.
+    A folder of one variant alone converts without --variant (as it loads), a leftover of an interrupted save can be
+    written over, --variant between two files is refused, the destination's suffix is read in any case, and a file in
+    the way of the destination's folders is named."""
     old, new = random_components(TINY, seed=11), random_components(TINY, seed=12)
     stale = ck.save_folder(tmp_path / "stale", TINY, old)
     single = ck.save_single_file(tmp_path / "new.safetensors", TINY, new)
@@ -265,17 +265,39 @@ def test_convert_replaces_a_model_folder_whole_and_reads_a_variant_only_folder(t
     ]
     loaded = ck.load_component(stale, "unet", "fp16")
     assert torch.equal(loaded["conv_in.weight"], new["unet"]["conv_in.weight"].half())
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
-    # a folder of fp16 files alone: read in fp16 without --variant, to a folder and to a file
+    hidden = [p for d in (tmp_path, stale) for p in d.iterdir() if p.name.startswith(".")]
+    assert not hidden  # no staged or old folder left
+    # a folder of fp16 files alone: read in fp16 without --variant, to a folder and to a file; "none": plain only
     plain = convert(stale, tmp_path / "plain")
     assert ck.load_component(plain, "unet")["conv_in.weight"].dtype == torch.float16
     assert convert(stale, tmp_path / "f16.safetensors").is_file()
+    with pytest.raises(CheckpointError, match="only the fp16 variant"):
+        convert(stale, tmp_path / "p.safetensors", variant="none")
     # its own folder: the plain files join the fp16 ones (the same model)
     convert(stale, stale, dtype=torch.float32)
     assert weight_variants(stale, "unet") == (True, ["fp16"])
     # what an interrupted save over a model folder leaves (no model_index.json) is a model folder to write over
     (plain / "model_index.json").unlink()
     assert convert(single, plain) == plain and ck.read_pipeline_config(plain) == TINY
+    # what else a model folder holds stays: a README, a .git, the very file converted from (the hub's SVD layout)
+    (plain / "README.md").write_text("notes")
+    (plain / ".git").mkdir()
+    inside = ck.save_single_file(plain / "svd.safetensors", TINY, old)
+    convert(inside, plain)
+    assert {"README.md", ".git", "svd.safetensors", "model_index.json"} <= {p.name for p in plain.iterdir()}
+    assert torch.equal(ck.load_component(plain, "unet")["conv_in.weight"], old["unet"]["conv_in.weight"])
+    with pytest.raises(CheckpointError, match="lies inside .* model files, which converting there replaces"):
+        convert(plain / "unet" / "diffusion_pytorch_model.safetensors", plain)
+    # ".", and a symlink to a model folder: the folder itself (the link stays a link)
+    link = tmp_path / "link"
+    link.symlink_to(plain)
+    assert convert(single, link) == plain and link.is_symlink()
+    cwd = os.getcwd()
+    os.chdir(plain)
+    try:
+        assert convert(single, Path(".")) == plain
+    finally:
+        os.chdir(cwd)
     with pytest.raises(CheckpointError, match="--variant fp16 names a folder's files; .* are single files"):
         convert(single, tmp_path / "x.safetensors", variant="fp16")
     upper = convert(stale, tmp_path / "UP.SAFETENSORS")
@@ -285,6 +307,29 @@ def test_convert_replaces_a_model_folder_whole_and_reads_a_variant_only_folder(t
     (tmp_path / "in_the_way").write_text("a file")
     with pytest.raises(CheckpointError, match="in_the_way is a file, not a folder"):
         convert(single, tmp_path / "in_the_way" / "deeper" / "m.safetensors")
+
+
+def test_converting_a_folder_onto_itself_never_breaks_its_other_variant(tmp_path, monkeypatch):
+    """Adding a variant to a folder in place, interrupted: its plain weights still load (model_index.json was
+    removed first, so the untouched folder no longer loaded)."""
+    sds = random_components(TINY, seed=13)
+    folder = ck.save_folder(tmp_path / "m", TINY, sds)
+    writes = []
+    real = ck.write_safetensors
+
+    def failing_write(path: Path, *args: object) -> None:
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError("disk full")
+        real(path, *args)
+
+    monkeypatch.setattr(ck, "write_safetensors", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        convert(folder, folder, variant="fp16")
+    monkeypatch.undo()
+    assert torch.equal(ck.load_component(folder, "unet")["conv_in.weight"], sds["unet"]["conv_in.weight"])
+    assert ck.read_pipeline_config(folder) == TINY and weight_variants(folder, "unet") == (True, [])
+    assert not [p for d in (tmp_path, folder) for p in d.iterdir() if p.name.startswith(".")]
 
 
 def test_learned_quant_conv_round_trips_through_the_conditioning_autoencoder(tmp_path):

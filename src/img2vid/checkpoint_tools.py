@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from img2vid.checkpoint_io import (
     component_file,
     component_variants,
     read_header,
+    shard_files,
     weight_variants,
 )
 from img2vid.sgm_keys import COMPONENTS, CheckpointError, detect_format, detect_sgm_variant, split_sgm
@@ -40,19 +42,31 @@ def convert(
 ) -> Path:
     """Folder <-> single file (also folder -> folder and file -> file, e.g. to change the dtype). A `dst` ending in
     .safetensors is a single file, anything else a folder. `variant` names the folder side's files: read from a
-    source folder (without it, a folder holding one variant alone is read in it, as loading does) and written to a
-    destination folder. An existing model folder at `dst` is replaced whole, atomically (a mix of two models' files
-    would load the wrong one), except when it is `src` itself: the new variant's files then go beside the others."""
+    source folder (without it, a folder holding one variant alone is read in it, as loading does; "none": the plain
+    files only) and written to a destination folder.
+
+    Writing over a model folder never leaves it holding two models, nor half of one: the new model is written in a
+    staged folder beside it, then moved in. Over another model its model entries (component folders, configs) are
+    replaced whole, and other files (a README, the source file itself, .git) stay; over its own source folder only
+    the files written are replaced, so the new variant joins the others."""
     src, dst = Path(src), Path(dst)
     suffix = dst.suffix.lower()
     to_file = suffix == ".safetensors"
     if suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{dst}: we write .safetensors files or folders only")
+    plain_only = variant == "none"  # as generate's --variant none: no variant, and no fall-back to one
+    variant = None if plain_only else variant
     if variant is not None and to_file and not src.is_dir():
         raise CheckpointError(f"--variant {variant} names a folder's files; {src} and {dst} are single files")
     _check_parents(dst)
-    if not to_file and dst.is_dir() and not _model_folder(dst):
-        raise CheckpointError(f"{dst} is a folder that holds other files: pick a new or empty folder (or a model's)")
+    if not to_file:
+        dst = dst.resolve()  # ".", "..", a symlink to a model folder: the folder itself, named
+        if dst.is_dir() and not _model_folder(dst):
+            raise CheckpointError(
+                f"{dst} is a folder that holds other files: pick a new or empty folder (or a model's)"
+            )
+        if any(src.resolve().is_relative_to(dst / name) for name in _MODEL_ENTRIES):
+            raise CheckpointError(f"{src} lies inside {dst}'s model files, which converting there replaces")
     if dst.is_dir() if to_file else dst.is_file():  # before the (long) read, not an OSError after it
         kind = "folder (a .safetensors path is written as one file)" if to_file else "file (a folder goes there)"
         raise CheckpointError(f"{dst} already exists as a {kind}: pick another path")
@@ -61,35 +75,64 @@ def convert(
         # it; without one, a source of one variant alone is read in it
         plain, variants = weight_variants(src, "unet", pickles=allow_pickle)
         read = variant if to_file or variant in variants else None
-        read = variants[0] if read is None and not plain and len(variants) == 1 else read
+        read = variants[0] if read is None and not plain_only and not plain and len(variants) == 1 else read
         config, comps = load_folder(src, read, "cpu", dtype, allow_pickle)
     else:
         config, comps = load_single_file(src, "cpu", dtype, allow_pickle=allow_pickle)
     if to_file:
         return save_single_file(dst, config, comps)
-    # dtype, when given, wins over the variant's usual dtype (the weights were cast to it while read)
-    if not dst.exists() or (src.is_dir() and dst.resolve() == src.resolve()):
+    if not dst.exists():
+        # dtype, when given, wins over the variant's usual dtype (the weights were cast to it while read)
         return save_folder(dst, config, comps, dtype=dtype, variant=variant)
-    staged = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    staged = Path(tempfile.mkdtemp(prefix=f".{dst.name}.new-", dir=dst.parent))  # unique: never a killed run's
     try:
         save_folder(staged, config, comps, dtype=dtype, variant=variant)
-        old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
-        os.replace(dst, old)  # a moment without dst; never a folder of two models
-        os.replace(staged, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        _move_in(staged, dst, whole=not (src.is_dir() and src.resolve() == dst))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return dst
 
 
-_MODEL_FOLDER_ENTRIES = {*COMPONENTS, "scheduler", "feature_extractor", "model_index.json"}
+# What a diffusers folder of ours holds; anything else in a model folder (README.md, .git) is left alone
+_MODEL_ENTRIES = (*COMPONENTS, "scheduler", "feature_extractor", "model_index.json")
 
 
 def _model_folder(folder: Path) -> bool:
-    """A model folder, or what an interrupted save over one left (no model_index.json yet): safe to replace."""
-    return (folder / "model_index.json").is_file() or all(
-        p.name in _MODEL_FOLDER_ENTRIES or p.name.startswith(".") for p in folder.iterdir()
-    )
+    """A model folder (its model_index.json or a component folder: what an interrupted save over one leaves), or an
+    empty one: safe to write over, since only the model's entries are replaced."""
+    entries = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    return not entries or any(name in _MODEL_ENTRIES for name in entries)
+
+
+def _move_in(staged: Path, dst: Path, whole: bool) -> None:
+    """Move a saved model folder's entries into `dst`, model_index.json last (gone first: a folder half moved is not
+    taken for a complete one). whole: each model entry of dst is replaced (another model's files go); else file by
+    file (the same model: its other variants stay; the written variant's old shards go, loaders prefer them)."""
+    (dst / "model_index.json").unlink(missing_ok=True)
+    old = Path(tempfile.mkdtemp(prefix=".old-", dir=dst))
+    try:
+        for name in _MODEL_ENTRIES[:-1]:
+            if whole and (dst / name).exists():
+                os.replace(dst / name, old / name)
+            if not (staged / name).is_dir():
+                continue
+            if not (dst / name).is_dir():
+                os.replace(staged / name, dst / name)
+                continue
+            for new in sorted((staged / name).iterdir()):  # the same model's folder: the written files only
+                weights = new.name.endswith(".safetensors")
+                for stale in shard_files(dst, name, _variant_of(new.name)) if weights and name in COMPONENTS else []:
+                    stale.unlink()
+                os.replace(new, dst / name / new.name)
+        os.replace(staged / "model_index.json", dst / "model_index.json")
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _variant_of(weights_name: str) -> str | None:
+    """ "diffusion_pytorch_model.fp16.safetensors" -> "fp16"; a plain name -> None."""
+    parts = weights_name.removesuffix(".safetensors").split(".")
+    return parts[-1] if len(parts) > 1 else None
 
 
 def _check_parents(dst: Path) -> None:

@@ -103,8 +103,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
-    variant = None if args.variant == "none" else args.variant  # as generate's --variant none: no variant
-    dst = convert(src, dst, dtype=dtype, variant=variant, allow_pickle=args.allow_pickle)
+    dst = convert(src, dst, dtype=dtype, variant=args.variant, allow_pickle=args.allow_pickle)
     print(f"wrote {dst} ({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -315,9 +315,7 @@ def check_fps(fps: float | Fraction, fmt: str) -> None:
     if fmt != "gif":
         return
     if fps > 100 / _GIF_MIN_CENTIS:
-        raise InputError(
-            f"fps {float(fps):.4g} is too fast for a GIF (at most {100 // _GIF_MIN_CENTIS} fps); use webp or mp4"
-        )
+        raise InputError(f"fps {float(fps):.4g} is too fast for a GIF (at most {100 // _GIF_MIN_CENTIS} fps)")
     if round(100 / fps) > _GIF_MAX_CENTIS:
         raise InputError(f"fps {float(fps):.4g} is too slow for a GIF (at most {_GIF_MAX_CENTIS / 100} s a frame)")
 
