@@ -569,6 +569,30 @@ def test_found_before_the_queue_and_said_in_the_params(address, png, monkeypatch
     assert held == [((info["width"], info["height"]),) * 2]  # fitted: the prepared image is the video's size
 
 
+def test_connections_past_the_cap_get_a_503_at_once(pipe):
+    """Each connection takes a thread while it is served: past MAX_CONNECTIONS (clients that connect and send
+    nothing, each read waiting up to 60 s) the next one is answered 503 at once and closed, and served again once
+    a place is free."""
+    server = make_server(pipe, "127.0.0.1", 0, model="tiny", quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = server.server_address[:2]
+        for _ in range(server_module.MAX_CONNECTIONS):  # every place taken, as by idle connections
+            assert server.connections.acquire(blocking=False)
+        status, headers, text = request(address, "GET", "/health")
+        assert (
+            status == 503
+            and headers["retry-after"] == "30"
+            and text == b"too many connections at once; try again later\n"
+        )
+        server.connections.release()
+        assert request(address, "GET", "/health")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_peer_closed_sees_the_end_of_stream_only():
     a, b = socket.socketpair()
     try:

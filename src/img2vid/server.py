@@ -7,12 +7,13 @@ there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'hos
 The model is shared by every request thread, so generations run one at a time, in arrival order; other requests (the
 page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
 oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 503 with Retry-After when MAX_WAITING
-requests wait already, 500 for our own failures (the traceback goes to the server's stderr, never to the client). A
-client that disconnects stops its generation at the next step or decode chunk (or never starts it, if it was still
-queued), so a closed browser tab does not keep the GPU and the queue busy; so does one that sent bytes past its body
-before closing. (A client that half-closes, shutting its sending side after the body, looks the same to TCP and is
-treated as gone; browsers, curl and Python's clients do not.) Raw UTF-8 in the query and in headers is read as UTF-8
-(http.server reads it as Latin-1), so the errors that echo it show what was sent.
+requests wait already (or MAX_CONNECTIONS are open), 500 for our own failures (the traceback goes to the server's
+stderr, never to the client). A client that disconnects stops its generation at the next step or decode chunk (or
+never starts it, if it was still queued), so a closed browser tab does not keep the GPU and the queue busy; so does
+one that sent bytes past its body before closing. (A client that half-closes, shutting its sending side after the
+body, looks the same to TCP and is treated as gone; browsers, curl and Python's clients do not.) Raw UTF-8 in the
+query and in headers is read as UTF-8 (http.server reads it as Latin-1), so the errors that echo it show what was
+sent.
 
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
@@ -75,6 +76,14 @@ LOCK_POLL_S = 0.5  # a queued request checks this often whether its client is st
 # uploads could queue until memory runs out.
 MAX_WAITING = 8
 RETRY_AFTER_S = 30  # what a 503 tells the client to wait: about a video's time on a GPU
+# Connections served at once, each on a thread of its own: more are answered 503 at once and closed. Without a cap,
+# clients that open connections and send nothing (each read waits up to TIMEOUT_S) could take threads without end.
+MAX_CONNECTIONS = 64
+_BUSY_BODY = b"too many connections at once; try again later\n"
+_BUSY_RESPONSE = (
+    f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    f"Content-Length: {len(_BUSY_BODY)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n"
+).encode() + _BUSY_BODY
 
 
 class ClientGone(Exception):
@@ -129,6 +138,7 @@ class Server(ThreadingHTTPServer):
         self.pipe, self.model, self.max_body, self.quiet = pipe, model, max_body, quiet
         self.settings: dict[str, Any] = {}  # how the model runs (variant, compile, two GPUs): in X-Img2vid-Params
         self.decoders = threading.BoundedSemaphore(DECODERS)
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         # One generation at a time, in arrival order: a plain lock lets any waiter in, and overtaken requests
         # could wait forever. The queue holds a ticket per waiting request; the first runs when none is running.
         self._turn = threading.Condition()
@@ -138,6 +148,28 @@ class Server(ThreadingHTTPServer):
         # queue change under `_state_lock`, so a reader always sees one report and the waiting count of that moment.
         self._state_lock = threading.Lock()
         self._state: dict[str, Any] = IDLE
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection, or, past MAX_CONNECTIONS, a 503 from the accepting thread and the close."""
+        if not self.connections.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)  # a few hundred bytes into a fresh socket's buffer: never a wait, but bounded
+                request.sendall(_BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: its place goes back
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
     def progress(self, job: str | None = None) -> dict[str, Any]:
         """/progress's JSON object (module docstring); job: a waiting request's token, whose place it adds."""
