@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -61,15 +60,15 @@ class GuidanceParallel:
     def _copy_of(self, unet: torch.nn.Module) -> torch.nn.Module:
         return copy.deepcopy(unet).to(self.device).eval().requires_grad_(False)
 
-    def sync(self, unet: torch.nn.Module) -> None:
+    def sync(self, unet: torch.nn.Module) -> tuple:
         """Make the copy the UNet's twin again if the UNet changed since it last was: weights changed in place
         (load_state_dict, copy_, writes through .data such as a LoRA merge: their bits' sums tell) are copied into
         the copy's memory, settings (forward chunking) copied over; a UNet of another build (assigned, or modules
         swapped) is copied anew. Without this the unconditional halves would run the old weights: a wrong video,
-        silently."""
+        silently. Returns the UNet's `module_key`, which the graphs' check needs too."""
         key = source_key(unet)
         if self._synced is not None and key[0] == self._synced[0] and torch.equal(key[1], self._synced[1]):
-            return
+            return key[0][1]
         src, dst = list(unet.modules()), list(self.unet.modules()) if self.unet is not None else []
         src_t, dst_t = _tensors(unet), _tensors(self.unet) if self.unet is not None else []
         same_build = (
@@ -91,15 +90,16 @@ class GuidanceParallel:
             self._graphed, self.unet = [], None  # the old copy's memory (and its graphs') first
             self.unet = self._copy_of(unet)
         self._synced = key
+        return key[0][1]
 
     def refresh(self, unet: torch.nn.Module) -> None:
         """Once a pipeline call, before its steps: the copy made the UNet's twin (`sync`), then the graphs go if
         either UNet changed since their capture (weights cast, moved or re-laid, modules swapped for fp8 ones, forward
         chunking set). Weights replaced in place (load_state_dict) need no new capture."""
-        self.sync(unet)
+        unet_key = self.sync(unet)
         if not self._graphs_run():
             return
-        key = (module_key(unet), module_key(self.unet))
+        key = (unet_key, module_key(self.unet))
         if key != self._unets_key:
             self._graphed = []
             self._unets_key = key
@@ -275,24 +275,21 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  
 
 
 def source_key(module: torch.nn.Module) -> tuple[tuple, torch.Tensor]:
-    """What the second GPU's copy must match: (the module, its tensors' memory, dtypes and shapes, its modules'
-    settings) and, per tensor, the sum of its bits read as integers. Any change of a weight changes its sum but for
-    changes that cancel exactly; version counters would miss writes through .data (PEFT's merges) and tensors made
-    under inference_mode. One reduction a tensor and one sync: a few ms for SVD's UNet, once a pipeline call."""
-    tensors = _tensors(module)
-    build = (id(module), tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors), module_key(module)[1])
+    """What the second GPU's copy must match: (the module, its `module_key`: tensors' memory, dtypes, shapes and
+    strides, its modules' settings) and, per tensor, the sum of its bits read as integers. Any change of a weight
+    changes its sum but for changes that cancel exactly; version counters would miss writes through .data (PEFT's
+    merges) and tensors made under inference_mode. One reduction a tensor and one sync: a few ms for SVD's UNet,
+    once a pipeline call."""
     with torch.no_grad():
-        sums = [t.detach().view(_INT_OF_SIZE[t.element_size()]).sum(dtype=torch.int64) for t in tensors]
-    return build, (torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.int64))
+        sums = [t.detach().view(_INT_OF_SIZE[t.element_size()]).sum(dtype=torch.int64) for t in _tensors(module)]
+    return (id(module), module_key(module)), (torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.int64))
 
 
 def module_key(module: torch.nn.Module) -> tuple:
     """What a CUDA graph of `module`'s forward depends on beyond its inputs: where each weight lives (dtype, shape,
     strides, memory) and every submodule's plain settings (forward chunking, fused projections, ...). ~10 ms for
     SVD's UNet, so once a call, not once a step."""
-    tensors = tuple(
-        (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in itertools.chain(module.parameters(), module.buffers())
-    )
+    tensors = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in _tensors(module))
     settings = tuple(
         (type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))) for m in module.modules()
     )
