@@ -588,7 +588,7 @@ def test_weight_variants_reads_every_naming(tmp_path, names, expected):
 
 
 def test_only_variant_and_info_use_the_one_listing(tmp_path):
-    from img2vid.cli_setup import only_variant
+    from img2vid.checkpoint_io import only_variant
 
     half = ck.save_folder(tmp_path / "h", TINY, random_components(TINY), variant="fp16")
     assert only_variant(half) == "fp16"

@@ -348,6 +348,13 @@ def weight_variants(folder: Path, component: str, pickles: bool = True) -> tuple
     return plain, sorted(variants)
 
 
+def only_variant(folder: Path, allow_pickle: bool = False) -> str | None:
+    """The variant of a folder whose UNet weights exist in that variant alone (unet/*.fp16.safetensors, no plain
+    file), else None: such a folder has nothing else to load (plain .bin pickles count only when they may load)."""
+    plain, variants = weight_variants(folder, "unet", pickles=allow_pickle)
+    return variants[0] if len(variants) == 1 and not plain else None
+
+
 def component_variants(folder: Path, variant: str | None) -> dict[str, str | None]:
     """The variant each component loads. As diffusers: a component that lacks the requested variant loads its plain
     weights (a folder whose UNet alone is fp16), unless no component has that variant at all (a mistyped variant,

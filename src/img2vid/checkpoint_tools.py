@@ -28,11 +28,13 @@ from img2vid.checkpoint_io import (
     StateDict,
     component_file,
     component_variants,
+    only_variant,
     read_header,
     shard_files,
     weight_variants,
 )
 from img2vid.sgm_keys import COMPONENTS, CheckpointError, detect_format, detect_sgm_variant, split_sgm
+from img2vid.video import file_in_the_way
 
 __all__ = ["convert", "checkpoint_info"]
 
@@ -58,7 +60,8 @@ def convert(
     variant = None if plain_only else variant
     if variant is not None and to_file and not src.is_dir():
         raise CheckpointError(f"--variant {variant} names a folder's files; {src} and {dst} are single files")
-    _check_parents(dst)
+    if (blocker := file_in_the_way(dst)) is not None:  # named now, not as "[Errno 17] File exists" after the read
+        raise CheckpointError(f"cannot write {dst}: {blocker} is a file, not a folder")
     if not to_file:
         dst = dst.resolve()  # ".", "..", a symlink to a model folder: the folder itself, named
         if dst.is_dir() and not _model_folder(dst):
@@ -73,9 +76,8 @@ def convert(
     if src.is_dir():
         # to a file, the variant to read (it must be there); to a folder, the one to write, read where the source has
         # it; without one, a source of one variant alone is read in it
-        plain, variants = weight_variants(src, "unet", pickles=allow_pickle)
-        read = variant if to_file or variant in variants else None
-        read = variants[0] if read is None and not plain_only and not plain and len(variants) == 1 else read
+        read = variant if to_file or variant in weight_variants(src, "unet", pickles=allow_pickle)[1] else None
+        read = only_variant(src, allow_pickle) if read is None and not plain_only else read
         config, comps = load_folder(src, read, "cpu", dtype, allow_pickle)
     else:
         config, comps = load_single_file(src, "cpu", dtype, allow_pickle=allow_pickle)
@@ -133,15 +135,6 @@ def _variant_of(weights_name: str) -> str | None:
     """ "diffusion_pytorch_model.fp16.safetensors" -> "fp16"; a plain name -> None."""
     parts = weights_name.removesuffix(".safetensors").split(".")
     return parts[-1] if len(parts) > 1 else None
-
-
-def _check_parents(dst: Path) -> None:
-    """A file where a folder above `dst` must be: named now, not as "[Errno 17] File exists" after the read."""
-    for parent in dst.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CheckpointError(f"cannot write {dst}: {parent} is a file, not a folder")
-            return
 
 
 def _summary(sd: StateDict, expected: dict[str, torch.Size] | None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from img2vid.cli_setup import (
     load_pipeline,
     model_source,
     output_paths,
+    run_settings,
     stem,
     video_size,
 )
@@ -352,13 +353,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_reuse=args.guidance_reuse,
     )
     # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
-    run = dict(img2vid_version=__version__, model=args.model, revision=args.revision, model_config=cfg.name)
-    run.update(variant=variant)
+    run = dict(img2vid_version=__version__, model=args.model, **run_settings(args, pipe, variant, second))
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
     run.update(export_fps=args.export_fps or fps, segments=args.segments)
     if args.resize == "fit":  # the size asked for: fitting the image again to its result can pick another size
         run.update(fit_width=args.width, fit_height=args.height)
-    run.update(compiled=bool(args.compile or args.compile_cache), guidance_parallel=second is not None)
     for source, seed, path in jobs:  # one video at a time: the memory of one, whatever the count
         start = time.perf_counter()
         width, height = sizes[source]
@@ -386,9 +385,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
     try:
         server.pipe, variant = load_pipeline(args, kind, device, dtype, second)
-        # how the model runs, as generate's sidecar says it: in every response's X-Img2vid-Params
-        server.settings = dict(revision=args.revision, model_config=server.pipe.config.name, variant=variant)
-        server.settings.update(compiled=bool(args.compile or args.compile_cache), guidance_parallel=second is not None)
+        server.settings = run_settings(args, server.pipe, variant, second)  # in every X-Img2vid-Params
     except BaseException:
         server.server_close()
         raise

@@ -57,7 +57,7 @@ def output_paths(
     folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}; a pattern
     may name folders too (out/{stem}/ or out/{stem}/{seed}.mp4), which the export creates."""
     from img2vid.images import InputError
-    from img2vid.video import check_crf, check_output, holds_frames
+    from img2vid.video import check_crf, check_output, file_in_the_way, holds_frames
 
     if not output:
         raise InputError("-o is empty; give a file, a folder or a pattern such as {stem}.mp4")
@@ -113,8 +113,7 @@ def output_paths(
             why = "is not writable" if folder.is_dir() else "is a file" if folder.exists() else "does not exist"
             raise InputError(f"output folder {folder} {why}")
     for path in paths:
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
+        if (blocker := file_in_the_way(path)) is not None:
             raise InputError(f"cannot write {path}: {blocker} is a file, not a folder")
     if fmt != "png" and any(p.is_dir() for p in paths):
         raise InputError(f"output {next(p for p in paths if p.is_dir())} is a folder; give a file name")
@@ -170,6 +169,19 @@ def refuse_variant_of_file(variant: str | None, picks_from: str = "a model folde
         raise InputError(f"--variant {variant} picks files of {picks_from}, not of one file")
 
 
+def run_settings(args: argparse.Namespace, pipe: Any, variant: str | None, second: Any) -> dict[str, Any]:
+    """How the loaded model runs, for generate's sidecar and serve's X-Img2vid-Params alike: the revision and variant
+    read, the config, and the compile / two-GPU modes (they change the last bits of the numbers)."""
+    compiled = bool(args.compile or args.compile_cache)
+    return dict(
+        revision=args.revision,
+        model_config=pipe.config.name,
+        variant=variant,
+        compiled=compiled,
+        guidance_parallel=second is not None,
+    )
+
+
 def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
@@ -220,15 +232,6 @@ def check_compile_cache(args: argparse.Namespace) -> None:
         check_cache_dir(Path(args.compile_cache).expanduser())
 
 
-def only_variant(folder: Path, allow_pickle: bool = False) -> str | None:
-    """The variant of a folder whose UNet weights exist in that variant alone (unet/*.fp16.safetensors, no plain
-    file), else None: such a folder has nothing else to load (plain .bin pickles count only when they may load)."""
-    from img2vid.checkpoint_io import weight_variants
-
-    plain, variants = weight_variants(folder, "unet", pickles=allow_pickle)
-    return variants[0] if len(variants) == 1 and not plain else None
-
-
 def load_pipeline(
     args: argparse.Namespace, kind: str, device: Any, dtype: Any, second: Any = None
 ) -> tuple[Any, str | None]:
@@ -240,6 +243,8 @@ def load_pipeline(
     # The hub's fp16 files for float16: half the download, the same float16 weights.
     variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
     if variant is None and kind == "folder":  # e.g. what `img2vid convert ... --variant fp16` writes
+        from img2vid.checkpoint_io import only_variant
+
         variant = only_variant(Path(args.model).expanduser(), args.allow_pickle)
     variant = None if variant == "none" else variant
     offload = args.offload or "none"

@@ -136,7 +136,6 @@ def export_to_video(
         raise InputError(
             f"export_to_video writes .mp4, .mkv, .mov, .webm, .gif or .webp files, not {output_video_path}"
         )
-    fmt = suffix
     crf = None if bitrate is not None else (int((1 - quality / 10) * 51) if quality is not None else _X264_DEFAULT_CRF)
-    export_video(frames, output_video_path, fps=fps, format=fmt, crf=crf, bitrate=bitrate)
+    export_video(frames, output_video_path, fps=fps, format=suffix, crf=crf, bitrate=bitrate)
     return output_video_path

@@ -284,6 +284,11 @@ def _replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file, if any, where a folder above `path` has to be (writing there fails as "File exists")."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+
 def check_output(path: str | os.PathLike, fmt: str) -> None:
     """A one-line InputError if `export_video` could not put a `fmt` video at `path` for what is there already; a
     front end calls it before the (slow) frames are made, export_video again before writing."""
