@@ -816,6 +816,50 @@ def test_queued_requests_run_in_arrival_order(address, png, monkeypatch):
     assert results == [200] and order == [100, 101, 102, 103, 104]
 
 
+def test_one_client_cannot_fill_the_waiting_line(address, png, monkeypatch):
+    """A client address holds at most MAX_WAITING_PER_CLIENT of the waiting places (one script's batch filled all of
+    them and turned every other client away); another address still gets in line, and both of the first client's
+    accepted requests and the other's run."""
+    reached, release = threading.Event(), threading.Event()
+    real = Pipeline.__call__
+
+    def held(self, *args, **kwargs):
+        reached.set()
+        release.wait(30)  # bounded: a failing test must not hang the suite
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    monkeypatch.setattr(server_module, "MAX_WAITING_PER_CLIENT", 1)
+    monkeypatch.setattr(server_module, "LOCK_POLL_S", 0.02)
+    results: list[int] = []
+    first = threading.Thread(target=lambda: results.append(post(address, png, seed=1)[0]))
+    first.start()
+    socks = []
+    try:
+        assert reached.wait(30)
+        socks.append(send_post(address, png, seed=2))  # from 127.0.0.1, as the running one: it may wait
+        poll_until(address, lambda p: p["waiting"] == 1)
+        status, headers, text = post(address, png, seed=3)  # a second waiting request of 127.0.0.1
+        assert status == 503 and headers["retry-after"] == "30", (status, text)
+        assert text == b"1 requests of this client are waiting already; try again later\n", text
+        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # another address of the loopback network
+        other.settimeout(10)
+        other.bind(("127.0.0.2", 0))
+        other.connect(address)
+        head = f"POST /generate?{urlencode({**SMALL, 'seed': 4})} HTTP/1.1\r\nContent-Length: {len(png)}\r\n\r\n"
+        other.sendall(head.encode() + png)
+        socks.append(other)
+        poll_until(address, lambda p: p["waiting"] == 2)
+    finally:
+        release.set()
+        first.join(timeout=60)
+    for sock in socks:
+        sock.settimeout(60)
+        assert sock.recv(12).startswith(b"HTTP/1.0 200")
+        sock.close()
+    assert results == [200]
+
+
 def test_bad_guidance_and_long_numbers_are_400_at_once(address, png):
     status, _, text = post(address, png, max_guidance=70000, min_guidance=0)
     assert status == 400 and text == b"max_guidance: 70000 is out of range 0..65504.0\n", text

@@ -2,18 +2,18 @@
 the encoded video out, `GET /health` a JSON liveness probe, `GET /progress` what the server is doing. Start it with
 `img2vid serve`.
 
-Design: the request body IS the image (any format Pillow reads) and the parameters travel in the query string, so
-there is no multipart parsing to get wrong and `curl --data-binary @cat.png 'host:8000/generate?seed=1'` just works.
-The model is shared by every request thread, so generations run one at a time, in arrival order; other requests (the
-page, /health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an
-oversized body, 405 for a known path's wrong method, 408 for a stalled upload, 503 with Retry-After when MAX_WAITING
-requests wait already (or MAX_CONNECTIONS are open), 500 for our own failures (the traceback goes to the server's
-stderr, never to the client). A client that disconnects stops its generation at the next step or decode chunk (or
-never starts it, if it was still queued), so a closed browser tab does not keep the GPU and the queue busy; so does
-one that sent bytes past its body before closing. (A client that half-closes, shutting its sending side after the
-body, looks the same to TCP and is treated as gone; browsers, curl and Python's clients do not.) Raw UTF-8 in the
-query and in headers is read as UTF-8 (http.server reads it as Latin-1), so the errors that echo it show what was
-sent.
+Design: the request body IS the image (any format Pillow reads) and the parameters travel in the query string, so there
+is no multipart parsing to get wrong and `curl --data-binary @cat.png 'host:8000/generate?seed=1'` just works. The model
+is shared by every request thread, so generations run one at a time, in arrival order; other requests (the page,
+/health) stay responsive meanwhile. Errors are one line of plain text: 400 for the caller's input, 413 for an oversized
+body, 405 for a known path's wrong method, 408 for a stalled upload, 503 with Retry-After when MAX_WAITING requests wait
+already, or MAX_WAITING_PER_CLIENT of the same client address (or MAX_CONNECTIONS are open), 500 for our own failures
+(the traceback goes to the server's stderr, never to the client). A client that disconnects stops its generation at the
+next step or decode chunk (or never starts it, if it was still queued), so a closed browser tab does not keep the GPU
+and the queue busy; so does one that sent bytes past its body before closing. (A client that half-closes, shutting its
+sending side after the body, looks the same to TCP and is treated as gone; browsers, curl and Python's clients do not.)
+Raw UTF-8 in the query and in headers is read as UTF-8 (http.server reads it as Latin-1), so the errors that echo it
+show what was sent.
 
 `GET /progress` (JSON, never cached) is polled by the page while its POST is in flight. Idle:
 `{"busy": false, "waiting": 0}`. Generating:
@@ -75,6 +75,10 @@ LOCK_POLL_S = 0.5  # a queued request checks this often whether its client is st
 # with resize=stretch: up to 0.2 GB at MAX_INPUT_PIXELS), a thread and a socket while it waits; without a cap,
 # uploads could queue until memory runs out.
 MAX_WAITING = 8
+# Of those places, one client address may hold this many, so that one client (a script sending a batch) cannot fill
+# the line and turn everyone else away. Behind a reverse proxy every request has the proxy's address: the cap then
+# bounds them all together.
+MAX_WAITING_PER_CLIENT = 4
 RETRY_AFTER_S = 30  # what a 503 tells the client to wait: about a video's time on a GPU
 # Connections served at once, each on a thread of its own: more are answered 503 at once and closed. Without a cap,
 # clients that open connections and send nothing (each read waits up to TIMEOUT_S) could take threads without end.
@@ -91,7 +95,8 @@ class ClientGone(Exception):
 
 
 class ServerBusy(Exception):
-    """MAX_WAITING requests are already waiting: this one is answered 503 with Retry-After."""
+    """MAX_WAITING requests are already waiting (or MAX_WAITING_PER_CLIENT of this client's): this one is answered
+    503 with Retry-After."""
 
 
 def peer_closed(sock: socket.socket) -> bool:
@@ -185,10 +190,12 @@ class Server(ThreadingHTTPServer):
         params: dict[str, Any],
         job: str | None,
         gone: Callable[[], bool] = lambda: False,
+        client: str | None = None,
     ) -> tuple[bytes, dict]:
         """`generate` of `prepare`'s image and size in its turn (first come, first served), reporting to /progress;
         idle again when it ends, failed or not. gone() says whether the client has left: checked while queued and at
-        every report, it raises ClientGone. More than MAX_WAITING waiting: ServerBusy."""
+        every report, it raises ClientGone. MAX_WAITING waiting already, or MAX_WAITING_PER_CLIENT from this client
+        (its address): ServerBusy."""
 
         def report(stage: str, done: int, total: int, segment: int, segments: int) -> None:
             if gone():  # a syscall, microseconds: between steps that take milliseconds to seconds
@@ -198,11 +205,14 @@ class Server(ThreadingHTTPServer):
             with self._state_lock:
                 self._state = state
 
-        ticket = _Ticket(job)
+        ticket = _Ticket(job, client)
         with self._turn:
             with self._state_lock:  # the queue changes under both locks: /progress counts it under the second
                 if len(self._queue) >= MAX_WAITING:
                     raise ServerBusy(f"{len(self._queue)} requests are waiting already; try again later")
+                mine = sum(1 for waiting in self._queue if client is not None and waiting.client == client)
+                if mine >= MAX_WAITING_PER_CLIENT:
+                    raise ServerBusy(f"{mine} requests of this client are waiting already; try again later")
                 self._queue.append(ticket)
             while self._running or self._queue[0] is not ticket:
                 self._turn.wait(LOCK_POLL_S)
@@ -226,12 +236,13 @@ class Server(ThreadingHTTPServer):
 
 
 class _Ticket:
-    """A waiting request's place in the queue: compared by identity (two requests may share a job token)."""
+    """A waiting request's place in the queue: compared by identity (two requests may share a job token); client is
+    its peer's address (host only: each connection has a port of its own)."""
 
-    __slots__ = ("job",)
+    __slots__ = ("job", "client")
 
-    def __init__(self, job: str | None) -> None:
-        self.job = job
+    def __init__(self, job: str | None, client: str | None = None) -> None:
+        self.job, self.client = job, client
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -348,7 +359,8 @@ class Handler(BaseHTTPRequestHandler):
                 image, size = prepare(self.server.pipe.config, decode_image(data), params)
             data = b""  # the upload's bytes are not held while the request waits
             job = as_utf8(self.headers.get("X-Img2vid-Job") or "").strip()[:64] or None  # capped: echoed to all
-            video, info = self.server.run_generation(image, size, params, job, lambda: peer_closed(self.connection))
+            gone = functools.partial(peer_closed, self.connection)
+            video, info = self.server.run_generation(image, size, params, job, gone, str(self.client_address[0]))
         except ClientGone as e:  # nobody to answer: no response, no traceback
             self.close_connection = True
             self.log_message("%s; generation stopped", e)
