@@ -4,6 +4,7 @@ entry point."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -684,12 +685,19 @@ def test_conflicting_and_ambiguous_requests_are_refused(models, images, tmp_path
     twin.write_bytes(images["landscape"].read_bytes())
     rc, _, err = generate(capsys, [images["landscape"], twin], f"{tmp_path}/out/", models["folder"])
     assert rc == 2 and "images with the same name would write the same video" in err
-    # one file given twice, by one name or two: said so (it was "use a pattern with {stem}", which it had)
-    same, other_name = images["landscape"], tmp_path / "link.png"
-    other_name.symlink_to(same)
-    for pair, needle in (([same, same], "is given twice;"), ([same, other_name], "is given twice (also as")):
+    # one path given twice, as written or spelled otherwise: said so (it was "use a pattern with {stem}", which it had)
+    same = images["landscape"]
+    dotted = os.path.relpath(same)  # the same file, relative to the working folder
+    for pair, needle in (([same, same], "is given twice;"), ([same, dotted], "is given twice (also as")):
         rc, _, err = generate(capsys, pair, f"{tmp_path}/out/{{stem}}.mp4", models["folder"])
         assert rc == 2 and needle in err and "--videos N makes several videos of one image" in err, err
+    # two names of one file (a glob over a folder with a symlink in it): a video for each name, as named
+    link = tmp_path / "link.png"
+    link.symlink_to(same)
+    (tmp_path / "linked").mkdir()
+    rc, _, err = generate(capsys, [same, link], f"{tmp_path}/linked/{{stem}}.gif", models["folder"])
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "linked").glob("*.gif")) == sorted([f"{same.stem}.gif", "link.gif"])
     busy = tmp_path / "photos"
     busy.mkdir()
     (busy / "a.png").write_bytes(b"x")

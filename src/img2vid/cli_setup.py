@@ -36,9 +36,12 @@ def expand_images(patterns: list[str]) -> list[str]:
             raise InputError(f"image not found: {pattern}")
         else:
             sources.append(str(Path(pattern).expanduser()))
-    seen: dict[str, str] = {}  # one file named twice would write its videos twice, or clash in one output
+    # One path named twice (x.png ./x.png, or a pattern that matches a file named too) would write its videos twice,
+    # or clash in one output. Two names of one file (a symlink beside its target, as a glob over a folder of photos
+    # may match) are two images with outputs of their own, as the user named them: not resolved, not refused.
+    seen: dict[str, str] = {}
     for source in sources:
-        key = source if source.lower().startswith(("http://", "https://")) else os.path.realpath(source)
+        key = source if source.lower().startswith(("http://", "https://")) else os.path.abspath(source)
         if key in seen:
             also = "" if seen[key] == source else f" (also as {seen[key]})"
             raise InputError(f"{source} is given twice{also}; --videos N makes several videos of one image")
