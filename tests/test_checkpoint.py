@@ -602,6 +602,19 @@ def test_only_variant_and_info_use_the_one_listing(tmp_path):
     assert only_variant(half) is None
 
 
+def test_info_reads_a_folder_of_two_variants_as_loading_does(tmp_path):
+    """A folder of fp16 and bf16 weights and no plain ones: without --variant, loading finds nothing to read (which
+    variant is not guessed), and info says the same instead of describing the first variant it listed."""
+    two = ck.save_folder(tmp_path / "two", TINY, random_components(TINY), variant="fp16")
+    ck.save_folder(two, TINY, random_components(TINY), variant="bf16")
+    with pytest.raises(CheckpointError) as loading:
+        ck.load_folder(two)
+    with pytest.raises(CheckpointError) as described:
+        checkpoint_info(two)
+    assert str(described.value) == str(loading.value)
+    assert checkpoint_info(two, "bf16")["variant"] == "bf16" and checkpoint_info(two, "fp16")["ok"]
+
+
 # ---- (4) detection --------------------------------------------------------------------------------------------------
 def test_detect_formats(real_keys):
     sds = meta_state_dicts(TINY, ours=False)

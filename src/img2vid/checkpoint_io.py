@@ -355,6 +355,14 @@ def only_variant(folder: Path, allow_pickle: bool = False) -> str | None:
     return variants[0] if len(variants) == 1 and not plain else None
 
 
+def folder_variant(folder: Path, variant: str | None, allow_pickle: bool = False) -> str | None:
+    """The variant a folder is read in, as `generate` and `info` read it: the one named; without one, the folder's
+    only variant when it holds no plain weights (`only_variant`); "none": the plain weights, never a variant."""
+    if variant is None:
+        return only_variant(folder, allow_pickle)
+    return None if variant == "none" else variant
+
+
 def component_variants(folder: Path, variant: str | None) -> dict[str, str | None]:
     """The variant each component loads. As diffusers: a component that lacks the requested variant loads its plain
     weights (a folder whose UNet alone is fp16), unless no component has that variant at all (a mistyped variant,

@@ -28,6 +28,7 @@ from img2vid.checkpoint_io import (
     StateDict,
     component_file,
     component_variants,
+    folder_variant,
     only_variant,
     read_header,
     shard_files,
@@ -152,17 +153,14 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
     """What a checkpoint is (used by `img2vid info`): format, sgm variant, config, and per component the tensor and
     parameter counts, dtypes and missing / unexpected / wrong-shape names against the config. Reads headers only
     (pickles are loaded, so they need allow_pickle). variant None: a folder's only variant if it has no plain
-    weights, as loading picks; "none": the plain weights, as `generate --variant none` loads."""
+    weights, as loading picks; "none": the plain weights, as `generate --variant none` loads (`folder_variant`)."""
     path = Path(path)
     info: dict[str, Any] = {"path": str(path)}
     if path.is_dir():
         config = read_pipeline_config(path)
         found = {c: weight_variants(path, c) for c in COMPONENTS}  # (plain weights?, variants) per component
-        plain, unet_variants = found["unet"]
         variants = sorted({v for _, names in found.values() for v in names})
-        if variant is None and not plain and unet_variants:
-            variant = unet_variants[0]  # a folder holding only a variant (e.g. fp16)
-        variant = None if variant == "none" else variant
+        variant = folder_variant(path, variant, allow_pickle)  # as loading picks it
         chosen = component_variants(path, variant)  # as loading picks them: plain where a component lacks it
         comps = {
             c: drop_buffers(read_header(component_file(path, c, chosen[c], allow_pickle), allow_pickle)[0], c)

@@ -245,11 +245,11 @@ def load_pipeline(
 
     # The hub's fp16 files for float16: half the download, the same float16 weights.
     variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
-    if variant is None and kind == "folder":  # e.g. what `img2vid convert ... --variant fp16` writes
-        from img2vid.checkpoint_io import only_variant
+    if kind == "folder":  # one variant alone, e.g. what `img2vid convert ... --variant fp16` writes
+        from img2vid.checkpoint_io import folder_variant
 
-        variant = only_variant(Path(args.model).expanduser(), args.allow_pickle)
-    variant = None if variant == "none" else variant
+        variant = folder_variant(Path(args.model).expanduser(), variant, args.allow_pickle)
+    variant = None if variant == "none" else variant  # a hub id's or a single file's
     offload = args.offload or "none"
     load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
     kw = dict(torch_dtype=dtype, variant=variant, local_files_only=args.offline, allow_pickle=args.allow_pickle)
