@@ -56,16 +56,17 @@ LOOP_MODES = ("none", "loop", "pingpong")
 DEFAULT_CRF = 18  # x264/VP9 constant quality: 18 is visually lossless for x264, lower = bigger and better
 WEBP_QUALITY = 90
 # mkv and mov: H.264 as in mp4, for editors and players that want those containers (and diffusers' export_to_video
-# paths, which imageio writes as the extension says)
-_CODECS = {"mp4": "libx264", "webm": "libvpx-vp9", "mkv": "libx264", "mov": "libx264"}
+# paths, which imageio writes as the extension says); every H.264 format shares mp4's rows in the tables below
+_H264 = ("mp4", "mkv", "mov")
+_CODECS = {"webm": "libvpx-vp9"} | dict.fromkeys(_H264, "libx264")
 _CONTAINERS = {"mkv": "matroska"}  # ffmpeg's muxer names where they differ from the extension
 # The largest crf each encoder takes: 8-bit x264 stops at 51 (it would cap 52..63 silently), VP9 at 63.
-MAX_CRF = {"mp4": 51, "webm": 63, "mkv": 51, "mov": 51}
+MAX_CRF = {"webm": 63} | dict.fromkeys(_H264, 51)
 _BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709 share the value 1 in ffmpeg's enums
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("tv" range, what players expect from yuv420p)
 # The largest width or height each format's encoder takes (x264 and WebP refuse more; GIF stores 16-bit sizes,
 # VP9 up to 65536); past these they fail only after the frames are made, with an encoder's cryptic message.
-MAX_SIDE = {"mp4": 16384, "webm": 65536, "gif": 65535, "webp": 16383, "mkv": 16384, "mov": 16384}
+MAX_SIDE = {"webm": 65536, "gif": 65535, "webp": 16383} | dict.fromkeys(_H264, 16384)
 _GIF_MAX_CENTIS = 65535  # a GIF frame delay is a 16-bit count of centiseconds
 _GIF_MIN_CENTIS = 2  # browsers play shorter delays at 10 cs: 2 is the shortest that plays as written
 
