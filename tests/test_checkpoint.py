@@ -861,6 +861,19 @@ def test_hub_download_asks_for_each_component_s_own_variant(monkeypatch, tmp_pat
         resolve_pretrained("someone/svd", revision="v9")
 
 
+def test_long_names_and_unwritable_places_name_the_user_s_path(tmp_path):
+    """A 250-byte file name is legal, but its temporary name (".{name}.{pid}.tmp") was not; a write that fails names
+    the file asked for, not a hidden temporary one."""
+    folder = ck.save_folder(tmp_path / "m", TINY, random_components(TINY))
+    long_file = tmp_path / ("s" * 238 + ".safetensors")
+    assert convert(folder, long_file) == long_file and checkpoint_info(long_file)["ok"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "blocker").write_text("a file where a folder would go")
+    with pytest.raises(CheckpointError) as e:
+        ck.save_single_file(tmp_path / "blocker" / "x.safetensors", TINY, random_components(TINY))
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'blocker' / 'x.safetensors'}: "), e.value
+
+
 def test_convert_dtype_wins_over_the_variant_and_integer_dtypes_are_refused(tmp_path):
     folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
     out = convert(folder, tmp_path / "g", dtype=torch.bfloat16, variant="fp16")

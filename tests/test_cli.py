@@ -518,7 +518,16 @@ def test_bad_inputs_and_outputs(bad_env, tmp_path, capsys):
         ([good], out_dir / "a.mp4", folder, "--videos 2", "2 videos need -o to be a folder or a pattern"),
         ([good, images["second"]], out_dir / "{seed}.mp4", folder, "-n 2", "pattern with {stem} and {seed}"),
         ([good], out_dir / "a{seed}.mp4", folder, "-n 3 --seed 9223372036854775806", "past the largest seed"),
+        # a pipe matched by a glob was read forever, named it was "not found"; ~nouser was an "unexpected" failure
+        ([str(tmp_path / "fif[o].png")], out_dir / "a.mp4", folder, "", "is not a regular file"),
+        ([tmp_path / "fifo.png"], out_dir / "a.mp4", folder, "", "is not a regular file (a pipe"),
+        (["~no-such-user-img2vid/a.png"], out_dir / "a.mp4", folder, "", "names no user's home folder"),
+        ([good], "~no-such-user-img2vid/a.mp4", folder, "", "names no user's home folder"),
+        ([good], out_dir / "a.mp4", "~no-such-user-img2vid/m", "", "names no user's home folder"),
+        ([good], "-", folder, "", "-o - (standard output) is not supported"),
+        ([good], out_dir / ("v" * 251 + ".mp4"), folder, "", "is too long: at most 250 bytes"),
     ]
+    os.mkfifo(tmp_path / "fifo.png")
     for sources, out, model, extra, needle in cases:
         rc, _, err = generate(capsys, sources, out, model, extra)
         assert_one_line_error(rc, err, needle, out_dir)
@@ -726,6 +735,17 @@ def test_patterns_may_name_folders(models, images, tmp_path, capsys):
     assert rc == 2 and "portrait is a file, not a folder" in err, err
     rc, _, err = generate(capsys, two, f"{tmp_path}/no-such/{{stem}}/", models["folder"])
     assert rc == 2 and "no-such does not exist" in err, err
+    # an image named "...png" has the stem "..": out/dd/{stem}/clip.mp4 wrote out/clip.mp4, outside out/dd
+    dots = tmp_path / "...png"
+    dots.write_bytes(images["landscape"].read_bytes())
+    (tmp_path / "out" / "dd").mkdir()
+    rc, _, err = generate(capsys, dots, f"{tmp_path}/out/dd/{{stem}}/clip.mp4", models["folder"])
+    assert rc == 0 and (tmp_path / "out/dd/video/clip.mp4").is_file() and not (tmp_path / "out/clip.mp4").exists()
+    # the longest name whose sidecar fits: written (its temporary files' names were too long, found after the run)
+    long_name = tmp_path / ("v" * 246 + ".mp4")
+    rc, _, err = generate(capsys, images["landscape"], long_name, models["folder"])
+    assert rc == 0 and long_name.is_file() and Path(f"{long_name}.json").is_file(), err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p != dots] == []  # no temporary left
 
 
 def test_empty_output_variant_of_a_single_file_and_late_write_failures(models, images, tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -280,6 +281,53 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError) as e:
         load_image(empty)
     _one_line_error(e, "empty", str(empty))
+
+
+def test_pipes_devices_unknown_users_and_endless_sources_are_one_line_errors(
+    tmp_path: Path, http_root: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipe was read forever (waiting for a writer), /dev/zero until memory ran out, ~nouser/x.png was a
+    RuntimeError, and a download had no size bound."""
+    import img2vid.images as images
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError) as e:
+        load_image(fifo)  # returns at once: the file is never opened
+    _one_line_error(e, "not a regular file", str(fifo))
+    with pytest.raises(InputError) as e:
+        load_image("/dev/zero")
+    _one_line_error(e, "not a regular file")
+    with pytest.raises(InputError) as e:
+        load_image("~no-such-user-img2vid/x.png")
+    _one_line_error(e, "~no-such-user-img2vid names no user's home folder")
+    root, base = http_root
+    (root / "img.png").write_bytes(_png_bytes((8, 6)))
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 100)
+    with pytest.raises(InputError) as e:
+        load_image(f"{base}/img.png")
+    _one_line_error(e, "too large for an image")
+    with pytest.raises(InputError) as e:
+        load_image(root / "img.png")
+    _one_line_error(e, "too large for an image file")
+
+
+def test_32_bit_integer_and_out_of_range_float_files_are_refused(tmp_path: Path) -> None:
+    """A 32-bit integer TIFF holding 0..255 came out black (scaled as 16-bit samples); a float TIFF of 0..255 was
+    told to "divide by 255", advice for arrays, not files. 16-bit files still load, scaled."""
+    ramp = np.arange(48, dtype=np.int32).reshape(6, 8) * 5  # 0..235
+    PIL.Image.fromarray(ramp).save(tmp_path / "int32.tif")
+    with pytest.raises(InputError) as e:
+        load_image(tmp_path / "int32.tif")
+    _one_line_error(e, "32-bit integer samples", "8 or 16 bits")
+    PIL.Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(InputError) as e:
+        load_image(tmp_path / "float.tif")
+    _one_line_error(e, "32-bit float samples in [0, 235]", "8 or 16 bits per sample")
+    PIL.Image.fromarray(ramp.astype(np.float32) / 235).save(tmp_path / "unit.tif")
+    assert np.asarray(load_image(tmp_path / "unit.tif"))[-1, -1, 0] == 255
+    PIL.Image.fromarray((ramp * 256).astype(np.uint16)).save(tmp_path / "int16.tif")
+    assert np.asarray(load_image(tmp_path / "int16.tif"))[-1, -1, 0] == round(235 * 256 / 257)
 
 
 @pytest.mark.parametrize("kind", ["png", "jpg"])

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import secrets
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -262,14 +263,19 @@ def _complete(t: torch.Tensor) -> torch.Tensor:
 
 
 def _atomic_write(path: Path, write: typing.Callable[[Path], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file. The temporary
+    name is short (a name of the user's that fits could otherwise not fit with a suffix added), and a failure names
+    `path`, not it."""
+    tmp = path.with_name(f".img2vid-{secrets.token_hex(6)}.tmp")  # made by write(): the umask's permissions
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no folder to hold it, or already renamed: nothing to remove
+            tmp.unlink(missing_ok=True)
 
 
 def _sort_metadata(path: Path) -> None:

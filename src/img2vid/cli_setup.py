@@ -19,23 +19,30 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 def expand_images(patterns: list[str]) -> list[str]:
     """Paths, URLs and glob patterns (expanded here too, so a quoted pattern works) -> sources, in order."""
-    from img2vid.images import InputError
+    from img2vid.images import InputError, user_path
 
     sources: list[str] = []
     for pattern in patterns:
         if pattern.lower().startswith(("http://", "https://")):
             sources.append(pattern)
-        elif glob.has_magic(pattern) and not Path(pattern).exists():
-            matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            continue
+        path = user_path(pattern)
+        if glob.has_magic(pattern) and not path.exists():
+            matches = sorted(glob.glob(str(path), recursive=True))
             if not matches:
                 raise InputError(f"no image matches {pattern!r}")
+            for match in matches:  # a pipe would be read forever, a device such as /dev/zero without end
+                if not Path(match).is_file() and not Path(match).is_dir():
+                    raise InputError(f"{match} (matched by {pattern!r}) is not a regular file, not an image file")
             sources.extend(matches)
-        elif Path(pattern).expanduser().is_dir():
+        elif path.is_dir():
             raise InputError(f"{pattern} is a directory, not an image file (a glob such as DIR/*.png takes its images)")
-        elif not Path(pattern).expanduser().is_file():
+        elif path.exists() and not path.is_file():
+            raise InputError(f"{pattern} is not a regular file (a pipe, socket or device), not an image file")
+        elif not path.is_file():
             raise InputError(f"image not found: {pattern}")
         else:
-            sources.append(str(Path(pattern).expanduser()))
+            sources.append(str(path))
     # One path named twice (x.png ./x.png, or a pattern that matches a file named too) would write its videos twice,
     # or clash in one output. Two names of one file (a symlink beside its target, as a glob over a folder of photos
     # may match) are two images with outputs of their own, as the user named them: not resolved, not refused.
@@ -50,7 +57,10 @@ def expand_images(patterns: list[str]) -> list[str]:
 
 
 def stem(source: str) -> str:
-    return Path(source.split("?")[0]).stem or "video"
+    """The name {stem} stands for: the file's name without its extension. Dots alone (an image named "...png" has
+    the stem "..") would name the folder above in a pattern such as out/{stem}/clip.mp4: such names become "video"."""
+    name = Path(source.split("?")[0]).stem
+    return name if name.strip(".") else "video"
 
 
 def output_paths(
@@ -59,12 +69,14 @@ def output_paths(
     """(source, seed, output path) of every video, each source's seeds in turn, and the format. Several videos need a
     folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}; a pattern
     may name folders too (out/{stem}/ or out/{stem}/{seed}.mp4), which the export creates."""
-    from img2vid.images import InputError
+    from img2vid.images import InputError, user_path
     from img2vid.video import check_crf, check_output, file_in_the_way, holds_frames
 
     if not output:
         raise InputError("-o is empty; give a file, a folder or a pattern such as {stem}.mp4")
-    out = Path(output).expanduser()
+    if output == "-":  # the usual spelling of standard output, which would have named a file "-.mp4"
+        raise InputError("-o - (standard output) is not supported; give a file, a folder or a pattern")
+    out = user_path(output)
     # An earlier PNG-frames video at -o is replaced by this one, not taken for a folder to put videos in
     frames_again = (fmt == "png" or out.suffix.lower() == ".png") and holds_frames(out)
     as_folder = (out.is_dir() and not frames_again) or output.endswith(("/", os.sep))
@@ -142,8 +154,9 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
     Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD model
     (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
     from img2vid import checkpoint
+    from img2vid.images import user_path
 
-    path, config = Path(model).expanduser(), None
+    path, config = user_path(model), None
     if path.is_dir():
         kind, config = "folder", checkpoint.read_pipeline_config(path)
     elif path.is_file():
@@ -230,9 +243,10 @@ def check_compile_cache(args: argparse.Namespace) -> None:
     """--compile-cache naming a file or a place that cannot be written: an error now, not after the model loads.
     Called after the option checks, since it creates the folder."""
     if args.compile_cache:
+        from img2vid.images import user_path
         from img2vid.precompiled import check_cache_dir
 
-        check_cache_dir(Path(args.compile_cache).expanduser())
+        check_cache_dir(user_path(args.compile_cache))
 
 
 def load_pipeline(
@@ -247,8 +261,9 @@ def load_pipeline(
     variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
     if kind == "folder":  # one variant alone, e.g. what `img2vid convert ... --variant fp16` writes
         from img2vid.checkpoint_io import folder_variant
+        from img2vid.images import user_path
 
-        variant = folder_variant(Path(args.model).expanduser(), variant, args.allow_pickle)
+        variant = folder_variant(user_path(args.model), variant, args.allow_pickle)
     variant = None if variant == "none" else variant  # a hub id's or a single file's
     offload = args.offload or "none"
     load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU

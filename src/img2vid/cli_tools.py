@@ -68,8 +68,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from img2vid.checkpoint_tools import checkpoint_info
     from img2vid.cli_setup import refuse_variant_of_file
+    from img2vid.images import user_path
 
-    path = Path(args.checkpoint).expanduser()
+    path = user_path(args.checkpoint)
     if path.is_file():
         refuse_variant_of_file(args.variant, "a model folder")
     info = checkpoint_info(path, variant=args.variant, allow_pickle=args.allow_pickle)
@@ -99,10 +100,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from img2vid.checkpoint_tools import convert
+    from img2vid.images import user_path
 
     start = time.perf_counter()
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
+    src, dst = user_path(args.src), user_path(args.dst)
     dst = convert(src, dst, dtype=dtype, variant=args.variant, allow_pickle=args.allow_pickle)
     print(f"wrote {dst} ({time.perf_counter() - start:.1f} s)")
     return 0

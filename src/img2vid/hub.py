@@ -64,7 +64,9 @@ def resolve_pretrained(
     """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache.
     revision (a branch, tag or commit), cache_dir and token mean what they mean to diffusers and huggingface_hub
     (token None: the saved login or HF_TOKEN; SVD's repos are gated)."""
-    path = Path(path_or_id).expanduser()
+    from img2vid.images import user_path  # lazily: images reads Pillow, which loading a model does not need
+
+    path = user_path(path_or_id)
     if path.is_dir():
         return path
     if path.exists():

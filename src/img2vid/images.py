@@ -28,6 +28,10 @@ __all__ = ["InputError", "load_image", "resize_image", "fit_size", "check_size",
 
 SIZE_MODES = ("stretch", "crop", "pad", "fit")
 URL_TIMEOUT_S = 30.0
+# The largest image file or download read: far past any photo (a 16-bit 16384^2 RGB TIFF is 1.6 GB uncompressed, and
+# pixel counts that large are refused after decoding anyway), yet a bound on a file that never ends (a device such as
+# /dev/zero, or a server that streams without end), which would otherwise be read until memory runs out.
+MAX_IMAGE_BYTES = 2 << 30
 # Pillow's names for 16-bit and 32-bit integer sample modes (all big/little/native endian variants of I;16).
 _INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
@@ -47,6 +51,15 @@ def is_tensor(value: object) -> bool:
     return torch_module is not None and isinstance(value, torch_module.Tensor)
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """Path(path) with a leading ~ or ~user expanded; a user that does not exist is a one-line InputError (pathlib
+    raises RuntimeError, which front ends would report as a failure of their own)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise InputError(f"{path}: {str(path).split('/')[0]} names no user's home folder on this machine") from None
+
+
 def _is_url(source: object) -> bool:
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
@@ -58,13 +71,16 @@ def _fetch_url(url: str, timeout: float = URL_TIMEOUT_S) -> bytes:
     try:
         request = urllib.request.Request(quoted, headers={"User-Agent": "img2vid"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
+            data = response.read(MAX_IMAGE_BYTES + 1)
     except urllib.error.HTTPError as e:
         raise InputError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise InputError(f"could not download {url}: {e.reason}") from None
     except (TimeoutError, OSError, ValueError, http.client.HTTPException) as e:  # a cut download: IncompleteRead
         raise InputError(f"could not download {url}: {type(e).__name__}: {e}") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InputError(f"{url} sends more than {MAX_IMAGE_BYTES >> 30} GiB: too large for an image")
+    return data
 
 
 def _open_decoded(fp: io.BytesIO, name: str) -> PIL.Image.Image:
@@ -93,13 +109,17 @@ def _open_source(source: str | os.PathLike) -> tuple[PIL.Image.Image, str]:
         if not data:
             raise InputError(f"{url} returned an empty response, not an image")
         return _open_decoded(io.BytesIO(data), url), url
-    path = Path(source).expanduser()
+    path = user_path(source)
     name = str(path)
     if not path.exists():
         raise InputError(f"image file not found: {name}")
     if path.is_dir():
         raise InputError(f"{name} is a directory, not an image file")
+    if not path.is_file():  # reading a pipe waits for a writer forever, a device such as /dev/zero never ends
+        raise InputError(f"{name} is not a regular file (a pipe, socket or device), not an image file")
     try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise InputError(f"{name} is over {MAX_IMAGE_BYTES >> 30} GiB: too large for an image file")
         # Read it whole: images are small, and no file handle stays open behind a lazily decoded image.
         data = path.read_bytes()
     except PermissionError:
@@ -199,6 +219,15 @@ def _from_tensor(tensor: torch.Tensor, background: tuple[int, int, int]) -> PIL.
     return _from_array(t.numpy(), background, name="image tensor")
 
 
+def _bits_per_sample(image: PIL.Image.Image) -> int | None:
+    """A TIFF's BitsPerSample (tag 258) for its first sample, else None (other formats do not say)."""
+    tags = getattr(image, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if isinstance(bits, int) else None
+
+
 def _to_rgb(image: PIL.Image.Image, background: tuple[int, int, int], name: str) -> PIL.Image.Image:
     """Any Pillow mode -> RGB: alpha composited on the background, 16/32-bit samples scaled down, not clipped."""
     if image.width == 0 or image.height == 0:
@@ -214,7 +243,14 @@ def _to_rgb(image: PIL.Image.Image, background: tuple[int, int, int], name: str)
             scaled = np.stack([scaled, (samples != key).astype(np.float32)], axis=-1)  # (H, W) -> (H, W, 2)
         return _from_array(scaled, background, name)
     if mode == "F":
-        return _from_array(np.asarray(image, dtype=np.float32), background, name)
+        samples = np.asarray(image, dtype=np.float32)  # (H, W)
+        lo, hi = (float(samples.min()), float(samples.max())) if np.isfinite(samples).all() else (0.0, 0.0)
+        if lo < -0.01 or hi > 1.01:  # the array check's advice (divide by 255) is for arrays, not for a file
+            raise InputError(
+                f"{name} has 32-bit float samples in [{lo:.4g}, {hi:.4g}], not in [0, 1] as float images are read; "
+                "save it with 8 or 16 bits per sample"
+            )
+        return _from_array(samples, background, name)
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         # Premultiplied grey (La) converts only to LA in Pillow, which then goes to RGBA
@@ -232,12 +268,13 @@ def _to_rgb(image: PIL.Image.Image, background: tuple[int, int, int], name: str)
 def load_image(
     source: str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor,
     background: tuple[int, int, int] = (255, 255, 255),
+    transpose: bool = True,
 ) -> PIL.Image.Image:
     """Load a path, http(s) URL, PIL image, numpy array or torch tensor as an RGB PIL image.
 
-    Files are fully decoded (truncation is an error, not a grey band), EXIF orientation is applied, transparency is
-    composited on `background`, and 16-bit samples are scaled to 8 bits. Arrays: HxW or HxWx1/2/3/4 in uint8, uint16
-    or float [0, 1]; tensors: 3xHxW or HxWx3 in uint8 or float [0, 1].
+    Files are fully decoded (truncation is an error, not a grey band), EXIF orientation is applied (transpose: PIL
+    images too, unless off), transparency is composited on `background`, and 16-bit samples are scaled to 8 bits.
+    Arrays: HxW or HxWx1/2/3/4 in uint8, uint16 or float [0, 1]; tensors: 3xHxW or HxWx3 in uint8 or float [0, 1].
     """
     bg = _check_background(background)
     # is_tensor keeps torch out of this module's imports, so the CLI can import InputError cheaply.
@@ -253,9 +290,14 @@ def load_image(
         raise InputError(f"cannot load an image from {type(source).__name__}; give a path, URL, PIL image or array")
     if image.width == 0 or image.height == 0:
         raise InputError(f"{name} has zero size ({image.width}x{image.height})")
+    if image.mode == "I" and _bits_per_sample(image) == 32:  # read before exif_transpose, whose copy drops the tags
+        # 32-bit integer samples (scientific TIFFs) have no agreed display range: scaled as 16-bit ones, a file
+        # holding 0..255 came out black; as 32-bit ones, any usual content would
+        raise InputError(f"{name} has 32-bit integer samples; save it with 8 or 16 bits per sample")
     # Phones store portrait photos sideways plus an orientation tag; without this the video comes out rotated.
     try:
-        image = PIL.ImageOps.exif_transpose(image)
+        if transpose or not isinstance(source, PIL.Image.Image):  # files always: nothing else reads their tag
+            image = PIL.ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block (not TIFF data, bad offsets): the pixels are fine, keep them as stored
         pass
     return _to_rgb(image, bg, name)

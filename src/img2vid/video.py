@@ -31,7 +31,7 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 
-from img2vid.images import InputError, check_unit_tensor, is_tensor, to_uint8
+from img2vid.images import InputError, check_unit_tensor, is_tensor, to_uint8, user_path
 from img2vid.video_read import EXIF_IMAGE_DESCRIPTION, FOLDER_META, PNG_FPS_KEY, PNG_META_KEY, read_metadata, read_video
 
 if TYPE_CHECKING:
@@ -243,8 +243,16 @@ def _write_png_folder(frames: np.ndarray, folder: Path, rate: Fraction, comment:
         PIL.Image.fromarray(pixels).save(folder / f"frame_{index:05d}.png", pnginfo=info)
 
 
+NAME_MAX = 255  # bytes in one file name, on Linux, macOS and Windows file systems alike
+
+
 def _temp_name(final: Path, tail: str) -> Path:
-    return final.parent / f".{final.name}.{secrets.token_hex(4)}{tail}"
+    """A hidden, unique name beside `final`, ending in `tail`. A long final name is cut to fit NAME_MAX: a name of
+    its own that fits could otherwise fail as "File name too long" only after the whole video was made."""
+    token = f".{secrets.token_hex(4)}{tail}"
+    room = NAME_MAX - 1 - len(token.encode())
+    base = final.name.encode()[:room].decode(errors="ignore")  # never half a UTF-8 character
+    return final.parent / f".{base}{token}"
 
 
 @contextlib.contextmanager
@@ -293,7 +301,7 @@ def file_in_the_way(path: Path) -> Path | None:
 def check_output(path: str | os.PathLike, fmt: str) -> None:
     """A one-line InputError if `export_video` could not put a `fmt` video at `path` for what is there already; a
     front end calls it before the (slow) frames are made, export_video again before writing."""
-    final = Path(path).expanduser()
+    final = user_path(path)
     if fmt == "png":
         if final.exists() and not final.is_dir():
             raise InputError(f"cannot write PNG frames to {final}: it exists and is not a directory")
@@ -304,6 +312,9 @@ def check_output(path: str | os.PathLike, fmt: str) -> None:
         raise InputError(f"cannot write {final}: it is a directory")
     # Found only after the video had been renamed into place, the export would fail with the new video written
     sidecar = final.with_name(final.name + ".json")
+    if len(sidecar.name.encode()) > NAME_MAX:  # the video's name fits, its sidecar's would not
+        longest = NAME_MAX - len(".json")
+        raise InputError(f"the file name {final.name[:24]}... is too long: at most {longest} bytes (with .json beside)")
     if sidecar.is_dir():
         raise InputError(f"cannot write {final}: its metadata file {sidecar} is a directory")
 
@@ -363,7 +374,7 @@ def export_video(
     JSON-able dict stored in a sidecar and in the file (see module doc); without it a stale sidecar of an earlier
     export is removed.
     """
-    final = Path(path).expanduser()
+    final = user_path(path)
     fmt = _infer_format(final, format)
     rate = _fps_fraction(fps)
     pixels = apply_loop(to_uint8_frames(frames), loop)

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import PIL.Image
 
-from img2vid.images import InputError
+from img2vid.images import InputError, user_path
 
 __all__ = ["read_video", "read_metadata"]
 
@@ -82,7 +82,7 @@ def _stored_fps(path: Path) -> float:
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """Decode a file written by `export_video` (or any PyAV-readable video) -> ((F, H, W, 3) uint8, fps)."""
-    source = Path(path).expanduser()
+    source = user_path(path)
     if not source.exists():
         raise InputError(f"video not found: {source}")
     if source.is_dir():
@@ -134,7 +134,7 @@ def _container_metadata(source: Path) -> dict:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata dict stored by `export_video`: the sidecar JSON, else the copy inside the file, else {}."""
-    source = Path(path).expanduser()
+    source = user_path(path)
     if not source.exists():
         raise InputError(f"video not found: {source}")
     sidecar = source / FOLDER_META if source.is_dir() else source.with_name(source.name + ".json")
