@@ -3,6 +3,7 @@ folders diffusers itself saved), plus behaviour: determinism, output types, offl
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from conftest import make_image, rel_err
 
 from img2vid import Pipeline
 from img2vid.configs import preset
-from img2vid.images import InputError, NonFiniteVideo
+from img2vid.images import InputError, NonFiniteVideo, load_image
 from img2vid.inputs import to_host
 
 H, W = 32, 48  # non-square; tiny VAE (2 levels) and UNet (2-3 levels) need multiples of 8
@@ -458,6 +459,26 @@ def test_numpy_scalars_and_integer_image_batches_are_accepted(pipes):
         arr8, generator=torch.manual_seed(0), fps=np.int64(7), noise_aug_strength=np.float32(0.02), **kw
     ).frames
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_zero_d_tensors_and_exif_tagged_pil_images_are_taken_as_diffusers_takes_them(reference_pipelines, pipes):
+    """diffusers takes fps=torch.tensor(7) (its arithmetic works on 0-d tensors), which img2vid refused; and it takes
+    a PIL image's pixels as stored, where img2vid applied the EXIF orientation (a rotated video: 0.26 off). Files
+    are still turned upright where they are read (load_image, the CLI, the server), as diffusers' load_image does."""
+    kw = dict(height=H, width=W, num_frames=2, num_inference_steps=2, output_type="pt")
+    numbers = dict(fps=torch.tensor(7), noise_aug_strength=torch.tensor(0.02), max_guidance_scale=torch.tensor(3.0))
+    ref, ours = both(reference_pipelines["a"], pipes["a"], image=make_image(), **numbers, **kw)
+    assert rel_err(ours, ref) < 1e-4
+    plain = pipes["a"](make_image(), generator=torch.manual_seed(0), **kw).frames
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    tagged = io.BytesIO()
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees to show
+    make_image(56, 40).save(tagged, "PNG", exif=exif)
+    image = PIL.Image.open(tagged)
+    ref, ours = both(reference_pipelines["a"], pipes["a"], image=image, **kw)
+    assert rel_err(ours, ref) < 1e-4
+    assert load_image(image).size == (40, 56)  # load_image still turns it upright
 
 
 def test_single_file_generates_the_same_frames_as_the_folder(tiny_model_dir, tmp_path):

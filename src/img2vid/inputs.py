@@ -35,16 +35,24 @@ def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse
         raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
 
 
-def check_conditioning(fps: float, motion_bucket_id: float, noise_aug: float, min_g: float, max_g: float) -> None:
-    """The call's real-valued knobs: any number float16 holds, as diffusers takes them. NaN or infinity would only
-    come out as a video of NaN, i.e. black frames, and so would a value past float16's range in a float16 model
-    (a float32 one refuses to convert past 3.4e38: a RuntimeError)."""
+def check_conditioning(
+    fps: float, motion_bucket_id: float, noise_aug: float, min_g: float, max_g: float
+) -> tuple[float, float, float, float, float]:
+    """The call's real-valued knobs, returned as Python numbers: any number float16 holds, as diffusers takes them
+    (a one-element tensor or array too, as diffusers' arithmetic on them works). NaN or infinity would only come out
+    as a video of NaN, i.e. black frames, and so would a value past float16's range in a float16 model (a float32
+    one refuses to convert past 3.4e38: a RuntimeError)."""
     names = ("fps", "motion_bucket_id", "noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
+    values = []
     for name, v in zip(names, (fps, motion_bucket_id, noise_aug, min_g, max_g), strict=True):
+        if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0:
+            v = v.item()  # a 0-d tensor (e.g. torch.tensor(7)) or array: its number (a bool one is refused below)
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise InputError(f"{name} must be a finite number, got {v!r}")
         if abs(v) > FLOAT16_MAX:
             raise InputError(f"{name} must lie within +-{FLOAT16_MAX:g} (float16's range), got {v!r}")
+        values.append(v)
+    return values[0], values[1], values[2], values[3], values[4]
 
 
 def randn(shape: Sequence[int], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -197,7 +205,9 @@ def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
         if image.shape[-1] == 3:
             t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (H,W,3)->(1,3,H,W)
             return _unit_images(t, "image array")
-    return [load_image(image)]
+    # A PIL image is taken as its pixels are stored, as diffusers' pipeline takes it: its EXIF orientation is
+    # applied where it is read from a file (load_image, the CLI, the server; diffusers' load_image too), not here
+    return [load_image(image, transpose=False)]
 
 
 def _unit_images(t: torch.Tensor, name: str) -> list[torch.Tensor]:

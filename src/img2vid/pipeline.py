@@ -204,7 +204,9 @@ class Pipeline(DiffusersAttributes, RunModes):
         check_size(width, height, vsf)  # as diffusers: the UNet upsamples to each skip's size (odd latent sides)
         steps = num_inference_steps if sigmas is None else 1  # diffusers ignores it (even None) given sigmas
         check_call_args(num_frames, steps, decode_chunk_size, num_videos_per_prompt, guidance_reuse, output_type)
-        check_conditioning(fps, motion_bucket_id, noise_aug_strength, min_guidance_scale, max_guidance_scale)
+        fps, motion_bucket_id, noise_aug_strength, min_guidance_scale, max_guidance_scale = check_conditioning(
+            fps, motion_bucket_id, noise_aug_strength, min_guidance_scale, max_guidance_scale
+        )
         names = callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         images = as_images(image)
         n_img, nv = len(images), num_videos_per_prompt
