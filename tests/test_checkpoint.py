@@ -888,6 +888,11 @@ def test_convert_dtype_wins_over_the_variant_and_integer_dtypes_are_refused(tmp_
     [
         ("scheduler/scheduler_config.json", {"sigma_min": 0.0}, "0 < sigma_min < sigma_max"),
         ("scheduler/scheduler_config.json", {"sigma_min": 800.0}, "0 < sigma_min < sigma_max"),
+        # settings that give diffusers another schedule: refused, not run as SVD's default one
+        ("scheduler/scheduler_config.json", {"use_karras_sigmas": False}, "use_karras_sigmas false is not supported"),
+        ("scheduler/scheduler_config.json", {"use_beta_sigmas": True}, "use_beta_sigmas true is not supported"),
+        ("scheduler/scheduler_config.json", {"timestep_type": "discrete"}, "timestep_type 'discrete' is not supp"),
+        ("scheduler/scheduler_config.json", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type 'sigma_min'"),
         ("vae/config.json", {"force_upcast": "false"}, "force_upcast must be a bool"),
         ("feature_extractor/preprocessor_config.json", {"image_mean": 0.5}, "image_mean must be a list of 3"),
     ],

@@ -327,8 +327,19 @@ def clip_to_transformers(c: CLIPVisionConfig) -> dict[str, Any]:
 
 
 def scheduler_from_diffusers(cfg: dict[str, Any]) -> SchedulerConfig:
+    """SVD's Euler schedule from a scheduler_config.json. Settings that give diffusers another schedule, which
+    img2vid does not implement, are refused by name (a folder of tuned settings made a different video silently);
+    missing keys are SVD's, as in every SVD folder diffusers writes."""
     if cfg.get("prediction_type", "v_prediction") != "v_prediction":
         raise ValueError("only v-prediction SVD schedulers are supported")
+    if "use_karras_sigmas" in cfg and not cfg["use_karras_sigmas"]:
+        raise ValueError("scheduler use_karras_sigmas false is not supported: SVD's Euler schedule is Karras'")
+    for key in ("use_exponential_sigmas", "use_beta_sigmas"):
+        if cfg.get(key):
+            raise ValueError(f"scheduler {key} true is not supported: SVD's Euler schedule is Karras'")
+    for key, svd in (("final_sigmas_type", "zero"), ("timestep_type", "continuous")):
+        if cfg.get(key, svd) != svd:
+            raise ValueError(f"scheduler {key} {cfg[key]!r} is not supported (SVD's: {svd!r})")
     d = SchedulerConfig()
     return SchedulerConfig(
         sigma_min=cfg.get("sigma_min") if cfg.get("sigma_min") is not None else d.sigma_min,
