@@ -264,15 +264,17 @@ def _complete(t: torch.Tensor) -> torch.Tensor:
 
 def _atomic_write(path: Path, write: typing.Callable[[Path], None]) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file. The temporary
-    name is short (a name of the user's that fits could otherwise not fit with a suffix added), and a failure names
-    `path`, not it."""
+    name is short (a name of the user's that fits could otherwise not fit with a suffix added), and a failure is an
+    OSError that names `path`, not it."""
     tmp = path.with_name(f".img2vid-{secrets.token_hex(6)}.tmp")  # made by write(): the umask's permissions
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+        if e.errno is None:  # write()'s own, naming path already
+            raise
+        raise OSError(f"cannot write {path}: {e.strerror}") from None  # not "[Errno 2] ...: '.img2vid-....tmp'"
     finally:
         with contextlib.suppress(OSError):  # no folder to hold it, or already renamed: nothing to remove
             tmp.unlink(missing_ok=True)
