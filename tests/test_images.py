@@ -103,6 +103,29 @@ def test_fit_size_known_shapes(size: tuple[int, int], expected: tuple[int, int])
     assert fit_size(*size) == expected
 
 
+def test_fit_size_tries_the_neighbours_of_a_side_already_on_a_multiple() -> None:
+    """512x288's pixels for a 16:9 photo: the ideal width is 512 exactly, so only 512 was tried (512x320: 10% of the
+    picture cropped) while one more pixel of width gave 576x320 (1.2%); wide panoramas lost 18% of their height."""
+    assert fit_size(1920, 1080, 512 * 288) == fit_size(1921, 1080, 512 * 288) == (576, 320)
+    assert fit_size(1920, 1080, 640 * 360) == (576, 320)  # was 640x384: 6.2% cropped
+    assert fit_size(3000, 1000, 512 * 512) == (960, 320)  # exactly 3:1
+    w, h = fit_size(2389, 100)  # 23.9:1
+    assert abs(np.log(w / h / 23.89)) < 0.01 and (w, h) == (3072, 128)
+
+
+def test_resize_takes_every_mode_of_pil_image_as_stored() -> None:
+    """An EXIF-tagged RGBA or L image was turned upright by resize_image's conversion to RGB, an RGB one was not."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    sizes = set()
+    for mode in ("RGB", "RGBA", "L"):
+        image = _solid((60, 40), BLUE).convert(mode)
+        image.info["exif"] = exif.tobytes()
+        image.getexif()[0x0112] = 6
+        sizes.add(resize_image(image, 64, 64, mode="pad", background=(0, 0, 0)).getbbox())  # black bars
+    assert len(sizes) == 1  # the same bars, hence the same orientation, in every mode
+
+
 @pytest.mark.parametrize("aspect", [0.3, 0.5, 0.75, 1.0, 4 / 3, 16 / 9, 2.5])
 def test_fit_size_properties(aspect: float) -> None:
     width, height = fit_size(round(1000 * aspect), 1000)

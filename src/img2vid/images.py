@@ -340,7 +340,7 @@ def resize_image(
     if mode not in SIZE_MODES:
         raise InputError(f"unknown resize mode {mode!r}; choose one of {', '.join(SIZE_MODES)}")
     if image.mode != "RGB":
-        image = load_image(image, background)
+        image = load_image(image, background, transpose=False)  # to RGB only: a PIL image is taken as stored
     src_w, src_h = image.size
     if mode == "fit":
         width, height = fit_size(src_w, src_h, target_pixels=width * height)
@@ -380,8 +380,13 @@ def video_input(image: PIL.Image.Image, width: int, height: int, mode: str) -> P
 def fit_size(width: int, height: int, target_pixels: int = 576 * 1024, multiple: int = 64) -> tuple[int, int]:
     """A (width, height) pair of multiples of `multiple` with about `target_pixels` pixels and the input's aspect.
 
-    Of the four floor/ceil roundings around the exact solution, the one with the closest aspect ratio wins (ties:
-    closest pixel count), so 1024x576 -> 1024x576, 576x1024 -> 576x1024, a square -> 768x768.
+    Each side is rounded down and up from the exact solution, and the other side is then chosen for the aspect
+    (rounded down and up from side * aspect). Of those pairs the one that loses least wins: its aspect error (the
+    share of the picture a crop cuts) plus a quarter of its pixel-count error (pixels are a budget of time and
+    memory, not content; ties: the fewer pixels). So 1024x576 -> 1024x576, 576x1024 -> 576x1024, a square ->
+    768x768, 1000x700 -> 896x640, and 1920x1080 at 512x288's pixels -> 576x320 (1.2% cropped, 1.25x the pixels;
+    pairing only the roundings of both sides, a side already on a multiple left one choice for it: 512x320, 10%
+    cropped, while 1921x1080 got 576x320).
     """
     _check_target(width, height)
     if target_pixels <= 0 or multiple <= 0:
@@ -393,11 +398,14 @@ def fit_size(width: int, height: int, target_pixels: int = 576 * 1024, multiple:
     def around(x: float) -> set[int]:
         return {max(multiple, math.floor(x / multiple) * multiple), max(multiple, math.ceil(x / multiple) * multiple)}
 
-    candidates = [(w, h) for w in around(ideal_w) for h in around(ideal_h)]
-    return min(
-        candidates,
-        key=lambda wh: (round(abs(math.log(wh[0] / wh[1] / aspect)), 9), abs(math.log(wh[0] * wh[1] / target_pixels))),
-    )
+    candidates = {(w, h) for h in around(ideal_h) for w in around(h * aspect)}
+    candidates |= {(w, h) for w in around(ideal_w) for h in around(w / aspect)}
+
+    def loss(wh: tuple[int, int]) -> tuple[float, int]:
+        cut = abs(math.log(wh[0] / wh[1] / aspect))
+        return round(cut + 0.25 * abs(math.log(wh[0] * wh[1] / target_pixels)), 9), wh[0] * wh[1]
+
+    return min(sorted(candidates), key=loss)
 
 
 def _nearest_multiples(value: int, multiple: int) -> str:
