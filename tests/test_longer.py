@@ -124,6 +124,23 @@ def test_segments_must_agree_in_size():
         chain_segments(lambda im: torch.rand(3, 3, *next(sizes)), "x.png", 2)
 
 
+def test_segments_must_agree_in_length_and_fill_one_preallocated_video(monkeypatch):
+    """The video is allocated once and filled (a list joined by torch.cat held it twice at the end); a segment of
+    another length is named instead of overflowing it."""
+    lengths = iter([3, 4])
+    with pytest.raises(InputError, match=r"segment 2 has 4 frames, not 3"):
+        chain_segments(lambda im: torch.rand(next(lengths), 3, 4, 6), "x.png", 2)
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("the segments were joined by a copy"))
+    made = []
+
+    def segment(image: object) -> torch.Tensor:
+        made.append(torch.rand(3, 3, 4, 6))
+        return made[-1]
+
+    video = chain_segments(segment, "x.png", 3)
+    assert torch.equal(video, torch.stack([made[0][0], made[0][1], made[0][2], *made[1][1:], *made[2][1:]]))
+
+
 # ---- the real tiny pipeline ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:

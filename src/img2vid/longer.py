@@ -53,7 +53,8 @@ def chain_segments(
     on the GPU, a quarter of the bytes to copy).
     """
     check_segments(segments)
-    parts: list[torch.Tensor] = []  # each (F or F-1, 3, H, W), on the CPU
+    video: torch.Tensor | None = None  # (N*(F-1)+1, 3, H, W) on the CPU, filled segment by segment
+    filled = 0
     condition = image
     for k in range(1, segments + 1):
         if on_segment is not None:
@@ -62,8 +63,8 @@ def chain_segments(
         if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[1] != 3:
             got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
             raise InputError(f"a segment must return (F, 3, H, W) frames (e.g. .frames[0]), got {got}")
-        if parts and frames.shape[1:] != parts[0].shape[1:]:
-            raise InputError(f"segment {k} has frames of {tuple(frames.shape[1:])}, not {tuple(parts[0].shape[1:])}")
+        if video is not None and frames.shape[1:] != video.shape[1:]:
+            raise InputError(f"segment {k} has frames of {tuple(frames.shape[1:])}, not {tuple(video.shape[1:])}")
         check_segments(segments, len(frames))  # F is known only now, from the first segment
         if segments == 1:
             return frames
@@ -71,5 +72,12 @@ def chain_segments(
         frames = to_host(frames)
         # A copy: a segment that edits its input in place must not change frames already in the video
         condition = frames[-1].to(torch.float32, copy=True)  # (3, H, W)
-        parts.append(frames if k == 1 else frames[1:])  # frame 0 of a later segment repeats `condition`
-    return torch.cat(parts)  # (N*(F-1)+1, 3, H, W)
+        if video is None:  # allocated once: a list of segments joined at the end held the video twice
+            video = frames.new_empty((segments * (len(frames) - 1) + 1, *frames.shape[1:]))
+        elif len(frames) - 1 != (len(video) - 1) // segments:
+            raise InputError(f"segment {k} has {len(frames)} frames, not {(len(video) - 1) // segments + 1}")
+        new = frames if k == 1 else frames[1:]  # frame 0 of a later segment repeats `condition`
+        video[filled : filled + len(new)] = new
+        filled += len(new)
+        del frames, new  # the segment's own memory goes before the next one is made
+    return video  # (N*(F-1)+1, 3, H, W), every row filled

@@ -34,7 +34,8 @@ __all__ = [
 # Pixels per frame: memory grows with them, and a request for 100000x100000 must get a 400, not the OOM killer.
 MAX_PIXELS = 2048 * 2048
 # Pixels of a whole video (frames x width x height): a chain of segments stays on the host as float32 until it is
-# encoded (12 bytes a pixel), so 2**28 (455 frames at 576x1024) is 3 GiB; frames=256&segments=64 asked ~115 GB.
+# encoded (12 bytes a pixel), so 2**28 (455 frames at 576x1024) is 3 GiB, and about 1.5 GiB more while its bytes
+# are made (two uint8 copies); frames=256&segments=64 asked ~115 GB.
 MAX_VIDEO_PIXELS = 2**28
 # Pixels of an uploaded image, checked from its header before decoding: a 300 KB PNG can declare 13000x13000 16-bit
 # pixels (4 GB of memory to decode, before the request waits for the model). 8192x8192 covers any camera's photo.

@@ -62,6 +62,7 @@ _CODECS = {"webm": "libvpx-vp9"} | dict.fromkeys(_H264, "libx264")
 _CONTAINERS = {"mkv": "matroska"}  # ffmpeg's muxer names where they differ from the extension
 # The largest crf each encoder takes: 8-bit x264 stops at 51 (it would cap 52..63 silently), VP9 at 63.
 MAX_CRF = {"webm": 63} | dict.fromkeys(_H264, 51)
+FRAMES_PER_CHUNK = 16  # frames rounded to bytes at once (to_uint8_frames)
 _BT709 = 1  # AVCOL_SPC/PRI/TRC_BT709 share the value 1 in ffmpeg's enums
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG ("tv" range, what players expect from yuv420p)
 # The largest width or height each format's encoder takes (x264 and WebP refuse more; GIF stores 16-bit sizes,
@@ -97,7 +98,16 @@ def to_uint8_frames(frames: Sequence | np.ndarray | torch.Tensor) -> np.ndarray:
             # and float32 maths as images.to_uint8 (round half to even, like np.rint), so the same bytes.
             v = t.float()
             check_unit_tensor(v, "frames")
-            t = v.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+            # A few frames at a time: a float32 copy of a whole long video (a chain of segments, gigabytes on the
+            # host) would double its memory for a moment; chunks add one chunk's copy
+            t = torch.empty(v.shape, dtype=torch.uint8, device=v.device)
+            if v.ndim >= 4 and v.is_contiguous():
+                flat, out = v.flatten(0, -4), t.flatten(0, -4)  # (..., a, b, c) -> (N, a, b, c), views
+            else:  # an odd shape (refused below) or a strided view: in one piece
+                flat, out = v[None], t[None]
+            for start in range(0, flat.shape[0], FRAMES_PER_CHUNK):
+                part = flat[start : start + FRAMES_PER_CHUNK]
+                out[start : start + FRAMES_PER_CHUNK] = part.clamp(0.0, 1.0).mul_(255.0).round_()
         if t.ndim == 5 and t.shape[0] == 1:
             t = t[0]  # (1, F, ...) -> (F, ...)
         if t.ndim == 4 and t.shape[1] in (1, 3) and (t.shape[-1] not in (1, 3) or t.shape[1] == t.shape[-1]):
