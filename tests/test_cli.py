@@ -207,6 +207,7 @@ def test_segments_chain_a_longer_video(models, images, tmp_path, capsys):
     assert "landscape denoise" not in captured.err  # no unlabelled bar besides the segments' own
     meta = read_metadata(out)
     assert meta["segments"] == 3 and meta["num_frames"] == FRAMES and meta["seed"] == 8
+    assert meta["video_frames"] == n  # what the file holds (num_frames is a segment's)
     pipe = Pipeline.from_pretrained(models["folder"])
     kw = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, output_type="pt")
     g = torch.manual_seed(8)
@@ -253,6 +254,7 @@ def test_export_options_and_compile(models, images, tmp_path, capsys, monkeypatc
     assert f"({2 * FRAMES - 2} frames" in stdout and len(compiled) == 1
     meta = read_metadata(out)
     assert (meta["fps"], meta["export_fps"], meta["loop"]) == (6, 12, "pingpong")
+    assert meta["video_frames"] == 2 * FRAMES - 2 and meta["num_frames"] == FRAMES
     assert compiled[0].get("cache_dir") is None
     # --compile-cache implies --compile and names the folder the compiled graphs are kept in
     cache = tmp_path / "cc"

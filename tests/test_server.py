@@ -157,6 +157,7 @@ def test_segments_make_a_longer_video(address, png, tmp_path):
     assert status == 200, video
     info = json.loads(headers["x-img2vid-params"])
     assert info["segments"] == 2 and info["num_frames"] == FRAMES and info["seed"] == 9
+    assert info["video_frames"] == 2 * (FRAMES - 1) + 1
     assert frames_of(video, "webm", tmp_path).shape == (2 * (FRAMES - 1) + 1, H, W, 3)
 
 

@@ -366,9 +366,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
         label = stem(source) if args.videos == 1 else f"{stem(source)} seed {seed}"
         video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, label)
-        metadata = {**run, "seed": seed, "image": source, **params}
-        export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
         n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, 3, H, W) frames
+        # num_frames is a segment's (what regenerates it); video_frames what the file holds: segments and loop in
+        metadata = {**run, "seed": seed, "image": source, **params, "video_frames": n}
+        export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
         took = time.perf_counter() - start  # the seed here too: --quiet leaves this line alone
         print(f"wrote {path} ({n} frames, {width}x{height}, seed {seed}, {took:.1f} s)")
     return 0

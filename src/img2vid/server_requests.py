@@ -203,7 +203,7 @@ def generate(
     video = chain_segments(segment, model_input, segments, start)
     report("export", 0, 0, segments, segments)  # encoding a long video to a file takes a while too
     info = {"img2vid_version": __version__, "model": model, **(settings or {}), "seed": seed, "resize": mode}
-    info.update(segments=segments, **run)
+    info.update(segments=segments, **run, video_frames=len(video))  # num_frames: a segment's, video_frames: the file's
     if mode == "fit":  # the size asked for (the CLI's --resize fit with it gives this video; fitting 44x100 may not)
         info.update(fit_width=params["width"], fit_height=params["height"])
     # where and in what precision it ran, as the CLI's sidecar says: they change the last bits of the numbers
