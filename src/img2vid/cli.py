@@ -129,7 +129,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         "--resize",
         choices=("stretch", "crop", "pad", "fit"),
         default="stretch",
-        help="how the image meets WxH: stretch (diffusers), crop, pad, or fit (keep aspect, ~W*H pixels)",
+        help="how the image meets WxH: stretch (diffusers), crop (centre), pad (white bars), fit (aspect, ~W*H pixels)",
     )
 
 
