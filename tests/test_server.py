@@ -258,7 +258,7 @@ def raw(address, data: bytes, timeout: float = 10, half_close: bool = False) -> 
     ids=["superscript", "5000-digits", "two-values", "chunked-and-length"],
 )
 def test_malformed_content_length_gets_an_answer(address, length_headers, code, message):
-    reply = raw(address, b"POST /generate HTTP/1.1\r\nHost: x\r\n" + length_headers + b"\r\nab", half_close=True)
+    reply = raw(address, b"POST /generate HTTP/1.1\r\nHost: localhost\r\n" + length_headers + b"\r\nab", half_close=True)
     head, _, text = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 " + code) and message in text and text.count(b"\n") == 1
 
@@ -859,6 +859,30 @@ def test_one_client_cannot_fill_the_waiting_line(address, png, monkeypatch):
         assert sock.recv(12).startswith(b"HTTP/1.0 200")
         sock.close()
     assert results == [200]
+
+
+def test_other_sites_and_rebound_names_are_refused(address, png, monkeypatch):
+    """Any page the user visits could POST to a local server through the browser (a no-cors fetch needs no
+    permission) and run generations on the GPU; a DNS-rebinding page (its name resolved to 127.0.0.1) could read
+    /health, /progress and the videos. Such requests carry another site's Origin or Host: 403. The page's own
+    requests, curl and scripts (no Origin) are served."""
+    host = f"127.0.0.1:{address[1]}"
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("the model ran")
+
+    for name in ("attacker.example", f"attacker.example:{address[1]}", "192.168.1.7"):
+        status, _, text = request(address, "GET", "/health", headers={"Host": name})
+        assert status == 403 and b"is not this machine's name" in text, (name, text)
+    for name in (host, f"localhost:{address[1]}", "localhost", f"[::1]:{address[1]}", "127.0.0.2"):
+        assert request(address, "GET", "/health", headers={"Host": name})[0] == 200, name
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "__call__", never)
+        for headers in ({"Origin": "https://attacker.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+            status, _, text = request(address, "POST", "/generate?" + urlencode(SMALL), png, headers)
+            assert status == 403 and b"requests from another site" in text, (headers, text)  # read: body drained
+    headers = {"Origin": f"http://{host}", "Host": host, "Sec-Fetch-Site": "same-origin"}  # the page's own POST
+    assert request(address, "POST", "/generate?" + urlencode({**SMALL, "seed": 1}), png, headers)[0] == 200
 
 
 def test_bad_guidance_and_long_numbers_are_400_at_once(address, png):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import functools
 import importlib.resources
+import ipaddress
 import json
 import select
 import socket
@@ -88,6 +89,22 @@ _BUSY_RESPONSE = (
     f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     f"Content-Length: {len(_BUSY_BODY)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n"
 ).encode() + _BUSY_BODY
+
+
+def _host_name(value: str) -> str:
+    """The host of a Host header or an Origin's authority, lower case, without its port or IPv6 brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bound address or a host name only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "localhost.")
 
 
 class ClientGone(Exception):
@@ -301,7 +318,37 @@ class Handler(BaseHTTPRequestHandler):
         if not self.server.quiet:
             super().log_message(format, *args)
 
+    def _refused(self) -> bool:
+        """Answers 403 and returns True for a request another site makes through the user's browser.
+
+        DNS rebinding: a page of attacker.example whose name then resolves to 127.0.0.1 is same-origin with this
+        server to the browser, and could read /health, /progress and the videos; its requests carry
+        `Host: attacker.example`. So a server bound to a loopback address answers only Host names of this machine
+        (localhost, a loopback address). Cross-site POSTs: any page may send a POST without asking (a no-cors
+        fetch), and run generations on the user's GPU and fill the waiting line; browsers name the page's origin in
+        `Origin` and say `Sec-Fetch-Site: cross-site`, so a POST whose Origin is not this server's host is refused.
+        Clients that send neither (curl, scripts) are not browsers, and are served."""
+        host = _host_name(self.headers.get("Host") or "")
+        if is_loopback(_host_name(str(self.server.server_address[0]))) and host and not is_loopback(host):
+            self.close_connection = True
+            self._error(403, f"Host {host} is not this machine's name: open the page at http://localhost:PORT/")
+            return True
+        if self.command != "POST":
+            return False
+        origin = (self.headers.get("Origin") or "").strip()
+        site = (self.headers.get("Sec-Fetch-Site") or "").strip().lower()
+        origin_host = urlsplit(origin).netloc.lower() if origin not in ("", "null") else origin
+        same = origin_host == (self.headers.get("Host") or "").strip().lower()
+        if site == "cross-site" or (origin and not same):
+            self.close_connection = True
+            self._discard(self._content_length() or 0)
+            self._error(403, f"requests from another site ({origin or site}) are refused: use this server's page")
+            return True
+        return False
+
     def do_GET(self) -> None:
+        if self._refused():
+            return
         url = urlsplit(as_utf8(self.path))
         path = url.path
         if path in ("/", "/index.html"):
@@ -322,6 +369,8 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:
+        if self._refused():
+            return
         url = urlsplit(as_utf8(self.path))
         if url.path != "/generate":
             # The body is read and dropped first (as a 413's): closing on unread data reset the connection, and
