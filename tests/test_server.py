@@ -258,7 +258,7 @@ def raw(address, data: bytes, timeout: float = 10, half_close: bool = False) -> 
     ids=["superscript", "5000-digits", "two-values", "chunked-and-length"],
 )
 def test_malformed_content_length_gets_an_answer(address, length_headers, code, message):
-    reply = raw(address, b"POST /generate HTTP/1.1\r\nHost: localhost\r\n" + length_headers + b"\r\nab", half_close=True)
+    reply = raw(address, b"POST /generate HTTP/1.1\r\nHost: [::1]\r\n" + length_headers + b"\r\nab", half_close=True)
     head, _, text = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 " + code) and message in text and text.count(b"\n") == 1
 
@@ -589,6 +589,49 @@ def test_connections_past_the_cap_get_a_503_at_once(pipe):
         )
         server.connections.release()
         assert request(address, "GET", "/health")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_one_client_cannot_hold_every_connection_nor_trickle_a_body_forever(pipe, png, monkeypatch):
+    """One address trickling headers into all 64 connections (each read waits 60 s) locked every other client
+    out: an address holds at most MAX_CONNECTIONS_PER_CLIENT, and its places come back as its connections close;
+    a body sent a byte at a time passed every read's wait: the whole body has a deadline (408)."""
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS_PER_CLIENT", 2)
+    monkeypatch.setattr(server_module, "BODY_MIN_S", 0.5)
+    monkeypatch.setattr(server_module, "BODY_MIN_RATE", 10**9)
+    server = make_server(pipe, "127.0.0.1", 0, model="tiny", quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = server.server_address[:2]
+        idle = [socket.create_connection(address, timeout=10) for _ in range(2)]  # 127.0.0.1's two places
+        poll = time.monotonic() + 10
+        while server._per_client["127.0.0.1"] < 2:  # accepted by the server's thread
+            assert time.monotonic() < poll
+            time.sleep(0.01)
+        status, _, text = request(address, "GET", "/health")
+        assert status == 503 and text == b"too many connections at once; try again later\n"
+        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # another address still gets in
+        other.settimeout(10)
+        other.bind(("127.0.0.2", 0))
+        other.connect(address)
+        other.sendall(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        assert other.recv(12) == b"HTTP/1.0 200"
+        other.close()
+        idle[0].close()
+        poll = time.monotonic() + 10
+        while request(address, "GET", "/health")[0] != 200:  # its place came back
+            assert time.monotonic() < poll
+            time.sleep(0.05)
+        idle[1].sendall(f"POST /generate HTTP/1.1\r\nContent-Length: {len(png)}\r\n\r\n".encode() + png[:10])
+        for byte in png[10:14]:  # under every read's wait, over the whole body's deadline
+            time.sleep(0.2)
+            idle[1].sendall(bytes([byte]))
+        reply = idle[1].recv(4096)
+        assert reply.startswith(b"HTTP/1.0 408") and b"the request body came too slowly" in reply, reply
+        idle[1].close()
     finally:
         server.shutdown()
         server.server_close()

@@ -40,6 +40,7 @@ import select
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,6 +71,9 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 DECODERS = 2  # uploads decoded at once (each up to ~1 GB at MAX_INPUT_PIXELS); more wait their turn
 DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dropped (Handler._discard says why)
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
+# A whole upload's deadline: at least BODY_MIN_S, else its length at BODY_MIN_RATE bytes a second (32 MiB: 8.5 min)
+BODY_MIN_S = 60
+BODY_MIN_RATE = 64 * 1024
 IDLE: dict[str, Any] = {"busy": False}
 LOCK_POLL_S = 0.5  # a queued request checks this often whether its client is still there
 # Requests that may wait for their turn: more get a 503. Each holds its image (the video's size, but the upload's
@@ -84,6 +88,9 @@ RETRY_AFTER_S = 30  # what a 503 tells the client to wait: about a video's time 
 # Connections served at once, each on a thread of its own: more are answered 503 at once and closed. Without a cap,
 # clients that open connections and send nothing (each read waits up to TIMEOUT_S) could take threads without end.
 MAX_CONNECTIONS = 64
+# Of those, one client address may hold this many: one client trickling headers or bodies into every connection (each
+# read waits up to TIMEOUT_S) locked everyone else out. Behind a reverse proxy all clients share its address.
+MAX_CONNECTIONS_PER_CLIENT = 16
 _BUSY_BODY = b"too many connections at once; try again later\n"
 _BUSY_RESPONSE = (
     f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -161,6 +168,8 @@ class Server(ThreadingHTTPServer):
         self.settings: dict[str, Any] = {}  # how the model runs (variant, compile, two GPUs): in X-Img2vid-Params
         self.decoders = threading.BoundedSemaphore(DECODERS)
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._per_client: collections.Counter[str] = collections.Counter()  # open connections by address
+        self._per_client_lock = threading.Lock()
         # One generation at a time, in arrival order: a plain lock lets any waiter in, and overtaken requests
         # could wait forever. The queue holds a ticket per waiting request; the first runs when none is running.
         self._turn = threading.Condition()
@@ -172,8 +181,16 @@ class Server(ThreadingHTTPServer):
         self._state: dict[str, Any] = IDLE
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """A thread for the connection, or, past MAX_CONNECTIONS, a 503 from the accepting thread and the close."""
-        if not self.connections.acquire(blocking=False):
+        """A thread for the connection, or, past MAX_CONNECTIONS (or MAX_CONNECTIONS_PER_CLIENT of its address), a
+        503 from the accepting thread and the close."""
+        client = str(client_address[0])
+        with self._per_client_lock:
+            mine = self._per_client[client] < MAX_CONNECTIONS_PER_CLIENT
+            if mine:
+                self._per_client[client] += 1
+        if not mine or not self.connections.acquire(blocking=False):
+            if mine:
+                self._release(client)
             try:
                 request.settimeout(1.0)  # a few hundred bytes into a fresh socket's buffer: never a wait, but bounded
                 request.sendall(_BUSY_RESPONSE)
@@ -183,8 +200,9 @@ class Server(ThreadingHTTPServer):
             return
         try:
             super().process_request(request, client_address)
-        except BaseException:  # no thread started: its place goes back
+        except BaseException:  # no thread started: its places go back
             self.connections.release()
+            self._release(client)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -192,6 +210,13 @@ class Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.connections.release()
+            self._release(str(client_address[0]))
+
+    def _release(self, client: str) -> None:
+        with self._per_client_lock:
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]  # the counter holds only clients with open connections
 
     def progress(self, job: str | None = None) -> dict[str, Any]:
         """/progress's JSON object (module docstring); job: a waiting request's token, whose place it adds."""
@@ -314,6 +339,25 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # timed out or reset: the connection closes anyway
             pass
 
+    def _read_body(self, length: int) -> bytes:
+        """The body's `length` bytes (fewer if the client closes), within a deadline for the whole of it: each read
+        waits up to `timeout`, but a client sending a byte a minute passed every read's wait and held its thread and
+        connection for as long as it liked. The deadline allows the slowest upload worth waiting for."""
+        deadline = time.monotonic() + max(BODY_MIN_S, length / BODY_MIN_RATE)
+        parts, got = [], 0
+        while got < length:
+            try:
+                chunk = self.rfile.read1(min(length - got, 1 << 16))
+            except TimeoutError:
+                raise TimeoutError(f"the request body stalled: no data for {self.timeout} s") from None
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the request body came too slowly: {got} of {length} bytes in the time allowed")
+        return b"".join(parts)
+
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
             super().log_message(format, *args)
@@ -393,10 +437,10 @@ class Handler(BaseHTTPRequestHandler):
             self._discard(length)
             return
         try:
-            data = self.rfile.read(length)
-        except TimeoutError:
+            data = self._read_body(length)
+        except TimeoutError as e:
             self.close_connection = True
-            self._error(408, f"the request body stalled: no data for {self.timeout} s")
+            self._error(408, str(e))
             return
         try:
             if len(data) < length:  # the client closed early: a prefix that happens to decode is not the upload
