@@ -131,12 +131,19 @@ def _open_source(source: str | os.PathLike) -> tuple[PIL.Image.Image, str]:
     return _open_decoded(io.BytesIO(data), name), name
 
 
+COMPOSITE_ROWS = 256  # rows blended at once: float32 copies of a whole 8192x8192 image took ~3 GB at a time
+
+
 def _composite(rgb: np.ndarray, alpha: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
     """Blend (H, W, 3) uint8 colour over the background with (H, W) uint8 alpha (straight, not premultiplied)."""
-    a = alpha.astype(np.float32)[..., None] / 255.0  # (H, W) -> (H, W, 1)
     bg = np.asarray(background, dtype=np.float32)
-    out = rgb.astype(np.float32) * a + bg * (1.0 - a)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = np.empty(rgb.shape, dtype=np.uint8)
+    for top in range(0, rgb.shape[0], COMPOSITE_ROWS):
+        rows = slice(top, top + COMPOSITE_ROWS)
+        a = alpha[rows].astype(np.float32)[..., None] / 255.0  # (h, W) -> (h, W, 1)
+        blended = rgb[rows].astype(np.float32) * a + bg * (1.0 - a)
+        out[rows] = np.clip(np.rint(blended), 0, 255)
+    return out
 
 
 def _check_background(background: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -68,7 +68,9 @@ __all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "MAX_INPUT_PIXELS
 __all__ += ["check_request", "generate", "parse_params"]
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-DECODERS = 2  # uploads decoded at once (each up to ~1 GB at MAX_INPUT_PIXELS); more wait their turn
+# Uploads decoded at once; more wait their turn. Each takes up to ~1.3 GB at MAX_INPUT_PIXELS (an 8192x8192 image
+# with alpha, blended in row blocks) and ~2.6 GB for a 16-bit one with a transparent colour (measured on the CPU)
+DECODERS = 2
 DRAIN_BYTES = 256 * 1024 * 1024  # a refused body up to this size is read and dropped (Handler._discard says why)
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
 # A whole upload's deadline: at least BODY_MIN_S, else its length at BODY_MIN_RATE bytes a second (32 MiB: 8.5 min)
