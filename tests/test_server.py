@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import make_image
 
-from img2vid import Pipeline, server_requests
+from img2vid import Pipeline, server_queue, server_requests
 from img2vid import server as server_module
 from img2vid.cli import main
 from img2vid.images import NonFiniteVideo
@@ -549,7 +549,7 @@ def test_found_before_the_queue_and_said_in_the_params(address, png, monkeypatch
         m.setattr(Pipeline, "__call__", never)
         status, _, text = post(address, png, format="gif", fps=60)
         assert status == 400 and text == b"fps 60 is too fast for a GIF (at most 50 fps)\n", text
-        m.setattr(server_module, "MAX_WAITING", 0)
+        m.setattr(server_queue, "MAX_WAITING", 0)
         status, headers, text = post(address, png, seed=1)
         assert status == 503 and headers["retry-after"] == "30" and b"requests are waiting already" in text
     held = []
@@ -579,7 +579,7 @@ def test_connections_past_the_cap_get_a_503_at_once(pipe):
     thread.start()
     try:
         address = server.server_address[:2]
-        for _ in range(server_module.MAX_CONNECTIONS):  # every place taken, as by idle connections
+        for _ in range(server_queue.MAX_CONNECTIONS):  # every place taken, as by idle connections
             assert server.connections.acquire(blocking=False)
         status, headers, text = request(address, "GET", "/health")
         assert (
@@ -598,7 +598,7 @@ def test_one_client_cannot_hold_every_connection_nor_trickle_a_body_forever(pipe
     """One address trickling headers into all 64 connections (each read waits 60 s) locked every other client
     out: an address holds at most MAX_CONNECTIONS_PER_CLIENT, and its places come back as its connections close;
     a body sent a byte at a time passed every read's wait: the whole body has a deadline (408)."""
-    monkeypatch.setattr(server_module, "MAX_CONNECTIONS_PER_CLIENT", 2)
+    monkeypatch.setattr(server_queue, "MAX_CONNECTIONS_PER_CLIENT", 2)
     monkeypatch.setattr(server_module, "BODY_MIN_S", 0.5)
     monkeypatch.setattr(server_module, "BODY_MIN_RATE", 10**9)
     server = make_server(pipe, "127.0.0.1", 0, model="tiny", quiet=True)
@@ -651,7 +651,7 @@ def test_peer_closed_sees_the_end_of_stream_only():
     assert server_module.peer_closed(a)  # our own side closed: nothing to answer either
 
 
-@pytest.mark.skipif(not hasattr(server_module.select, "POLLRDHUP"), reason="Linux's POLLRDHUP only")
+@pytest.mark.skipif(not hasattr(server_queue.select, "POLLRDHUP"), reason="Linux's POLLRDHUP only")
 def test_peer_closed_behind_unread_bytes():
     """A client that sent bytes past its body, then left: the close behind the unread bytes is seen (a peek at the
     first byte saw data forever, and the generation ran to its end for nobody)."""
@@ -735,7 +735,7 @@ def test_a_client_that_leaves_stops_its_generation(address, png, monkeypatch, ca
     assert post(address, png, seed=1)[0] == 200  # the lock was released
 
 
-@pytest.mark.skipif(not hasattr(server_module.select, "POLLRDHUP"), reason="Linux's POLLRDHUP only")
+@pytest.mark.skipif(not hasattr(server_queue.select, "POLLRDHUP"), reason="Linux's POLLRDHUP only")
 def test_a_client_that_sent_extra_bytes_and_left_stops_its_generation(address, png, monkeypatch):
     reached, release, stopped = hold_after_first_step(monkeypatch)
     sock = send_post(address, png, seed=1, steps=6)
@@ -761,7 +761,7 @@ def test_a_queued_client_that_leaves_never_runs(address, png, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Pipeline, "__call__", held)
-    monkeypatch.setattr(server_module, "LOCK_POLL_S", 0.02)
+    monkeypatch.setattr(server_queue, "LOCK_POLL_S", 0.02)
     result: list[int] = []
     first = threading.Thread(target=lambda: result.append(post(address, png, seed=1)[0]))
     first.start()
@@ -835,7 +835,7 @@ def test_queued_requests_run_in_arrival_order(address, png, monkeypatch):
         return real(self, *args, generator=generator, **kwargs)
 
     monkeypatch.setattr(Pipeline, "__call__", held)
-    monkeypatch.setattr(server_module, "LOCK_POLL_S", 0.02)
+    monkeypatch.setattr(server_queue, "LOCK_POLL_S", 0.02)
     results: list[int] = []
     first = threading.Thread(target=lambda: results.append(post(address, png, seed=100)[0]))
     first.start()
@@ -873,8 +873,8 @@ def test_one_client_cannot_fill_the_waiting_line(address, png, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Pipeline, "__call__", held)
-    monkeypatch.setattr(server_module, "MAX_WAITING_PER_CLIENT", 1)
-    monkeypatch.setattr(server_module, "LOCK_POLL_S", 0.02)
+    monkeypatch.setattr(server_queue, "MAX_WAITING_PER_CLIENT", 1)
+    monkeypatch.setattr(server_queue, "LOCK_POLL_S", 0.02)
     results: list[int] = []
     first = threading.Thread(target=lambda: results.append(post(address, png, seed=1)[0]))
     first.start()
