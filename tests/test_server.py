@@ -587,6 +587,10 @@ def test_connections_past_the_cap_get_a_503_at_once(pipe):
             and headers["retry-after"] == "30"
             and text == b"too many connections at once; try again later\n"
         )
+        # an upload refused so reads the 503 too: its body is drained (closing on it reset the connection, and the
+        # sender saw a broken pipe, a browser "Failed to fetch")
+        status, _, text = request(address, "POST", "/generate", bytes(2 << 20))
+        assert status == 503 and text == b"too many connections at once; try again later\n"
         server.connections.release()
         assert request(address, "GET", "/health")[0] == 200
     finally:

@@ -6,9 +6,12 @@ the shared model in arrival order, with /progress's report of them. Why each cap
 from __future__ import annotations
 
 import collections
+import queue
 import select
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -38,6 +41,11 @@ MAX_CONNECTIONS = 64
 # Of those, one client address may hold this many: one client trickling headers or bodies into every connection (each
 # read waits up to TIMEOUT_S) locked everyone else out. Behind a reverse proxy all clients share its address.
 MAX_CONNECTIONS_PER_CLIENT = 16
+# A refused connection's upload is read and dropped for up to REFUSED_DRAIN_S by one thread, so that its sender reads
+# the 503: closing on unread bytes resets the connection, and a browser still sending shows a network error. At most
+# REFUSED_AT_ONCE are drained (by one thread, whatever their number); more are closed at once.
+REFUSED_DRAIN_S = 10
+REFUSED_AT_ONCE = 64
 _BUSY_BODY = b"too many connections at once; try again later\n"
 _BUSY_RESPONSE = (
     f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -91,6 +99,8 @@ class Server(ThreadingHTTPServer):
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._per_client: collections.Counter[str] = collections.Counter()  # open connections by address
         self._per_client_lock = threading.Lock()
+        self._refused: queue.Queue[socket.socket] = queue.Queue(REFUSED_AT_ONCE)
+        self._refuser: threading.Thread | None = None
         # One generation at a time, in arrival order: a plain lock lets any waiter in, and overtaken requests
         # could wait forever. The queue holds a ticket per waiting request; the first runs when none is running.
         self._turn = threading.Condition()
@@ -115,9 +125,10 @@ class Server(ThreadingHTTPServer):
             try:
                 request.settimeout(1.0)  # a few hundred bytes into a fresh socket's buffer: never a wait, but bounded
                 request.sendall(_BUSY_RESPONSE)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+                request.shutdown(socket.SHUT_WR)  # the answer is whole; what the client still sends is dropped
+                self._drain(request)
+            except (OSError, queue.Full):
+                request.close()
             return
         try:
             super().process_request(request, client_address)
@@ -132,6 +143,41 @@ class Server(ThreadingHTTPServer):
         finally:
             self.connections.release()
             self._release(str(client_address[0]))
+
+    def _drain(self, sock: socket.socket) -> None:
+        """Hand a refused connection to the refusing thread (started on first use), which reads and drops what its
+        client sends until the client closes or REFUSED_DRAIN_S pass, then closes it. queue.Full past
+        REFUSED_AT_ONCE."""
+        if self._refuser is None:
+            self._refuser = threading.Thread(target=self._refusing, name="img2vid-refused", daemon=True)
+            self._refuser.start()
+        self._refused.put_nowait(sock)
+
+    def _refusing(self) -> None:
+        selector = selectors.DefaultSelector()  # poll/epoll: no limit on descriptor numbers, as select has
+        deadlines: dict[socket.socket, float] = {}
+        while True:
+            try:  # block for new work when idle, else only look
+                while True:
+                    sock = self._refused.get(block=not deadlines)
+                    sock.setblocking(False)
+                    deadlines[sock] = time.monotonic() + REFUSED_DRAIN_S
+                    selector.register(sock, selectors.EVENT_READ)
+            except queue.Empty:
+                pass
+            done = [sock for sock, end in deadlines.items() if time.monotonic() > end]
+            for key, _ in selector.select(timeout=0.2):
+                try:
+                    if not key.fileobj.recv(1 << 16):  # the client closed: our side can close without a reset
+                        done.append(key.fileobj)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    done.append(key.fileobj)
+            for sock in set(done):
+                selector.unregister(sock)
+                del deadlines[sock]
+                sock.close()
 
     def _release(self, client: str) -> None:
         with self._per_client_lock:
