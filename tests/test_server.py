@@ -325,6 +325,9 @@ def test_long_video_over_the_limit_is_400_before_any_work(address, png, monkeypa
     assert status == 200, text
     status, _, text = post(address, png, frames=4, segments=4)  # 13 frames
     assert status == 400 and f"13 frames of {W}x{H} are over this server's limit".encode() in text, text
+    # steps=1000&segments=64 passed every check and would have held the GPU for hours: steps are capped too
+    status, _, text = post(address, png, steps=500, segments=3)
+    assert status == 400 and text == b"500 steps x 3 segments is over this server's limit of 1000 steps a request\n"
 
 
 def test_fit_passes_the_image_at_the_video_size(pipe):

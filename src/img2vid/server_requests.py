@@ -23,6 +23,7 @@ from img2vid.images import SIZE_MODES, InputError, frame_size, load_image, video
 __all__ = [
     "MAX_PIXELS",
     "MAX_VIDEO_PIXELS",
+    "MAX_STEPS",
     "MAX_INPUT_PIXELS",
     "FORMATS",
     "parse_params",
@@ -37,6 +38,10 @@ MAX_PIXELS = 2048 * 2048
 # encoded (12 bytes a pixel), so 2**28 (455 frames at 576x1024) is 3 GiB, and about 1.5 GiB more while its bytes
 # are made (two uint8 copies); frames=256&segments=64 asked ~115 GB.
 MAX_VIDEO_PIXELS = 2**28
+# Denoising steps a request may ask for, all its segments together: the GPU is shared in turn, and steps=1000 with
+# segments=64 passed every other check and would have held it for hours. 1000 UNet steps of SVD-XT at 576x1024 take
+# about 6 minutes on an H100 (BENCHMARKS.md); the CLI has no such limit.
+MAX_STEPS = 1000
 # Pixels of an uploaded image, checked from its header before decoding: a 300 KB PNG can declare 13000x13000 16-bit
 # pixels (4 GB of memory to decode, before the request waits for the model). 8192x8192 covers any camera's photo.
 MAX_INPUT_PIXELS = 8192 * 8192
@@ -132,6 +137,10 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     check_frame_size(width, height, params["format"])  # what the encoder takes: a side's limit
     frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
     check_segments(segments, frames)
+    if params["steps"] * segments > MAX_STEPS:
+        raise InputError(
+            f"{params['steps']} steps x {segments} segments is over this server's limit of {MAX_STEPS} steps a request"
+        )
     total = segments * (frames - 1) + 1 if segments > 1 else frames  # chained segments share their joining frames
     if total * width * height > MAX_VIDEO_PIXELS:
         raise InputError(
