@@ -935,6 +935,15 @@ def test_other_sites_and_rebound_names_are_refused(address, png, monkeypatch):
     assert request(address, "POST", "/generate?" + urlencode({**SMALL, "seed": 1}), png, headers)[0] == 200
 
 
+def test_errors_show_control_characters_as_replacements_and_forbid_sniffing(address):
+    """An error echoing the request showed its control characters raw (a terminal's escape codes reached whoever
+    printed the answer); every answer says its type is not to be guessed."""
+    reply = raw(address, b"GET /x\x1b[31mred HTTP/1.0\r\n\r\n")
+    head, _, text = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 404") and text.startswith("not found: /x\ufffd[31mred (try /".encode()), reply
+    assert b"\r\nX-Content-Type-Options: nosniff" in head
+
+
 def test_bad_guidance_and_long_numbers_are_400_at_once(address, png):
     status, _, text = post(address, png, max_guidance=70000, min_guidance=0)
     assert status == 400 and text == b"max_guidance: 70000 is out of range 0..65504.0\n", text

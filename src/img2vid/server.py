@@ -112,6 +112,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")  # a browser takes the type said, never guesses
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         try:
@@ -123,7 +124,9 @@ class Handler(BaseHTTPRequestHandler):
             self.log_message("client went away before the %d response", code)
 
     def _error(self, code: int, text: str, headers: dict[str, str] | None = None) -> None:
-        self._send(code, (" ".join(text.split()) + "\n").encode(), "text/plain; charset=utf-8", headers)
+        # one line, and control characters echoed from the request (a terminal's escape codes) shown as U+FFFD
+        line = "".join(ch if ch.isprintable() else "\ufffd" for ch in " ".join(text.split()))
+        self._send(code, (line + "\n").encode(), "text/plain; charset=utf-8", headers)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The stdlib's own errors (bad request line, 414, 431, 501 for other methods) as our one line of plain
