@@ -385,7 +385,7 @@ def pipe_part() -> None:
 
         p._step = timed
         dec: list = []
-        orig_dec = p.decode_latents
+        orig_dec = p._decode_videos
 
         def timed_dec(*a: object, **k: object) -> torch.Tensor:
             if DEV.type == "cuda":
@@ -397,7 +397,7 @@ def pipe_part() -> None:
             dec.append(time.perf_counter() - t0)
             return r
 
-        p.decode_latents = timed_dec
+        p._decode_videos = timed_dec
         p(img, num_inference_steps=2, height=h, width=w, output_type="np", **kw)  # warm-up
         times.clear()
         dec.clear()

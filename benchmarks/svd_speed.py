@@ -401,7 +401,7 @@ def main() -> None:
         what = ", compile" if base == "compiled" else ", graph capture" if parallel and pipe._step.graphs else ""
         note = f"{note}; first call (2 steps{what}) {warm:.1f}s".lstrip("; ")
         dec: list = []
-        timed_call(pipe, "decode_latents", dec)
+        timed_call(pipe, "_decode_videos", dec)
         enc: list = []  # the work before the loop, for the time outside steps and decode
         timed_call(pipe, "_encode", enc)
         timed_call(pipe.image_encoder, "forward", enc)

@@ -144,6 +144,29 @@ def test_to_takes_diffusers_keyword_forms():
     assert p.to("cpu", torch.float64).dtype == torch.float64 and p.to(torch.float32).dtype == torch.float32
 
 
+def test_diffusers_loading_arguments_and_attributes_that_scripts_use(tiny_model_dir, tmp_path):
+    """diffusers snippets pass use_safetensors=True, low_cpu_mem_usage, device_map="cpu", force_download, dtype=;
+    they read pipe.components, pipe.unet.dtype / .device, call maybe_free_model_hooks(), save_pretrained(...,
+    safe_serialization=True) and to(..., silence_dtype_warnings=True): each was a TypeError or AttributeError."""
+    kw = dict(use_safetensors=True, low_cpu_mem_usage=False, device_map="cpu", force_download=False)
+    p = Pipeline.from_pretrained(tiny_model_dir, dtype=torch.float64, **kw)
+    assert p.dtype == p.unet.dtype == p.vae.dtype == p.image_encoder.dtype == torch.float64
+    assert p.unet.device == torch.device("cpu") and p.device == torch.device("cpu")
+    assert set(p.components) == {"unet", "vae", "image_encoder"} and p.components["unet"] is p.unet
+    assert p.maybe_free_model_hooks() is None and p.to("cpu", silence_dtype_warnings=True) is p
+    assert (p.save_pretrained(tmp_path / "again", safe_serialization=True) / "model_index.json").is_file()
+    refused = [
+        (dict(use_safetensors=False), "needs allow_pickle=True"),
+        (dict(device_map="balanced"), "splits a model across devices"),
+        (dict(dtype=torch.float16, torch_dtype=torch.float32), "disagree"),
+    ]
+    for bad, message in refused:
+        with pytest.raises(InputError, match=message):
+            Pipeline.from_pretrained(tiny_model_dir, **bad)
+    with pytest.raises(InputError, match="safetensors only"):
+        p.save_pretrained(tmp_path / "pickles", safe_serialization=False)
+
+
 def test_progress_bar_config_takes_tqdm_options_as_diffusers():
     """diffusers passes set_progress_bar_config's options to tqdm: desc, leave, file, position..."""
     import io
@@ -166,9 +189,9 @@ def test_decode_chunks_never_span_two_videos(pipes):
     video of a batch decodes to exactly the frames it gets alone."""
     p = pipes["a"]
     lat = torch.randn(2, 4, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(0))
-    both_videos = p.decode_latents(lat, decode_chunk_size=3)
+    both_videos = p._decode_videos(lat, decode_chunk_size=3)
     for v in range(2):
-        alone = p.decode_latents(lat[v : v + 1], decode_chunk_size=3)
+        alone = p._decode_videos(lat[v : v + 1], decode_chunk_size=3)
         torch.testing.assert_close(both_videos[v : v + 1], alone, rtol=0, atol=1e-6)
 
 
@@ -365,17 +388,20 @@ def test_decode_chunking_matches_reference_and_is_exact_for_2d_decoder(reference
 
     lat = torch.randn(1, 5, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(1))
     ref = reference_pipelines["a"].decode_latents(lat, num_frames=5, decode_chunk_size=2)  # (1, 3, F, H, W)
-    ours = pipes["a"].decode_latents(lat, decode_chunk_size=2)  # (1, F, 3, H, W)
-    assert rel_err(ours, ref.permute(0, 2, 1, 3, 4)) < 1e-4
+    ours = pipes["a"].decode_latents(lat, num_frames=5, decode_chunk_size=2)  # (1, 3, F, H, W), as diffusers'
+    assert ours.shape == ref.shape and rel_err(ours, ref) < 1e-4
+    for bad in ((lat, 4), (lat, 5, 0), (lat[0], 5)):  # (5, 4) read as num_frames=4: an error, not swapped axes
+        with pytest.raises(InputError):
+            pipes["a"].decode_latents(*bad)
     p = pipes["a"]
     vae2d = VAE(replace(p.config.vae, temporal_decoder=False))
     saved = p.vae, p._decode, p.config
     try:
         p.vae, p._decode = vae2d, vae2d.decode
         p.config = replace(p.config, vae=vae2d.config if hasattr(vae2d, "config") else p.config.vae)
-        whole = p.decode_latents(lat, decode_chunk_size=5)
+        whole = p._decode_videos(lat, decode_chunk_size=5)
         for chunk in (1, 2, 3):
-            assert rel_err(p.decode_latents(lat, decode_chunk_size=chunk), whole) < 1e-5
+            assert rel_err(p._decode_videos(lat, decode_chunk_size=chunk), whole) < 1e-5
     finally:
         p.vae, p._decode, p.config = saved
 

@@ -60,10 +60,11 @@ def resolve_pretrained(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    force_download: bool = False,
 ) -> Path:
     """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache.
-    revision (a branch, tag or commit), cache_dir and token mean what they mean to diffusers and huggingface_hub
-    (token None: the saved login or HF_TOKEN; SVD's repos are gated)."""
+    revision (a branch, tag or commit), cache_dir, token and force_download mean what they mean to diffusers and
+    huggingface_hub (token None: the saved login or HF_TOKEN; SVD's repos are gated)."""
     from img2vid.images import user_path  # lazily: images reads Pillow, which loading a model does not need
 
     path = user_path(path_or_id)
@@ -89,6 +90,7 @@ def resolve_pretrained(
         files = _repo_files(path_or_id, revision, token) if variant and not local_files_only else None
         patterns = hub_patterns(variant, files)
         where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        where.update(force_download=force_download)
         return Path(snapshot_download(path_or_id, allow_patterns=patterns, **where))
     except LocalEntryNotFoundError:
         raise CheckpointError(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from img2vid.configs import CLIPVisionConfig
-from img2vid.layers import attention
+from img2vid.layers import Placed, attention
 
 # Checkpoint keys that carry no weights and must be dropped before a strict load. Older transformers saves store the
 # `position_ids` buffer (an arange over the positions); we hold no buffers and add the whole position table instead.
@@ -133,7 +133,7 @@ class CLIPVisionTransformer(nn.Module):
         return self.post_layernorm(x[:, 0])  # (B, 1 + N, D) -> (B, D)
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(Placed):
     """transformers' `CLIPVisionModelWithProjection`, returning only `image_embeds`.
 
     forward: (B, num_channels, image_size, image_size) normalised pixels (see `preprocess`) -> (B, projection_dim).

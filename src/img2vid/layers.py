@@ -14,6 +14,19 @@ MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis and the he
 FUSED_HEAD_DIM = 256  # the widest head the flash / cuDNN kernels take (the VAE's mid-block head is 512 wide)
 
 
+class Placed(torch.nn.Module):
+    """A top-level model (UNet, VAE, image encoder) with `dtype` and `device` as diffusers' and transformers' models
+    report them, from the first parameter: scripts write `latents.to(pipe.unet.dtype)`."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head attention over (B, L, heads*D) projections; returns (B, L, heads*D).
 

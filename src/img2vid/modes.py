@@ -51,20 +51,37 @@ class RunModes:
     # ---- placement ---------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        """Where the models run, under CPU offload too (diffusers' `device` is the CPU there between calls)."""
-        return self._device
+        """Where the models run, under CPU offload too (diffusers' `device` is the CPU there between calls), with
+        its index as diffusers reports it (cuda:0 after to("cuda"))."""
+        return offload.indexed(self._device)
 
     @property
     def _execution_device(self) -> torch.device:
         """diffusers' name for where the models run, which scripts and callbacks use to place their tensors."""
-        return self._device
+        return offload.indexed(self._device)
+
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The models by name, as diffusers' `components` (which also holds its scheduler and feature extractor)."""
+        return {"unet": self.unet, "vae": self.vae, "image_encoder": self.image_encoder}
+
+    def maybe_free_model_hooks(self) -> None:
+        """diffusers' call after a generation that puts offloaded models back on the CPU: here offloading keeps them
+        there between calls by itself, so there is nothing to do."""
 
     @property
     def dtype(self) -> torch.dtype:
         return next(orig_module(self.unet).parameters()).dtype
 
-    def to(self, *args: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Self:
-        """pipe.to("cuda"), pipe.to(torch.float16), pipe.to("cuda", torch.float16) or by keyword, as in diffusers."""
+    def to(
+        self,
+        *args: Any,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        silence_dtype_warnings: bool = False,
+    ) -> Self:
+        """pipe.to("cuda"), pipe.to(torch.float16), pipe.to("cuda", torch.float16) or by keyword, as in diffusers
+        (silence_dtype_warnings is taken for its scripts: no such warning is given here)."""
         for a in args:  # positional: a device, a dtype, or both
             dtype, device = (a, device) if isinstance(a, torch.dtype) else (dtype, a)
         # checked before anything moves: meta (no data), a missing GPU, float8 or complex weights would fail later

@@ -16,6 +16,13 @@ from torch import nn
 from img2vid.images import InputError
 
 
+def indexed(device: torch.device) -> torch.device:
+    """cuda as cuda:N, the current device, as a tensor placed there reports it (and diffusers' `device`)."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def available_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device this machine has, else a one-line InputError, before any weight is read or moved
     (torch's own errors are an AssertionError for CUDA on a CPU-only build, or blame the checkpoint file). The meta

@@ -117,14 +117,36 @@ class Pipeline(DiffusersAttributes, RunModes):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
+        force_download: bool = False,
+        use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool = True,
+        device_map: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Pipeline:
         """A diffusers-format folder or hub id (through huggingface_hub's cache), or a single checkpoint file.
-        revision, cache_dir and token: as in diffusers, for hub ids (a gated repo needs a login or a token)."""
+        revision, cache_dir, token and force_download: as in diffusers, for hub ids (a gated repo needs a login or a
+        token). diffusers' other loading arguments, so its snippets run: dtype (its newer name for torch_dtype);
+        use_safetensors (safetensors are what is read; False asks for pickles, which need allow_pickle);
+        low_cpu_mem_usage (always: the models are built on the meta device and filled); device_map naming one
+        device (as device=; diffusers' "balanced" split across GPUs is not img2vid's: see enable_guidance_parallel)."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
+        torch_dtype = torch_dtype if torch_dtype is not None else dtype
+        if use_safetensors is False and not allow_pickle:
+            raise InputError("use_safetensors=False reads pickled .bin weights, which needs allow_pickle=True")
+        if device_map is not None:
+            if str(device_map) in ("balanced", "auto", "sequential") or isinstance(device_map, dict):
+                raise InputError(
+                    f"device_map={device_map!r} splits a model across devices, which img2vid does not: load onto one "
+                    "device (device=) and see enable_guidance_parallel for two GPUs"
+                )
+            device = device_map
+        del low_cpu_mem_usage  # always so
         dev, dtype = available_device(device), weights_dtype(torch_dtype)  # before any download or read
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
             return cls.from_single_file(path, torch_dtype=dtype, device=dev, allow_pickle=allow_pickle)
-        hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+        hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
         folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only, **hub)
         config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle)
         return cls.from_state_dicts(config, sds, device)
@@ -158,7 +180,12 @@ class Pipeline(DiffusersAttributes, RunModes):
         pipe._device = torch.device(device)
         return pipe
 
-    def save_pretrained(self, path: str | os.PathLike, variant: str | None = None) -> Path:
+    def save_pretrained(
+        self, path: str | os.PathLike, variant: str | None = None, safe_serialization: bool = True
+    ) -> Path:
+        """A diffusers folder (diffusers loads it). safe_serialization: diffusers' switch to pickles, refused here."""
+        if not safe_serialization:
+            raise InputError("img2vid writes safetensors only (safe_serialization=False would write pickles)")
         return checkpoint.save_folder(Path(path), self.config, self._state_dicts(), variant=variant)
 
     def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
@@ -281,7 +308,7 @@ class Pipeline(DiffusersAttributes, RunModes):
             frames: Any = latents
         else:
             self._stage("vae")
-            video = self.decode_latents(latents, decode_chunk_size, progress)  # (B, F, 3, H, W) in [-1, 1]
+            video = self._decode_videos(latents, decode_chunk_size, progress)  # (B, F, 3, H, W) in [-1, 1]
             if bool(video.isnan().any()):  # one sync; the frames go to the host next anyway
                 # diffusers gives black frames here (NaN cast to bytes), silently. Infinities clamp to valid pixels.
                 raise NonFiniteVideo(
@@ -315,7 +342,15 @@ class Pipeline(DiffusersAttributes, RunModes):
                     m.to(dtype)
         return vae.encode(pixels.to(dtype))
 
-    def decode_latents(
+    def decode_latents(self, latents: torch.Tensor, num_frames: int, decode_chunk_size: int = 14) -> torch.Tensor:
+        """diffusers' `decode_latents`: (B, F, 4, h, w) latents of num_frames frames -> (B, 3, F, H, W) float32 in
+        [-1, 1], diffusers' layout and arguments (but a chunk never holds two videos: README)."""
+        check_call_args(num_frames, 1, decode_chunk_size, 1, 1, "pt")
+        if latents.ndim != 5 or latents.shape[1] != num_frames:  # (5, 4) once meant a chunk size of 4, silently
+            raise InputError(f"decode_latents takes (B, {num_frames}, 4, h, w) latents, got {tuple(latents.shape)}")
+        return self._decode_videos(latents, decode_chunk_size).permute(0, 2, 1, 3, 4)  # (B, F, 3..) -> (B, 3, F..)
+
+    def _decode_videos(
         self, latents: torch.Tensor, decode_chunk_size: int, progress: ProgressFn | None = None
     ) -> torch.Tensor:
         """(B, F, 4, h, w) -> (B, F, 3, H, W) float32 (`vae.decode_videos`: a chunk never holds two videos)."""

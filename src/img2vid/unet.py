@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import UNetConfig
-from img2vid.layers import channels_last_, group_norm, timestep_embedding
+from img2vid.layers import Placed, channels_last_, group_norm, timestep_embedding
 from img2vid.unet_blocks import Downsample, SpatioTemporalResBlock, TimeEmbedding, Upsample
 from img2vid.unet_transformer import SpatialTransformerBlock, SpatioTemporalTransformer, TemporalTransformerBlock
 
@@ -140,7 +140,7 @@ class UpBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(Placed):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         c = config

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import group_norm
+from img2vid.layers import Placed, group_norm
 from img2vid.vae_blocks import (
     EPS,
     TIME_KERNEL,
@@ -195,7 +195,7 @@ class Decoder(nn.Module):
         return x
 
 
-class VAE(nn.Module):
+class VAE(Placed):
     """The autoencoder. `encode` gives the posterior mode, `decode` takes unscaled latents (the caller owns the
     scaling_factor). Runs in whatever dtype/device the module is in; the pipeline decides about upcasting."""
 
