@@ -352,15 +352,7 @@ def test_fit_passes_the_image_at_the_video_size(pipe):
 def test_bad_size_does_not_wait_for_a_running_generation(address, png, monkeypatch):
     """Size and segment checks need the model's config, not the model: a typo is answered while another request
     holds the generation lock."""
-    reached, release = threading.Event(), threading.Event()
-    real = Pipeline.__call__
-
-    def held(self, *args, **kwargs):
-        reached.set()
-        release.wait(30)  # bounded: a failing test must not hang the suite
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Pipeline, "__call__", held)
+    reached, release = hold_generations(monkeypatch)
     first = threading.Thread(target=post, args=(address, png), kwargs={"seed": 1})
     first.start()
     try:
@@ -377,15 +369,7 @@ def test_bad_size_does_not_wait_for_a_running_generation(address, png, monkeypat
 
 
 def test_client_gone_before_the_response_is_no_traceback(address, png, monkeypatch, capsys):
-    reached, release = threading.Event(), threading.Event()
-    real = Pipeline.__call__
-
-    def held(self, *args, **kwargs):
-        reached.set()
-        release.wait(30)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Pipeline, "__call__", held)
+    reached, release = hold_generations(monkeypatch)
     sock = socket.create_connection(address, timeout=10)
     sock.sendall(f"POST /generate?{urlencode(SMALL)} HTTP/1.1\r\nContent-Length: {len(png)}\r\n\r\n".encode() + png)
     try:
@@ -620,10 +604,7 @@ def test_one_client_cannot_hold_every_connection_nor_trickle_a_body_forever(pipe
             time.sleep(0.01)
         status, _, text = request(address, "GET", "/health")
         assert status == 503 and text == b"too many connections at once; try again later\n"
-        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # another address still gets in
-        other.settimeout(10)
-        other.bind(("127.0.0.2", 0))
-        other.connect(address)
+        other = socket.create_connection(address, timeout=10, source_address=("127.0.0.2", 0))  # another address
         other.sendall(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
         assert other.recv(12) == b"HTTP/1.0 200"
         other.close()
@@ -692,8 +673,23 @@ def test_peer_closed_on_a_descriptor_past_select_s_limit():
         a.close()
 
 
-def send_post(address, png: bytes, job: str | None = None, **params) -> socket.socket:
-    sock = socket.create_connection(address, timeout=10)
+def hold_generations(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Generations pause as they start (`reached` is set) until `release`."""
+    reached, release = threading.Event(), threading.Event()
+    real = Pipeline.__call__
+
+    def held(self, *args, **kwargs):
+        reached.set()
+        release.wait(30)  # bounded: a failing test must not hang the suite
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", held)
+    return reached, release
+
+
+def send_post(address, png: bytes, job: str | None = None, source: str | None = None, **params) -> socket.socket:
+    """The request sent, its answer left to read; source: the client's address (another of the loopback network)."""
+    sock = socket.create_connection(address, timeout=10, source_address=(source, 0) if source else None)
     query = urlencode({**SMALL, **params})
     head = f"POST /generate?{query} HTTP/1.1\r\nContent-Length: {len(png)}\r\n"
     sock.sendall((head + (f"X-Img2vid-Job: {job}\r\n" if job else "") + "\r\n").encode() + png)
@@ -871,15 +867,7 @@ def test_one_client_cannot_fill_the_waiting_line(address, png, monkeypatch):
     """A client address holds at most MAX_WAITING_PER_CLIENT of the waiting places (one script's batch filled all of
     them and turned every other client away); another address still gets in line, and both of the first client's
     accepted requests and the other's run."""
-    reached, release = threading.Event(), threading.Event()
-    real = Pipeline.__call__
-
-    def held(self, *args, **kwargs):
-        reached.set()
-        release.wait(30)  # bounded: a failing test must not hang the suite
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Pipeline, "__call__", held)
+    reached, release = hold_generations(monkeypatch)
     monkeypatch.setattr(server_queue, "MAX_WAITING_PER_CLIENT", 1)
     monkeypatch.setattr(server_queue, "LOCK_POLL_S", 0.02)
     results: list[int] = []
@@ -893,13 +881,7 @@ def test_one_client_cannot_fill_the_waiting_line(address, png, monkeypatch):
         status, headers, text = post(address, png, seed=3)  # a second waiting request of 127.0.0.1
         assert status == 503 and headers["retry-after"] == "30", (status, text)
         assert text == b"1 requests of this client are waiting already; try again later\n", text
-        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # another address of the loopback network
-        other.settimeout(10)
-        other.bind(("127.0.0.2", 0))
-        other.connect(address)
-        head = f"POST /generate?{urlencode({**SMALL, 'seed': 4})} HTTP/1.1\r\nContent-Length: {len(png)}\r\n\r\n"
-        other.sendall(head.encode() + png)
-        socks.append(other)
+        socks.append(send_post(address, png, source="127.0.0.2", seed=4))  # another address of the loopback network
         poll_until(address, lambda p: p["waiting"] == 2)
     finally:
         release.set()
