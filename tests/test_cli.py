@@ -770,3 +770,30 @@ def test_empty_output_variant_of_a_single_file_and_late_write_failures(models, i
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and f"cannot write {out}: No space left on device" in lines[0], err
     assert ".tmp" not in err and list(out.parent.iterdir()) == []
+
+
+def test_generate_with_a_unet_of_its_own(models, images, tmp_path, capsys):
+    """--unet: a fine-tuned UNet (here another tiny model's, as a UNet-only file in sgm names) instead of the
+    model's: the frames are those of the library call with unet=, not the model's own; the sidecar names it; a path
+    that does not exist is a one-line error before anything loads."""
+    other = Pipeline.from_config("tiny", seed=11)
+    whole = other.save_single_file(tmp_path / "other.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    unet_file = tmp_path / "finetuned_unet.safetensors"
+    save_file({k: t for k, t in load_file(str(whole)).items() if k.startswith("model.diffusion_model.")}, unet_file)
+    extra = f"--format png --seed 5 --unet {unet_file}"
+    rc, _, err = generate(capsys, images["landscape"], tmp_path / "ft", models["folder"], extra)
+    assert rc == 0, err
+    got = read_video(tmp_path / "ft")[0]
+    kw = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, output_type="np")
+    for unet, same in ((unet_file, True), (None, False)):
+        pipe = Pipeline.from_pretrained(models["folder"], unet=unet)
+        ref = pipe(str(images["landscape"]), generator=torch.manual_seed(5), **kw).frames[0]
+        assert np.array_equal(got, (ref * 255).round().astype(np.uint8)) == same
+    assert read_metadata(tmp_path / "ft")["unet"] == str(unet_file)
+    rc, _, err = generate(capsys, images["landscape"], tmp_path / "x.mp4", models["folder"], "--unet nowhere/unet")
+    assert rc == 2 and err.strip().endswith(
+        "--unet nowhere/unet: no such folder or file (a hub model must be downloaded first)"
+    )
+    assert "Traceback" not in err and not (tmp_path / "x.mp4").exists()

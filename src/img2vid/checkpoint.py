@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from img2vid.configs import PipelineConfig
 from img2vid.hub import resolve_pretrained
 from img2vid.sgm_keys import (
     COMPONENTS,
+    SGM_PREFIX,
     CheckpointError,
     components_to_sgm,
     cond_encoder_keys,
@@ -173,8 +175,10 @@ def build(cls: type[nn.Module], config: Any, state_dict: StateDict, component: s
     return module.eval()
 
 
-def check_components(components: dict[str, StateDict], config: PipelineConfig, where: str = "") -> None:
-    for c in COMPONENTS:
+def check_components(
+    components: dict[str, StateDict], config: PipelineConfig, where: str = "", which: Collection[str] = COMPONENTS
+) -> None:
+    for c in which:
         check_state_dict(drop_buffers(components.get(c, {}), c), expected_shapes(c, config, where), c, where)
 
 
@@ -221,6 +225,7 @@ def read_pipeline_config(folder: Path) -> PipelineConfig:
             **parts,
         )
         configs.check(config)  # a value of the wrong type would fail far from here, or not at all
+        configs.check_pipeline(config)
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:  # TypeError: e.g. a number where the config wants a list
@@ -247,18 +252,21 @@ def load_folder(
     device: Device = "cpu",
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
+    skip: Collection[str] = (),
 ) -> tuple[PipelineConfig, dict[str, StateDict]]:
     """A diffusers folder -> (config, {component: state dict}), checked against the config with errors that name
-    the folder. On a GPU the three files are read at once (bound by page-cache copies, not by the device)."""
+    the folder; the components in `skip` (given from elsewhere: img2vid.components) are not read. On a GPU the
+    files are read at once (bound by page-cache copies, not by the device)."""
     config = read_pipeline_config(folder)
     variants = component_variants(folder, variant)
+    wanted = [c for c in COMPONENTS if c not in skip]
 
     def load(c: str) -> StateDict:
         return load_component(folder, c, variants[c], device, dtype, allow_pickle)
 
-    with ThreadPoolExecutor(len(COMPONENTS) if torch.device(device).type == "cuda" else 1) as pool:
-        sds = dict(zip(COMPONENTS, pool.map(load, COMPONENTS), strict=True))
-    check_components(sds, config, f"{folder}: ")
+    with ThreadPoolExecutor(len(wanted) if torch.device(device).type == "cuda" and wanted else 1) as pool:
+        sds = dict(zip(wanted, pool.map(load, wanted), strict=True))
+    check_components(sds, config, f"{folder}: ", wanted)
     return config, sds
 
 
@@ -286,9 +294,11 @@ def load_single_file(
     dtype: torch.dtype | None = None,
     config: PipelineConfig | None = None,
     allow_pickle: bool = False,
+    skip: Collection[str] = (),
 ) -> tuple[PipelineConfig, dict[str, StateDict]]:
     """An sgm-layout single file (Stability's svd*.safetensors or ours) -> (config, {component: state dict}).
-    Names and shapes are checked from the header before any tensor data is read."""
+    Names and shapes are checked from the header before any tensor data is read; the components in `skip` (given
+    from elsewhere: img2vid.components) are neither checked nor read."""
     path = Path(path)
     header, metadata = read_header(path, allow_pickle)
     fmt = detect_format(header)
@@ -305,9 +315,11 @@ def load_single_file(
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} unknown tensor(s) for the sgm layout: {few(unknown)}")
     for c, sd in comps.items():
-        check_state_dict(sd, expected_shapes(c, config, f"{path.name}: "), c, f"{path.name}: ", config)
-    keys = [k for k in header if not is_unused_sgm_key(k)] + (
-        cond_encoder_keys(header) if variant == "temporal" else []
+        if c not in skip:
+            check_state_dict(sd, expected_shapes(c, config, f"{path.name}: "), c, f"{path.name}: ", config)
+    skipped = tuple(SGM_PREFIX[c] for c in skip)
+    keys = [k for k in header if not is_unused_sgm_key(k) and not k.startswith(skipped)] + (
+        cond_encoder_keys(header) if variant == "temporal" and "vae" not in skip else []
     )
     if path.suffix == ".safetensors":
         sd = read_safetensors(path, device, dtype, keys)

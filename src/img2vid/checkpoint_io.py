@@ -69,6 +69,7 @@ def stored_config(path: Path, metadata: dict[str, str]) -> PipelineConfig | None
     try:
         config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
         configs.check(config)
+        configs.check_pipeline(config)
         return config
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None
@@ -330,16 +331,19 @@ def check_variant(variant: str | None) -> None:
 _SHARD = re.compile(r"-\d+-of-\d+")
 
 
-def weight_variants(folder: Path, component: str, pickles: bool = True) -> tuple[bool, list[str]]:
-    """(whether the plain weights are there, the sorted variants there) of one component of a diffusers folder. Plain:
-    stem.safetensors, its shards (stem-00001-of-00002.safetensors) or index; a variant v: stem.v.safetensors, its
-    shards (stem.v-00001-of-00002.safetensors) or either index name (component_file); .bin pickles count too unless
+def weight_variants(
+    folder: Path, component: str, pickles: bool = True, sub: str | None = None
+) -> tuple[bool, list[str]]:
+    """(whether the plain weights are there, the sorted variants there) of one component of a diffusers folder (in
+    its subfolder `sub`, by default the component's name). Plain: stem.safetensors, its shards
+    (stem-00001-of-00002.safetensors) or index; a variant v: stem.v.safetensors, its shards
+    (stem.v-00001-of-00002.safetensors) or either index name (component_file); .bin pickles count too unless
     `pickles` is False (weights that will not be loaded)."""
     stem, plain, variants = WEIGHTS_NAME[component], False, set()
     suffixes = (
         (".safetensors", ".bin", ".safetensors.index.json") if pickles else (".safetensors", ".safetensors.index.json")
     )
-    for p in (Path(folder) / component).glob(f"{stem}*"):
+    for p in (Path(folder) / (sub or component)).glob(f"{stem}*"):
         rest = p.name[len(stem) :]
         for suffix in suffixes:
             if rest.endswith(suffix):
@@ -396,22 +400,27 @@ def shard_files(folder: Path, component: str, variant: str | None = None) -> lis
     return [p for p in indexes if p.is_file()] + sorted(shards)
 
 
-def component_file(folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False) -> Path:
+def component_file(
+    folder: Path, component: str, variant: str | None = None, allow_pickle: bool = False, sub: str | None = None
+) -> Path:
+    """The weights file of one component of a diffusers folder, in its subfolder `sub` (by default the component's
+    name; a component folder saved on its own is read as `sub` of its parent)."""
     check_variant(variant)
-    sub, stem, v = Path(folder) / component, WEIGHTS_NAME[component], f".{variant}" if variant else ""
+    sub_name = sub or component
+    sub_dir, stem, v = Path(folder) / sub_name, WEIGHTS_NAME[component], f".{variant}" if variant else ""
     # An index first, as diffusers: saving sharded weights over a folder leaves its old single file behind.
     # diffusers names a sharded variant's index stem.safetensors.index.fp16.json, transformers stem.fp16.safetensors...
     for name in (f"{stem}.safetensors.index{v}.json", f"{stem}{v}.safetensors.index.json", f"{stem}{v}.safetensors"):
-        if (sub / name).is_file():
-            return sub / name
-    if (sub / f"{stem}{v}.bin").is_file():
+        if (sub_dir / name).is_file():
+            return sub_dir / name
+    if (sub_dir / f"{stem}{v}.bin").is_file():
         if allow_pickle:
-            return sub / f"{stem}{v}.bin"
-        raise refuse_pickle(sub / f"{stem}{v}.bin")
-    wanted = sub / f"{stem}{v}.safetensors"
-    if variant and (sub / f"{stem}.safetensors").is_file():
+            return sub_dir / f"{stem}{v}.bin"
+        raise refuse_pickle(sub_dir / f"{stem}{v}.bin")
+    wanted = sub_dir / f"{stem}{v}.safetensors"
+    if variant and (sub_dir / f"{stem}.safetensors").is_file():
         raise CheckpointError(f"{wanted} not found: this folder has no {variant!r} variant (drop the variant)")
-    others = weight_variants(folder, component)[1]
+    others = weight_variants(folder, component, sub=sub_name)[1]
     if not variant and others:  # e.g. a hub download of the fp16 files only
         raise CheckpointError(f"{wanted} not found: this folder has only the {' / '.join(others)} variant (pass it)")
     raise CheckpointError(f"{wanted} not found")

@@ -22,6 +22,7 @@ from img2vid import __version__
 from img2vid.cli_setup import (
     FORMATS,
     check_compile_cache,
+    component_sources,
     device_dtype,
     expand_images,
     guidance_device,
@@ -90,6 +91,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="weight variant, e.g. fp16 (default: fp16 for float16 from the hub; 'none': off)",
     )
     g.add_argument("--revision", help="a hub model's branch, tag or commit (default: main)")
+    for c in ("unet", "vae"):
+        g.add_argument(
+            f"--{c}",
+            metavar="PATH",
+            help=f"a {c.upper()} of its own (e.g. fine-tuned) instead of the model's: a diffusers {c} folder, a "
+            "pipeline folder, or a weights file (diffusers or sgm names)",
+        )
     g.add_argument("--offline", action="store_true", help="use only the local hub cache, never the network")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (they can run code)")
 
@@ -325,6 +333,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         check_fps(args.export_fps or args.fps, fmt)
     kind, multiple = model_source(args.model, args.variant, args.revision)
+    component_sources(args)  # a mistyped --unet fails now, not after the images and the model load
     if args.resize != "fit":
         check_size(args.width, args.height, multiple)
     images = {s: load_image(s) for s in sources}  # unreadable images fail now, not after a long model load
@@ -379,6 +388,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from img2vid.server import make_server, serve
 
     kind, _ = model_source(args.model, args.variant, args.revision)
+    component_sources(args)
     device, dtype = device_dtype(args)
     second = guidance_device(args, device)  # checked now: the model loads after
     check_compile_cache(args)

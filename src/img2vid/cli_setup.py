@@ -171,6 +171,18 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
     return kind, config.size_multiple
 
 
+def component_sources(args: argparse.Namespace) -> dict[str, Any]:
+    """--unet / --vae as paths that exist ({component: path} of those given): a hub id is not taken there (download
+    it first), and a typo is an error before anything loads. What the path holds is read with the model."""
+    from img2vid.images import InputError, user_path
+
+    given = {c: getattr(args, c) for c in ("unet", "vae") if getattr(args, c) is not None}
+    for c, source in given.items():
+        if not user_path(source).exists():
+            raise InputError(f"--{c} {source}: no such folder or file (a hub model must be downloaded first)")
+    return {c: user_path(source) for c, source in given.items()}
+
+
 def refuse_variant_of_file(variant: str | None, picks_from: str = "a model folder or hub repo") -> None:
     """A --variant given with a single file would be ignored, yet recorded in the sidecar: refused (generate, serve,
     info, which reads folders and files only). "none", the default's spelling, is no variant."""
@@ -184,9 +196,11 @@ def run_settings(args: argparse.Namespace, pipe: Any, variant: str | None, secon
     """How the loaded model runs, for generate's sidecar and serve's X-Img2vid-Params alike: the revision and variant
     read, the config, and the compile / two-GPU modes (they change the last bits of the numbers)."""
     compiled = bool(args.compile or args.compile_cache)
+    given = {c: getattr(args, c) for c in ("unet", "vae") if getattr(args, c) is not None}  # named only when given
     return dict(
         revision=args.revision,
         model_config=pipe.config.name,
+        **given,
         variant=variant,
         compiled=compiled,
         guidance_parallel=second is not None,
@@ -264,7 +278,7 @@ def load_pipeline(
     load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
     kw = dict(torch_dtype=dtype, variant=variant, local_files_only=args.offline, allow_pickle=args.allow_pickle)
     kw.update(revision=args.revision)
-    pipe = Pipeline.from_pretrained(args.model, device=load_to, **kw)
+    pipe = Pipeline.from_pretrained(args.model, device=load_to, **kw, **component_sources(args))
     if args.low_memory:  # sequential offload, split guidance halves, forward chunking, decode chunks of 2
         pipe.enable_low_memory(device=device)
     elif offload == "model":

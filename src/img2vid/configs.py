@@ -436,6 +436,28 @@ def check(config: Any, where: str = "") -> None:
         )
 
 
+def check_pipeline(config: PipelineConfig) -> None:
+    """ValueError naming the first pair of components that cannot work together (each may be fine alone): what
+    would otherwise fail at the first step with a matrix-product shape error. The UNet takes the noisy latents and
+    the image's latents side by side and predicts latents; its cross-attention reads the image embedding."""
+    u, v, e = config.unet, config.vae, config.image_encoder
+    if u.in_channels != 2 * v.latent_channels or u.out_channels != v.latent_channels:
+        raise ValueError(
+            f"the UNet takes {u.in_channels} channels in and gives {u.out_channels}, the VAE's latents have "
+            f"{v.latent_channels} (the UNet needs twice that in, as many out)"
+        )
+    if any(d != e.projection_dim for d in u.cross_attention_dim):
+        raise ValueError(
+            f"the UNet's cross-attention reads {u.cross_attention_dim[0]}-wide embeddings, the image encoder gives "
+            f"{e.projection_dim}"
+        )
+    if u.projection_class_embeddings_input_dim != 3 * u.addition_time_embed_dim:
+        raise ValueError(
+            f"the UNet's added time embedding takes {u.projection_class_embeddings_input_dim} inputs, not 3 x "
+            f"{u.addition_time_embed_dim} (fps, motion bucket, noise augmentation)"
+        )
+
+
 def replace(config: Any, **changes: Any) -> Any:
     """dataclasses.replace, re-exported so callers need not import dataclasses for one function."""
     return dataclasses.replace(config, **changes)

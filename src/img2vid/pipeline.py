@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from img2vid import checkpoint, compiled, sampling
+from img2vid import checkpoint, compiled, components, sampling
+from img2vid.components import Source
 from img2vid.configs import PipelineConfig, preset
 from img2vid.image_encoder import ImageEncoder, preprocess
 from img2vid.images import InputError, NonFiniteVideo, check_size
@@ -122,13 +123,18 @@ class Pipeline(DiffusersAttributes, RunModes):
         low_cpu_mem_usage: bool = True,
         device_map: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        unet: Source | None = None,
+        vae: Source | None = None,
+        image_encoder: Source | None = None,
     ) -> Pipeline:
         """A diffusers-format folder or hub id (through huggingface_hub's cache), or a single checkpoint file.
         revision, cache_dir, token and force_download: as in diffusers, for hub ids (a gated repo needs a login or a
         token). diffusers' other loading arguments, so its snippets run: dtype (its newer name for torch_dtype);
         use_safetensors (safetensors are what is read; False asks for pickles, which need allow_pickle);
         low_cpu_mem_usage (always: the models are built on the meta device and filled); device_map naming one
-        device (as device=; diffusers' "balanced" split across GPUs is not img2vid's: see enable_guidance_parallel)."""
+        device (as device=; diffusers' "balanced" split across GPUs is not img2vid's: see enable_guidance_parallel).
+        unet / vae / image_encoder: a component from elsewhere, e.g. a fine-tuned UNet, instead of the checkpoint's
+        (img2vid.components: a module, a diffusers component or pipeline folder, or a weights file)."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
         torch_dtype = torch_dtype if torch_dtype is not None else dtype
@@ -143,13 +149,17 @@ class Pipeline(DiffusersAttributes, RunModes):
             device = device_map
         del low_cpu_mem_usage  # always so
         dev, dtype = available_device(device), weights_dtype(torch_dtype)  # before any download or read
+        given = components.check_sources(dict(unet=unet, vae=vae, image_encoder=image_encoder))
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
-            return cls.from_single_file(path, torch_dtype=dtype, device=dev, allow_pickle=allow_pickle)
+            return cls.from_single_file(
+                path, torch_dtype=dtype, device=dev, allow_pickle=allow_pickle, variant=variant, **given
+            )
         hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
         folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only, **hub)
-        config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle)
-        return cls.from_state_dicts(config, sds, device)
+        config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle, skip=given)
+        config, modules = components.resolve(given, config, dev, dtype, variant, allow_pickle)
+        return cls.from_state_dicts(config, sds, device, modules)
 
     @classmethod
     def from_single_file(
@@ -159,24 +169,37 @@ class Pipeline(DiffusersAttributes, RunModes):
         config: PipelineConfig | str | None = None,
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
+        unet: Source | None = None,
+        vae: Source | None = None,
+        image_encoder: Source | None = None,
+        variant: str | None = None,
     ) -> Pipeline:
-        """Stability's original checkpoints (svd*.safetensors, sgm layout) or our own single files."""
+        """Stability's original checkpoints (svd*.safetensors, sgm layout) or our own single files. unet / vae /
+        image_encoder: a component from elsewhere (see from_pretrained); variant: the one to read a component
+        folder in."""
         config = preset(config) if isinstance(config, str) else config
-        config, sds = checkpoint.load_single_file(
-            Path(path), available_device(device), weights_dtype(torch_dtype), config, allow_pickle=allow_pickle
-        )
-        return cls.from_state_dicts(config, sds, device)
+        dev, dtype = available_device(device), weights_dtype(torch_dtype)
+        given = components.check_sources(dict(unet=unet, vae=vae, image_encoder=image_encoder))
+        config, sds = checkpoint.load_single_file(Path(path), dev, dtype, config, allow_pickle=allow_pickle, skip=given)
+        config, modules = components.resolve(given, config, dev, dtype, variant, allow_pickle)
+        return cls.from_state_dicts(config, sds, device, modules)
 
     @classmethod
     def from_state_dicts(
-        cls, config: PipelineConfig, sds: dict[str, dict[str, torch.Tensor]], device: Any = "cpu"
+        cls,
+        config: PipelineConfig,
+        sds: dict[str, dict[str, torch.Tensor]],
+        device: Any = "cpu",
+        modules: dict[str, torch.nn.Module] | None = None,
     ) -> Pipeline:
         """Components built on the meta device and filled (strictly, no copy) with in-memory state dicts keyed by
-        component name, whose tensors already lie on `device` (what every loader and the benchmarks build from)."""
-        unet = checkpoint.build(UNet, config.unet, sds["unet"], "unet")
-        vae = checkpoint.build(VAE, config.vae, sds["vae"], "vae")
-        enc = checkpoint.build(ImageEncoder, config.image_encoder, sds["image_encoder"], "image_encoder")
-        pipe = cls(config, unet, vae, enc)
+        component name, whose tensors already lie on `device` (what every loader and the benchmarks build from);
+        `modules`: components already built, which need no state dict."""
+        built = dict(modules or {})
+        for c, model in (("unet", UNet), ("vae", VAE), ("image_encoder", ImageEncoder)):
+            if c not in built:
+                built[c] = checkpoint.build(model, getattr(config, c), sds[c], c)
+        pipe = cls(config, built["unet"], built["vae"], built["image_encoder"])
         pipe._device = torch.device(device)
         return pipe
 

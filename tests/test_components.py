@@ -1,0 +1,174 @@
+"""A component from elsewhere (`from_pretrained(..., unet=...)`, `--unet`): a fine-tuned UNet as a diffusers
+component folder, a pipeline folder, a bare weights file, an sgm file (whole or UNet alone) or a module; it gives
+what diffusers gives with the same component, the base's own copy is not read, and what cannot fit is refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image, reference_pipeline, rel_err
+from safetensors.torch import load_file, save_file
+
+from img2vid import configs
+from img2vid.components import load_source
+from img2vid.images import InputError
+from img2vid.pipeline import Pipeline
+from img2vid.sgm_keys import CheckpointError
+
+H, W = 32, 48
+POSITION_IDS = "vision_model.embeddings.position_ids"  # a buffer older transformers saved; not a weight
+CALL = dict(height=H, width=W, num_frames=3, num_inference_steps=2, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """Another tiny pipeline of shape "a" (other weights) whose UNet plays the fine-tune, saved as diffusers saves a
+    UNet alone and as a whole pipeline."""
+    root = tmp_path_factory.mktemp("finetuned")
+    ref = reference_pipeline("a", seed=7)
+    ref.unet.save_pretrained(root / "ft-unet")
+    ref.save_pretrained(root / "ft-pipe")
+    return root
+
+
+def frames(pipe, seed: int = 0) -> torch.Tensor:
+    out = pipe(make_image(), generator=torch.manual_seed(seed), **CALL).frames
+    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
+
+
+def unet_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    sd = module.state_dict()
+    assert sd.keys() == expected.keys()
+    for k, t in expected.items():
+        assert torch.equal(sd[k], t), k
+
+
+def test_finetuned_unet_gives_diffusers_video(tiny_model_dir, finetuned):
+    """diffusers: from_pretrained(base, unet=UNetSpatioTemporalConditionModel.from_pretrained(ft)); ours the same
+    with the folder's path: the same frames, and the base's VAE and image encoder."""
+    from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+
+    ref_unet = UNetSpatioTemporalConditionModel.from_pretrained(finetuned / "ft-unet")
+    # float32 named: transformers 5 reads the encoder in the dtype its config.json names (the fp16 save wrote it)
+    ref = StableVideoDiffusionPipeline.from_pretrained(tiny_model_dir, unet=ref_unet, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline.from_pretrained(tiny_model_dir, unet=finetuned / "ft-unet")
+    ours.set_progress_bar_config(disable=True)
+    assert_same_weights(ours.unet, unet_weights(finetuned / "ft-unet"))
+    base = Pipeline.from_pretrained(tiny_model_dir)
+    assert_same_weights(ours.vae, base.vae.state_dict())
+    want, got = frames(ref), frames(ours)
+    assert rel_err(got, want) < 1e-4
+    assert rel_err(frames(base), want) > 1e-2  # the UNet given is the one that ran
+
+
+def test_every_kind_of_source_gives_the_same_unet(tiny_model_dir, finetuned, tmp_path):
+    expected = unet_weights(finetuned / "ft-unet")
+    bare = tmp_path / "my_unet.safetensors"  # diffusers' names, no config beside it: the pipeline's config
+    shutil.copy(finetuned / "ft-unet" / "diffusion_pytorch_model.safetensors", bare)
+    whole = Pipeline.from_pretrained(finetuned / "ft-pipe")
+    sgm_whole = whole.save_single_file(tmp_path / "ft_whole.safetensors")
+    sgm_unet = tmp_path / "ft_unet_sgm.safetensors"  # the UNet alone in sgm names, as ComfyUI saves one
+    sd = load_file(str(sgm_whole))
+    save_file({k: t for k, t in sd.items() if k.startswith("model.diffusion_model.")}, str(sgm_unet))
+    sources = [finetuned / "ft-unet", str(finetuned / "ft-unet"), finetuned / "ft-pipe", bare, sgm_whole, sgm_unet]
+    for source in sources:
+        pipe = Pipeline.from_pretrained(tiny_model_dir, unet=source)
+        assert_same_weights(pipe.unet, expected)
+    module = Pipeline.from_pretrained(tiny_model_dir, unet=whole.unet, torch_dtype=torch.float16)
+    assert module.unet is whole.unet and whole.unet.dtype == torch.float16  # moved and cast, as pipe.to would
+    assert module.vae.dtype == torch.float16
+
+
+def test_a_given_component_is_not_read_from_the_base(tiny_model_dir, finetuned, tmp_path):
+    """The base's own UNet file is never opened: here it is garbage, and loading still works (a single file too)."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    for f in (base / "unet").glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    pipe = Pipeline.from_pretrained(base, unet=finetuned / "ft-unet")
+    assert_same_weights(pipe.unet, unet_weights(finetuned / "ft-unet"))
+    with pytest.raises(CheckpointError):
+        Pipeline.from_pretrained(base)
+    single = Pipeline.from_pretrained(tiny_model_dir).save_single_file(tmp_path / "base.safetensors")
+    pipe = Pipeline.from_single_file(single, unet=finetuned / "ft-unet")
+    assert_same_weights(pipe.unet, unet_weights(finetuned / "ft-unet"))
+
+
+def test_variant_of_a_component_folder(tiny_model_dir, finetuned, tmp_path):
+    """The variant asked for is read where the component folder has it, its plain weights where it has not (as
+    diffusers does for a pipeline folder's components)."""
+    plain = Pipeline.from_pretrained(tiny_model_dir, variant="fp16", unet=finetuned / "ft-unet")
+    assert_same_weights(plain.unet, unet_weights(finetuned / "ft-unet"))
+    ft16 = tmp_path / "ft-unet"
+    shutil.copytree(finetuned / "ft-unet", ft16)
+    halved = {k: (t * 0.5).half() for k, t in unet_weights(ft16).items()}
+    save_file(halved, str(ft16 / "diffusion_pytorch_model.fp16.safetensors"))
+    pipe = Pipeline.from_pretrained(tiny_model_dir, variant="fp16", unet=ft16)
+    assert_same_weights(pipe.unet, {k: t.float() for k, t in halved.items()})
+
+
+def test_sources_that_do_not_fit_are_refused(tiny_model_dir, tiny_model_dirs, tmp_path):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    other = tiny_model_dirs["b"]  # another architecture: 48-wide cross-attention, a 3-level VAE
+    with pytest.raises(CheckpointError, match="does not fit this pipeline.*cross-attention reads 48-wide"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=other / "unet")
+    bare = tmp_path / "b_unet.safetensors"  # no config: read against the pipeline's, which it does not match
+    shutil.copy(other / "unet" / "diffusion_pytorch_model.safetensors", bare)
+    with pytest.raises(CheckpointError, match=r"b_unet.safetensors: unet weights do not match.*missing"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=bare)
+    vae_file = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(CheckpointError, match="diffusers-vae kind, not a unet"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=vae_file)
+    with pytest.raises(CheckpointError, match="unet not found: .*nowhere"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="neither model_index.json nor config.json"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=tmp_path)
+    ref = UNetSpatioTemporalConditionModel.from_pretrained(tiny_model_dir / "unet")
+    with pytest.raises(InputError, match="img2vid's UNet or the path.*not a UNetSpatioTemporalConditionModel"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=ref)
+    with pytest.raises(InputError, match="vae= takes img2vid's VAE"):
+        Pipeline.from_pretrained(tiny_model_dir, vae=Pipeline.from_pretrained(tiny_model_dir).unet)
+    with pytest.raises(InputError, match="a variant .* not of one file"):
+        load_source(bare, "unet", configs.preset("tiny"), "cpu", torch.float32, variant="fp16")
+
+
+def test_other_components_and_their_configs(tiny_model_dir, tmp_path):
+    """A VAE and an image encoder from other pipelines; the encoder keeps the pipeline's preprocessing (it belongs
+    to the feature extractor, which stays)."""
+    donor = reference_pipeline("a", seed=9)
+    donor.vae.save_pretrained(tmp_path / "vae")
+    donor.image_encoder.save_pretrained(tmp_path / "enc")
+    pipe = Pipeline.from_pretrained(tiny_model_dir, vae=tmp_path / "vae", image_encoder=tmp_path / "enc")
+    assert_same_weights(pipe.vae, load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")))
+    enc = load_file(str(tmp_path / "enc" / "model.safetensors"))
+    assert_same_weights(pipe.image_encoder, {k: t for k, t in enc.items() if k != POSITION_IDS})
+    base = Pipeline.from_pretrained(tiny_model_dir)
+    assert pipe.config.image_encoder.image_mean == base.config.image_encoder.image_mean
+
+
+def test_pipeline_configs_must_fit_together(tmp_path, tiny_model_dir):
+    """Each component's config may be fine alone and the three still not work together: refused at load, naming
+    the pair (it failed at the first step with a matrix-product error)."""
+    tiny = configs.preset("tiny")
+    configs.check_pipeline(tiny)
+    bad = configs.replace(tiny, unet=configs.replace(tiny.unet, in_channels=6))
+    with pytest.raises(ValueError, match="UNet takes 6 channels in"):
+        configs.check_pipeline(bad)
+    bad = configs.replace(tiny, unet=configs.replace(tiny.unet, projection_class_embeddings_input_dim=25))
+    with pytest.raises(ValueError, match="added time embedding takes 25"):
+        configs.check_pipeline(bad)
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_model_dir, folder)
+    text = (folder / "image_encoder" / "config.json").read_text()
+    (folder / "image_encoder" / "config.json").write_text(text.replace('"projection_dim": 32', '"projection_dim": 40'))
+    with pytest.raises(CheckpointError, match="cross-attention reads 32-wide embeddings, the image encoder gives 40"):
+        Pipeline.from_pretrained(folder)
