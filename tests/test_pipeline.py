@@ -4,6 +4,7 @@ folders diffusers itself saved), plus behaviour: determinism, output types, offl
 from __future__ import annotations
 
 import io
+import pickle
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from conftest import make_image, rel_err
 
-from img2vid import Pipeline
+from img2vid import Pipeline, PipelineOutput
 from img2vid.configs import preset
 from img2vid.images import InputError, NonFiniteVideo, load_image
 from img2vid.inputs import to_host
@@ -626,6 +627,12 @@ def test_output_indexes_as_diffusers_base_output():
     out = pipe(make_image(64, 64), height=64, width=64, num_frames=2, num_inference_steps=1, output_type="pt")
     assert out[0] is out.frames and out["frames"] is out.frames and out.to_tuple() == (out.frames,)
     assert list(out.keys()) == ["frames"] and out[:1] == (out.frames,) and dict(out.items())["frames"] is out.frames
+    # a mapping as diffusers' (an OrderedDict subclass): its length, iteration, dict(), and pickling
+    assert isinstance(out, dict) and len(out) == 1 and list(out) == ["frames"] and dict(out)["frames"] is out.frames
+    again = pickle.loads(pickle.dumps(out))
+    assert isinstance(again, PipelineOutput) and torch.equal(again.frames, out.frames) and again[0] is again.frames
+    out.frames = "x"  # the attribute and the key are one value
+    assert out["frames"] == "x" and out.to_tuple() == ("x",)
 
 
 def test_nan_weights_are_an_error_not_black_frames(tmp_path):

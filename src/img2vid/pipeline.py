@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +43,32 @@ from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
 
 
-@dataclass
-class PipelineOutput:
+class PipelineOutput(dict):
     """frames: list (videos) of lists of PIL images, or (B, F, H, W, 3) np.float32 for "np", or (B, F, 3, H, W) for
-    "pt", or the final (B, F, 4, H/8, W/8) latents for "latent"."""
+    "pt", or the final (B, F, 4, H/8, W/8) latents for "latent".
 
-    frames: Any
+    As diffusers' BaseOutput, an ordered mapping of its one field, read as an attribute, by key or by position:
+    out.frames, out["frames"], out[0], out.to_tuple(), len(out), list(out), dict(out)."""
 
-    # As diffusers' BaseOutput, an ordered mapping of its one field: out[0], out["frames"], out.to_tuple()
-    def to_tuple(self) -> tuple[Any]:
-        return (self.frames,)
+    def __init__(self, frames: Any) -> None:
+        super().__init__(frames=frames)
 
-    def keys(self) -> tuple[str]:
-        return ("frames",)
+    @property
+    def frames(self) -> Any:
+        return dict.__getitem__(self, "frames")
 
-    def values(self) -> tuple[Any]:
-        return self.to_tuple()
+    @frames.setter
+    def frames(self, value: Any) -> None:
+        self["frames"] = value
 
-    def items(self) -> tuple[tuple[str, Any]]:
-        return (("frames", self.frames),)
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(self.values())
 
     def __getitem__(self, key: int | slice | str) -> Any:
-        return dict(self.items())[key] if isinstance(key, str) else self.to_tuple()[key]
+        return dict.__getitem__(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __repr__(self) -> str:
+        return f"PipelineOutput(frames={self.frames!r})"
 
 
 class Pipeline(DiffusersAttributes, RunModes):
