@@ -74,8 +74,8 @@ def post(address, body: bytes, job: str | None = None, **params) -> tuple[int, d
     return request(address, "POST", "/generate?" + urlencode({**SMALL, **params}), body, headers)
 
 
-def progress(address) -> dict:
-    status, headers, body = request(address, "GET", "/progress")
+def progress(address, job: str | None = None) -> dict:
+    status, headers, body = request(address, "GET", "/progress" + (f"?job={job}" if job else ""))
     assert status == 200 and headers["content-type"] == "application/json"
     assert headers["cache-control"] == "no-store"  # a cached answer would freeze the page's display
     return json.loads(body)
@@ -427,6 +427,28 @@ def test_serve_binds_before_loading_the_model(address, tmp_path, capsys, monkeyp
     assert len(lines) == 1 and lines[0].startswith(f"img2vid: error: cannot serve on {host}:{port}: "), lines
 
 
+def test_serve_shows_clients_model_names_not_local_paths(tmp_path, monkeypatch):
+    """/health and X-Img2vid-Params name a local model (and a --unet) by its own name, not by where it lies on the
+    server's disk: a server given --host answers anyone on the network. A hub id is shown as it is."""
+    import img2vid.server
+
+    seen = {}
+
+    def no_serve(server, model=None):
+        seen.update(model=server.model, settings=server.settings, printed=model)
+        server.server_close()
+        return 0
+
+    monkeypatch.setattr(img2vid.server, "serve", no_serve)
+    private = tmp_path / "home" / "someone" / "private"
+    model = Pipeline.from_config("tiny", seed=0).save_pretrained(private / "my-svd")
+    unet = Pipeline.from_config("tiny", seed=1).save_pretrained(private / "my-unet") / "unet"
+    args = ["serve", "--model", str(model), "--unet", str(unet), "--port", "0", "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    assert seen["model"] == "my-svd" and seen["settings"]["unet"] == "unet" and seen["printed"] == str(model)
+    assert "someone" not in json.dumps(seen["settings"])
+
+
 def test_progress_when_idle(address):
     assert progress(address) == {"busy": False, "waiting": 0}
 
@@ -482,14 +504,17 @@ def test_progress_while_generating_and_queued(address, png, monkeypatch):
     try:
         threads[0].start()
         assert reached.wait(30), "the first generation never reached its first step"
-        state = progress(address)
+        state = progress(address, job="first")
         assert state == {
             "busy": True, "job": "first", "stage": "denoise", "done": 1, "total": STEPS, "segment": 1, "segments": 2,
             "waiting": 0,
         }  # fmt: skip
+        # another client's token is shown only to the client that sent it
+        assert progress(address)["job"] is None and progress(address, job="other")["job"] is None
         threads[1].start()
         state = poll_until(address, lambda p: p["waiting"] == 1)
-        assert state["busy"] and state["job"] == "first" and (state["stage"], state["done"]) == ("denoise", 1)
+        assert state["busy"] and state["job"] is None and (state["stage"], state["done"]) == ("denoise", 1)
+        assert progress(address, job="second") == {**state, "ahead": 0}
     finally:
         release.set()
         for t in threads:

@@ -385,18 +385,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from img2vid.images import user_path
     from img2vid.server import make_server, serve
 
     kind, _ = model_source(args.model, args.variant, args.revision)
-    component_sources(args)
+    components = component_sources(args)
     device, dtype = device_dtype(args)
     second = guidance_device(args, device)  # checked now: the model loads after
     check_compile_cache(args)
+    # What clients read (/health, X-Img2vid-Params): a hub id, or a local model's own name, not where it lies on
+    # this machine (a server given --host answers anyone on the network)
+    shown = args.model if kind == "hub" else user_path(args.model).resolve().name
     # Bound before the (long) model load: a port in use is an error now, not after it
-    server = make_server(None, args.host, args.port, model=args.model, quiet=args.quiet)
+    server = make_server(None, args.host, args.port, model=shown, quiet=args.quiet)
     try:
         server.pipe, variant = load_pipeline(args, kind, device, dtype, second)
-        server.settings = run_settings(args, server.pipe, variant, second)  # in every X-Img2vid-Params
+        settings = run_settings(args, server.pipe, variant, second)
+        server.settings = {**settings, **{c: p.resolve().name for c, p in components.items()}}  # in every response
     except BaseException:
         server.server_close()
         raise

@@ -21,8 +21,9 @@ show what was sent.
 - waiting: requests (past their input checks) waiting for their turn, behind the running one.
 - ahead: with `/progress?job=TOKEN` while that request waits, how many of the waiting ones came before it (the
   running one not counted); absent otherwise. The page shows it as its place in the line.
-- job: the running request's `X-Img2vid-Job` header (any short token the client picks; null without one), so a
-  client can tell its own generation from one it is queued behind.
+- job: the running request's `X-Img2vid-Job` header (any short token the client picks) when `?job=` names that
+  token, so a client can tell its own generation from one it is queued behind; null otherwise (other clients'
+  tokens are not shown).
 - stage, done, total: "denoise" finished steps/steps (0 from the segment's start), then "decode" chunks, per
   segment; "export" with total 0 (not counted) while the video file is written. These fields are
   absent for the few milliseconds between a request's turn and its first report.

@@ -186,10 +186,14 @@ class Server(ThreadingHTTPServer):
                 del self._per_client[client]  # the counter holds only clients with open connections
 
     def progress(self, job: str | None = None) -> dict[str, Any]:
-        """/progress's JSON object (module docstring); job: a waiting request's token, whose place it adds."""
+        """/progress's JSON object (module docstring); job: the asking client's token, whose place in the queue it
+        adds. The running request's token is shown only to a client that asks with it: another client's token is
+        not everyone's to read (the page tells its own generation from another's by it)."""
         with self._state_lock:
             report = {**self._state, "waiting": len(self._queue)}
             ahead = next((i for i, ticket in enumerate(self._queue) if job and ticket.job == job), None)
+        if "job" in report and (job is None or report["job"] != job):
+            report["job"] = None
         return report if ahead is None else {**report, "ahead": ahead}
 
     def run_generation(
