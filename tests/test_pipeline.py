@@ -635,6 +635,24 @@ def test_output_indexes_as_diffusers_base_output():
     assert out["frames"] == "x" and out.to_tuple() == ("x",)
 
 
+def test_diffusers_attention_switches_are_accepted_and_change_nothing(reference_pipelines):
+    """diffusers' recipes call enable_attention_slicing / xformers; for SVD slicing is a no-op there (no model of it
+    has set_attention_slice: checked on the reference here), and here both leave the frames bit-identical."""
+    ref = reference_pipelines["a"]
+    assert not any(hasattr(m, "set_attention_slice") for m in (ref.unet, ref.vae, ref.image_encoder))
+    pipe = Pipeline.from_config("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(height=64, width=64, num_frames=2, num_inference_steps=2, output_type="pt")
+    before = pipe(make_image(64, 64), generator=torch.manual_seed(3), **kw).frames
+    pipe.enable_attention_slicing()
+    pipe.enable_attention_slicing(1)
+    pipe.enable_xformers_memory_efficient_attention()
+    after = pipe(make_image(64, 64), generator=torch.manual_seed(3), **kw).frames
+    pipe.disable_attention_slicing()
+    pipe.disable_xformers_memory_efficient_attention()
+    assert torch.equal(before, after)
+
+
 def test_nan_weights_are_an_error_not_black_frames(tmp_path):
     """A checkpoint with NaN weights (or a float16 overflow) gives NaN frames, which diffusers casts to black ones
     silently: one error that names the likely causes; the CLI says it in one line, exit code 2, writes nothing."""

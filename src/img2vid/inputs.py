@@ -172,6 +172,21 @@ class DiffusersAttributes:
             raise InputError("progress_bar needs an iterable or a total")
         return tqdm(iterable, total=total, **self._progress_bar_config)
 
+    # diffusers' attention switches, so its recipes run unchanged. Slicing is a no-op in diffusers for this pipeline
+    # too (none of SVD's models has set_attention_slice there); xFormers would replace attention kernels that here
+    # are PyTorch's fused memory-efficient ones or img2vid's, whose memory does not grow with the attention matrix.
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Accepted; changes nothing, as in diffusers for SVD."""
+
+    def disable_attention_slicing(self) -> None:
+        """Accepted; changes nothing, as in diffusers for SVD."""
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        """Accepted; changes nothing: attention already runs in memory-efficient fused kernels (no xFormers)."""
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """Accepted; changes nothing."""
+
     def _progress(self, progress: ProgressFn | None) -> ProgressFn:
         """The call's progress function: the caller's, else tqdm bars with the set options, else nothing."""
         if progress is not None:
