@@ -632,7 +632,7 @@ def test_preset_from_file_name(tmp_path):
     names = {"svd_xt_1_1": "svd-xt-1.1", "svd_xt": "svd-xt", "svd": "svd", "model": None}
     names |= {"stable-video-diffusion-img2vid-xt-1-1": "svd-xt-1.1", "svd_xt_image_decoder": "svd-xt"}
     for name, want in names.items():
-        assert ck._preset_from_name(name) == want, name
+        assert ck.preset_from_name(name) == want, name
     # With no config stored, a single file gets the preset its name says and the VAE decoder its keys say.
     for name, want, temporal in [("svd_image_decoder", "svd", False), ("svd_xt_1_1", "svd-xt-1.1", True)]:
         config = with_decoder(TINY, temporal)

@@ -797,3 +797,34 @@ def test_generate_with_a_unet_of_its_own(models, images, tmp_path, capsys):
         "--unet nowhere/unet: no such folder or file (a hub model must be downloaded first)"
     )
     assert "Traceback" not in err and not (tmp_path / "x.mp4").exists()
+
+
+def test_info_describes_one_component_alone(models, tmp_path, capsys):
+    """A UNet alone (sgm names, as ComfyUI saves one; a diffusers unet folder or its file): `info` checks that
+    component only and says whether it loads as --unet, instead of listing the absent VAE and encoder as missing."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(models["single_file"], "pt") as f:
+        unet = {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.diffusion_model.")}
+        meta = f.metadata()
+    save_file(unet, tmp_path / "tiny_unet.safetensors", metadata=meta)  # our config in the metadata: tiny
+    save_file(unet, tmp_path / "svd_xt_unet.safetensors")  # no config: svd-xt's, from the name; tiny does not fit
+    cases = {
+        tmp_path / "tiny_unet.safetensors": "usable as a component: yes, the unet: --unet PATH or unet=PATH",
+        models["folder"] / "unet": "usable as a component: yes, the unet: --unet PATH or unet=PATH",
+        models["folder"] / "vae": "usable as a component: yes, the vae: --vae PATH or vae=PATH",
+        models["folder"]
+        / "image_encoder": "usable as a component: yes, the image_encoder: image_encoder=PATH (Python)",
+        tmp_path / "svd_xt_unet.safetensors": "usable as a component: no",
+    }
+    for path, verdict in cases.items():
+        assert main(["info", str(path)]) == 0
+        lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+        assert lines[-1] == verdict and "usable as a pipeline: no" in lines, (path, lines)
+        assert not any(line.startswith(("vae missing", "image_encoder missing")) for line in lines), lines
+    assert main(["info", str(tmp_path / "svd_xt_unet.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "config: svd-xt" in out and "unet wrong shape" in out
+    pipe = Pipeline.from_pretrained(models["folder"], unet=tmp_path / "tiny_unet.safetensors")  # as info said
+    assert torch.equal(pipe.unet.conv_in.weight, Pipeline.from_pretrained(models["folder"]).unet.conv_in.weight)

@@ -183,7 +183,7 @@ def check_components(
 
 
 # ---- diffusers folders ----------------------------------------------------------------------------------------------
-def _preset_from_name(text: str) -> str | None:
+def preset_from_name(text: str) -> str | None:
     """svd_xt_1_1 -> "svd-xt-1.1", svd_xt -> "svd-xt", svd -> "svd" (also the hub's stable-video-diffusion-img2vid*)."""
     s = re.sub(r"[-. ]", "_", text.lower())
     if re.search(r"(svd|img2vid)_xt_1_1", s):
@@ -216,7 +216,7 @@ def read_pipeline_config(folder: Path) -> PipelineConfig:
         if not isinstance(ours, dict):
             raise ValueError(f"model_index.json: _img2vid is not an object: {ours!r}")
         # The model's name and call defaults (fps) are not in diffusers' configs: ours, else guess from the folder.
-        name = _preset_from_name(" ".join(folder.parts[-3:]))
+        name = preset_from_name(" ".join(folder.parts[-3:]))
         base = configs.preset(name or "svd-xt")
         config = PipelineConfig(
             name=ours.get("name", name or folder.name),
@@ -272,19 +272,22 @@ def load_folder(
 
 # ---- single files (sgm layout) -------------------------------------------------------------------------------------
 def single_file_config(
-    path: Path, metadata: dict[str, str], config: PipelineConfig | None, variant: str
+    path: Path, metadata: dict[str, str], config: PipelineConfig | None, variant: str | None
 ) -> tuple[PipelineConfig, str]:
     """The explicit config, else ours from the metadata, else a preset picked from the file name. The kind of VAE
-    decoder is the file's (svd_xt vs svd_xt_image_decoder share everything else), except that ours must agree."""
+    decoder is the file's (svd_xt vs svd_xt_image_decoder share everything else), except that ours must agree;
+    variant None (no VAE in the file) leaves the config's."""
     temporal = variant == "temporal"
     stored = stored_config(path, metadata) if config is None else None
     if stored is not None:
         config = stored
-        if config.vae.temporal_decoder != temporal:
+        if variant is not None and config.vae.temporal_decoder != temporal:
             raise CheckpointError(f"{path}: its stored config and its VAE decoder tensors disagree (temporal or not)")
         return config, "metadata"
     source = "given" if config is not None else "file name"
-    config = config or configs.preset(_preset_from_name(path.stem) or "svd-xt")
+    config = config or configs.preset(preset_from_name(path.stem) or "svd-xt")
+    if variant is None:
+        return config, source
     return configs.replace(config, vae=configs.replace(config.vae, temporal_decoder=temporal)), source
 
 

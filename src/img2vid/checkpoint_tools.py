@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 
+from img2vid import configs
 from img2vid.checkpoint import (
     drop_buffers,
     expected_shapes,
     load_folder,
     load_single_file,
     mismatch,
+    preset_from_name,
     read_pipeline_config,
     save_folder,
     save_single_file,
@@ -34,6 +36,7 @@ from img2vid.checkpoint_io import (
     shard_files,
     weight_variants,
 )
+from img2vid.components import FILE_COMPONENT, component_folder_file, folder_config, with_component
 from img2vid.sgm_keys import COMPONENTS, CheckpointError, detect_format, detect_sgm_variant, split_sgm
 from img2vid.video import file_in_the_way
 
@@ -156,6 +159,8 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
     weights, as loading picks; "none": the plain weights, as `generate --variant none` loads (`folder_variant`)."""
     path = Path(path)
     info: dict[str, Any] = {"path": str(path)}
+    if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
+        return _component_folder_info(path, info, variant, allow_pickle)
     if path.is_dir():
         config = read_pipeline_config(path)
         found = {c: weight_variants(path, c) for c in COMPONENTS}  # (plain weights?, variants) per component
@@ -171,18 +176,64 @@ def checkpoint_info(path: Path, variant: str | None = None, allow_pickle: bool =
         header, metadata = read_header(path, allow_pickle)
         info["format"] = detect_format(header)
         if info["format"] != "sgm":
-            kind = {"diffusers-unet": "unet", "diffusers-vae": "vae", "transformers-clip": "image_encoder"}
-            c = kind.get(info["format"])
-            info["components"] = {c or "unknown": _summary(header, None)}
-            info["ok"] = False  # not a whole pipeline
-            return info
+            return _component_file_info(path, header, info)
         sgm_variant = detect_sgm_variant(header)
         config, source = single_file_config(path, metadata, None, sgm_variant)
         comps, unknown, skipped = split_sgm(header, config)
+        present = [c for c in COMPONENTS if comps[c]]
+        if len(present) == 1:  # one component alone (a UNet as ComfyUI and trainers save it): only it is checked
+            c = present[0]
+            info.update(config=config.name, config_source=source, skipped_unused=skipped, unknown=unknown)
+            info["components"] = {c: _summary(comps[c], expected_shapes(c, config, f"{path}: "))}
+            info["ok"] = False
+            info["usable_as"] = c if not _problems(info) else None
+            return info
         info.update(variant=sgm_variant, config=config.name, config_source=source)
         info.update(skipped_unused=skipped, unknown=unknown)
     info["components"] = {c: _summary(comps[c], expected_shapes(c, config, f"{path}: ")) for c in COMPONENTS}
-    keys = ("missing", "unexpected", "wrong_shape", "wrong_dtype")
-    problems = [s[k] for s in info["components"].values() for k in keys]
-    info["ok"] = not any(problems) and not info.get("unknown")
+    info["ok"] = not _problems(info)
     return info
+
+
+def _problems(info: dict[str, Any]) -> bool:
+    keys = ("missing", "unexpected", "wrong_shape", "wrong_dtype")
+    return any(s.get(k) for s in info["components"].values() for k in keys) or bool(info.get("unknown"))
+
+
+def _component_file_info(path: Path, header: StateDict, info: dict[str, Any]) -> dict[str, Any]:
+    """One component's file in diffusers' / transformers' names, checked against the config.json beside it (a
+    component folder's file) or else the preset its name suggests (svd-xt by default), as --unet reads it."""
+    c = FILE_COMPONENT.get(info["format"])
+    if c is None:
+        info["components"], info["ok"] = {"unknown": _summary(header, None)}, False
+        return info
+    config, source = configs.preset(preset_from_name(path.stem) or "svd-xt"), "file name"
+    if (path.parent / "config.json").is_file():
+        config, source = with_component(config, c, folder_config(path.parent, c), check=False), "folder"
+    elif c == "vae":  # the decoder kind from the tensors: the temporal decoder's have time mixers
+        temporal = any(".time_mixer." in k for k in header)
+        config = configs.replace(config, vae=configs.replace(config.vae, temporal_decoder=temporal))
+    if source == "file name":
+        info.update(config=config.name, config_source=source)
+    else:
+        info.update(config_source=str(path.parent / "config.json"))
+    info["components"] = {c: _summary(drop_buffers(header, c), expected_shapes(c, config, f"{path}: "))}
+    info["ok"] = False  # not a whole pipeline
+    info["usable_as"] = c if not _problems(info) else None
+    return info
+
+
+def _component_folder_info(path: Path, info: dict[str, Any], variant: str | None, allow_pickle: bool) -> dict[str, Any]:
+    """A component folder (`unet.save_pretrained(dir)`): its weights file, described as `_component_file_info`."""
+    file = None
+    for c in COMPONENTS:  # which component: the weights file's name (model.* is the image encoder's)
+        try:
+            file = component_folder_file(path, c, variant if variant != "none" else None, allow_pickle)
+            break
+        except CheckpointError:
+            continue
+    if file is None:
+        raise CheckpointError(f"{path}: a config.json but no weights file of a diffusers component")
+    header = read_header(file, allow_pickle)[0]
+    info.update(format=detect_format(header), weights=str(file))
+    return _component_file_info(file, header, info)

@@ -93,6 +93,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         elif names:  # thousands for a wrong file: the count and the first few are what a reader can use
             print(f"  {label} ({len(names)}): {', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''}")
     print(f"  usable as a pipeline: {'yes' if info.get('ok') else 'no'}")
+    if "usable_as" in info:  # one component alone: given beside a model (`generate --unet`, `unet=`)
+        c = info["usable_as"]
+        how = f"--{c} PATH or {c}=PATH" if c in ("unet", "vae") else f"{c}=PATH (Python)"
+        print(f"  usable as a component: {f'yes, the {c}: {how}' if c else 'no'}")
     return 0
 
 

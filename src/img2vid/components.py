@@ -57,6 +57,7 @@ from img2vid.sgm_keys import (
 Source = nn.Module | str | os.PathLike
 # The single-file kinds (sgm_keys.detect_format) that hold one component in diffusers' / transformers' names
 FILE_KIND = {"unet": "diffusers-unet", "vae": "diffusers-vae", "image_encoder": "transformers-clip"}
+FILE_COMPONENT = {kind: c for c, kind in FILE_KIND.items()}
 CLASS_NAME = {"unet": "UNet", "vae": "VAE", "image_encoder": "ImageEncoder"}
 
 
@@ -75,7 +76,7 @@ def check_sources(sources: dict[str, Source | None]) -> dict[str, Source]:
     return given
 
 
-def with_component(config: PipelineConfig, component: str, part: Any) -> PipelineConfig:
+def with_component(config: PipelineConfig, component: str, part: Any, check: bool = True) -> PipelineConfig:
     """The pipeline config with one component's config replaced, checked as a whole (a UNet whose cross-attention
     width is not the image encoder's would fail at the first step). An image encoder keeps the pipeline's
     preprocessing (mean and std are the feature extractor's, which stays)."""
@@ -85,13 +86,14 @@ def with_component(config: PipelineConfig, component: str, part: Any) -> Pipelin
         )
     new = configs.replace(config, **{component: part})
     try:
-        configs.check_pipeline(new)
+        if check:
+            configs.check_pipeline(new)
     except ValueError as e:
         raise CheckpointError(f"the {component} given does not fit this pipeline: {e}") from None
     return new
 
 
-def _folder_config(folder: Path, component: str) -> Any:
+def folder_config(folder: Path, component: str) -> Any:
     """A component folder's config.json, as the pipeline folder's loader reads it."""
     data = configs.read_json(folder / "config.json")
     try:
@@ -107,7 +109,7 @@ def _folder_config(folder: Path, component: str) -> Any:
     return part
 
 
-def _component_folder_file(folder: Path, component: str, variant: str | None, allow_pickle: bool) -> Path:
+def component_folder_file(folder: Path, component: str, variant: str | None, allow_pickle: bool) -> Path:
     """The weights file of a component folder (`unet.save_pretrained(folder)`), in the variant asked if it has it."""
     folder = folder.resolve()  # "." has no name to read it by
     check_variant(variant)
@@ -162,8 +164,8 @@ def load_source(
             part = getattr(read_pipeline_config(path), component)
             file = component_file(path, component, component_variants(path, variant)[component], allow_pickle)
         elif (path / "config.json").is_file():
-            part = _folder_config(path, component)
-            file = _component_folder_file(path, component, variant, allow_pickle)
+            part = folder_config(path, component)
+            file = component_folder_file(path, component, variant, allow_pickle)
         else:
             raise CheckpointError(f"{path} has neither model_index.json nor config.json: not a diffusers folder")
         sd = drop_buffers(read_state_dict(file, device, dtype, allow_pickle), component)
@@ -179,7 +181,7 @@ def load_source(
                 f"{path} is a checkpoint of the {kind} kind, not a {component} ({FILE_KIND[component]})"
             )
         # a file inside a component folder takes that folder's config; a bare file, the pipeline's
-        part = _folder_config(path.parent, component) if (path.parent / "config.json").is_file() else None
+        part = folder_config(path.parent, component) if (path.parent / "config.json").is_file() else None
         part = part if part is not None else getattr(config, component)
         sd = drop_buffers(read_state_dict(path, device, dtype, allow_pickle), component)
         where = f"{path.name}: "

@@ -414,6 +414,10 @@ def detect_format(keys: Iterable[str]) -> str:
     return "unknown"
 
 
-def detect_sgm_variant(keys: Iterable[str]) -> str:
-    """ "temporal" (svd, svd_xt, svd_xt_1_1: video VAE decoder) or "image_decoder" (svd*_image_decoder: 2D decoder)."""
-    return "temporal" if "first_stage_model.decoder.mid.block_1.mix_factor" in set(keys) else "image_decoder"
+def detect_sgm_variant(keys: Iterable[str]) -> str | None:
+    """ "temporal" (svd, svd_xt, svd_xt_1_1: video VAE decoder) or "image_decoder" (svd*_image_decoder: 2D decoder);
+    None for a file without VAE tensors (a UNet alone), which says nothing of the decoder."""
+    ks = set(keys)
+    if not any(k.startswith(SGM_PREFIX["vae"]) for k in ks):
+        return None
+    return "temporal" if "first_stage_model.decoder.mid.block_1.mix_factor" in ks else "image_decoder"
