@@ -113,6 +113,9 @@ def test_variant_of_a_component_folder(tiny_model_dir, finetuned, tmp_path):
     save_file(halved, str(ft16 / "diffusion_pytorch_model.fp16.safetensors"))
     pipe = Pipeline.from_pretrained(tiny_model_dir, variant="fp16", unet=ft16)
     assert_same_weights(pipe.unet, {k: t.float() for k, t in halved.items()})
+    # a pipeline folder without the variant: its plain weights too
+    plain = Pipeline.from_pretrained(tiny_model_dir, variant="fp16", unet=finetuned / "ft-pipe")
+    assert_same_weights(plain.unet, unet_weights(finetuned / "ft-unet"))
 
 
 def test_sources_that_do_not_fit_are_refused(tiny_model_dir, tiny_model_dirs, tmp_path):
@@ -132,6 +135,11 @@ def test_sources_that_do_not_fit_are_refused(tiny_model_dir, tiny_model_dirs, tm
         Pipeline.from_pretrained(tiny_model_dir, unet=tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="neither model_index.json nor config.json"):
         Pipeline.from_pretrained(tiny_model_dir, unet=tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir / "unet", broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"^\S*broken/config.json: not valid JSON"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=broken)
     ref = UNetSpatioTemporalConditionModel.from_pretrained(tiny_model_dir / "unet")
     with pytest.raises(InputError, match="img2vid's UNet or the path.*not a UNetSpatioTemporalConditionModel"):
         Pipeline.from_pretrained(tiny_model_dir, unet=ref)

@@ -35,7 +35,6 @@ from img2vid.checkpoint_io import (
     StateDict,
     check_variant,
     component_file,
-    component_variants,
     read_header,
     read_safetensors,
     read_state_dict,
@@ -95,7 +94,10 @@ def with_component(config: PipelineConfig, component: str, part: Any, check: boo
 
 def folder_config(folder: Path, component: str) -> Any:
     """A component folder's config.json, as the pipeline folder's loader reads it."""
-    data = configs.read_json(folder / "config.json")
+    try:
+        data = configs.read_json(folder / "config.json")
+    except ValueError as e:  # its message names the file
+        raise CheckpointError(str(e)) from None
     try:
         if component == "unet":
             part = configs.unet_from_diffusers(data)
@@ -162,7 +164,7 @@ def load_source(
     if path.is_dir():
         if (path / "model_index.json").is_file():  # a whole pipeline folder: its component
             part = getattr(read_pipeline_config(path), component)
-            file = component_file(path, component, component_variants(path, variant)[component], allow_pickle)
+            file = component_folder_file(path / component, component, variant, allow_pickle)
         elif (path / "config.json").is_file():
             part = folder_config(path, component)
             file = component_folder_file(path, component, variant, allow_pickle)
