@@ -284,7 +284,7 @@ def unet_part() -> None:
 
     @torch.no_grad()
     def step() -> torch.Tensor:
-        return unet(x, t, emb, ids)
+        return unet(x, t, emb, ids, return_dict=False)[0]
 
     base = 0
     if DEV.type == "cuda":

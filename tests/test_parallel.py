@@ -391,8 +391,8 @@ def test_a_unet_compiled_diffusers_style_runs_its_halves_without_these_graphs(mo
             super().__init__()
             self._orig_mod = module
 
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return self._orig_mod(*args)
+        def forward(self, *args: torch.Tensor, return_dict: bool = True) -> object:
+            return self._orig_mod(*args, return_dict=return_dict)
 
     captures = fake_captures(monkeypatch)
     split = tiny(split=True)

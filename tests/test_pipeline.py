@@ -540,8 +540,14 @@ def test_loaded_modules_match_reference_modules(reference_pipelines, pipes, shap
     ctx = torch.randn(2, 1, c.unet.cross_attention_dim[0], generator=g)
     ids = torch.tensor([[6.0, 127.0, 0.02], [11.0, 30.0, 0.5]])
     with torch.no_grad():
+        # the UNet is called as diffusers' is, in its own pipeline and in custom loops (the same code on both)
+        for unet in (ref.unet, ours.unet):
+            got = unet(x, t, encoder_hidden_states=ctx, added_time_ids=ids, return_dict=False)[0]
+            assert torch.equal(unet(x, t, encoder_hidden_states=ctx, added_time_ids=ids).sample, got)
+            one = unet(x[:1], 0.3, encoder_hidden_states=ctx[:1], added_time_ids=ids[:1]).sample  # a number as t
+            assert rel_err(one, got[:1]) < 1e-6
         want = ref.unet(x, t, encoder_hidden_states=ctx, added_time_ids=ids, return_dict=False)[0]
-        assert rel_err(ours.unet(x, t, ctx, ids), want) < 1e-4
+        assert rel_err(ours.unet(x, t, ctx, ids).sample, want) < 1e-4
         img = torch.rand(2, 3, H, W, generator=g) * 2 - 1
         assert rel_err(ours.vae.encode(img), ref.vae.encode(img).latent_dist.mode()) < 1e-4
         z = torch.randn(6, 4, 8, 12, generator=g)  # two videos x 3 frames

@@ -101,7 +101,7 @@ def test_parity_with_diffusers(cfg: dict[str, Any], frames: int, h: int, w: int,
         timestep = timestep[0]
     with torch.no_grad():
         expected = ref(sample, timestep, context, ids).sample
-        got = ours(sample, timestep, context, ids)
+        got = ours(sample, timestep, context, ids).sample
     assert got.shape == (2, frames, 4, h, w)
     assert _rel(got, expected) < 1e-4
 
@@ -128,12 +128,12 @@ def test_forward_chunking_changes_nothing(model_a: tuple[torch.nn.Module, UNet])
     _, ours = model_a
     inputs = _inputs(2, 3, 8, 8, 1, 32, seed=3)
     with torch.no_grad():
-        base = ours(*inputs)
+        base = ours(*inputs).sample
         for chunk, dim in [(None, 0), (1, 1), (5, 1), (4, 0)]:  # 5 and 4 leave remainder slices
             ours.enable_forward_chunking(chunk, dim)
-            assert _rel(ours(*inputs), base) < 1e-6
+            assert _rel(ours(*inputs).sample, base) < 1e-6
         ours.disable_forward_chunking()
-        assert torch.equal(ours(*inputs), base)
+        assert torch.equal(ours(*inputs).sample, base)
     with pytest.raises(ValueError):
         ours.enable_forward_chunking(2, dim=2)
 
@@ -151,10 +151,10 @@ def test_eager_feed_forward_slicing_changes_nothing(
     orig = blocks.GEGLU.forward
     monkeypatch.setattr(blocks.GEGLU, "forward", lambda self, x: calls.append(len(x)) or orig(self, x))
     with torch.no_grad():
-        base = ours(*inputs)
+        base = ours(*inputs).sample
         whole = len(calls)
         monkeypatch.setattr(blocks, "FF_SLICE_ELEMENTS", 5 * 32 * 8 * 7)  # 7 rows of 5 tokens x 32 channels
-        sliced = ours(*inputs)
+        sliced = ours(*inputs).sample
     assert len(calls) > 2 * whole  # every feed-forward really ran in several slices
     assert _rel(sliced, base) < 1e-6
 
@@ -167,8 +167,8 @@ def test_channels_last_gives_same_numbers(model_a: tuple[torch.nn.Module, UNet])
     cl = cl.to_channels_last()
     assert cl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        got = cl(*inputs)
-        assert _rel(got, ours(*inputs)) < 1e-5
+        got = cl(*inputs).sample
+        assert _rel(got, ours(*inputs).sample) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -182,7 +182,7 @@ def test_half_precision_matches_reference_rounding(model_a: tuple[torch.nn.Modul
     with torch.no_grad():
         full = ref(sample, timestep, context, ids).sample
         half_inputs = (sample.to(dtype), timestep, context.to(dtype), ids.to(dtype))
-        got = half(*half_inputs)
+        got = half(*half_inputs).sample
         expected = ref_half(*half_inputs).sample
     assert got.dtype == dtype
     assert torch.isfinite(got).all()
@@ -256,8 +256,8 @@ def test_compiles_fullgraph_on_cpu() -> None:
     inputs = _inputs(1, 2, 8, 8, 1, 32, seed=6)
     compiled = torch.compile(ours, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        expected = ours(*inputs)
-        got = compiled(*inputs)
+        expected = ours(*inputs).sample
+        got = compiled(*inputs).sample
     assert _rel(got, expected) < 1e-4
 
 
@@ -321,8 +321,8 @@ def test_streamed_weights_are_read_inside_their_units(
     emb = torch.randn(2, 1, cfg.cross_attention_dim[0])
     ids = torch.tensor([[6.0, 127.0, 0.02]] * 2)
     with torch.no_grad():
-        expected = plain(x, torch.tensor(0.5), emb, ids)
-        out = unet(x, torch.tensor(0.5), emb, ids)
+        expected = plain(x, torch.tensor(0.5), emb, ids).sample
+        out = unet(x, torch.tensor(0.5), emb, ids).sample
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 

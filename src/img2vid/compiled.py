@@ -58,7 +58,7 @@ def velocity(
 ) -> torch.Tensor:
     """The UNet's prediction for scaled latents x (N, F, 4, h, w) beside their image latents: the UNet reads both
     as (N, F, 8, h, w) and returns (N, F, 4, h, w)."""
-    return unet(torch.cat([x, image_latents], dim=2), t, emb, ids)
+    return unet(torch.cat([x, image_latents], dim=2), t, emb, ids, return_dict=False)[0]
 
 
 def _guidance_halves(

@@ -140,6 +140,23 @@ class UpBlock(nn.Module):
         return x
 
 
+class UNetOutput(dict):
+    """diffusers' UNetSpatioTemporalConditionOutput: the prediction as out.sample, out["sample"] or out[0]."""
+
+    def __init__(self, sample: Tensor) -> None:
+        super().__init__(sample=sample)
+
+    @property
+    def sample(self) -> Tensor:
+        return dict.__getitem__(self, "sample")
+
+    def to_tuple(self) -> tuple[Tensor]:
+        return (self.sample,)
+
+    def __getitem__(self, key: int | slice | str) -> Tensor | tuple[Tensor, ...]:
+        return dict.__getitem__(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
 class UNet(Placed):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -215,13 +232,26 @@ class UNet(Placed):
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     def forward(
-        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added_time_ids: Tensor
-    ) -> Tensor:
-        """sample: (B, F, in_channels, h, w); timestep: () or (B,) c_noise; encoder_hidden_states: (B, S, D) (S = 1
-        for SVD's CLIP embedding); added_time_ids: (B, 3). Returns (B, F, out_channels, h, w).
+        self,
+        sample: Tensor,
+        timestep: Tensor | float,
+        encoder_hidden_states: Tensor,
+        added_time_ids: Tensor,
+        return_dict: bool = True,
+    ) -> UNetOutput | tuple[Tensor]:
+        """sample: (B, F, in_channels, h, w); timestep: a number, () or (B,) c_noise; encoder_hidden_states: (B, S,
+        D) (S = 1 for SVD's CLIP embedding); added_time_ids: (B, 3). The (B, F, out_channels, h, w) prediction, as
+        diffusers' model returns it: `.sample` of a UNetOutput, or `(sample,)` with return_dict=False, so its
+        custom denoising loops run unchanged.
 
         The frame count comes from `sample`, not from the config.
         """
+        x = self._predict(sample, torch.as_tensor(timestep), encoder_hidden_states, added_time_ids)
+        return UNetOutput(x) if return_dict else (x,)
+
+    def _predict(
+        self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added_time_ids: Tensor
+    ) -> Tensor:
         b, f = sample.shape[:2]
         cfg = self.config
         if encoder_hidden_states.shape[0] != b:  # one context per video, not per frame (diffusers repeats it itself)
