@@ -807,6 +807,9 @@ def test_hub_patterns_take_sharded_weights():
     assert fp16 == ["model_index.json", "unet/config.json", *files[5:7], *mixed[-2:]]
     # a variant no component has: no weights at all (loading then names what is missing), not every plain file
     assert not any("pytorch_model" in p for p in filter_repo_objects(mixed, allow_patterns=hub_patterns("fp32", mixed)))
+    # a UNet given from elsewhere (from_pretrained(unet=...)): its config comes, its weights do not
+    fp16 = list(filter_repo_objects(mixed, allow_patterns=hub_patterns("fp16", mixed, skip=("unet",))))
+    assert fp16 == ["model_index.json", "unet/config.json", *mixed[-2:]]
 
 
 def test_hub_download_asks_for_each_component_s_own_variant(monkeypatch, tmp_path):
@@ -848,6 +851,11 @@ def test_hub_download_asks_for_each_component_s_own_variant(monkeypatch, tmp_pat
     monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
     resolve_pretrained("someone/svd", variant="fp16")
     assert f"{vae}.fp16.safetensors" in asked[-1]["patterns"]
+    resolve_pretrained("someone/svd", variant="fp16", skip=("unet",))  # as from_pretrained(unet=...) asks
+    assert (
+        not any(p.startswith("unet/diffusion") for p in asked[-1]["patterns"])
+        and "unet/config.json" in asked[-1]["patterns"]
+    )
 
     def no_revision(repo_id, allow_patterns, **where):
         error = RevisionNotFoundError.__new__(RevisionNotFoundError)  # its __init__ wants an HTTP response

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 from img2vid.checkpoint_io import PICKLE_SUFFIXES, WEIGHTS_NAME
@@ -23,18 +24,20 @@ def _weight_patterns(component: str, variant: str | None) -> tuple[str, ...]:
     )
 
 
-def hub_patterns(variant: str | None = None, files: list[str] | None = None) -> list[str]:
+def hub_patterns(variant: str | None = None, files: list[str] | None = None, skip: Collection[str] = ()) -> list[str]:
     """What the pipeline needs from a hub repo: configs and one variant's safetensors (repos also hold .bin files,
     other variants and the original single files). Given the repo's file list, a component that lacks the variant
     takes its plain weights, as loading does (checkpoint_io.component_variants) and diffusers does; if none has it
-    (a mistyped variant), no weights match and loading then names what is missing, with nothing large downloaded."""
+    (a mistyped variant), no weights match and loading then names what is missing, with nothing large downloaded.
+    skip: components given from elsewhere (`from_pretrained(unet=...)`), whose weights are not downloaded (their
+    config is: the pipeline's config is read whole), as diffusers skips a passed component's folder."""
     has = {
         c: files is None or any(fnmatch.fnmatchcase(f, p) for p in _weight_patterns(c, variant) for f in files)
         for c in COMPONENTS
     }
     if not any(has.values()):
         has = dict.fromkeys(COMPONENTS, True)
-    weights = [p for c in COMPONENTS for p in _weight_patterns(c, variant if has[c] else None)]
+    weights = [p for c in COMPONENTS if c not in skip for p in _weight_patterns(c, variant if has[c] else None)]
     config_files = [f"{c}/config.json" for c in COMPONENTS]
     return ["model_index.json", *config_files, *weights, "scheduler/*.json", "feature_extractor/*.json"]
 
@@ -61,10 +64,11 @@ def resolve_pretrained(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     force_download: bool = False,
+    skip: Collection[str] = (),
 ) -> Path:
     """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache.
     revision (a branch, tag or commit), cache_dir, token and force_download mean what they mean to diffusers and
-    huggingface_hub (token None: the saved login or HF_TOKEN; SVD's repos are gated)."""
+    huggingface_hub (token None: the saved login or HF_TOKEN; SVD's repos are gated); skip: see hub_patterns."""
     from img2vid.images import user_path  # lazily: images reads Pillow, which loading a model does not need
 
     path = user_path(path_or_id)
@@ -88,7 +92,7 @@ def resolve_pretrained(
     try:
         # a variant: which components have it (one listing call); without, every component is plain
         files = _repo_files(path_or_id, revision, token) if variant and not local_files_only else None
-        patterns = hub_patterns(variant, files)
+        patterns = hub_patterns(variant, files, skip)
         where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         where.update(force_download=force_download)
         return Path(snapshot_download(path_or_id, allow_patterns=patterns, **where))

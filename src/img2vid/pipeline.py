@@ -158,7 +158,7 @@ class Pipeline(DiffusersAttributes, RunModes):
             return cls.from_single_file(
                 path, torch_dtype=dtype, device=dev, allow_pickle=allow_pickle, variant=variant, **given
             )
-        hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download)
+        hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download, skip=given)
         folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only, **hub)
         config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle, skip=given)
         config, modules = components.resolve(given, config, dev, dtype, variant, allow_pickle)
