@@ -102,6 +102,23 @@ def test_a_given_component_is_not_read_from_the_base(tiny_model_dir, finetuned, 
     assert_same_weights(pipe.unet, unet_weights(finetuned / "ft-unet"))
 
 
+def test_a_given_component_is_not_downloaded(tiny_model_dir, finetuned, monkeypatch):
+    """With a hub id, the given UNet's weights are not asked of the hub (gigabytes for SVD-XT's); its config is."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot(repo_id, allow_patterns, **where):
+        asked.append(allow_patterns)
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    pipe = Pipeline.from_pretrained("someone/svd", unet=finetuned / "ft-unet")
+    assert_same_weights(pipe.unet, unet_weights(finetuned / "ft-unet"))
+    assert "unet/config.json" in asked[0] and not any(p.startswith("unet/diffusion") for p in asked[0])
+    assert any(p.startswith("vae/diffusion") for p in asked[0])
+
+
 def test_variant_of_a_component_folder(tiny_model_dir, finetuned, tmp_path):
     """The variant asked for is read where the component folder has it, its plain weights where it has not (as
     diffusers does for a pipeline folder's components)."""
