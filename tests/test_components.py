@@ -82,6 +82,8 @@ def test_every_kind_of_source_gives_the_same_unet(tiny_model_dir, finetuned, tmp
     for source in sources:
         pipe = Pipeline.from_pretrained(tiny_model_dir, unet=source)
         assert_same_weights(pipe.unet, expected)
+    wrapped = Pipeline.from_pretrained(tiny_model_dir, unet=torch.compile(whole.unet))  # the module it wraps
+    assert wrapped.unet is whole.unet
     module = Pipeline.from_pretrained(tiny_model_dir, unet=whole.unet, torch_dtype=torch.float16)
     assert module.unet is whole.unet and whole.unet.dtype == torch.float16  # moved and cast, as pipe.to would
     assert module.vae.dtype == torch.float16

@@ -62,7 +62,8 @@ CLASS_NAME = {"unet": "UNet", "vae": "VAE", "image_encoder": "ImageEncoder"}
 
 def check_sources(sources: dict[str, Source | None]) -> dict[str, Source]:
     """The components given (not None), each of a type this module takes, before anything is read."""
-    given = {c: s for c, s in sources.items() if s is not None}
+    # a torch.compile wrapper (pipe.unet = torch.compile(pipe.unet)) gives the module it wraps
+    given = {c: getattr(s, "_orig_mod", s) for c, s in sources.items() if s is not None}
     for c, s in given.items():
         cls = model_class(c)
         if isinstance(s, nn.Module) and not isinstance(s, cls):
