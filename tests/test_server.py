@@ -473,6 +473,29 @@ def test_generate_reports_progress(pipe, monkeypatch, segments, frames, steps, c
     assert reports == expected_reports(steps, chunks, segments)
 
 
+def test_generate_passes_every_parameter_to_the_pipeline(pipe, monkeypatch):
+    """The frames a request encodes are the library call's with the request's fps, motion bucket, noise
+    augmentation, guidance and steps (a parameter dropped on the way, e.g. noise_aug_strength left at its default,
+    changed no reply but the video)."""
+    import torch
+
+    import img2vid.video
+
+    encoded = []
+    monkeypatch.setattr(img2vid.video, "export_video", lambda video, path, **kw: encoded.append(video) or path)
+    query = {**SMALL, "seed": 9, "fps": 11, "motion_bucket_id": 40, "noise_aug_strength": 0.3}
+    query.update(min_guidance=1.5, max_guidance=2.5, resize="stretch")
+    image = make_image(56, 40, seed=0)
+    with pytest.raises(FileNotFoundError):  # the stand-in writes nothing: the frames are what it kept
+        generate(pipe, image, parse_params(urlencode(query)), "tiny")
+    kw = dict(height=H, width=W, num_frames=FRAMES, num_inference_steps=STEPS, fps=11, motion_bucket_id=40)
+    kw.update(noise_aug_strength=0.3, min_guidance_scale=1.5, max_guidance_scale=2.5, decode_chunk_size=FRAMES)
+    want = pipe(image, generator=torch.Generator().manual_seed(9), output_type="pt", **kw).frames[0]
+    assert torch.equal(encoded[0], want)
+    default = pipe(image, generator=torch.Generator().manual_seed(9), output_type="pt", **{**kw, "fps": 7}).frames[0]
+    assert not torch.equal(encoded[0], default)
+
+
 def test_generate_without_report_still_works(pipe):
     video, info = generate(pipe, make_image(56, 40, seed=0), parse_params(urlencode({**SMALL, "seed": 4})), None)
     assert video and info["seed"] == 4
