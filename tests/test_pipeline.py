@@ -92,6 +92,19 @@ def test_generator_lists_give_one_generator_per_video_as_diffusers(reference_pip
             pipes["a"](num_videos_per_prompt=2, generator=gens, **kw, **extra)
 
 
+def test_several_images_with_videos_per_prompt_pair_each_video_with_its_image(pipes):
+    """Images [A, B] x 2 videos each are videos A, A, B, B: each equal to a call on its image alone with the same
+    initial latents (no augmentation noise: nothing else is random). diffusers pairs the CLIP embeddings so but tiles
+    the image latents A, B, A, B (README); ours pairs both."""
+    kw = dict(height=H, width=W, num_frames=3, num_inference_steps=2, output_type="latent", noise_aug_strength=0.0)
+    images = [make_image(seed=1), make_image(seed=2)]
+    lat = torch.randn(4, 3, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(3))
+    both = pipes["a"](images, num_videos_per_prompt=2, latents=lat, **kw).frames
+    for i, image in enumerate([images[0], images[0], images[1], images[1]]):
+        alone = pipes["a"](image, latents=lat[i : i + 1], **kw).frames
+        assert rel_err(both[i : i + 1], alone) < 1e-4, i  # batch sizes differ: float rounding only
+
+
 def test_size_defaults_and_sizes_off_the_unet_multiple_match_diffusers(reference_pipelines, pipes):
     """height/width None mean the UNet's sample_size in pixels, as in diffusers; and any multiple of the VAE's factor
     works, as there: shape "b" (3-level VAE and UNet) at 40x56 has latents 10x14, which the UNet halves to odd sides
