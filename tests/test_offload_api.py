@@ -196,3 +196,25 @@ def test_another_offload_after_low_memory_drops_its_chunking():
     pipe.default_decode_chunk_size = 8
     pipe.enable_model_cpu_offload(device="cpu")
     assert all(m.chunk_size == 3 for m in chunked) and pipe.default_decode_chunk_size == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_offload_keeps_one_component_on_the_gpu_at_a_time():
+    """Model offload's point: while each component runs, it alone is on the GPU (its frames are checked elsewhere;
+    on the CPU both places are the same, so only a GPU shows where the weights are)."""
+    pipe = Pipeline.from_config("tiny")
+    pipe.enable_model_cpu_offload(device="cuda")
+    comps = {"image_encoder": pipe.image_encoder, "unet": pipe.unet, "vae": pipe.vae}
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def record(name: str):  # a forward pre-hook: where every component's weights are as `name` starts
+        return lambda module, args: seen.append((name, {c: next(m.parameters()).device.type for c, m in comps.items()}))
+
+    for name, module in (("image_encoder", pipe.image_encoder), ("unet", pipe.unet)):
+        module.register_forward_pre_hook(record(name))
+    pipe.vae.encoder.register_forward_pre_hook(record("vae"))
+    pipe.vae.decoder.register_forward_pre_hook(record("vae"))
+    frames(pipe)
+    assert {name for name, _ in seen} == set(comps)
+    for name, where in seen:
+        assert where == {c: "cuda" if c == name else "cpu" for c in comps}, (name, where)
