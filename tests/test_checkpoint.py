@@ -17,9 +17,9 @@ from conftest import SHAPES, reference_pipeline
 
 from img2vid import checkpoint as ck
 from img2vid import configs
-from img2vid.checkpoint_io import weight_variants
 from img2vid.checkpoint_tools import checkpoint_info, convert
 from img2vid.configs import PipelineConfig, preset, replace
+from img2vid.folders import weight_variants
 from img2vid.sgm_keys import (
     COMPONENTS,
     UNUSED_KEYS,
@@ -588,7 +588,7 @@ def test_weight_variants_reads_every_naming(tmp_path, names, expected):
 
 
 def test_only_variant_and_info_use_the_one_listing(tmp_path):
-    from img2vid.checkpoint_io import only_variant
+    from img2vid.folders import only_variant
 
     half = ck.save_folder(tmp_path / "h", TINY, random_components(TINY), variant="fp16")
     assert only_variant(half) == "fp16"

@@ -25,21 +25,18 @@ from img2vid.checkpoint_io import (
     WEIGHTS_NAME,
     Device,
     StateDict,
-    check_variant,
-    component_file,
-    component_variants,
     config_from_dict,
     config_to_dict,
     folder_json_files,
     read_header,
     read_safetensors,
     read_state_dict,
-    shard_files,
     stored_config,
     write_json,
     write_safetensors,
 )
 from img2vid.configs import PipelineConfig
+from img2vid.folders import check_variant, component_file, component_variants, shard_files
 from img2vid.hub import resolve_pretrained
 from img2vid.sgm_keys import (
     COMPONENTS,

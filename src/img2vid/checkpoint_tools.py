@@ -28,15 +28,17 @@ from img2vid.checkpoint import (
 from img2vid.checkpoint_io import (
     PICKLE_SUFFIXES,
     StateDict,
+    read_header,
+)
+from img2vid.components import FILE_COMPONENT, component_folder_file, folder_config, with_component
+from img2vid.folders import (
     component_file,
     component_variants,
     folder_variant,
     only_variant,
-    read_header,
     shard_files,
     weight_variants,
 )
-from img2vid.components import FILE_COMPONENT, component_folder_file, folder_config, with_component
 from img2vid.sgm_keys import COMPONENTS, CheckpointError, detect_format, detect_sgm_variant, split_sgm
 from img2vid.video import file_in_the_way
 

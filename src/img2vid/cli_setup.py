@@ -269,7 +269,7 @@ def load_pipeline(
     # The hub's fp16 files for float16: half the download, the same float16 weights.
     variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
     if kind == "folder":  # one variant alone, e.g. what `img2vid convert ... --variant fp16` writes
-        from img2vid.checkpoint_io import folder_variant
+        from img2vid.folders import folder_variant
         from img2vid.images import user_path
 
         variant = folder_variant(user_path(args.model), variant, args.allow_pickle)

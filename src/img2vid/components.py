@@ -33,15 +33,13 @@ from img2vid.checkpoint import (
 from img2vid.checkpoint_io import (
     Device,
     StateDict,
-    check_variant,
-    component_file,
     read_header,
     read_safetensors,
     read_state_dict,
     stored_config,
-    weight_variants,
 )
 from img2vid.configs import PipelineConfig
+from img2vid.folders import check_variant, component_file, weight_variants
 from img2vid.images import InputError, user_path
 from img2vid.sgm_keys import (
     COMPONENTS,
