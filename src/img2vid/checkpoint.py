@@ -2,8 +2,9 @@
 (sgm layout, svd*.safetensors), our own single files (sgm layout + our config in the metadata), and pickles only when
 asked. Tensors are read straight to the target device and dtype, one at a time, and loading is strict: a tensor too
 many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_keys,
-file reading and writing is img2vid.checkpoint_io (its public names are importable from here too), hub ids
-img2vid.hub, conversion and inspection (`img2vid convert` / `info`) img2vid.checkpoint_tools.
+file reading and writing is img2vid.checkpoint_io (its public names are importable from here too), which file of a
+folder holds which component in which variant img2vid.folders, hub ids img2vid.hub, conversion and inspection
+(`img2vid convert` / `info`) img2vid.checkpoint_tools, a component from elsewhere (`unet=`) img2vid.components.
 """
 
 from __future__ import annotations
