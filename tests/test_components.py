@@ -12,7 +12,7 @@ import torch
 from conftest import make_image, reference_pipeline, rel_err
 from safetensors.torch import load_file, save_file
 
-from img2vid import configs
+from img2vid import config_checks, configs
 from img2vid.components import load_source
 from img2vid.images import InputError
 from img2vid.pipeline import Pipeline
@@ -186,13 +186,13 @@ def test_pipeline_configs_must_fit_together(tmp_path, tiny_model_dir):
     """Each component's config may be fine alone and the three still not work together: refused at load, naming
     the pair (it failed at the first step with a matrix-product error)."""
     tiny = configs.preset("tiny")
-    configs.check_pipeline(tiny)
+    config_checks.check_pipeline(tiny)
     bad = configs.replace(tiny, unet=configs.replace(tiny.unet, in_channels=6))
     with pytest.raises(ValueError, match="UNet takes 6 channels in"):
-        configs.check_pipeline(bad)
+        config_checks.check_pipeline(bad)
     bad = configs.replace(tiny, unet=configs.replace(tiny.unet, projection_class_embeddings_input_dim=25))
     with pytest.raises(ValueError, match="added time embedding takes 25"):
-        configs.check_pipeline(bad)
+        config_checks.check_pipeline(bad)
     folder = tmp_path / "mixed"
     shutil.copytree(tiny_model_dir, folder)
     text = (folder / "image_encoder" / "config.json").read_text()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from img2vid import configs
+from img2vid import config_checks, configs
 from img2vid.checkpoint_io import (
     CONFIG_KEY,
     WEIGHTS_NAME,
@@ -222,8 +222,8 @@ def read_pipeline_config(folder: Path) -> PipelineConfig:
             default_motion_bucket_id=ours.get("default_motion_bucket_id", base.default_motion_bucket_id),
             **parts,
         )
-        configs.check(config)  # a value of the wrong type would fail far from here, or not at all
-        configs.check_pipeline(config)
+        config_checks.check(config)  # a value of the wrong type would fail far from here, or not at all
+        config_checks.check_pipeline(config)
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:  # TypeError: e.g. a number where the config wants a list

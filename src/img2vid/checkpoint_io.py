@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from img2vid import configs
+from img2vid import config_checks, configs
 from img2vid.configs import PipelineConfig
 from img2vid.sgm_keys import CheckpointError
 
@@ -67,8 +67,8 @@ def stored_config(path: Path, metadata: dict[str, str]) -> PipelineConfig | None
         return None
     try:
         config = config_from_dict(json.loads(metadata[CONFIG_KEY]))
-        configs.check(config)
-        configs.check_pipeline(config)
+        config_checks.check(config)
+        config_checks.check_pipeline(config)
         return config
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable {CONFIG_KEY} metadata ({e})") from None

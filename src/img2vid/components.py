@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from img2vid import configs
+from img2vid import config_checks, configs
 from img2vid.checkpoint import (
     build,
     check_state_dict,
@@ -85,7 +85,7 @@ def with_component(config: PipelineConfig, component: str, part: Any, check: boo
     new = configs.replace(config, **{component: part})
     try:
         if check:
-            configs.check_pipeline(new)
+            config_checks.check_pipeline(new)
     except ValueError as e:
         raise CheckpointError(f"the {component} given does not fit this pipeline: {e}") from None
     return new
@@ -104,7 +104,7 @@ def folder_config(folder: Path, component: str) -> Any:
             part = configs.vae_from_diffusers(data)
         else:
             part = configs.clip_from_transformers(data)
-        configs.check(part)
+        config_checks.check(part)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     return part
