@@ -199,3 +199,46 @@ def test_pipeline_configs_must_fit_together(tmp_path, tiny_model_dir):
     (folder / "image_encoder" / "config.json").write_text(text.replace('"projection_dim": 32', '"projection_dim": 40'))
     with pytest.raises(CheckpointError, match="cross-attention reads 32-wide embeddings, the image encoder gives 40"):
         Pipeline.from_pretrained(folder)
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(tiny_model_dir, tmp_path, monkeypatch):
+    """push_to_hub (diffusers'): the repo is created if missing and the saved folder uploaded (here into a local
+    stand-in for the hub, which the tests cannot reach); what arrives loads back as the same pipeline. A hub failure
+    is one line."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    remote = tmp_path / "remote"
+    calls = []
+
+    def create_repo(self, repo_id, **kw):
+        calls.append(("create", repo_id, kw))
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        calls.append(("upload", repo_id, kw))
+        shutil.copytree(folder_path, remote)
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    pipe = Pipeline.from_pretrained(tiny_model_dir)
+    assert pipe.push_to_hub("me/my-svd", private=True, variant="fp16", commit_message="first") == "commit-info"
+    assert calls[0] == ("create", "me/my-svd", {"private": True, "exist_ok": True})
+    assert calls[1][1] == "me/my-svd" and calls[1][2]["commit_message"] == "first"
+    assert (remote / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    back = Pipeline.from_pretrained(remote, variant="fp16")
+    assert_same_weights(back.unet, {k: t.half().float() for k, t in pipe.unet.state_dict().items()})
+    with pytest.raises(CheckpointError, match="not a hub repo id"):
+        pipe.push_to_hub("no-owner")
+
+    def refused(self, repo_id, **kw):
+        import httpx  # huggingface_hub's transport
+
+        response = httpx.Response(403, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+        raise HfHubHTTPError("403 Forbidden: you cannot write to me/my-svd\nmore detail", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refused)
+    with pytest.raises(
+        CheckpointError, match=r"^me/my-svd: upload failed \(403 Forbidden: you cannot write to me/my-svd\)$"
+    ):
+        pipe.push_to_hub("me/my-svd")

@@ -113,3 +113,31 @@ def resolve_pretrained(
         raise CheckpointError(f"{path_or_id}: download failed ({str(e).splitlines()[0]})") from None
     except HFValidationError as e:  # "a--b/c", "a/b.git", ...: the hub's own rules, past our pattern
         raise CheckpointError(f"{path_or_id}: no such folder, and not a valid hub id ({e})") from None
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+) -> object:
+    """Upload a saved pipeline folder to a hub model repo, created if missing (`Pipeline.push_to_hub`); returns
+    huggingface_hub's CommitInfo, as diffusers does. Hub failures are one-line CheckpointErrors."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    if not REPO_ID.match(repo_id):
+        raise CheckpointError(f"{repo_id!r} is not a hub repo id like you/my-svd")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or "Upload pipeline (img2vid)",
+            create_pr=create_pr,
+        )
+    except (HfHubHTTPError, HFValidationError) as e:
+        raise CheckpointError(f"{repo_id}: upload failed ({str(e).splitlines()[0]})") from None

@@ -10,6 +10,7 @@ seed gives the same video in both. Two places where diffusers is wrong and we ar
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from img2vid import checkpoint, compiled, components, sampling
 from img2vid.components import Source
 from img2vid.configs import PipelineConfig, preset
+from img2vid.hub import push_folder
 from img2vid.image_encoder import ImageEncoder, preprocess
 from img2vid.images import InputError, NonFiniteVideo, check_size
 from img2vid.inputs import (
@@ -213,6 +215,22 @@ class Pipeline(DiffusersAttributes, RunModes):
         if not safe_serialization:
             raise InputError("img2vid writes safetensors only (safe_serialization=False would write pickles)")
         return checkpoint.save_folder(Path(path), self.config, self._state_dicts(), variant=variant)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ) -> object:
+        """diffusers' push_to_hub: the pipeline saved as save_pretrained saves it, in a temporary folder, and
+        uploaded to a hub model repo (created if missing; needs `hf auth login` or token=). Returns the commit."""
+        with tempfile.TemporaryDirectory(prefix="img2vid-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", variant=variant, safe_serialization=safe_serialization)
+            return push_folder(folder, repo_id, commit_message, private, token, create_pr)
 
     def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         return checkpoint.save_single_file(Path(path), self.config, self._state_dicts(), dtype=dtype)
