@@ -54,7 +54,7 @@ def main() -> None:
     def decode_all(dec, zz: torch.Tensor) -> torch.Tensor:  # (F, 4, h, w) -> (F, 3, H, W), chunk by chunk
         return torch.cat([dec(zz[s : s + CHUNK], zz[s : s + CHUNK].shape[0]) for s in range(0, FRAMES, CHUNK)])
 
-    ref = decode_all(vae.decode, z).float()
+    ref = decode_all(vae.decode_frames, z).float()
     dec = compiled.compile_decoder(vae)
     rows = []
     for variant in args.variants.split(","):

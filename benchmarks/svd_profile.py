@@ -331,7 +331,7 @@ def vae_part() -> None:
 
         @torch.no_grad()
         def dec() -> torch.Tensor:
-            return vae.decode(z, n)
+            return vae.decode_frames(z, n)
 
         if DEV.type == "cuda":
             torch.cuda.synchronize()
@@ -342,7 +342,7 @@ def vae_part() -> None:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if DEV.type == "cuda" else float("nan")
         log(f"== VAE decode {n} frames eager, frame chunk {chunk}: {t:.3f} s, activation peak {peak:.2f} GiB ==")
     vae.spatial_frame_chunk = 2  # as the pipeline decodes
-    profile("vae_eager", lambda: vae.decode(z, n))
+    profile("vae_eager", lambda: vae.decode_frames(z, n))
     if args.compiled:  # as Pipeline.compile() runs the decoder: channels-last, compiled block by block
         from img2vid.compiled import compile_decoder
 

@@ -87,9 +87,9 @@ def test_temporal_parity(cfg: dict) -> None:
     z = torch.randn(2 * frames, config.latent_channels, 5, 7, generator=g)  # two videos of 3 frames
     with torch.no_grad():
         enc_ref = ref.encode(x).latent_dist.mode()
-        enc = ours.encode(x)
+        enc = ours.encode_mean(x)
         dec_ref = ref.decode(z, num_frames=frames).sample
-        dec = ours.decode(z, num_frames=frames)
+        dec = ours.decode_frames(z, num_frames=frames)
     assert enc.shape == enc_ref.shape == (3, config.latent_channels, 5, 9)
     assert rel_err(enc, enc_ref) < 1e-4
     assert dec.shape == dec_ref.shape == (2 * frames, 3, 5 * down, 7 * down)
@@ -98,8 +98,8 @@ def test_temporal_parity(cfg: dict) -> None:
     # The temporal layers really mix frames, and only within a video: decoding the videos one by one is the same,
     # decoding them as single frames is not.
     with torch.no_grad():
-        per_video = torch.cat([ours.decode(z[:frames], frames), ours.decode(z[frames:], frames)])
-        per_frame = ours.decode(z, num_frames=1)
+        per_video = torch.cat([ours.decode_frames(z[:frames], frames), ours.decode_frames(z[frames:], frames)])
+        per_frame = ours.decode_frames(z, num_frames=1)
     assert rel_err(per_video, dec) < 1e-5
     assert rel_err(per_frame, dec) > 1e-3
 
@@ -116,9 +116,9 @@ def test_image_decoder_parity(cfg: dict) -> None:
     z = torch.randn(4, config.latent_channels, 6, 4, generator=g)
     with torch.no_grad():
         enc_ref = ref.encode(x).latent_dist.mode()
-        enc = ours.encode(x)
+        enc = ours.encode_mean(x)
         dec_ref = ref.decode(z).sample
-        dec = ours.decode(z, num_frames=2)  # ignored by the 2D decoder
+        dec = ours.decode_frames(z, num_frames=2)  # ignored by the 2D decoder
     assert enc.shape == enc_ref.shape == (2, config.latent_channels, 3, 5)
     assert rel_err(enc, enc_ref) < 1e-4
     assert dec.shape == dec_ref.shape
@@ -140,9 +140,9 @@ def test_channels_last_same_numbers() -> None:
     ours = ours_from(ref, config_of(ref))
     z = torch.randn(4, 4, 6, 5, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        plain = ours.decode(z, num_frames=2)
+        plain = ours.decode_frames(z, num_frames=2)
         _conv2d_weights_channels_last(ours)
-        fast = ours.decode(z.contiguous(memory_format=torch.channels_last), num_frames=2)
+        fast = ours.decode_frames(z.contiguous(memory_format=torch.channels_last), num_frames=2)
     assert rel_err(fast, plain) < 1e-5
 
 
@@ -150,7 +150,7 @@ def test_decode_rejects_partial_video() -> None:
     with torch.device("meta"):
         model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=1))
     with pytest.raises(ValueError, match="whole number"):
-        model.decode(torch.zeros(5, 4, 4, 4, device="meta"), num_frames=2)
+        model.decode_frames(torch.zeros(5, 4, 4, 4, device="meta"), num_frames=2)
 
 
 @pytest.mark.parametrize("cls", [AutoencoderKLTemporalDecoder, AutoencoderKL])
@@ -214,8 +214,8 @@ def test_autograd_through_in_place_ops() -> None:
     torch.manual_seed(0)
     model = VAE(VAEConfig(block_out_channels=(32, 64), layers_per_block=2))
     x = torch.rand(2, 3, 16, 24, requires_grad=True)
-    z = model.encode(x)
-    out = model.decode(z, num_frames=2)
+    z = model.encode_mean(x)
+    out = model.decode_frames(z, num_frames=2)
     out.square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters())
@@ -235,7 +235,7 @@ def test_forward_hooks_see_every_heavy_layer(temporal: bool, chunk: int | None) 
     for name, m in model.named_modules():
         m.register_forward_hook(lambda mod, args, out, name=name: ran.add(name))
     with torch.no_grad():
-        model.decode(model.encode(torch.rand(4, 3, 16, 24)), num_frames=2)
+        model.decode_frames(model.encode_mean(torch.rand(4, 3, 16, 24)), num_frames=2)
     silent_names = [
         name
         for name, m in model.named_modules()
@@ -270,16 +270,16 @@ def test_spatial_frame_chunk_same_numbers(cls: type, cfg: dict) -> None:
     with torch.no_grad():
         temporal = cls is AutoencoderKLTemporalDecoder
         dec_ref = (ref.decode(z, num_frames=frames) if temporal else ref.decode(z)).sample
-        whole = ours.decode(z, num_frames=frames)
+        whole = ours.decode_frames(z, num_frames=frames)
         for chunk in (1, 2, 4, 6, 100):
             ours.spatial_frame_chunk = chunk
-            sliced = ours.decode(z, num_frames=frames)
+            sliced = ours.decode_frames(z, num_frames=frames)
             assert sliced.shape == whole.shape
             assert rel_err(sliced, whole) < 1e-6, chunk
             assert rel_err(sliced, dec_ref) < 1e-4, chunk
     if temporal:
         # The temporal layers still see whole videos: slicing is not the same as decoding frames alone.
-        assert rel_err(whole, ours.decode(z, num_frames=1)) > 1e-3
+        assert rel_err(whole, ours.decode_frames(z, num_frames=1)) > 1e-3
 
 
 def test_spatial_frame_chunk_channels_last_and_rejects_zero() -> None:
@@ -289,7 +289,7 @@ def test_spatial_frame_chunk_channels_last_and_rejects_zero() -> None:
     ours = ours_from(ref, config_of(ref))
     z = torch.randn(4, 4, 6, 5, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        plain = ours.decode(z, num_frames=2)
+        plain = ours.decode_frames(z, num_frames=2)
         _conv2d_weights_channels_last(ours)
         ours.spatial_frame_chunk = 3
         seen: list[bool] = []
@@ -297,13 +297,13 @@ def test_spatial_frame_chunk_channels_last_and_rejects_zero() -> None:
         hook = temporal_half.register_forward_pre_hook(
             lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
         )
-        fast = ours.decode(z.contiguous(memory_format=torch.channels_last), num_frames=2)
+        fast = ours.decode_frames(z.contiguous(memory_format=torch.channels_last), num_frames=2)
         hook.remove()
     assert seen == [True]
     assert rel_err(fast, plain) < 1e-5
     ours.spatial_frame_chunk = 0
     with pytest.raises(ValueError, match="spatial_frame_chunk"):
-        ours.decode(z, num_frames=2)
+        ours.decode_frames(z, num_frames=2)
 
 
 @pytest.mark.parametrize("temporal", [True, False])
@@ -336,8 +336,8 @@ def test_streamed_weights_are_read_inside_their_units(temporal: bool, monkeypatc
     monkeypatch.setattr(offload, "_copy", lambda m: [weights[p].clone() for p in offload.streamed[m]])
     x = torch.rand(4, 3, 16, 24) * 2 - 1
     with torch.no_grad():
-        expected = plain.decode(plain.encode(x), num_frames=2)
-        out = model.decode(model.encode(x), num_frames=2)
+        expected = plain.decode_frames(plain.encode_mean(x), num_frames=2)
+        out = model.decode_frames(model.encode_mean(x), num_frames=2)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 

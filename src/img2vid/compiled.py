@@ -180,13 +180,13 @@ def compile_decoder(
             else:
                 m.compile(fullgraph=True, mode=mode, dynamic=False)
     if precompiled:
-        return vae.decode  # no dynamo at run time: the recompile limit below does not apply
+        return vae.decode_frames  # no dynamo at run time: the recompile limit below does not apply
 
     def decode(z: torch.Tensor, num_frames: int) -> torch.Tensor:
         # A block class is one code object, compiled once per shape it meets (width, resolution, frames per slice,
         # the last chunk's remainder): about 20 for one SVD video size, over dynamo's default limit of 8 per code
         # object, which fullgraph turns into an error. The limit is raised for the decode only.
         with torch._dynamo.config.patch(recompile_limit=DECODER_RECOMPILE_LIMIT):
-            return vae.decode(z, num_frames)
+            return vae.decode_frames(z, num_frames)
 
     return decode

@@ -75,7 +75,7 @@ def move_module(module: nn.Module, device: torch.device) -> None:
 def plan_units(module: nn.Module, unit_bytes: int, resident_bytes: int) -> tuple[list[nn.Module], list[nn.Parameter]]:
     """Split `module` into streaming units and always-resident parameters (no side effects).
 
-    The root is never a unit (models are entered through methods such as vae.encode, not forward), nor is a
+    The root is never a unit (models are entered through methods such as vae.encode_mean, not forward), nor is a
     container without a forward of its own (ModuleList / ModuleDict): their hooks would never fire. Nor is a child
     that its parent names in `weights_read_here` (children whose weights the parent's own forward reads, such as a
     projection whose bias the parent adds elsewhere): when such a parent is split, those children stay resident."""

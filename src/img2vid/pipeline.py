@@ -94,7 +94,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         # 8-frame decode chunk at 576x1024 fell from 9.6 (all at once) and 6.2 (4 at a time) to 3.9 GiB, for +15%
         # eager decode time (BENCHMARKS.md).
         vae.spatial_frame_chunk = 2
-        self._decode: Callable[[torch.Tensor, int], torch.Tensor] = vae.decode
+        self._decode: Callable[[torch.Tensor, int], torch.Tensor] = vae.decode_frames
         self._laid_out = False  # whether the conv weights' layout was chosen for the device (`_fit_layout`)
         for m in (unet, vae, image_encoder):
             m.eval().requires_grad_(False)
@@ -372,7 +372,7 @@ class Pipeline(DiffusersAttributes, RunModes):
             if "vae" in self._sequential:  # weights are streamed: cast the streamed copies, not the stored ones
                 self._sequential["vae"].set_compute_dtype(torch.float32)
                 try:
-                    return vae.encode(pixels.float())
+                    return vae.encode_mean(pixels.float())
                 finally:
                     self._sequential["vae"].set_compute_dtype(None)
             # The encoder and quant_conv only: casting the decoder too, there and back, took 8 ms more (run 72)
@@ -380,11 +380,11 @@ class Pipeline(DiffusersAttributes, RunModes):
             for m in parts:
                 m.float()
             try:
-                return vae.encode(pixels.float())
+                return vae.encode_mean(pixels.float())
             finally:
                 for m in parts:
                     m.to(dtype)
-        return vae.encode(pixels.to(dtype))
+        return vae.encode_mean(pixels.to(dtype))
 
     def decode_latents(self, latents: torch.Tensor, num_frames: int, decode_chunk_size: int = 14) -> torch.Tensor:
         """diffusers' `decode_latents`: (B, F, 4, h, w) latents of num_frames frames -> (B, 3, F, H, W) float32 in

@@ -195,9 +195,58 @@ class Decoder(nn.Module):
         return x
 
 
+class LatentDistribution:
+    """diffusers' DiagonalGaussianDistribution: the encoder's posterior from its (N, 2 * latent, h, w) moments
+    (mean, then log-variance, clamped as diffusers clamps it)."""
+
+    def __init__(self, moments: Tensor) -> None:
+        self.mean, logvar = moments.chunk(2, dim=1)  # (N, 2L, h, w) -> 2 x (N, L, h, w)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """mean + std * noise, the noise drawn as diffusers' randn_tensor draws it (the same seed, the same draw)."""
+        from img2vid.inputs import randn
+
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
+
+
+class EncoderOutput(dict):
+    """diffusers' AutoencoderKLOutput: out.latent_dist, out["latent_dist"] or out[0]."""
+
+    def __init__(self, latent_dist: LatentDistribution) -> None:
+        super().__init__(latent_dist=latent_dist)
+
+    @property
+    def latent_dist(self) -> LatentDistribution:
+        return dict.__getitem__(self, "latent_dist")
+
+    def __getitem__(self, key: int | str) -> LatentDistribution:
+        return dict.__getitem__(self, key) if isinstance(key, str) else (self.latent_dist,)[key]
+
+
+class DecoderOutput(dict):
+    """diffusers' DecoderOutput: the frames as out.sample, out["sample"] or out[0]."""
+
+    def __init__(self, sample: Tensor) -> None:
+        super().__init__(sample=sample)
+
+    @property
+    def sample(self) -> Tensor:
+        return dict.__getitem__(self, "sample")
+
+    def __getitem__(self, key: int | str) -> Tensor:
+        return dict.__getitem__(self, key) if isinstance(key, str) else (self.sample,)[key]
+
+
 class VAE(Placed):
-    """The autoencoder. `encode` gives the posterior mode, `decode` takes unscaled latents (the caller owns the
-    scaling_factor). Runs in whatever dtype/device the module is in; the pipeline decides about upcasting."""
+    """The autoencoder. `encode_mean` gives the posterior mode, `decode_frames` takes unscaled latents (the caller
+    owns the scaling_factor); `encode` / `decode` are the same called as diffusers' are (`.latent_dist`, `.sample`,
+    return_dict). Runs in whatever dtype/device the module is in; the pipeline decides about upcasting."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -212,7 +261,19 @@ class VAE(Placed):
         # (dynamo guards on it: changing it recompiles). Same numbers either way, up to kernel choice.
         self.spatial_frame_chunk: int | None = None
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, return_dict: bool = True) -> EncoderOutput | tuple[LatentDistribution]:
+        """diffusers' encode: (N, in_channels, H, W) in [-1, 1] -> the posterior as `.latent_dist` (`.mode()`,
+        `.sample(generator)`), or `(latent_dist,)` with return_dict=False."""
+        # Called through the module, not its weights, so forward hooks (sequential offload) see it.
+        dist = LatentDistribution(self.quant_conv(self.encoder(x)))
+        return EncoderOutput(dist) if return_dict else (dist,)
+
+    def decode(self, z: Tensor, num_frames: int, return_dict: bool = True) -> DecoderOutput | tuple[Tensor]:
+        """diffusers' decode: `decode_frames`' frames as `.sample`, or `(frames,)` with return_dict=False."""
+        frames = self.decode_frames(z, num_frames)
+        return DecoderOutput(frames) if return_dict else (frames,)
+
+    def encode_mean(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) in [-1, 1] -> the posterior mean (N, latent_channels, H/8, W/8) for SVD's four
         blocks (each downsample halves, rounding down), NOT multiplied by scaling_factor."""
         h = self.encoder(x)
@@ -221,7 +282,7 @@ class VAE(Placed):
         # module, not its weights, so forward hooks (sequential offload) see it.
         return self.quant_conv(h)[:, :latent]
 
-    def decode(self, z: Tensor, num_frames: int) -> Tensor:
+    def decode_frames(self, z: Tensor, num_frames: int) -> Tensor:
         """(N, latent_channels, h, w) unscaled latents, N = videos * num_frames, frames of a video consecutive ->
         (N, out_channels, 8h, 8w) for four blocks, in about [-1, 1]. The temporal decoder mixes each video's
         num_frames frames; the 2D decoder treats every frame alone and ignores num_frames. With
