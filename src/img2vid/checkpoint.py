@@ -30,7 +30,7 @@ from img2vid.checkpoint_io import (
     config_to_dict,
     folder_json_files,
     read_header,
-    read_safetensors,
+    read_keys,
     read_state_dict,
     stored_config,
     write_json,
@@ -322,11 +322,7 @@ def load_single_file(
     keys = [k for k in header if not is_unused_sgm_key(k) and not k.startswith(skipped)] + (
         cond_encoder_keys(header) if variant == "temporal" and "vae" not in skip else []
     )
-    if path.suffix == ".safetensors":
-        sd = read_safetensors(path, device, dtype, keys)
-    else:
-        full = read_state_dict(path, device, dtype, allow_pickle)
-        sd = {k: full[k] for k in keys}
+    sd = read_keys(path, keys, device, dtype, allow_pickle)
     return config, sgm_to_components(sd, config)
 
 

@@ -242,6 +242,16 @@ def read_state_dict(
     return {k: cast(t, dtype) for k, t in obj.items() if isinstance(t, torch.Tensor)}
 
 
+def read_keys(
+    path: Path, keys: list[str], device: Device, dtype: torch.dtype | None, allow_pickle: bool = False
+) -> StateDict:
+    """Some tensors of a checkpoint file: read alone from a .safetensors file, picked from a loaded pickle."""
+    if Path(path).suffix == ".safetensors":
+        return read_safetensors(path, device, dtype, keys)
+    full = read_state_dict(path, device, dtype, allow_pickle)
+    return {k: full[k] for k in keys}
+
+
 def read_header(path: Path, allow_pickle: bool = False) -> tuple[StateDict, dict[str, str]]:
     """Names, shapes and dtypes as meta tensors (no data read for safetensors), and the safetensors metadata."""
     path = Path(path)

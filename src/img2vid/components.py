@@ -34,7 +34,7 @@ from img2vid.checkpoint_io import (
     Device,
     StateDict,
     read_header,
-    read_safetensors,
+    read_keys,
     read_state_dict,
     stored_config,
 )
@@ -140,11 +140,7 @@ def _from_sgm_file(
         raise CheckpointError(f"{path}: {len(unknown)} unknown {component} tensor(s) for the sgm layout: {unknown[:3]}")
     where = f"{path.name}: "
     check_state_dict(part[component], expected_shapes(component, base, where), component, where, base)
-    if path.suffix == ".safetensors":
-        sd = read_safetensors(path, device, dtype, keys)
-    else:
-        full = read_state_dict(path, device, dtype, allow_pickle)
-        sd = {k: full[k] for k in keys}
+    sd = read_keys(path, keys, device, dtype, allow_pickle)
     return getattr(base, component), split_sgm(sd, base)[0][component]
 
 

@@ -39,13 +39,14 @@ from img2vid.inputs import (
     resize_for_vae,
     to_tensor,
 )
+from img2vid.layers import FieldOutput
 from img2vid.modes import COMPONENTS, RunModes, orig_module
 from img2vid.offload import SequentialOffload, available_device, weights_dtype
 from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
 
 
-class PipelineOutput(dict):
+class PipelineOutput(FieldOutput):
     """frames: list (videos) of lists of PIL images, or (B, F, H, W, 3) np.float32 for "np", or (B, F, 3, H, W) for
     "pt", or the final (B, F, 4, H/8, W/8) latents for "latent".
 
@@ -62,12 +63,6 @@ class PipelineOutput(dict):
     @frames.setter
     def frames(self, value: Any) -> None:
         self["frames"] = value
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(self.values())
-
-    def __getitem__(self, key: int | slice | str) -> Any:
-        return dict.__getitem__(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
     def __repr__(self) -> str:
         return f"PipelineOutput(frames={self.frames!r})"

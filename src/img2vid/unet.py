@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import UNetConfig
-from img2vid.layers import Placed, channels_last_, group_norm, timestep_embedding
+from img2vid.layers import Placed, SampleOutput, channels_last_, group_norm, timestep_embedding
 from img2vid.unet_blocks import Downsample, SpatioTemporalResBlock, TimeEmbedding, Upsample
 from img2vid.unet_transformer import SpatialTransformerBlock, SpatioTemporalTransformer, TemporalTransformerBlock
 
@@ -140,23 +140,6 @@ class UpBlock(nn.Module):
         return x
 
 
-class UNetOutput(dict):
-    """diffusers' UNetSpatioTemporalConditionOutput: the prediction as out.sample, out["sample"] or out[0]."""
-
-    def __init__(self, sample: Tensor) -> None:
-        super().__init__(sample=sample)
-
-    @property
-    def sample(self) -> Tensor:
-        return dict.__getitem__(self, "sample")
-
-    def to_tuple(self) -> tuple[Tensor]:
-        return (self.sample,)
-
-    def __getitem__(self, key: int | slice | str) -> Tensor | tuple[Tensor, ...]:
-        return dict.__getitem__(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-
 class UNet(Placed):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -238,16 +221,16 @@ class UNet(Placed):
         encoder_hidden_states: Tensor,
         added_time_ids: Tensor,
         return_dict: bool = True,
-    ) -> UNetOutput | tuple[Tensor]:
+    ) -> SampleOutput | tuple[Tensor]:
         """sample: (B, F, in_channels, h, w); timestep: a number, () or (B,) c_noise; encoder_hidden_states: (B, S,
         D) (S = 1 for SVD's CLIP embedding); added_time_ids: (B, 3). The (B, F, out_channels, h, w) prediction, as
-        diffusers' model returns it: `.sample` of a UNetOutput, or `(sample,)` with return_dict=False, so its
+        diffusers' model returns it: `.sample` of a SampleOutput, or `(sample,)` with return_dict=False, so its
         custom denoising loops run unchanged.
 
         The frame count comes from `sample`, not from the config.
         """
         x = self._predict(sample, torch.as_tensor(timestep), encoder_hidden_states, added_time_ids)
-        return UNetOutput(x) if return_dict else (x,)
+        return SampleOutput(x) if return_dict else (x,)
 
     def _predict(
         self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, added_time_ids: Tensor

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import Placed, group_norm
+from img2vid.layers import FieldOutput, Placed, SampleOutput, group_norm
 from img2vid.vae_blocks import (
     EPS,
     TIME_KERNEL,
@@ -215,7 +215,7 @@ class LatentDistribution:
         return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
 
 
-class EncoderOutput(dict):
+class EncoderOutput(FieldOutput):
     """diffusers' AutoencoderKLOutput: out.latent_dist, out["latent_dist"] or out[0]."""
 
     def __init__(self, latent_dist: LatentDistribution) -> None:
@@ -224,23 +224,6 @@ class EncoderOutput(dict):
     @property
     def latent_dist(self) -> LatentDistribution:
         return dict.__getitem__(self, "latent_dist")
-
-    def __getitem__(self, key: int | str) -> LatentDistribution:
-        return dict.__getitem__(self, key) if isinstance(key, str) else (self.latent_dist,)[key]
-
-
-class DecoderOutput(dict):
-    """diffusers' DecoderOutput: the frames as out.sample, out["sample"] or out[0]."""
-
-    def __init__(self, sample: Tensor) -> None:
-        super().__init__(sample=sample)
-
-    @property
-    def sample(self) -> Tensor:
-        return dict.__getitem__(self, "sample")
-
-    def __getitem__(self, key: int | str) -> Tensor:
-        return dict.__getitem__(self, key) if isinstance(key, str) else (self.sample,)[key]
 
 
 class VAE(Placed):
@@ -268,10 +251,10 @@ class VAE(Placed):
         dist = LatentDistribution(self.quant_conv(self.encoder(x)))
         return EncoderOutput(dist) if return_dict else (dist,)
 
-    def decode(self, z: Tensor, num_frames: int, return_dict: bool = True) -> DecoderOutput | tuple[Tensor]:
+    def decode(self, z: Tensor, num_frames: int, return_dict: bool = True) -> SampleOutput | tuple[Tensor]:
         """diffusers' decode: `decode_frames`' frames as `.sample`, or `(frames,)` with return_dict=False."""
         frames = self.decode_frames(z, num_frames)
-        return DecoderOutput(frames) if return_dict else (frames,)
+        return SampleOutput(frames) if return_dict else (frames,)
 
     def encode_mean(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) in [-1, 1] -> the posterior mean (N, latent_channels, H/8, W/8) for SVD's four
