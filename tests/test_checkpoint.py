@@ -939,7 +939,7 @@ def test_a_temporal_vae_ignores_norm_num_groups_as_diffusers():
 
 def test_bad_devices_and_dtypes_are_one_line_errors(tmp_path):
     from img2vid import Pipeline
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))
     single = ck.save_single_file(tmp_path / "s.safetensors", TINY, random_components(TINY))
@@ -955,7 +955,7 @@ def test_bad_devices_and_dtypes_are_one_line_errors(tmp_path):
 
 def test_cpu_index_zero_impossible_sizes_and_zero_scales(tmp_path):
     from img2vid import Pipeline
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
     from img2vid.unet import UNet
 
     folder = ck.save_folder(tmp_path / "f", TINY, random_components(TINY))

@@ -294,7 +294,7 @@ def test_random_seed_is_printed_and_stored(models, images, tmp_path, capsys):
 
 
 def test_hub_model_defaults_to_fp16_variant(models, images, tmp_path, capsys, monkeypatch):
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     seen = {}
 

@@ -14,9 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from img2vid import config_checks, configs
 from img2vid.components import load_source
-from img2vid.images import InputError
+from img2vid.errors import CheckpointError, InputError
 from img2vid.pipeline import Pipeline
-from img2vid.sgm_keys import CheckpointError
 
 H, W = 32, 48
 POSITION_IDS = "vision_model.embeddings.position_ids"  # a buffer older transformers saved; not a weight

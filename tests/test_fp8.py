@@ -286,7 +286,7 @@ def test_pipeline_fp8_mode(tiny_model_dir) -> None:
     threshold), refuses weight streaming either way round, and a quantized pipeline gives a video near the exact
     one (the tiny UNet quantized at min_features=16, every transformer linear but the cross-attentions)."""
     from img2vid import Pipeline
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     pipe = Pipeline.from_pretrained(tiny_model_dir)
     assert pipe.enable_fp8() == 0

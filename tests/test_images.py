@@ -16,7 +16,8 @@ import PIL.Image
 import pytest
 import torch
 
-from img2vid.images import InputError, check_size, fit_size, load_image, resize_image
+from img2vid.errors import InputError
+from img2vid.images import check_size, fit_size, load_image, resize_image
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

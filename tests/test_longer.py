@@ -9,7 +9,7 @@ from conftest import make_image
 
 import img2vid.longer
 from img2vid import Pipeline
-from img2vid.images import InputError
+from img2vid.errors import InputError
 from img2vid.longer import chain_segments, check_segments
 
 H, W, FRAMES, STEPS = 32, 48, 3, 2  # the tiny model needs multiples of 4 (2 VAE levels x 2 UNet levels)

@@ -8,7 +8,7 @@ import torch
 from conftest import make_image
 
 from img2vid import Pipeline, compiled
-from img2vid.images import InputError
+from img2vid.errors import InputError
 from img2vid.offload import SequentialOffload
 
 KW = dict(height=32, width=32, num_frames=3, num_inference_steps=2, output_type="pt", decode_chunk_size=2)

@@ -11,7 +11,7 @@ from conftest import make_image
 
 from img2vid import Pipeline
 from img2vid.configs import TINY_UNET
-from img2vid.images import InputError
+from img2vid.errors import InputError
 from img2vid.parallel import GuidanceParallel
 from img2vid.unet import UNet
 

@@ -18,7 +18,8 @@ from conftest import make_image, rel_err
 
 from img2vid import Pipeline, PipelineOutput
 from img2vid.configs import preset
-from img2vid.images import InputError, NonFiniteVideo, load_image
+from img2vid.errors import InputError, NonFiniteVideo
+from img2vid.images import load_image
 from img2vid.inputs import to_host
 
 H, W = 32, 48  # non-square; tiny VAE (2 levels) and UNet (2-3 levels) need multiples of 8
@@ -158,6 +159,19 @@ def test_to_takes_diffusers_keyword_forms():
     assert p.to("cpu", torch.float64).dtype == torch.float64 and p.to(torch.float32).dtype == torch.float32
 
 
+def test_from_config_seeds_its_weights_without_touching_the_callers_random_stream():
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    a = Pipeline.from_config("tiny", seed=5)
+    assert torch.equal(torch.rand(4), expected)  # the global generator is where the caller left it
+    b = Pipeline.from_config("tiny", seed=5)
+    c = Pipeline.from_config("tiny", seed=6)
+    w = "conv_in.weight"
+    assert torch.equal(a.unet.state_dict()[w], b.unet.state_dict()[w])
+    assert not torch.equal(a.unet.state_dict()[w], c.unet.state_dict()[w])
+
+
 def test_diffusers_loading_arguments_and_attributes_that_scripts_use(tiny_model_dir, tmp_path):
     """diffusers snippets pass use_safetensors=True, low_cpu_mem_usage, device_map="cpu", force_download, dtype=;
     they read pipe.components, pipe.unet.dtype / .device, call maybe_free_model_hooks(), save_pretrained(...,
@@ -219,6 +233,8 @@ def test_same_seed_same_frames_and_output_types(pipes):
     assert a.shape == (1, 3, H, W, 3) and a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
     pt = p(generator=torch.manual_seed(7), output_type="pt", **kw).frames
     assert pt.shape == (1, 3, 3, H, W) and pt.min() >= 0 and pt.max() <= 1
+    # np is pt in diffusers' (B, F, H, W, C) layout: same frames, same order, channels last
+    np.testing.assert_array_equal(a, pt.permute(0, 1, 3, 4, 2).numpy())
     lat = p(generator=torch.manual_seed(7), output_type="latent", **kw).frames
     assert lat.shape == (1, 3, 4, H // 2, W // 2)
     pil = p(generator=torch.manual_seed(7), output_type="pil", **kw).frames

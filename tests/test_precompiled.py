@@ -14,7 +14,7 @@ from conftest import make_image
 
 from img2vid import Pipeline, precompiled
 from img2vid.compiled import DECODER_BLOCKS
-from img2vid.images import InputError
+from img2vid.errors import InputError
 from img2vid.layers import channels_last_
 from img2vid.precompiled import FILE_SUFFIX, PrecompiledFunction
 

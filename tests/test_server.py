@@ -24,7 +24,7 @@ from conftest import make_image
 from img2vid import Pipeline, server_queue, server_requests
 from img2vid import server as server_module
 from img2vid.cli import main
-from img2vid.images import NonFiniteVideo
+from img2vid.errors import NonFiniteVideo
 from img2vid.server import Handler, generate, make_server, parse_params
 from img2vid.video import read_video
 

@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 import torch
 
-from img2vid.images import InputError
+from img2vid.errors import InputError
 from img2vid.utils import export_to_video
 from img2vid.video import FORMATS, apply_loop, export_video, read_metadata, read_video, to_uint8_frames
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from img2vid.errors import CheckpointError, InputError, NonFiniteVideo  # cheap: no torch, PIL or numpy
+
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "PipelineOutput", "__version__"]
+__all__ = ["Pipeline", "PipelineOutput", "InputError", "CheckpointError", "NonFiniteVideo", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -37,6 +37,7 @@ from img2vid.checkpoint_io import (
     write_safetensors,
 )
 from img2vid.configs import PipelineConfig
+from img2vid.errors import first_line
 from img2vid.folders import check_variant, component_file, component_variants, shard_files
 from img2vid.hub import resolve_pretrained
 from img2vid.sgm_keys import (
@@ -106,7 +107,7 @@ def expected_shapes(component: str, config: PipelineConfig, where: str = "") -> 
     try:
         return _expected_shapes(component, config)
     except (ValueError, RuntimeError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = first_line(e)
         raise CheckpointError(f"{where}the {component} cannot be built from its config: {why}") from None
 
 
@@ -168,7 +169,7 @@ def build(cls: type[nn.Module], config: Any, state_dict: StateDict, component: s
         with torch.device("meta"):
             module = cls(config)
     except (ValueError, RuntimeError) as e:  # well-typed but impossible sizes: channels that no norm group divides
-        raise CheckpointError(f"the {component} cannot be built from its config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"the {component} cannot be built from its config: {first_line(e)}") from None
     load_into(module, state_dict, component)
     return module.eval()
 

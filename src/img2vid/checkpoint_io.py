@@ -20,7 +20,7 @@ import torch
 
 from img2vid import config_checks, configs
 from img2vid.configs import PipelineConfig
-from img2vid.sgm_keys import CheckpointError
+from img2vid.errors import CheckpointError, first_line
 
 StateDict = dict[str, torch.Tensor]
 Device = str | torch.device
@@ -95,7 +95,7 @@ def _open_safetensors(path: Path, device: Device = "cpu") -> Any:
         dev = torch.device(device)  # safetensors takes "cpu" but not "cpu:0", and blamed the file for it
         return safe_open(str(path), framework="pt", device="cpu" if dev.type == "cpu" else str(dev))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
 
 
 _READERS = 4  # threads reading one file, each over its own contiguous range
@@ -234,7 +234,7 @@ def read_state_dict(
     try:
         obj = torch.load(path, map_location=torch.device(device), weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary Python objects with an UnpicklingError
-        raise CheckpointError(f"{path}: cannot load as a tensor-only pickle ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot load as a tensor-only pickle ({first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning / sgm training checkpoints
     if not isinstance(obj, dict):

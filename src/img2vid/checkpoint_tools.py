@@ -31,6 +31,7 @@ from img2vid.checkpoint_io import (
     read_header,
 )
 from img2vid.components import FILE_COMPONENT, component_folder_file, folder_config, with_component
+from img2vid.errors import CheckpointError
 from img2vid.folders import (
     component_file,
     component_variants,
@@ -39,7 +40,7 @@ from img2vid.folders import (
     shard_files,
     weight_variants,
 )
-from img2vid.sgm_keys import COMPONENTS, CheckpointError, detect_format, detect_sgm_variant, split_sgm
+from img2vid.sgm_keys import COMPONENTS, detect_format, detect_sgm_variant, split_sgm
 from img2vid.video import file_in_the_way
 
 __all__ = ["convert", "checkpoint_info"]

@@ -317,7 +317,8 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 # ---- generate, serve ---------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from img2vid.images import InputError, check_size, load_image, video_input
+    from img2vid.errors import InputError
+    from img2vid.images import check_size, load_image, video_input
     from img2vid.longer import check_segments
 
     if args.min_guidance > args.max_guidance:
@@ -385,7 +386,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from img2vid.images import user_path
+    from img2vid.errors import user_path
     from img2vid.server import make_server, serve
 
     kind, _ = model_source(args.model, args.variant, args.revision)

@@ -19,7 +19,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 def expand_images(patterns: list[str]) -> list[str]:
     """Paths, URLs and glob patterns (expanded here too, so a quoted pattern works) -> sources, in order."""
-    from img2vid.images import InputError, user_path
+    from img2vid.errors import InputError, user_path
 
     sources: list[str] = []
     for pattern in patterns:
@@ -64,7 +64,7 @@ def output_paths(
     """(source, seed, output path) of every video, each source's seeds in turn, and the format. Several videos need a
     folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}; a pattern
     may name folders too (out/{stem}/ or out/{stem}/{seed}.mp4), which the export creates."""
-    from img2vid.images import InputError, user_path
+    from img2vid.errors import InputError, user_path
     from img2vid.video import check_crf, check_output, file_in_the_way, holds_frames
 
     if not output:
@@ -149,7 +149,7 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
     Sizes must survive the VAE's (levels - 1) halvings and the UNet's (levels - 1) more; every published SVD model
     (hub ids, Stability's single files) needs 64, folders and our single files carry their config."""
     from img2vid import checkpoint
-    from img2vid.images import user_path
+    from img2vid.errors import user_path
 
     path, config = user_path(model), None
     if path.is_dir():
@@ -160,7 +160,7 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
         kind = "hub"
     else:
         raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     if kind == "file":
         refuse_variant_of_file(variant)
@@ -174,7 +174,7 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
 def component_sources(args: argparse.Namespace) -> dict[str, Any]:
     """--unet / --vae as paths that exist ({component: path} of those given): a hub id is not taken there (download
     it first), and a typo is an error before anything loads. What the path holds is read with the model."""
-    from img2vid.images import InputError, user_path
+    from img2vid.errors import InputError, user_path
 
     given = {c: getattr(args, c) for c in ("unet", "vae") if getattr(args, c) is not None}
     for c, source in given.items():
@@ -186,7 +186,7 @@ def component_sources(args: argparse.Namespace) -> dict[str, Any]:
 def refuse_variant_of_file(variant: str | None, picks_from: str = "a model folder or hub repo") -> None:
     """A --variant given with a single file would be ignored, yet recorded in the sidecar: refused (generate, serve,
     info, which reads folders and files only). "none", the default's spelling, is no variant."""
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     if variant not in (None, "none"):
         raise InputError(f"--variant {variant} picks files of {picks_from}, not of one file")
@@ -210,7 +210,7 @@ def run_settings(args: argparse.Namespace, pipe: Any, variant: str | None, secon
 def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     if args.low_memory and args.offload not in (None, "none"):  # low memory is its own offload: one would be dropped
         raise InputError(f"--low-memory streams the weights itself; drop --offload {args.offload}")
@@ -228,7 +228,7 @@ def guidance_device(args: argparse.Namespace, device: Any) -> Any:
     """--guidance-device as a torch.device, or None; what it cannot run with is an error before the model loads."""
     import torch
 
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
     from img2vid.parallel import check_devices
 
     if args.guidance_device is None:
@@ -252,7 +252,7 @@ def check_compile_cache(args: argparse.Namespace) -> None:
     """--compile-cache naming a file or a place that cannot be written: an error now, not after the model loads.
     Called after the option checks, since it creates the folder."""
     if args.compile_cache:
-        from img2vid.images import user_path
+        from img2vid.errors import user_path
         from img2vid.precompiled import check_cache_dir
 
         check_cache_dir(user_path(args.compile_cache))
@@ -269,8 +269,8 @@ def load_pipeline(
     # The hub's fp16 files for float16: half the download, the same float16 weights.
     variant = args.variant or ("fp16" if kind == "hub" and dtype == torch.float16 else None)
     if kind == "folder":  # one variant alone, e.g. what `img2vid convert ... --variant fp16` writes
+        from img2vid.errors import user_path
         from img2vid.folders import folder_variant
-        from img2vid.images import user_path
 
         variant = folder_variant(user_path(args.model), variant, args.allow_pickle)
     variant = None if variant == "none" else variant  # a hub id's or a single file's

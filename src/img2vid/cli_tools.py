@@ -68,7 +68,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from img2vid.checkpoint_tools import checkpoint_info
     from img2vid.cli_setup import refuse_variant_of_file
-    from img2vid.images import user_path
+    from img2vid.errors import user_path
 
     path = user_path(args.checkpoint)
     if path.is_file():
@@ -104,7 +104,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from img2vid.checkpoint_tools import convert
-    from img2vid.images import user_path
+    from img2vid.errors import user_path
 
     start = time.perf_counter()
     dtype = getattr(torch, args.dtype) if args.dtype else None

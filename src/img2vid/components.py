@@ -39,8 +39,8 @@ from img2vid.checkpoint_io import (
     stored_config,
 )
 from img2vid.configs import PipelineConfig
+from img2vid.errors import InputError, user_path
 from img2vid.folders import check_variant, component_file, weight_variants
-from img2vid.images import InputError, user_path
 from img2vid.sgm_keys import (
     COMPONENTS,
     SGM_PREFIX,

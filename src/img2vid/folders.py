@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from img2vid.checkpoint_io import WEIGHTS_NAME, refuse_pickle
-from img2vid.sgm_keys import COMPONENTS, CheckpointError
+from img2vid.errors import CheckpointError
+from img2vid.sgm_keys import COMPONENTS
 
 
 def check_variant(variant: str | None) -> None:

@@ -10,7 +10,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from img2vid.checkpoint_io import PICKLE_SUFFIXES, WEIGHTS_NAME
-from img2vid.sgm_keys import COMPONENTS, CheckpointError
+from img2vid.errors import CheckpointError, first_line, user_path
+from img2vid.sgm_keys import COMPONENTS
 
 
 def _weight_patterns(component: str, variant: str | None) -> tuple[str, ...]:
@@ -69,8 +70,6 @@ def resolve_pretrained(
     """A local diffusers folder as it is; otherwise a hub id ("owner/name") through huggingface_hub's cache.
     revision (a branch, tag or commit), cache_dir, token and force_download mean what they mean to diffusers and
     huggingface_hub (token None: the saved login or HF_TOKEN; SVD's repos are gated); skip: see hub_patterns."""
-    from img2vid.images import user_path  # lazily: images reads Pillow, which loading a model does not need
-
     path = user_path(path_or_id)
     if path.is_dir():
         return path
@@ -110,7 +109,7 @@ def resolve_pretrained(
             "or a token)"
         ) from None
     except HfHubHTTPError as e:
-        raise CheckpointError(f"{path_or_id}: download failed ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path_or_id}: download failed ({first_line(e)})") from None
     except HFValidationError as e:  # "a--b/c", "a/b.git", ...: the hub's own rules, past our pattern
         raise CheckpointError(f"{path_or_id}: no such folder, and not a valid hub id ({e})") from None
 
@@ -140,4 +139,4 @@ def push_folder(
             create_pr=create_pr,
         )
     except (HfHubHTTPError, HFValidationError) as e:
-        raise CheckpointError(f"{repo_id}: upload failed ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{repo_id}: upload failed ({first_line(e)})") from None

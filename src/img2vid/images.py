@@ -14,12 +14,13 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+
+from img2vid.errors import InputError, user_path  # re-exported: img2vid.images.InputError
 
 if TYPE_CHECKING:
     import torch
@@ -36,28 +37,10 @@ MAX_IMAGE_BYTES = 2 << 30
 _INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-class InputError(ValueError):
-    """A user-facing problem with an input; str(e) is ONE clear line (the CLI prints it and exits 2)."""
-
-
-class NonFiniteVideo(ValueError):
-    """The model's output is not a video: NaN frames, which would be written as black ones (the weights or float16
-    overflow, not the request: the server answers 500, without a traceback). One line, as InputError's."""
-
-
 def is_tensor(value: object) -> bool:
     """isinstance(value, torch.Tensor) without importing torch: if torch is not loaded, nothing can be a tensor."""
     torch_module = sys.modules.get("torch")
     return torch_module is not None and isinstance(value, torch_module.Tensor)
-
-
-def user_path(path: str | os.PathLike) -> Path:
-    """Path(path) with a leading ~ or ~user expanded; a user that does not exist is a one-line InputError (pathlib
-    raises RuntimeError, which front ends would report as a failure of their own)."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        raise InputError(f"{path}: {str(path).split('/')[0]} names no user's home folder on this machine") from None
 
 
 def _is_url(source: object) -> bool:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from img2vid.configs import FLOAT16_MAX, PipelineConfig
-from img2vid.images import InputError, check_unit_tensor, load_image
+from img2vid.errors import InputError
+from img2vid.images import check_unit_tensor, load_image
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 Generator = torch.Generator | list[torch.Generator] | None

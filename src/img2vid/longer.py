@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from img2vid.images import InputError
+from img2vid.errors import InputError
 from img2vid.inputs import ImageInput, to_host
 
 __all__ = ["chain_segments", "check_segments"]

@@ -12,8 +12,8 @@ import torch
 
 from img2vid import compiled, fused, offload, parallel, precompiled
 from img2vid.configs import PipelineConfig
+from img2vid.errors import InputError
 from img2vid.fp8 import Fp8Linear, quantize_unet_fp8
-from img2vid.images import InputError
 from img2vid.layers import channels_last_
 from img2vid.offload import SequentialOffload, move_module
 

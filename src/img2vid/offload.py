@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from img2vid.images import InputError
+from img2vid.errors import InputError
 
 
 def indexed(device: torch.device) -> torch.device:

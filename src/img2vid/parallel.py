@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from img2vid import compiled, sampling
+from img2vid.errors import first_line
 from img2vid.offload import available_device
 
 
@@ -196,7 +197,7 @@ class GuidanceParallel:
             except RuntimeError as e:
                 # Not run eagerly instead, now or in a later call (a server's next request): after a failed capture
                 # torch's allocator cannot be trusted (run 125's eager halves after one gave non-finite frames)
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                why = first_line(e)
                 self._failed = (
                     f"CUDA graphs of the guidance halves failed ({why}); start a new process and enable guidance "
                     "parallelism with cuda_graphs=False (CLI: --no-cuda-graphs)"
@@ -298,14 +299,14 @@ def module_key(module: torch.nn.Module) -> tuple:
 
 def offload_refused(offload: str) -> Exception:
     """The one error for guidance parallelism with CPU offload, whichever was enabled first."""
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     return InputError(f"guidance parallelism keeps a UNet on each GPU; it cannot run with {offload} CPU offload")
 
 
 def check_devices(main: torch.device, second: torch.device, offload: str | None) -> None:
     """The combinations guidance parallelism cannot run, as one-line errors (InputError from the caller's module)."""
-    from img2vid.images import InputError
+    from img2vid.errors import InputError
 
     if offload is not None:
         raise offload_refused(offload)

@@ -20,9 +20,10 @@ import torch
 from img2vid import checkpoint, compiled, components, sampling
 from img2vid.components import Source
 from img2vid.configs import PipelineConfig, preset
+from img2vid.errors import InputError, NonFiniteVideo
 from img2vid.hub import push_folder
 from img2vid.image_encoder import ImageEncoder, preprocess
-from img2vid.images import InputError, NonFiniteVideo, check_size
+from img2vid.images import check_size
 from img2vid.inputs import (
     DiffusersAttributes,
     Generator,
@@ -101,9 +102,11 @@ class Pipeline(DiffusersAttributes, RunModes):
     ) -> Pipeline:
         """Random weights (tests, benchmarks, `img2vid selftest`). The output is noise, not a video."""
         config = preset(config) if isinstance(config, str) else config
-        if seed is not None:
-            torch.manual_seed(seed)
-        unet, vae, enc = UNet(config.unet), VAE(config.vae), ImageEncoder(config.image_encoder)
+        # torch's initialisers draw from the global generator; fork_rng gives the caller's stream back unchanged
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            unet, vae, enc = UNet(config.unet), VAE(config.vae), ImageEncoder(config.image_encoder)
         return cls(config, unet.to(torch_dtype), vae.to(torch_dtype), enc.to(torch_dtype))
 
     @classmethod

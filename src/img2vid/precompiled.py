@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from img2vid.images import InputError
+from img2vid.errors import InputError, first_line
 
 FILE_SUFFIX = ".aot"
 
@@ -206,7 +206,7 @@ class PrecompiledFunction:
         except torch._dynamo.exc.PackageError as e:
             # Guards no other process could check, such as the identity of the hooks that stream a module's weights
             # (sequential offload, low memory): one line instead of torch's multi-line trace after the tracing.
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            why = first_line(e)
             raise InputError(
                 f"the compile cache cannot keep {self.name} for these arguments ({why}); with sequential offload or "
                 "low memory, compile without a cache folder"

@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from img2vid import __version__
-from img2vid.images import InputError, NonFiniteVideo
+from img2vid.errors import InputError, NonFiniteVideo
 from img2vid.server_queue import (
     RETRY_AFTER_S,
     TIMEOUT_S,

@@ -18,7 +18,8 @@ import PIL.Image
 from img2vid import __version__
 from img2vid.cli import MAX_SIDE, _number
 from img2vid.configs import FLOAT16_MAX
-from img2vid.images import SIZE_MODES, InputError, frame_size, load_image, video_input
+from img2vid.errors import InputError
+from img2vid.images import SIZE_MODES, frame_size, load_image, video_input
 
 __all__ = [
     "MAX_PIXELS",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from img2vid.configs import CLIPVisionConfig, PipelineConfig, UNetConfig, VAEConfig
-from img2vid.images import InputError
+from img2vid.errors import CheckpointError  # re-exported: img2vid.sgm_keys.CheckpointError
 
 COMPONENTS = ("unet", "vae", "image_encoder")
 SGM_PREFIX = {
@@ -39,10 +39,6 @@ COPY = "copy"
 CONV1X1 = "conv1x1"  # sgm VAE attention q/k/v/proj_out are 1x1 convs (C, C, 1, 1); diffusers' are linear (C, C)
 TRANSPOSE = "transpose"  # open_clip visual.proj is (hidden, proj); transformers' visual_projection (proj, hidden)
 QKV = "qkv"  # open_clip's fused attn.in_proj_{weight,bias} (3C, ...) = q, k, v stacked; ours "{}" -> q / k / v
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be used as it is: one line naming the file or the tensors and what to do."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from img2vid.images import InputError, _fetch_url, _is_url, _open_decoded, is_tensor
+from img2vid.errors import InputError
+from img2vid.images import _fetch_url, _is_url, _open_decoded, is_tensor
 from img2vid.video import FORMATS, export_video, to_uint8_frames
 
 if TYPE_CHECKING:  # annotations only: importing utils must not import torch

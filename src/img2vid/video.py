@@ -31,7 +31,8 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 
-from img2vid.images import InputError, check_unit_tensor, is_tensor, to_uint8, user_path
+from img2vid.errors import InputError, user_path
+from img2vid.images import check_unit_tensor, is_tensor, to_uint8
 from img2vid.video_read import EXIF_IMAGE_DESCRIPTION, FOLDER_META, PNG_FPS_KEY, PNG_META_KEY, read_metadata, read_video
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import PIL.Image
 
-from img2vid.images import InputError, user_path
+from img2vid.errors import InputError, user_path
 
 __all__ = ["read_video", "read_metadata"]
 
