@@ -22,6 +22,7 @@ from img2vid.configs import PipelineConfig, preset, replace
 from img2vid.folders import weight_variants
 from img2vid.sgm_keys import (
     COMPONENTS,
+    POSITION_IDS,
     UNUSED_KEYS,
     CheckpointError,
     components_to_sgm,
@@ -35,7 +36,6 @@ from img2vid.sgm_keys import (
 # team's reference listing, so that the key table is checked on any machine, not only where that folder is.
 KEYS_JSON = Path(__file__).parent / "data" / "svd_xt_keys.json.gz"
 SHARED_KEYS_JSON = Path("/work/shared/reference/svd_xt_keys.json")  # the original, where this machine has it
-POSITION_IDS = "vision_model.embeddings.position_ids"
 
 
 def kwargs(d: dict) -> dict:
@@ -344,7 +344,7 @@ def test_learned_quant_conv_round_trips_through_the_conditioning_autoencoder(tmp
     )
     back = sgm_to_components(sgm, TINY)
     for c in COMPONENTS:
-        want = {k: v for k, v in sds[c].items() if k != "vision_model.embeddings.position_ids"}
+        want = {k: v for k, v in sds[c].items() if k != POSITION_IDS}
         assert set(back[c]) == set(want) and all(torch.equal(back[c][k], want[k]) for k in want), c
     path = ck.save_single_file(tmp_path / "svd_tiny.safetensors", TINY, sds)
     _, loaded = ck.load_single_file(path, config=TINY)
@@ -969,3 +969,10 @@ def test_cpu_index_zero_impossible_sizes_and_zero_scales(tmp_path):
         ck.build(UNet, config.unet, {}, "unet")
     with pytest.raises(InputError, match="torch_dtype must be"):
         Pipeline.from_pretrained(folder, torch_dtype=torch.float8_e4m3fn)
+
+
+def test_an_unknown_component_name_is_an_error_not_the_image_encoder():
+    with pytest.raises(ValueError, match="unknown component 'text_encoder'"):
+        ck.model_class("text_encoder")
+    with pytest.raises(ValueError, match="unknown component 'unets'"):
+        configs.component_from_config("unets", {})

@@ -16,9 +16,9 @@ from img2vid import config_checks, configs
 from img2vid.components import load_source
 from img2vid.errors import CheckpointError, InputError
 from img2vid.pipeline import Pipeline
+from img2vid.sgm_keys import POSITION_IDS
 
 H, W = 32, 48
-POSITION_IDS = "vision_model.embeddings.position_ids"  # a buffer older transformers saved; not a weight
 CALL = dict(height=H, width=W, num_frames=3, num_inference_steps=2, output_type="pt")
 
 

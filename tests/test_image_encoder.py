@@ -12,7 +12,8 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from PIL import Image
 
 from img2vid.configs import CLIPVisionConfig, clip_from_transformers, clip_to_transformers
-from img2vid.image_encoder import IGNORED_KEYS, ImageEncoder, preprocess, resize_with_antialiasing
+from img2vid.image_encoder import ImageEncoder, preprocess, resize_with_antialiasing
+from img2vid.sgm_keys import POSITION_IDS
 
 TINY_CONFIGS = [
     CLIPVisionConfig(
@@ -58,7 +59,7 @@ def reference_model(config: CLIPVisionConfig, seed: int) -> transformers.CLIPVis
 def load_ours(config: CLIPVisionConfig, state_dict: dict[str, torch.Tensor]) -> ImageEncoder:
     with torch.device("meta"):
         ours = ImageEncoder(config)
-    sd = {k: v for k, v in state_dict.items() if k not in IGNORED_KEYS}
+    sd = {k: v for k, v in state_dict.items() if k != POSITION_IDS}
     ours.load_state_dict(sd, strict=True, assign=True)
     return ours.eval()
 
@@ -133,7 +134,7 @@ def test_full_vit_h_matches_transformers_on_meta() -> None:
         ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**clip_to_transformers(config)))
     assert sum(p.numel() for p in ours.parameters()) == 632_076_800  # SVD.md
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k not in IGNORED_KEYS}
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k != POSITION_IDS}
     assert ours_shapes == ref_shapes
 
 

@@ -42,6 +42,7 @@ from img2vid.folders import check_variant, component_file, component_variants, s
 from img2vid.hub import resolve_pretrained
 from img2vid.sgm_keys import (
     COMPONENTS,
+    POSITION_IDS,
     SGM_PREFIX,
     CheckpointError,
     components_to_sgm,
@@ -77,7 +78,6 @@ __all__ = [
     "sgm_to_components",
 ]
 
-POSITION_IDS = "vision_model.embeddings.position_ids"  # a buffer older transformers saved; our encoder computes it
 VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -87,6 +87,7 @@ def drop_buffers(sd: StateDict, component: str) -> StateDict:
 
 # ---- strict loading into modules built on the meta device -----------------------------------------------------------
 def model_class(component: str) -> type[nn.Module]:
+    """The module class of a component (imported on first use: `img2vid info` needs none of them)."""
     if component == "unet":
         from img2vid.unet import UNet
 
@@ -95,9 +96,11 @@ def model_class(component: str) -> type[nn.Module]:
         from img2vid.vae import VAE
 
         return VAE
-    from img2vid.image_encoder import ImageEncoder
+    if component == "image_encoder":
+        from img2vid.image_encoder import ImageEncoder
 
-    return ImageEncoder
+        return ImageEncoder
+    raise ValueError(f"unknown component {component!r}: expected unet, vae or image_encoder")
 
 
 def expected_shapes(component: str, config: PipelineConfig, where: str = "") -> dict[str, torch.Size]:
@@ -206,9 +209,9 @@ def read_pipeline_config(folder: Path) -> PipelineConfig:
     try:
         pre = js("feature_extractor/preprocessor_config.json", required=False)
         parts = dict(
-            unet=configs.unet_from_diffusers(js("unet/config.json")),
-            vae=configs.vae_from_diffusers(js("vae/config.json")),
-            image_encoder=configs.clip_from_transformers(js("image_encoder/config.json"), pre or None),
+            unet=configs.component_from_config("unet", js("unet/config.json")),
+            vae=configs.component_from_config("vae", js("vae/config.json")),
+            image_encoder=configs.component_from_config("image_encoder", js("image_encoder/config.json"), pre or None),
             scheduler=configs.scheduler_from_diffusers(js("scheduler/scheduler_config.json", required=False)),
         )
         ours = js("model_index.json").get("_img2vid", {})

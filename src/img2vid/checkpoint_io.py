@@ -21,10 +21,10 @@ import torch
 from img2vid import config_checks, configs
 from img2vid.configs import PipelineConfig
 from img2vid.errors import CheckpointError, first_line
+from img2vid.names import PICKLE_SUFFIXES
 
 StateDict = dict[str, torch.Tensor]
 Device = str | torch.device
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 WEIGHTS_NAME = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "image_encoder": "model"}
 CONFIG_KEY = "img2vid_config"  # safetensors metadata key of our single files
 DIFFUSERS_VERSION = "0.24.0"  # the first diffusers with StableVideoDiffusionPipeline

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from img2vid.names import REPO_ID, WEIGHT_SUFFIXES
+
 # = img2vid.video.FORMATS, spelled out to keep --help import-free
 FORMATS = ("mp4", "webm", "gif", "webp", "png", "mkv", "mov")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def expand_images(patterns: list[str]) -> list[str]:
@@ -156,7 +155,7 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
         kind, config = "folder", checkpoint.read_pipeline_config(path)
     elif path.is_file():
         kind, config = "file", checkpoint.peek_config(path)
-    elif HUB_ID.match(model) and not model.startswith(".") and not model.lower().endswith(WEIGHT_SUFFIXES):
+    elif REPO_ID.match(model) and not model.lower().endswith(WEIGHT_SUFFIXES):
         kind = "hub"
     else:
         raise checkpoint.CheckpointError(f"model not found: {model} (want a hub id, a diffusers folder or a file)")

@@ -98,12 +98,7 @@ def folder_config(folder: Path, component: str) -> Any:
     except ValueError as e:  # its message names the file
         raise CheckpointError(str(e)) from None
     try:
-        if component == "unet":
-            part = configs.unet_from_diffusers(data)
-        elif component == "vae":
-            part = configs.vae_from_diffusers(data)
-        else:
-            part = configs.clip_from_transformers(data)
+        part = configs.component_from_config(component, data)
         config_checks.check(part)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None

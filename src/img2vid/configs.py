@@ -10,7 +10,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+C = TypeVar("C")  # a config dataclass
 
 # float16's largest value: the bound of the call's real-valued knobs (inputs.check_conditioning, the CLI's and the
 # server's guidance scales), which a float16 model could not hold beyond it
@@ -324,6 +326,19 @@ def clip_to_transformers(c: CLIPVisionConfig) -> dict[str, Any]:
     }
 
 
+def component_from_config(
+    component: str, cfg: dict[str, Any], preprocessor: dict[str, Any] | None = None
+) -> UNetConfig | VAEConfig | CLIPVisionConfig:
+    """A component folder's config.json -> its config: the one place a component's name picks its mapping."""
+    if component == "unet":
+        return unet_from_diffusers(cfg)
+    if component == "vae":
+        return vae_from_diffusers(cfg)
+    if component == "image_encoder":
+        return clip_from_transformers(cfg, preprocessor)
+    raise ValueError(f"unknown component {component!r}: expected unet, vae or image_encoder")
+
+
 def scheduler_from_diffusers(cfg: dict[str, Any]) -> SchedulerConfig:
     """SVD's Euler schedule from a scheduler_config.json. Settings that give diffusers another schedule, which
     img2vid does not implement, are refused by name (a folder of tuned settings made a different video silently);
@@ -381,6 +396,6 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def replace(config: Any, **changes: Any) -> Any:
-    """dataclasses.replace, re-exported so callers need not import dataclasses for one function."""
+def replace(config: C, **changes: object) -> C:
+    """dataclasses.replace, typed: the config's own class comes back."""
     return dataclasses.replace(config, **changes)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 from collections.abc import Collection
 from pathlib import Path
 
-from img2vid.checkpoint_io import PICKLE_SUFFIXES, WEIGHTS_NAME
+from img2vid.checkpoint_io import WEIGHTS_NAME
 from img2vid.errors import CheckpointError, first_line, user_path
+from img2vid.names import REPO_ID, WEIGHT_SUFFIXES
 from img2vid.sgm_keys import COMPONENTS
 
 
@@ -54,9 +54,6 @@ def _repo_files(repo_id: str, revision: str | None, token: str | bool | None) ->
         return None
 
 
-REPO_ID = re.compile(r"^[\w][\w.-]*/[\w.-]+$")
-
-
 def resolve_pretrained(
     path_or_id: str,
     variant: str | None = None,
@@ -75,7 +72,7 @@ def resolve_pretrained(
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file, not a diffusers folder: load it as a single file")
-    if path.suffix in (".safetensors", *PICKLE_SUFFIXES):  # a mistyped file path, not a hub lookup gone wrong
+    if path.suffix in WEIGHT_SUFFIXES:  # a mistyped file path, not a hub lookup gone wrong
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not REPO_ID.match(path_or_id):
         raise CheckpointError(f"{path_or_id}: no such folder, and not a hub id like stabilityai/<model>")

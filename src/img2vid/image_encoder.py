@@ -16,10 +16,6 @@ from torch import nn
 from img2vid.configs import CLIPVisionConfig
 from img2vid.layers import Placed, attention
 
-# Checkpoint keys that carry no weights and must be dropped before a strict load. Older transformers saves store the
-# `position_ids` buffer (an arange over the positions); we hold no buffers and add the whole position table instead.
-IGNORED_KEYS: tuple[str, ...] = ("vision_model.embeddings.position_ids",)
-
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     # OpenAI CLIP's sigmoid approximation of GELU (transformers' QuickGELUActivation).
@@ -138,7 +134,7 @@ class ImageEncoder(Placed):
 
     forward: (B, num_channels, image_size, image_size) normalised pixels (see `preprocess`) -> (B, projection_dim).
     Holds no buffers, so it can be built on the meta device and filled with `load_state_dict(sd, assign=True)`;
-    drop `IGNORED_KEYS` from a checkpoint first.
+    drop `sgm_keys.POSITION_IDS` from a checkpoint first.
     """
 
     def __init__(self, config: CLIPVisionConfig) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from img2vid import compiled, sampling
 from img2vid.errors import first_line
+from img2vid.names import PLAIN
 from img2vid.offload import available_device
 
 
@@ -85,7 +86,7 @@ class GuidanceParallel:
                     b.copy_(a)  # across GPUs: ordered by the streams, as the steps' copies are
             for a, b in zip(src, dst, strict=True):
                 for name, value in vars(a).items():
-                    if isinstance(value, _PLAIN) and isinstance(vars(b).get(name, ()), _PLAIN):
+                    if isinstance(value, PLAIN) and isinstance(vars(b).get(name, ()), PLAIN):
                         setattr(b, name, value)
         else:
             self._graphed, self.unet = [], None  # the old copy's memory (and its graphs') first
@@ -265,9 +266,6 @@ def capture_halves(
     return graphs
 
 
-_PLAIN = (bool, int, float, str, type(None))  # the module attributes that are settings, not submodules or tensors
-
-
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
@@ -292,7 +290,7 @@ def module_key(module: torch.nn.Module) -> tuple:
     SVD's UNet, so once a call, not once a step."""
     tensors = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in _tensors(module))
     settings = tuple(
-        (type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))) for m in module.modules()
+        (type(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, PLAIN))) for m in module.modules()
     )
     return tensors, settings
 

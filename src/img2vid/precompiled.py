@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from img2vid.errors import InputError, first_line
+from img2vid.names import PLAIN
 
 FILE_SUFFIX = ".aot"
 
@@ -51,9 +52,6 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
-_PLAIN = (bool, int, float, str, type(None))
-
-
 def _module_signature(m: torch.nn.Module) -> str:
     """What a compiled graph depends on in a module argument: its class, structure (repr: layer sizes, eps,
     groups), every submodule's plain attributes (dynamo guards on them: forward chunking's chunk_size, training) and
@@ -61,7 +59,7 @@ def _module_signature(m: torch.nn.Module) -> str:
     they were compiled for: channels-last convs differ), as one digest (a UNet's repr is ~100 kB and its attributes
     5000: re-read on every step they cost milliseconds). The caller adds where the weights lie."""
     tensors = [(n, tuple(t.shape), str(t.dtype), t.stride()) for n, t in [*m.named_parameters(), *m.named_buffers()]]
-    attrs = [(k, v) for sub in m.modules() for k, v in vars(sub).items() if isinstance(v, _PLAIN)]
+    attrs = [(k, v) for sub in m.modules() for k, v in vars(sub).items() if isinstance(v, PLAIN)]
     return hashlib.sha256(repr((type(m).__qualname__, repr(m), attrs, tensors)).encode()).hexdigest()
 
 

@@ -32,6 +32,9 @@ UNUSED_KEYS = frozenset(
     + ("text_projection", "logit_scale")
 )
 UNUSED_PREFIX = "conditioner.embedders.3."
+# A buffer older transformers saved in the image encoder (an arange over the positions); ours adds the whole position
+# table instead, so it is dropped on loading and never written.
+POSITION_IDS = "vision_model.embeddings.position_ids"
 _COND_AE = "conditioner.embedders.3.encoder."
 
 # Tensor transforms (sgm -> ours; each has an exact inverse).
@@ -357,7 +360,7 @@ def components_to_sgm(sds: Mapping[str, Mapping[str, torch.Tensor]], config: Pip
     quant: tuple | None = None
     for component, sd in sds.items():
         sd = dict(sd)
-        sd.pop("vision_model.embeddings.position_ids", None)
+        sd.pop(POSITION_IDS, None)
         if component == "vae" and config.vae.temporal_decoder and "quant_conv.weight" in sd:
             quant = (sd.pop("quant_conv.weight"), sd.pop("quant_conv.bias"))
         for name, t in sd.items():
