@@ -19,18 +19,10 @@ from img2vid import checkpoint as ck
 from img2vid import configs
 from img2vid.checkpoint_tools import checkpoint_info, convert
 from img2vid.configs import PipelineConfig, preset, replace
+from img2vid.errors import CheckpointError
 from img2vid.folders import weight_variants
-from img2vid.sgm_keys import (
-    COMPONENTS,
-    POSITION_IDS,
-    UNUSED_KEYS,
-    CheckpointError,
-    components_to_sgm,
-    detect_format,
-    detect_sgm_variant,
-    is_unused_sgm_key,
-    sgm_to_components,
-)
+from img2vid.sgm_convert import components_to_sgm, detect_format, detect_sgm_variant, sgm_to_components
+from img2vid.sgm_keys import COMPONENTS, POSITION_IDS, UNUSED_KEYS, is_unused_sgm_key
 
 # The tensor names and shapes of Stability's svd_xt single-file checkpoints (both decoders), a gzipped copy of the
 # team's reference listing, so that the key table is checked on any machine, not only where that folder is.

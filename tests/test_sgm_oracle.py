@@ -18,7 +18,7 @@ import torch
 from test_checkpoint import KEYS_JSON, meta_state_dicts
 
 from img2vid.configs import PipelineConfig, preset
-from img2vid.sgm_keys import components_to_sgm, sgm_to_components
+from img2vid.sgm_convert import components_to_sgm, sgm_to_components
 
 SVD_XT = preset("svd-xt")
 
@@ -104,7 +104,9 @@ def test_vae_table_places_every_block_as_diffusers_single_file_converter_does(te
 
     config = replace(SVD_XT, vae=replace(SVD_XT.vae, temporal_decoder=temporal))
     ours = tagged(config, "vae")
-    if temporal:  # no place in sgm's video autoencoder (see sgm_keys._temporal_quant_conv); tested in test_checkpoint
+    if (
+        temporal
+    ):  # no place in sgm's video autoencoder (see sgm_convert._temporal_quant_conv); tested in test_checkpoint
         del ours["quant_conv.weight"], ours["quant_conv.bias"]
     sgm = components_to_sgm({"vae": ours}, config)
     n = len(config.vae.block_out_channels)

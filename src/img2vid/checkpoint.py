@@ -1,7 +1,7 @@
 """Checkpoints in every layout users have: diffusers folders (local or a hub id), Stability's original single files
 (sgm layout, svd*.safetensors), our own single files (sgm layout + our config in the metadata), and pickles only when
 asked. Tensors are read straight to the target device and dtype, one at a time, and loading is strict: a tensor too
-many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_keys,
+many, too few or of the wrong shape is a one-line CheckpointError. sgm names are translated in img2vid.sgm_convert,
 file reading and writing is img2vid.checkpoint_io (its public names are importable from here too), which file of a
 folder holds which component in which variant img2vid.folders, hub ids img2vid.hub, conversion and inspection
 (`img2vid convert` / `info`) img2vid.checkpoint_tools, a component from elsewhere (`unet=`) img2vid.components.
@@ -37,24 +37,19 @@ from img2vid.checkpoint_io import (
     write_safetensors,
 )
 from img2vid.configs import PipelineConfig
-from img2vid.errors import first_line
+from img2vid.errors import CheckpointError, first_line
 from img2vid.folders import check_variant, component_file, component_variants, shard_files
 from img2vid.hub import resolve_pretrained
-from img2vid.sgm_keys import (
-    COMPONENTS,
-    POSITION_IDS,
-    SGM_PREFIX,
-    CheckpointError,
+from img2vid.sgm_convert import (
     components_to_sgm,
     cond_encoder_keys,
     detect_format,
     detect_sgm_variant,
-    few,
-    is_unused_sgm_key,
     sgm_names,
     sgm_to_components,
     split_sgm,
 )
+from img2vid.sgm_keys import COMPONENTS, POSITION_IDS, SGM_PREFIX, few, is_unused_sgm_key
 
 __all__ = [
     "CheckpointError",

@@ -40,7 +40,8 @@ from img2vid.folders import (
     shard_files,
     weight_variants,
 )
-from img2vid.sgm_keys import COMPONENTS, detect_format, detect_sgm_variant, split_sgm
+from img2vid.sgm_convert import detect_format, detect_sgm_variant, split_sgm
+from img2vid.sgm_keys import COMPONENTS
 from img2vid.video import file_in_the_way
 
 __all__ = ["convert", "checkpoint_info"]

@@ -39,20 +39,13 @@ from img2vid.checkpoint_io import (
     stored_config,
 )
 from img2vid.configs import PipelineConfig
-from img2vid.errors import InputError, user_path
+from img2vid.errors import CheckpointError, InputError, user_path
 from img2vid.folders import check_variant, component_file, weight_variants
-from img2vid.sgm_keys import (
-    COMPONENTS,
-    SGM_PREFIX,
-    CheckpointError,
-    cond_encoder_keys,
-    detect_format,
-    detect_sgm_variant,
-    split_sgm,
-)
+from img2vid.sgm_convert import cond_encoder_keys, detect_format, detect_sgm_variant, split_sgm
+from img2vid.sgm_keys import COMPONENTS, SGM_PREFIX
 
 Source = nn.Module | str | os.PathLike
-# The single-file kinds (sgm_keys.detect_format) that hold one component in diffusers' / transformers' names
+# The single-file kinds (sgm_convert.detect_format) that hold one component in diffusers' / transformers' names
 FILE_KIND = {"unet": "diffusers-unet", "vae": "diffusers-vae", "image_encoder": "transformers-clip"}
 FILE_COMPONENT = {kind: c for c, kind in FILE_KIND.items()}
 CLASS_NAME = {"unet": "UNet", "vae": "VAE", "image_encoder": "ImageEncoder"}
