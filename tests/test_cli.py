@@ -828,3 +828,28 @@ def test_info_describes_one_component_alone(models, tmp_path, capsys):
     assert "config: svd-xt" in out and "unet wrong shape" in out
     pipe = Pipeline.from_pretrained(models["folder"], unet=tmp_path / "tiny_unet.safetensors")  # as info said
     assert torch.equal(pipe.unet.conv_in.weight, Pipeline.from_pretrained(models["folder"]).unet.conv_in.weight)
+
+
+def test_cli_and_server_take_every_setting_in_exactly_the_same_range():
+    """One table (run_params.LIMITS) bounds both front ends: each end of each range is taken by both, one step past
+    it refused by both."""
+    import argparse
+
+    from img2vid.cli import build_parser
+    from img2vid.run_params import LIMITS
+    from img2vid.server_requests import PARAMS
+
+    gen = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    options = {a.dest: a for a in gen._actions}
+    assert set(PARAMS) == set(LIMITS)
+    for name, (kind, lo, hi) in LIMITS.items():
+        cli = options[name].type
+        step = 1 if kind is int else 1e-3 * max(1.0, abs(hi or lo))
+        for value, ok in ((lo, True), (hi, True), (lo - step, False), (hi + step, False)):
+            text = str(kind(value))
+            for parse in (cli, PARAMS[name]):
+                if ok:
+                    assert parse(text) == kind(value), (name, text)
+                else:
+                    with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
+                        parse(text)

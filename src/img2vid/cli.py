@@ -9,13 +9,10 @@ exit code 2; torch and the pipeline are imported inside the commands so `img2vid
 from __future__ import annotations
 
 import argparse
-import math
 import re
-import secrets
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 from img2vid import __version__
@@ -34,15 +31,12 @@ from img2vid.cli_setup import (
     video_size,
 )
 from img2vid.cli_tools import cmd_convert, cmd_info, cmd_selftest, sample_video
-from img2vid.configs import FLOAT16_MAX
+from img2vid.run_params import limited, number, random_seed, run_params
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float16", "bfloat16", "float32")
 OOM_HINT = "try --low-memory, --offload model (or sequential) or --decode-chunk-size 2"
 HOST_OOM_HINT = "try a smaller --width/--height, fewer --frames or --decode-chunk-size 2"
-# The widest frame every encoder but WebP's takes (= video.MAX_SIDE["mp4"]); more fails as an overflow in Pillow or
-# as an allocation of terabytes, not as a message about the size.
-MAX_SIDE = 16384
 _VARIANT = re.compile(r"^[\w-]+$")
 # torch's CPU allocator reports a failed allocation as a plain RuntimeError carrying this text
 _CPU_ALLOC_FAILED = "DefaultCPUAllocator: can't allocate memory"
@@ -52,26 +46,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other error of ours, instead of argparse's usage block.
         self.exit(2, f"img2vid: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _number(kind: type, lo: float, hi: float | None = None) -> Callable[[str], Any]:
-    """An argparse type: `kind` parsed from text and checked against lo..hi, so ranges fail before any loading."""
-
-    def parse(text: str) -> Any:
-        shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"  # a server echoes it
-        try:
-            value = kind(text)
-        except ValueError:  # also int()'s refusal of over 4300 digits: a number, too long to be one we take
-            what = "an integer" if kind is int else "a number"
-            if text.isascii() and text.isdigit():
-                raise argparse.ArgumentTypeError(f"{shown} is out of range {lo}..{'' if hi is None else hi}") from None
-            raise argparse.ArgumentTypeError(f"expected {what}, got {shown!r}") from None
-        # (isfinite of an int past float's range raises: ints are finite anyway)
-        if (kind is float and not math.isfinite(value)) or value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{shown} is out of range {lo}..{'' if hi is None else hi}")
-        return value
-
-    return parse
 
 
 def _variant(text: str) -> str:
@@ -104,35 +78,33 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults: the model's / diffusers')")
-    g.add_argument("--frames", type=_number(int, 1, 256), help="frames (default: the model's, 25 for SVD-XT)")
+    g.add_argument("--frames", type=limited("frames"), help="frames (default: the model's, 25 for SVD-XT)")
     g.add_argument(
         "--segments",
-        type=_number(int, 1, 64),
+        type=limited("segments"),
         default=1,
         metavar="N",
         help="longer video: N segments, each continuing from the last frame of the one before (N*(F-1)+1 frames)",
     )
-    g.add_argument("--steps", type=_number(int, 1, 1000), default=25, help="denoising steps (default %(default)s)")
-    g.add_argument("--fps", type=_number(int, 1, 240), help="conditioning fps (default: the model's, 7; 6 for 1.1)")
-    g.add_argument("--export-fps", type=_number(float, 1, 240), help="playback fps of the file (default: --fps)")
-    g.add_argument("--motion-bucket-id", type=_number(int, 0, 1023), help="more = more motion (default 127)")
-    g.add_argument("--noise-aug-strength", type=_number(float, 0, 10), default=0.02, help="default %(default)s")
-    # float16's range bounds the scales (the pipeline refuses more, but only once a server request has its turn)
-    guidance = _number(float, 0, FLOAT16_MAX)
-    g.add_argument("--min-guidance", type=guidance, default=1.0, help="first frame's CFG (default 1.0)")
-    g.add_argument("--max-guidance", type=guidance, default=3.0, help="last frame's CFG (default 3.0)")
-    g.add_argument("--seed", type=_number(int, 0, 2**63 - 1), help="random seed (default: random, printed and stored)")
+    g.add_argument("--steps", type=limited("steps"), default=25, help="denoising steps (default %(default)s)")
+    g.add_argument("--fps", type=limited("fps"), help="conditioning fps (default: the model's, 7; 6 for 1.1)")
+    g.add_argument("--export-fps", type=number(float, 1, 240), help="playback fps of the file (default: --fps)")
+    g.add_argument("--motion-bucket-id", type=limited("motion_bucket_id"), help="more = more motion (default 127)")
+    g.add_argument("--noise-aug-strength", type=limited("noise_aug_strength"), default=0.02, help="default %(default)s")
+    g.add_argument("--min-guidance", type=limited("min_guidance"), default=1.0, help="first frame's CFG (default 1.0)")
+    g.add_argument("--max-guidance", type=limited("max_guidance"), default=3.0, help="last frame's CFG (default 3.0)")
+    g.add_argument("--seed", type=limited("seed"), help="random seed (default: random, printed and stored)")
     g.add_argument(
         "-n",
         "--videos",
-        type=_number(int, 1, 1000),
+        type=number(int, 1, 1000),
         default=1,
         metavar="N",
         help="videos per image, seeds --seed, --seed+1, ... (each one reproducible on its own)",
     )
-    g.add_argument("--decode-chunk-size", type=_number(int, 1), help="frames decoded at once (default: all)")
-    g.add_argument("--height", type=_number(int, 1, MAX_SIDE), default=576, help="default %(default)s")
-    g.add_argument("--width", type=_number(int, 1, MAX_SIDE), default=1024, help="default %(default)s")
+    g.add_argument("--decode-chunk-size", type=number(int, 1), help="frames decoded at once (default: all)")
+    g.add_argument("--height", type=limited("height"), default=576, help="default %(default)s")
+    g.add_argument("--width", type=limited("width"), default=1024, help="default %(default)s")
     g.add_argument(
         "--resize",
         choices=("stretch", "crop", "pad", "fit"),
@@ -176,7 +148,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, guidance_reuse: bool = False) 
     if guidance_reuse:  # generate only: serve takes generation parameters per request, and not this one yet
         g.add_argument(
             "--guidance-reuse",
-            type=_number(int, 1, 1000),
+            type=limited("guidance_reuse"),
             default=1,
             metavar="N",
             help="approximate: the unconditional guidance half runs every N-th step only, its guidance direction is "
@@ -198,7 +170,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
         "frames); mp4/mkv/mov/webm carry no loop flag (players decide)",
     )
     g.add_argument(
-        "--crf", type=_number(int, 0, 63), help="mp4/mkv/mov (0..51), webm (0..63) quality, lower = better (default 18)"
+        "--crf", type=number(int, 0, 63), help="mp4/mkv/mov (0..51), webm (0..63) quality, lower = better (default 18)"
     )
 
 
@@ -263,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", parents=[common], help="serve a web page and POST /generate over HTTP")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine)")
-    srv.add_argument("--port", type=_number(int, 0, 65535), default=8000, help="default %(default)s")
+    srv.add_argument("--port", type=number(int, 0, 65535), default=8000, help="default %(default)s")
     _add_model_args(srv)
     _add_runtime_args(srv)
     srv.set_defaults(func=cmd_serve)
@@ -325,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--min-guidance {args.min_guidance} is above --max-guidance {args.max_guidance}")
     check_segments(args.segments, args.frames)  # --frames 1 cannot be chained
     sources = expand_images(args.images)
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    seed = args.seed if args.seed is not None else random_seed()
     if seed + args.videos - 1 > 2**63 - 1:
         raise InputError(f"--seed {seed} with --videos {args.videos} runs past the largest seed, 2**63 - 1")
     jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)), args.crf)
@@ -343,42 +315,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     second = guidance_device(args, device)  # checked now: the model loads after
     check_compile_cache(args)
 
-    import torch
-
     from img2vid.video import export_video
 
     pipe, variant = load_pipeline(args, kind, device, dtype, second)
-    cfg, frames, fps = pipe.config, args.frames or pipe.config.num_frames, args.fps or pipe.config.default_fps
     if not args.quiet:
         print(f"seed {seed}" if args.videos == 1 else f"seeds {seed}..{seed + args.videos - 1}", file=sys.stderr)
-    params = dict(
-        num_frames=frames,
-        num_inference_steps=args.steps,
-        min_guidance_scale=args.min_guidance,
-        max_guidance_scale=args.max_guidance,
-        fps=fps,
-        motion_bucket_id=cfg.default_motion_bucket_id if args.motion_bucket_id is None else args.motion_bucket_id,
-        noise_aug_strength=args.noise_aug_strength,
-        decode_chunk_size=args.decode_chunk_size or min(pipe.default_decode_chunk_size or frames, frames),
-        guidance_reuse=args.guidance_reuse,
-    )
     # Everything needed to regenerate the video exactly (device and dtype change the last bits of the numbers).
     run = dict(img2vid_version=__version__, model=args.model, **run_settings(args, pipe, variant, second))
     run.update(dtype=str(dtype).removeprefix("torch."), device=device.type, resize=args.resize, loop=args.loop)
-    run.update(export_fps=args.export_fps or fps, segments=args.segments)
+    run.update(export_fps=args.export_fps or args.fps or pipe.config.default_fps, segments=args.segments)
     if args.resize == "fit":  # the size asked for: fitting the image again to its result can pick another size
         run.update(fit_width=args.width, fit_height=args.height)
     for source, seed, path in jobs:  # one video at a time: the memory of one, whatever the count
         start = time.perf_counter()
         width, height = sizes[source]
         model_input = video_input(images[source], width, height, args.resize)
-        params.update(height=height, width=width)
-        generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
+        params = run_params(
+            pipe,
+            width,
+            height,
+            args.steps,
+            args.min_guidance,
+            args.max_guidance,
+            args.noise_aug_strength,
+            frames=args.frames,
+            fps=args.fps,
+            motion_bucket_id=args.motion_bucket_id,
+            decode_chunk_size=args.decode_chunk_size,
+            guidance_reuse=args.guidance_reuse,
+        )
         label = stem(source) if args.videos == 1 else f"{stem(source)} seed {seed}"
-        video = sample_video(pipe, model_input, generator, params, args.segments, args.quiet, label)
+        video = sample_video(pipe, model_input, seed, params, args.segments, args.quiet, label)
         n = max(len(video), 2 * len(video) - 2) if args.loop == "pingpong" else len(video)  # (F, 3, H, W) frames
         # num_frames is a segment's (what regenerates it); video_frames what the file holds: segments and loop in
-        metadata = {**run, "seed": seed, "image": source, **params, "video_frames": n}
+        metadata = {**run, "seed": seed, "image": source, **params.as_dict(), "video_frames": n}
         export_video(video, path, fps=run["export_fps"], format=fmt, crf=args.crf, loop=args.loop, metadata=metadata)
         took = time.perf_counter() - start  # the seed here too: --quiet leaves this line alone
         print(f"wrote {path} ({n} frames, {width}x{height}, seed {seed}, {took:.1f} s)")

@@ -10,7 +10,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
+
+    from img2vid.pipeline import Pipeline
+    from img2vid.run_params import RunParams
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -139,28 +146,26 @@ def progress_bars(quiet: bool, label: str, totals: dict[str, int]) -> tuple[Call
     return update, close
 
 
-def sample_video(pipe: Any, image: Any, generator: Any, params: dict, segments: int, quiet: bool, label: str) -> Any:
-    """One video's (F, 3, H, W) frames in [0, 1] as the pipeline returns them; with segments > 1 the chained
-    (N*(F-1)+1, 3, H, W) on the CPU, the one generator continuing from segment to segment (img2vid.longer)."""
-    from img2vid.longer import chain_segments
+def sample_video(
+    pipe: Pipeline, image: PIL.Image.Image, seed: int, run: RunParams, segments: int, quiet: bool, label: str
+) -> torch.Tensor:
+    """run_params.sample_video with progress bars: each segment of a chain gets its own, labelled "rocket 2/3"."""
+    from img2vid import run_params
 
-    totals = {
-        "denoise": params["num_inference_steps"],
-        "decode": -(-params["num_frames"] // params["decode_chunk_size"]),
-    }
+    totals = {"denoise": run.num_inference_steps, "decode": -(-run.num_frames // run.decode_chunk_size)}
     # The current segment's (update, close); a bar shows once opened, so each segment opens its own
     bars: list[tuple[Callable[..., None], Callable[[], None]]] = []
 
-    def next_bars(k: int, n: int) -> None:  # before segment k of n: its own bars, labelled "rocket 2/3" in a chain
+    def next_bars(k: int, n: int) -> None:  # before segment k of n
         for _, close in bars:
             close()
         bars[:] = [progress_bars(quiet, label if n == 1 else f"{label} {k}/{n}", totals)]
 
-    def segment(im: Any) -> Any:
-        return pipe(im, generator=generator, output_type="pt", progress=bars[-1][0], **params).frames[0]
+    def progress(stage: str, done: int, total: int) -> None:
+        bars[-1][0](stage, done, total)
 
     try:
-        return chain_segments(segment, image, segments, next_bars)  # one segment: the plain call's frames
+        return run_params.sample_video(pipe, image, seed, run, segments, next_bars, progress)
     finally:
         for _, close in bars:
             close()

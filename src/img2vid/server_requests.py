@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +15,9 @@ from urllib.parse import parse_qs
 import PIL.Image
 
 from img2vid import __version__
-from img2vid.cli import MAX_SIDE, _number
-from img2vid.configs import FLOAT16_MAX
 from img2vid.errors import InputError
 from img2vid.images import SIZE_MODES, frame_size, load_image, video_input
+from img2vid.run_params import LIMITS, limited, random_seed, run_params, sample_video
 
 __all__ = [
     "MAX_PIXELS",
@@ -47,21 +45,9 @@ MAX_STEPS = 1000
 # pixels (4 GB of memory to decode, before the request waits for the model). 8192x8192 covers any camera's photo.
 MAX_INPUT_PIXELS = 8192 * 8192
 FORMATS = {"mp4": "video/mp4", "webm": "video/webm", "gif": "image/gif"}  # formats a browser can show inline
-# Query parameter -> parser with the CLI's ranges (cli._number), so both front ends accept exactly the same values.
-PARAMS: dict[str, Callable[[str], Any]] = {
-    "width": _number(int, 1, MAX_SIDE),
-    "height": _number(int, 1, MAX_SIDE),
-    "frames": _number(int, 1, 256),
-    "segments": _number(int, 1, 64),  # longer videos: chained segments (img2vid.longer)
-    "steps": _number(int, 1, 1000),
-    "fps": _number(int, 1, 240),
-    "motion_bucket_id": _number(int, 0, 1023),
-    "noise_aug_strength": _number(float, 0, 10),
-    "min_guidance": _number(float, 0, FLOAT16_MAX),
-    "max_guidance": _number(float, 0, FLOAT16_MAX),
-    "seed": _number(int, 0, 2**63 - 1),
-    "guidance_reuse": _number(int, 1, 1000),  # APPROXIMATE when > 1 (Pipeline.__call__'s guidance_reuse)
-}
+# Query parameter -> parser with the CLI's ranges (one table: run_params.LIMITS), so both front ends accept
+# exactly the same values.
+PARAMS: dict[str, Callable[[str], Any]] = {name: limited(name) for name in LIMITS}
 CHOICES = {"resize": SIZE_MODES, "format": tuple(FORMATS)}
 # generate's progress reports: (stage, done, total, segment, segments), as /progress shows them (module docstring)
 Report = Callable[[str, int, int, int, int], None]
@@ -171,53 +157,46 @@ def generate(
     done, total, segment, segments) is called from this thread as the work advances (module docstring, /progress).
     size: given, `image` and `size` are `prepare`'s output (fitting the image again could pick another size).
     settings: how the server runs the model (variant, compile, two GPUs...), added to what is returned."""
-    import torch
-
-    from img2vid.longer import chain_segments
     from img2vid.video import export_video
 
     cfg = pipe.config
     mode = params["resize"]
     model_input, (width, height) = (image, size) if size is not None else prepare(cfg, image, params)  # as the CLI's
-    frames, segments = params.get("frames") or cfg.num_frames, params.get("segments", 1)
-    run = dict(
-        height=height,
-        width=width,
-        num_frames=frames,
-        num_inference_steps=params["steps"],
-        min_guidance_scale=params["min_guidance"],
-        max_guidance_scale=params["max_guidance"],
-        fps=params.get("fps") or cfg.default_fps,
-        motion_bucket_id=params.get("motion_bucket_id", cfg.default_motion_bucket_id),
-        noise_aug_strength=params["noise_aug_strength"],
-        decode_chunk_size=min(pipe.default_decode_chunk_size or frames, frames),
+    segments = params.get("segments", 1)
+    run = run_params(
+        pipe,
+        width,
+        height,
+        params["steps"],
+        params["min_guidance"],
+        params["max_guidance"],
+        params["noise_aug_strength"],
+        frames=params.get("frames"),
+        fps=params.get("fps"),
+        motion_bucket_id=params.get("motion_bucket_id"),
         guidance_reuse=params.get("guidance_reuse", 1),
     )
-    seed = params["seed"] if "seed" in params else secrets.randbelow(2**32)
-    generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same video on any device
-
+    seed = params["seed"] if "seed" in params else random_seed()
     report = report or (lambda *a: None)
     at = [1, segments]  # the segment running now: the pipeline's own reports do not know it
 
     def start(k: int, n: int) -> None:  # before segment k of n; a report now covers its CLIP and VAE encoding
         at[:] = [k, n]
-        report("denoise", 0, run["num_inference_steps"], k, n)
+        report("denoise", 0, run.num_inference_steps, k, n)
 
     def progress(stage: str, done: int, total: int) -> None:
         report(stage, done, total, *at)
 
-    def segment(im: Any) -> torch.Tensor:  # (F, 3, H, W); the one generator continues from segment to segment
-        return pipe(im, generator=generator, output_type="pt", progress=progress, **run).frames[0]
-
     # as the CLI: one segment is the plain call's frames; a chain is (N*(F-1)+1, 3, H, W) frames on the CPU
-    video = chain_segments(segment, model_input, segments, start)
+    video = sample_video(pipe, model_input, seed, run, segments, start, progress)
     report("export", 0, 0, segments, segments)  # encoding a long video to a file takes a while too
     info = {"img2vid_version": __version__, "model": model, **(settings or {}), "seed": seed, "resize": mode}
-    info.update(segments=segments, **run, video_frames=len(video))  # num_frames: a segment's, video_frames: the file's
+    # num_frames is a segment's, video_frames what the file holds
+    info.update(segments=segments, **run.as_dict(), video_frames=len(video))
     if mode == "fit":  # the size asked for (the CLI's --resize fit with it gives this video; fitting 44x100 may not)
         info.update(fit_width=params["width"], fit_height=params["height"])
     # where and in what precision it ran, as the CLI's sidecar says: they change the last bits of the numbers
     info.update(format=params["format"], device=pipe.device.type, dtype=str(pipe.dtype).removeprefix("torch."))
     with tempfile.TemporaryDirectory(prefix="img2vid-serve-") as tmp:
-        path = export_video(video, Path(tmp) / f"video.{params['format']}", fps=run["fps"], metadata=info)
+        path = export_video(video, Path(tmp) / f"video.{params['format']}", fps=run.fps, metadata=info)
         return path.read_bytes(), info
