@@ -312,7 +312,7 @@ def test_pipes_devices_unknown_users_and_endless_sources_are_one_line_errors(
 ) -> None:
     """A pipe was read forever (waiting for a writer), /dev/zero until memory ran out, ~nouser/x.png was a
     RuntimeError, and a download had no size bound."""
-    import img2vid.images as images
+    import img2vid.image_sources as images
 
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)

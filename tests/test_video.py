@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from img2vid.errors import InputError
 from img2vid.utils import export_to_video
 from img2vid.video import FORMATS, apply_loop, export_video, read_metadata, read_video, to_uint8_frames
+from img2vid.video_checks import check_crf
 
 F, H, W = 8, 64, 96
 # Mean absolute error allowed after a decode, per format (0-255 scale): lossy codecs on smooth frames.
@@ -266,6 +269,25 @@ def test_export_errors(tmp_path: Path) -> None:
     assert (user_folder / "thesis.tex").read_text() == "precious"
     with pytest.raises(InputError, match="not found"):
         read_video(tmp_path / "missing.mp4")
+
+
+def test_output_checks_load_no_encoder_or_image_library() -> None:
+    """The path and format checks (and the checkpoint tools, which check where they write) stay free of PyAV and
+    Pillow: refusing a path must not cost the import of an encoder."""
+    code = (
+        "import sys, img2vid.video_checks, img2vid.checkpoint_tools; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'av', 'PIL'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    code = (
+        "import sys, img2vid.video_checks; print(sorted({m.split('.')[0] for m in sys.modules} & {'numpy', 'torch'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    check_crf(np.int64(20), "mp4")  # numpy's integers pass without numpy imported there
+    with pytest.raises(InputError, match="crf for mp4"):
+        check_crf(np.float64(20), "mp4")
 
 
 def test_sidecar_path_taken_by_a_folder_writes_nothing(tmp_path: Path) -> None:

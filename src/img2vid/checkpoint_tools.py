@@ -42,7 +42,7 @@ from img2vid.folders import (
 )
 from img2vid.sgm_convert import detect_format, detect_sgm_variant, split_sgm
 from img2vid.sgm_keys import COMPONENTS
-from img2vid.video import file_in_the_way
+from img2vid.video_checks import file_in_the_way
 
 __all__ = ["convert", "checkpoint_info"]
 

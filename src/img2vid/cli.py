@@ -302,7 +302,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--seed {seed} with --videos {args.videos} runs past the largest seed, 2**63 - 1")
     jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)), args.crf)
     if args.export_fps or args.fps:  # else the model's default (7 or 6): any format plays it
-        from img2vid.video import check_fps
+        from img2vid.video_checks import check_fps
 
         check_fps(args.export_fps or args.fps, fmt)
     kind, multiple = model_source(args.model, args.variant, args.revision)

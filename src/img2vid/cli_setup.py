@@ -64,7 +64,7 @@ def output_paths(
     folder (named stem.ext, or stem-seed.ext with several seeds) or a pattern with {stem} and/or {seed}; a pattern
     may name folders too (out/{stem}/ or out/{stem}/{seed}.mp4), which the export creates."""
     from img2vid.errors import InputError, user_path
-    from img2vid.video import check_crf, check_output, file_in_the_way, holds_frames
+    from img2vid.video_checks import check_crf, check_output, file_in_the_way, holds_frames
 
     if not output:
         raise InputError("-o is empty; give a file, a folder or a pattern such as {stem}.mp4")
@@ -134,7 +134,7 @@ def output_paths(
 def video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) -> tuple[int, int]:
     """The (width, height) of `image`'s video, checked against the output format's largest frame."""
     from img2vid.images import frame_size
-    from img2vid.video import check_frame_size
+    from img2vid.video_checks import check_frame_size
 
     width, height = frame_size(image, args.width, args.height, args.resize, multiple)
     check_frame_size(width, height, fmt)

@@ -6,21 +6,17 @@ exit 2 instead of showing a traceback.
 
 from __future__ import annotations
 
-import http.client
-import io
 import math
 import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from img2vid.errors import InputError, user_path  # re-exported: img2vid.images.InputError
+from img2vid.errors import InputError  # re-exported: img2vid.images.InputError
+from img2vid.image_sources import open_source
 
 if TYPE_CHECKING:
     import torch
@@ -28,11 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["InputError", "load_image", "resize_image", "fit_size", "check_size", "to_uint8", "is_tensor", "SIZE_MODES"]
 
 SIZE_MODES = ("stretch", "crop", "pad", "fit")
-URL_TIMEOUT_S = 30.0
-# The largest image file or download read: far past any photo (a 16-bit 16384^2 RGB TIFF is 1.6 GB uncompressed, and
-# pixel counts that large are refused after decoding anyway), yet a bound on a file that never ends (a device such as
-# /dev/zero, or a server that streams without end), which would otherwise be read until memory runs out.
-MAX_IMAGE_BYTES = 2 << 30
 # Pillow's names for 16-bit and 32-bit integer sample modes (all big/little/native endian variants of I;16).
 _INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
@@ -41,77 +32,6 @@ def is_tensor(value: object) -> bool:
     """isinstance(value, torch.Tensor) without importing torch: if torch is not loaded, nothing can be a tensor."""
     torch_module = sys.modules.get("torch")
     return torch_module is not None and isinstance(value, torch_module.Tensor)
-
-
-def _is_url(source: object) -> bool:
-    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
-
-
-def _fetch_url(url: str, timeout: float = URL_TIMEOUT_S) -> bytes:
-    """Download `url` with the stdlib (no `requests` dependency); any failure becomes a one-line InputError."""
-    # Spaces and other characters a browser would escape, escaped as `requests` (diffusers' loader) does
-    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
-    try:
-        request = urllib.request.Request(quoted, headers={"User-Agent": "img2vid"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read(MAX_IMAGE_BYTES + 1)
-    except urllib.error.HTTPError as e:
-        raise InputError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise InputError(f"could not download {url}: {e.reason}") from None
-    except (TimeoutError, OSError, ValueError, http.client.HTTPException) as e:  # a cut download: IncompleteRead
-        raise InputError(f"could not download {url}: {type(e).__name__}: {e}") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise InputError(f"{url} sends more than {MAX_IMAGE_BYTES >> 30} GiB: too large for an image")
-    return data
-
-
-def _open_decoded(fp: io.BytesIO, name: str) -> PIL.Image.Image:
-    """Open and fully decode an image file; Pillow is lazy, so `.load()` is what surfaces truncated data."""
-    try:
-        image = PIL.Image.open(fp)
-    except PIL.UnidentifiedImageError:
-        raise InputError(f"{name} is not an image (or not a format Pillow can read)") from None
-    except PIL.Image.DecompressionBombError as e:
-        raise InputError(f"{name} is too large to decode safely: {e}") from None
-    except PermissionError:
-        raise InputError(f"{name} cannot be read (permission denied)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{name} cannot be read as an image: {e}") from None
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"{name} is truncated or corrupt: {e}") from None
-    return image
-
-
-def _open_source(source: str | os.PathLike) -> tuple[PIL.Image.Image, str]:
-    if _is_url(source):
-        url = str(source)
-        data = _fetch_url(url)
-        if not data:
-            raise InputError(f"{url} returned an empty response, not an image")
-        return _open_decoded(io.BytesIO(data), url), url
-    path = user_path(source)
-    name = str(path)
-    if not path.exists():
-        raise InputError(f"image file not found: {name}")
-    if path.is_dir():
-        raise InputError(f"{name} is a directory, not an image file")
-    if not path.is_file():  # reading a pipe waits for a writer forever, a device such as /dev/zero never ends
-        raise InputError(f"{name} is not a regular file (a pipe, socket or device), not an image file")
-    try:
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise InputError(f"{name} is over {MAX_IMAGE_BYTES >> 30} GiB: too large for an image file")
-        # Read it whole: images are small, and no file handle stays open behind a lazily decoded image.
-        data = path.read_bytes()
-    except PermissionError:
-        raise InputError(f"{name} cannot be read (permission denied)") from None
-    except OSError as e:
-        raise InputError(f"{name} cannot be read: {e.strerror or e}") from None
-    if not data:
-        raise InputError(f"{name} is an empty file, not an image")
-    return _open_decoded(io.BytesIO(data), name), name
 
 
 COMPOSITE_ROWS = 256  # rows blended at once: float32 copies of a whole 8192x8192 image took ~3 GB at a time
@@ -169,6 +89,8 @@ def to_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
         finite = bool(np.isfinite(values).all())
         lo, hi = (float(values.min()), float(values.max())) if finite else (0.0, 0.0)  # unused when not finite
         check_unit_floats(finite, lo, hi, name)
+        # The maths of inputs.to_uint8_tensor (clamp to [0, 1], * 255 in float32, round half to even as np.rint and
+        # torch.round both do), so an array and a tensor of the same frames give the same bytes
         return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
     raise InputError(f"{name} has unsupported dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
 
@@ -275,7 +197,7 @@ def load_image(
     if isinstance(source, PIL.Image.Image):
         image, name = source, "image"
     elif isinstance(source, (str, os.PathLike)):
-        image, name = _open_source(source)
+        image, name = open_source(source)
     else:
         raise InputError(f"cannot load an image from {type(source).__name__}; give a path, URL, PIL image or array")
     if image.width == 0 or image.height == 0:

@@ -124,7 +124,7 @@ class DiffusersAttributes:
 
     def _set_call_state(self, guidance: torch.Tensor, videos: int, guided: bool, steps: int) -> None:
         """Set by a call before its first step, from its (1, F, 1, 1, 1) per-frame guidance: callbacks read them."""
-        self._guidance_scale = guidance.expand(videos, -1, -1, -1, -1)
+        self._guidance_scale = guidance.expand(videos, -1, -1, -1, -1)  # (1, F, 1, 1, 1) -> (videos, F, 1, 1, 1)
         self._guidance_scale_shape = self._guidance_scale.shape
         self._do_classifier_free_guidance, self._num_timesteps = guided, steps
 
@@ -141,7 +141,7 @@ class DiffusersAttributes:
                 f"{tuple(self._guidance_scale_shape)}, got {value!r}"
             ) from None
         self._guidance_scale = new
-        return new.view(1, 1, 1, 1, 1) if new.ndim == 0 else new
+        return new.view(1, 1, 1, 1, 1) if new.ndim == 0 else new  # () -> (1, 1, 1, 1, 1): one scale for all
 
     @property
     def guidance_scale(self) -> torch.Tensor:
@@ -204,7 +204,7 @@ def as_images(image: Any) -> list[PIL.Image.Image | torch.Tensor]:
     if isinstance(image, torch.Tensor):
         t = image.detach()
         if t.ndim == 3:
-            t = t[None]
+            t = t[None]  # (3, H, W) -> (1, 3, H, W)
         if t.ndim != 4 or t.shape[1] != 3:
             raise InputError(f"image tensors must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
         return _unit_images(t, "image tensor")
@@ -252,6 +252,7 @@ def resize_for_vae(img: PIL.Image.Image | torch.Tensor, height: int, width: int)
         img = img.resize((width, height), resample=PIL.Image.LANCZOS)
         return to_tensor(img) * 2.0 - 1.0
     if tuple(img.shape[-2:]) != (height, width):
+        # (3, H, W) -> (1, 3, H, W), interpolate's batch -> (3, height, width)
         img = F.interpolate(img[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
     return img * 2.0 - 1.0
 
@@ -261,12 +262,18 @@ def postprocess(video: torch.Tensor, output_type: str) -> Any:
     video = (video / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return video
-    if output_type == "np":
-        return to_host(video.float().permute(0, 1, 3, 4, 2)).numpy()  # (B, F, H, W, 3), laid out on the device
+    if output_type == "np":  # laid out channels-last on the device, then copied
+        return to_host(video.float().permute(0, 1, 3, 4, 2)).numpy()  # (B, F, C, H, W) -> (B, F, H, W, C)
     # diffusers rounds (frames * 255) in float32 numpy; the same float32 maths (round half to even) on the frames'
     # device gives the same bytes, with a quarter of them to copy and no single-threaded numpy pass.
-    u8 = to_host((video.float() * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)).numpy()
+    u8 = to_host(to_uint8_tensor(video).permute(0, 1, 3, 4, 2)).numpy()  # (B, F, C, H, W) -> (B, F, H, W, C)
     return [[PIL.Image.fromarray(fr) for fr in vid] for vid in u8]
+
+
+def to_uint8_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Samples in [0, 1] -> uint8 where they lie: clamped to [0, 1], times 255 in float32, rounded half to even (the
+    frames of diffusers' PIL output, and images.to_uint8's maths for arrays: the same bytes either way)."""
+    return t.float().clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)  # clamp's copy: t is left as it was
 
 
 def to_host(t: torch.Tensor, stage_bytes: int = 32 * 2**20) -> torch.Tensor:
@@ -278,9 +285,9 @@ def to_host(t: torch.Tensor, stage_bytes: int = 32 * 2**20) -> torch.Tensor:
     locked block, and a new 177 MB block cost 161 ms to allocate (run 54)."""
     if t.device.type != "cuda":
         return t.cpu().contiguous()
-    src = t.contiguous().view(-1)
+    src = t.contiguous().view(-1)  # (...) -> (N,): chunks of the flat samples
     out = torch.empty(t.shape, dtype=t.dtype)
-    dst = out.view(-1)
+    dst = out.view(-1)  # (...) -> (N,), a view: filled through it
     n = max(1, stage_bytes // t.element_size())
     # Freed at return: torch's caching host allocator hands the same two blocks to the next call
     free = [torch.empty(min(n, src.numel()), dtype=t.dtype, pin_memory=True) for _ in range(2)]

@@ -115,7 +115,7 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     """The video's (width, height) once the checks that need the model's config and the image pass (size rule,
     MAX_PIXELS, segments); else a one-line InputError. Cheap, so the handler runs it before waiting for the lock."""
     from img2vid.longer import check_segments
-    from img2vid.video import check_fps, check_frame_size
+    from img2vid.video_checks import check_fps, check_frame_size
 
     check_fps(params.get("fps") or cfg.default_fps, params["format"])  # a GIF at 60 fps: refused now, not after
     width, height = frame_size(image, params["width"], params["height"], params["resize"], cfg.size_multiple)

@@ -19,7 +19,8 @@ import PIL.Image
 import PIL.ImageOps
 
 from img2vid.errors import InputError
-from img2vid.images import _fetch_url, _is_url, _open_decoded, is_tensor
+from img2vid.image_sources import fetch_url, is_url, open_decoded
+from img2vid.images import is_tensor
 from img2vid.video import FORMATS, export_video, to_uint8_frames
 
 if TYPE_CHECKING:  # annotations only: importing utils must not import torch
@@ -43,10 +44,10 @@ def load_image(
     fully decoded here, so a truncated file fails now rather than later.
     """
     if isinstance(image, (str, os.PathLike)):
-        if _is_url(image):
-            image = _open_decoded(io.BytesIO(_fetch_url(str(image))), str(image))
+        if is_url(image):
+            image = open_decoded(io.BytesIO(fetch_url(str(image))), str(image))
         elif os.path.isfile(image):
-            image = _open_decoded(io.BytesIO(Path(image).read_bytes()), os.fspath(image))
+            image = open_decoded(io.BytesIO(Path(image).read_bytes()), os.fspath(image))
         else:
             raise InputError(
                 f"Incorrect path or URL. URLs must start with `http://` or `https://`, and {image} is not a valid path."
@@ -66,7 +67,7 @@ def _diffusers_uint8(frame: np.ndarray | PIL.Image.Image) -> np.ndarray:
     if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[-1] in (1, 3, 4)):
         # grey (H, W) or (H, W, 1), RGB, or RGBA whose alpha the yuv420p video drops (imageio writes all four)
         rgb = (
-            np.repeat(frame.reshape(*frame.shape[:2], 1), 3, axis=2)
+            np.repeat(frame.reshape(*frame.shape[:2], 1), 3, axis=2)  # (H, W) or (H, W, 1) -> (H, W, 1) -> (H, W, 3)
             if frame.ndim == 2 or frame.shape[-1] == 1
             else frame[..., :3]
         )

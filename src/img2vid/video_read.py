@@ -2,7 +2,8 @@
 video PyAV reads), for tests, `img2vid info`-style tools and longer-video chains. Damaged or foreign files are
 one-line InputErrors, like every other input.
 
-Where `export_video` keeps its metadata (see img2vid.video) is defined here, beside the code that reads it back.
+Where `export_video` keeps its metadata (see img2vid.video) is defined here, beside the code that reads it back;
+only a PNG folder's sidecar name, FOLDER_META, lives in img2vid.video_checks, which tells such folders apart.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import numpy as np
 import PIL.Image
 
 from img2vid.errors import InputError, user_path
+from img2vid.video_checks import FOLDER_META
 
 __all__ = ["read_video", "read_metadata"]
 
 EXIF_IMAGE_DESCRIPTION = 0x010E  # webp: the metadata's copy goes in this EXIF tag
 PNG_META_KEY = "img2vid"  # png frames: an iTXt chunk of this name
 PNG_FPS_KEY = "img2vid-fps"
-FOLDER_META = "metadata.json"  # png folders: the sidecar inside the folder
 
 
 @contextlib.contextmanager
