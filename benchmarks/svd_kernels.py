@@ -10,10 +10,10 @@
    (M tokens = 2 guidance halves x 25 frames x pixels), for a sweep of tile shapes. Relative errors are against the
    same maths in float32.
 2. Attention along the frame axis (the temporal blocks, frame-major q, k, v): SDPA's memory-efficient kernel on
-   strided views (`layers.frame_attention_sdpa`) against img2vid's Triton kernel (`frame_kernel.frame_attention`), both
-   compiled; errors against float64.
+   strided views (`attention.frame_attention_sdpa`) against img2vid's Triton kernel (`frame_kernel.frame_attention`),
+   both compiled; errors against float64.
 3. The VAE mid block's single 512-wide head over a 72x128 latent frame, 8 frames (a decode chunk): SDPA (its
-   memory-efficient kernel: flash and cuDNN stop at head dim 256) against `layers.wide_head_attention` compiled
+   memory-efficient kernel: flash and cuDNN stop at head dim 256) against `attention.wide_head_attention` compiled
    (what compiled graphs run), errors against float64 on the first frame.
 4. The transformer blocks' residual add + LayerNorm per UNet level (s = x + y + a vector per video, n = norm(s),
    both written): PyTorch's eager kernels, the same ops compiled (one inductor kernel), and img2vid's kernel
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_utils import median_event_ms, rel  # noqa: E402
 
-from img2vid import add_norm, frame_kernel, fused, layers  # noqa: E402
+from img2vid import add_norm, attention, frame_kernel, fused  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--tiny", action="store_true")
@@ -127,11 +127,14 @@ def attention_rows() -> None:
         g = torch.Generator(device="cpu").manual_seed(0)
         # frame-major projections (B*F, N, heads*64), as the temporal blocks hand them to layers.frame_attention
         q, k, v = (torch.randn(videos * frames, pixels, heads * 64, generator=g).to(DEV, DT) for _ in range(3))
-        truth = layers.frame_attention_sdpa(q.double(), k.double(), v.double(), heads, frames)
+        truth = attention.frame_attention_sdpa(q.double(), k.double(), v.double(), heads, frames)
         gb = 4 * q.numel() * q.element_size() / 1e9  # q, k, v read and the output written once
         # SDPA's memory-efficient kernel on strided views (before session 9), and the Triton kernel (fused.py;
         # on the CPU the op falls back to the SDPA path)
-        for label, fn in (("sdpa path", layers.frame_attention_sdpa), ("frame kernel", frame_kernel.frame_attention)):
+        for label, fn in (
+            ("sdpa path", attention.frame_attention_sdpa),
+            ("frame kernel", frame_kernel.frame_attention),
+        ):
             cfn = torch.compile(fn, fullgraph=True, dynamic=False) if DEV.type == "cuda" else fn
             out = cfn(q, k, v, heads, frames)
             ms = median_ms(partial(cfn, q, k, v, heads, frames), 20)
@@ -147,10 +150,10 @@ def wide_attention_rows() -> None:
     # Scores of a few units (q twice as large as k, v), a sharper softmax than unit ones
     q, k, v = (torch.randn(frames, 1, tokens, d, generator=g).mul(s).to(DEV, dt) for s in (2.0, 1.0, 1.0))
     truth = F.scaled_dot_product_attention(q[:1].double(), k[:1].double(), v[:1].double())
-    cwide = torch.compile(layers.wide_head_attention, fullgraph=True, dynamic=False) if DEV.type == "cuda" else None
+    cwide = torch.compile(attention.wide_head_attention, fullgraph=True, dynamic=False) if DEV.type == "cuda" else None
     for label, fn in (
         ("sdpa", F.scaled_dot_product_attention),
-        ("wide_head_attention", cwide or layers.wide_head_attention),
+        ("wide_head_attention", cwide or attention.wide_head_attention),
     ):
         out = fn(q, k, v)
         ms = median_ms(partial(fn, q, k, v), 10)

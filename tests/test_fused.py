@@ -167,14 +167,14 @@ def test_frame_kernel_matches_float64_under_interpreter() -> None:
 
 
 def test_frame_attention_op_runs_sdpa_where_the_kernel_cannot() -> None:
-    from img2vid import layers
+    from img2vid import attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2 * 5, 6, 2 * 8) for _ in range(3))  # 2 videos of 5 frames, 6 pixels, 2 heads of 8
     assert not frame_kernel.frame_attention_supported(q, k, v, 2)  # a CPU tensor: layers keeps SDPA itself
     assert not frame_kernel.frame_kernel_fits(q, k, v, 5)
     out = frame_kernel.frame_attention(q, k, v, 2, 5)
-    torch.testing.assert_close(out, layers.frame_attention_sdpa(q, k, v, 2, 5))
+    torch.testing.assert_close(out, attention.frame_attention_sdpa(q, k, v, 2, 5))
     assert out.is_contiguous()
     torch.library.opcheck(frame_kernel.frame_attention, (q, k, v, 2, 5))
 
@@ -183,7 +183,7 @@ def test_layers_frame_attention_dispatches_to_the_op(monkeypatch: pytest.MonkeyP
     """Where the op is supported, layers.frame_attention calls it (inside compiled graphs too: the op's fake
     implementation traces), or in eager inference its function directly (fused.direct_calls); on the CPU the
     function then returns the SDPA path."""
-    from img2vid import layers
+    from img2vid import attention, layers
 
     calls = []
     real_impl, real_op = frame_kernel.frame_attention_impl, frame_kernel.frame_attention
@@ -197,7 +197,7 @@ def test_layers_frame_attention_dispatches_to_the_op(monkeypatch: pytest.MonkeyP
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2 * 3, 4, 2 * 8) for _ in range(3))
-    expected = layers.frame_attention_sdpa(q, k, v, 2, 3)
+    expected = attention.frame_attention_sdpa(q, k, v, 2, 3)
     monkeypatch.setattr(frame_kernel, "frame_attention_supported", lambda *a: True)
     monkeypatch.setattr(frame_kernel, "frame_attention_impl", spy("impl", real_impl))
     monkeypatch.setattr(frame_kernel, "frame_attention", spy("op", real_op))

@@ -8,15 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import img2vid.layers as layers
+from img2vid.attention import attention, wide_head_attention
 from img2vid.layers import (
-    attention,
     channel_group_norm,
     frame_attention,
     frame_window_conv,
     group_norm,
     temporal_conv,
     video_group_norm,
-    wide_head_attention,
 )
 
 
@@ -183,7 +182,7 @@ def test_frame_attention_equals_attention_over_transposed_tokens(monkeypatch: py
     (B*N, F, C), attend, transpose back. grid=7 runs the (pixel, head) pairs in pieces (the CUDA grid cap, made
     small) with a remainder piece."""
     if grid is not None:
-        monkeypatch.setattr(layers, "MAX_GRID_Z", grid)
+        monkeypatch.setattr("img2vid.attention.MAX_GRID_Z", grid)  # where frame_attention_sdpa reads it
     torch.manual_seed(0)
     b, f, n, heads, d = 2, 5, 6, 3, 4
     q, k, v = (torch.randn(b * f, n, heads * d, dtype=torch.float64) for _ in range(3))

@@ -69,6 +69,7 @@ def _sum_and_norm_input(
     s = x + y
     if vec is None:
         return s, s
+    # (..., C) -> (M, C) -> (..., C)
     with_vec = _add_row_vectors(s.reshape(-1, s.shape[-1]), vec, vec_div).view(s.shape)
     return (with_vec, with_vec) if vec_in_sum else (s, with_vec)
 
@@ -250,6 +251,7 @@ def add_norm(
     c = shape[-1]
     if norm_supported(x, norm, y):
         op = add_layer_norm_impl if fused.direct_calls() else add_layer_norm
+        # (..., C) -> (M, C): token rows over all leading dims
         s, n = op(x.reshape(-1, c), y.reshape(-1, c), vec, vec_div, vec_in_sum, norm.weight, norm.bias, norm.eps)
         return s.view(shape), n.view(shape)  # (M, C) -> (..., C)
     s, t = _sum_and_norm_input(x, y, vec, vec_div, vec_in_sum)
@@ -263,6 +265,6 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, vec: torch.Tensor | No
     if torch.compiler.is_compiling() or not norm_supported(x, norm):
         return norm(with_bias(x, vec))
     c = x.shape[-1]
-    rows = None if vec is None else vec.view(1, c)
+    rows = None if vec is None else vec.view(1, c)  # (C,) -> (1, C)
     op = layer_norm_rows_impl if fused.direct_calls() else layer_norm_rows
     return op(x.reshape(-1, c), rows, norm.weight, norm.bias, norm.eps).view(x.shape)  # (M, C) -> (..., C)

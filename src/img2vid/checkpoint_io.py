@@ -193,6 +193,7 @@ def _read_whole_file(path: Path, device: torch.device, dtype: torch.dtype | None
     with ThreadPoolExecutor(len(parts) or 1) as pool:
         for r in pool.map(lambda part: _stream_range(path, base, part, buf, device), parts):
             del r  # re-raises a reader's error here
+    # flat bytes -> dtype -> the header's shape
     return {k: buf[d : d + e - s].view(_ST_DTYPES[spans[k][0]]).view(spans[k][1]) for k, (s, e, d) in place.items()}
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from img2vid import fused
+from img2vid.attention import frame_attention_sdpa
 
 # Swept on an H100 with the warp count (run 48b): 2 pairs on 2 warps and 4 on 4 are within 2% of each other, the
 # other pairings 15-100% slower (why was not profiled)
@@ -59,8 +60,6 @@ def frame_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     Called through the custom op `frame_attention` so that torch.compile calls it as one opaque call, directly where
     that is not needed (`direct_calls`); where the kernel cannot run it returns the SDPA path."""
     if not frame_kernel_fits(q, k, v, frames):
-        from img2vid.layers import frame_attention_sdpa  # layers imports this module: imported here, not at the top
-
         return frame_attention_sdpa(q, k, v, heads, frames).contiguous()  # the layout register_fake promises
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     launch_frame_attention(q.contiguous(), k.contiguous(), v.contiguous(), out, heads, frames)

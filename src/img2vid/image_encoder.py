@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from img2vid.attention import attention
 from img2vid.configs import CLIPVisionConfig
-from img2vid.layers import Placed, attention
+from img2vid.layers import Placed
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:

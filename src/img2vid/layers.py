@@ -1,4 +1,8 @@
-"""Small building blocks shared by the UNet, the VAE and the image encoder."""
+"""Small building blocks shared by the UNet, the VAE and the image encoder.
+
+Importing this module registers the custom op img2vid::frame_window_conv with torch.library (as `frame_kernel`,
+`fused` and `add_norm` register theirs): the one accepted import-time side effect, namespaced and the standard torch
+pattern for opaque kernels under torch.compile."""
 
 from __future__ import annotations
 
@@ -9,10 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from img2vid import frame_kernel, fused, norm_act
-
-SHORT_KEYS = 64  # key sequences up to this length go to the memory-efficient kernel on CUDA (see attention)
-MAX_GRID_Z = 65535  # that kernel puts the batch on the grid's z axis and the heads on y, which CUDA caps here
-FUSED_HEAD_DIM = 256  # the widest head the flash / cuDNN kernels take (the VAE's mid-block head is 512 wide)
+from img2vid.attention import frame_attention_sdpa
 
 
 class FieldOutput(dict):
@@ -51,29 +52,6 @@ class Placed(torch.nn.Module):
         return next(self.parameters()).device
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head attention over (B, L, heads*D) projections; returns (B, L, heads*D).
-
-    Goes through scaled_dot_product_attention so the GPU picks flash / cuDNN / memory-efficient kernels. Those keep
-    the softmax and its accumulation in float32, which is what stops SVD's large keys from overflowing in float16.
-    """
-    b, lq, inner = q.shape
-    d = inner // heads
-    # (B, L, H*D) -> (B, H, L, D): views, also of the strided q, k, v of one fused projection (`Attention`), which
-    # the SDPA kernels read through their strides (no copy)
-    q = q.view(b, lq, heads, d).transpose(1, 2)
-    k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
-    v = v.view(b, v.shape[1], heads, d).transpose(1, 2)
-    if q.is_cuda and b > MAX_GRID_Z:  # more rows than the memory-efficient kernel's grid takes
-        out = F.scaled_dot_product_attention(q, k, v)
-    elif q.is_cuda and d > FUSED_HEAD_DIM and k.shape[2] > SHORT_KEYS and torch.compiler.is_compiling():
-        out = wide_head_attention(q, k, v)
-    else:
-        out = _sdpa(q, k, v)
-    # (B, H, L, D) -> (B, L, H*D)
-    return out.transpose(1, 2).reshape(b, lq, inner)
-
-
 def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
     """Attention along the frame axis for tokens stored frame-major: q, k, v and the result are (B*F, N, heads*D),
     and each (pixel, head) pair attends over its own F frames (the temporal transformer blocks).
@@ -89,63 +67,6 @@ def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
         op = frame_kernel.frame_attention_impl if fused.direct_calls() else frame_kernel.frame_attention
         return op(q, k, v, heads, frames)
     return frame_attention_sdpa(q, k, v, heads, frames)
-
-
-def frame_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int) -> torch.Tensor:
-    """`frame_attention` through scaled_dot_product_attention's kernels, on strided views of q, k and v."""
-    bf, n, inner = q.shape
-    b, d = bf // frames, inner // heads
-    # (B*F, N, H*D) -> (B, F, N*H, D) -> (B, N*H, F, D): strided views, the memory stays frame-major
-    q4, k4, v4 = (t.view(b, frames, n * heads, d).transpose(1, 2) for t in (q, k, v))
-    # The CUDA kernels put the heads on a grid axis capped at 65535 (46080 pairs at 576x1024): larger frames run
-    # in pieces, joined by a copy (on every device, so the CPU tests cover it).
-    parts = [
-        _sdpa(*(t[:, s : s + MAX_GRID_Z] for t in (q4, k4, v4))).transpose(1, 2)  # (B, F, n_part, D)
-        for s in range(0, n * heads, MAX_GRID_Z)
-    ]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, F, N*H, D)
-    return out.reshape(bf, n, inner)  # a view when the kernel wrote (B, F, N*H, D) in one piece
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over (B, H, L, D) through scaled_dot_product_attention's kernels.
-
-    The CPU's math fallback would compute the scores in half precision, so half inputs are upcast there.
-    Short key sequences on CUDA (the temporal blocks attend over the 25 frames of each pixel: many tiny problems)
-    go straight to the memory-efficient kernel, 1.3-1.7x faster there than the cuDNN kernel SDPA picks on an H100
-    (benchmarks/svd_kernels.py). Same maths (float32 softmax), only the kernel differs."""
-    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-    if (
-        q.is_cuda
-        and k.shape[2] <= SHORT_KEYS
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] % 8 == 0  # the kernel's alignment; SVD's heads are 64 wide
-    ):
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def wide_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over (B, H, L, D) heads, as two matrix products per (batch, head) row.
-
-    For heads wider than the fused kernels take: SDPA then runs the memory-efficient kernel, at about 120 TFLOP/s
-    for the VAE's 512-wide head on an H100 (37 ms a 25-frame decode, run 28). Same maths as that kernel: scores
-    come out of the half-precision product in float32 (bmm's out_dtype), the softmax is taken in float32, and the
-    probabilities are rounded to the inputs' dtype for the second product. One (batch) row at a time, so the
-    float32 scores (L x L: 340 MB for a 72 x 128 latent frame) exist for one frame only. Used inside compiled graphs,
-    where the scaling, softmax and rounding fuse into one kernel; eager calls keep SDPA."""
-    b, _, _, d = q.shape
-    scores_dtype = torch.promote_types(q.dtype, torch.float32)
-    out = torch.empty_like(q)
-    for i in range(b):
-        if q.dtype == scores_dtype:
-            s = torch.matmul(q[i], k[i].transpose(1, 2))  # (H, L, L)
-        else:
-            s = torch.bmm(q[i], k[i].transpose(1, 2), out_dtype=scores_dtype)  # (H, L, L) float32, no rounding
-        p = torch.softmax(s * d**-0.5, dim=-1).to(q.dtype)
-        out[i] = torch.matmul(p, v[i])  # (H, L, D)
-    return out
 
 
 def with_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -206,7 +127,7 @@ def channel_group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tenso
     var_c, mean_c = torch.var_mean(xa, dim=(-2, -1), correction=0)  # (N, C) or (B, C, F)
     mean, var = _pooled_moments(mean_c.reshape(n, g, -1), var_c.reshape(n, g, -1), -1)  # (N, G, C/G[*F]) -> (N, G, 1)
     scale = norm.weight.to(acc).view(1, g, -1) * torch.rsqrt(var + norm.eps)  # (N, G, C/G)
-    shift = norm.bias.to(acc).view(1, g, -1) - mean * scale
+    shift = norm.bias.to(acc).view(1, g, -1) - mean * scale  # (C,) -> (1, G, C/G); (N, G, C/G)
     shape = (n, c) + (1,) * (x.dim() - 2)  # (N, C, 1, 1[, 1]): broadcast over frames and pixels
     return torch.addcmul(shift.reshape(shape), xa, scale.reshape(shape)).to(x.dtype)
 
@@ -225,6 +146,7 @@ def group_norm(
     compiling = torch.compiler.is_compiling()
     rows = None if compiling else norm_act.rows_view(x, 1)  # (N, C, H, W) -> (N, C, H*W): each frame a sample
     if rows is not None and norm_act.supported(rows, norm, vec):
+        # (N, C, H*W) -> (N, C, H, W)
         return norm_act.group_norm_rows(rows, norm, 1, silu, vec, reuse_input).view(x.shape)
     if vec is not None:
         x = x + vec[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
@@ -278,7 +200,7 @@ def conv_epilogue(h: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor
     skip_rows = None if skip is None or rows is None else norm_act.rows_view(skip, 1)
     kernel = rows is not None and (skip is None) == (skip_rows is None)  # a skip in another layout: the plain adds
     if kernel and norm_act.epilogue_supported(rows, bias, skip_rows):
-        return norm_act.conv_epilogue(rows, bias, skip_rows).view(h.shape)
+        return norm_act.conv_epilogue(rows, bias, skip_rows).view(h.shape)  # (N, C, H*W) -> (N, C, H, W)
     in_place = not torch.is_grad_enabled()  # autograd may need h; compiled graphs functionalize either form
     if bias is not None:
         h = h.add_(bias[:, None, None]) if in_place else h + bias[:, None, None]
@@ -310,6 +232,7 @@ def video_group_norm(
     frames = x.transpose(1, 2)  # (B, F, C, H, W)
     rows = None if compiling else norm_act.rows_view(frames, 2)  # -> (B*F, C, H*W): each video a sample
     if rows is not None and norm_act.supported(rows, norm, vec):
+        # vec (B, F, C) -> (B*F, C): one row per frame, as the rows
         out = norm_act.group_norm_rows(rows, norm, f, silu, None if vec is None else vec.reshape(b * f, c), reuse_input)
         return out.view(frames.shape).transpose(1, 2)  # -> (B, C, F, H, W), x's layout
     if vec is not None:
@@ -337,7 +260,7 @@ def _video_group_norm_plain(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.
         var, mean = torch.var_mean(xg, dim=(2, 3, 4, 5), correction=0, keepdim=True)  # (B, G, 1, 1, 1, 1)
     rstd = torch.rsqrt(var.float() + norm.eps)
     scale = norm.weight.float().view(1, g, -1, 1, 1, 1) * rstd  # (B, G, C/G, 1, 1, 1)
-    shift = norm.bias.float().view(1, g, -1, 1, 1, 1) - mean.float() * scale
+    shift = norm.bias.float().view(1, g, -1, 1, 1, 1) - mean.float() * scale  # (C,) -> (1, G, C/G, 1, 1, 1)
     # The small operands are broadcast, so the output takes xg's layout and merging the groups back is a view.
     return torch.addcmul(shift.to(x.dtype), xg, scale.to(x.dtype)).flatten(1, 2)  # (B, G, C/G, ...) -> (B, C, ...)
 

@@ -57,7 +57,7 @@ def _kernel_tensor(t: torch.Tensor) -> bool:
 
 def channels_last_rows(rows: torch.Tensor) -> bool:
     """Whether (R, C, P) rows lie channels-last, (R, P, C) in memory (`norm_act_nhwc`), rather than contiguous."""
-    return not rows.is_contiguous() and rows.transpose(1, 2).is_contiguous()
+    return not rows.is_contiguous() and rows.transpose(1, 2).is_contiguous()  # (R, C, P) viewed as (R, P, C)
 
 
 def rows_view(t: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
@@ -67,9 +67,9 @@ def rows_view(t: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
     if t.numel() == 0:
         return None
     if t.is_contiguous():
-        return t.view(r, c, -1)
+        return t.view(r, c, -1)  # (*lead, C, *pixels) -> (R, C, P)
     last = t.movedim(channel_dim, -1)  # (*lead, *pixels, C)
-    return last.view(r, -1, c).transpose(1, 2) if last.is_contiguous() else None
+    return last.view(r, -1, c).transpose(1, 2) if last.is_contiguous() else None  # -> (R, P, C) -> (R, C, P)
 
 
 def supported(rows: torch.Tensor, norm: torch.nn.GroupNorm, vec: torch.Tensor | None = None) -> bool:
@@ -117,7 +117,7 @@ def group_norm_rows(
     if r % frames_per_sample or c % g:
         raise ValueError(f"{r} frames of {c} channels are not whole {frames_per_sample}-frame samples of {g} groups")
     out = frames if reuse_input else torch.empty_like(frames)  # the same strides: frames is dense
-    vec_rows = None if vec is None else vec.reshape(r * c).contiguous()
+    vec_rows = None if vec is None else vec.reshape(r * c).contiguous()  # (R, C) -> (R*C,)
     if channels_last_rows(frames):
         tiling = norm_act_nhwc.tiling(c, p, MAX_TILE)
         partials = norm_act_nhwc.stats(frames, vec_rows, tiling, WARPS)

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from img2vid import fused
 from img2vid.add_norm import add_norm, layer_norm
-from img2vid.layers import attention, frame_attention, group_norm, timestep_embedding, vector_sum, with_bias
+from img2vid.attention import attention
+from img2vid.layers import frame_attention, group_norm, timestep_embedding, vector_sum, with_bias
 from img2vid.unet_blocks import TimeEmbedding, TimeMixer
 
 
@@ -84,7 +85,7 @@ class Attention(nn.Module):
     def _self_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(to_q(x), to_k(x), to_v(x)) for x: (N, L, query_dim), as one product when all three are plain bias-free
         Linears (fp8 projections keep their own forwards): then q, k and v are (N, L, inner) views of the
-        (N, L, 3*inner) product, each row 3*inner apart, and nothing copies them (`layers.attention`).
+        (N, L, 3*inner) product, each row 3*inner apart, and nothing copies them (`attention.attention`).
 
         The weights are read here, outside the projections' own calls (hence `weights_read_here`), and stacked on
         every call (a 3*inner x query_dim copy, 0.6 MB at SVD's first level) rather than stored fused: a stored
@@ -178,6 +179,7 @@ def _feed_forward(
             h = ff.net[0](x[start : start + rows_per_slice])  # (n, ..., 4C), contiguous
             h2 = h.view(-1, h.shape[-1])  # (n*..., 4C)
             rows_out = out[start : start + rows_per_slice].view(-1, lin.out_features)  # (n*..., C), contiguous
+            # lin.weight.t(): (C, 4C) -> (4C, C), a transposed view the product reads as it lies
             if added is None:
                 torch.mm(h2, lin.weight.t(), out=rows_out)
             else:
@@ -334,11 +336,11 @@ class SpatioTemporalTransformer(nn.Module):
         """x: (B*F, C, H, W); context: (B, S, D)."""
         bf, c, h, w = x.shape
         residual = x
-        # (B*F, C, H, W) -> (B*F, H*W, C), a view: contiguous for channels-last activations (compiled); for NCHW
-        # ones (eager) transposed, which ATen hands to a batched product as a transposed operand instead of making
-        # the tokens contiguous first, when the weights are frozen as the pipeline holds them (with trainable ones
-        # matmul copies on purpose, sparing the weight gradient a large intermediate)
-        tokens = group_norm(x, self.norm).flatten(2).transpose(1, 2)
+        # The tokens are a view: contiguous for channels-last activations (compiled); for NCHW ones (eager)
+        # transposed, which ATen hands to a batched product as a transposed operand instead of making the tokens
+        # contiguous first, when the weights are frozen as the pipeline holds them (with trainable ones matmul
+        # copies on purpose, sparing the weight gradient a large intermediate)
+        tokens = group_norm(x, self.norm).flatten(2).transpose(1, 2)  # (B*F, C, H, W) -> (B*F, H*W, C)
         tokens, bias = _product(self.proj_in, tokens)  # the first block adds the bias (to its norm and its sum)
 
         # Frame-position embedding: sinusoids of the frame index 0..F-1 through an MLP, one row per frame.
@@ -354,10 +356,11 @@ class SpatioTemporalTransformer(nn.Module):
         if not torch.compiler.is_compiling() and residual.is_contiguous() and type(lin) is nn.Linear:
             # Eager, NCHW: W @ tokens^T per frame lands in the residual's (B*F, C, H*W) layout, and the product adds
             # the residual (plus the bias) as its C operand, instead of a product in the tokens' layout and a
-            # strided add across the two layouts
+            # strided add across the two layouts. The bias (C,) -> (1, C, 1, 1), broadcast over frames and pixels
             out = residual.clone() if lin.bias is None else residual + lin.bias.view(1, c, 1, 1)  # not x itself
             weight = lin.weight.expand(bf, c, c)  # (C, C) -> (B*F, C, C), a stride-0 view
-            out.view(bf, c, h * w).baddbmm_(weight, tokens.transpose(1, 2))  # += (B*F, C, C) @ (B*F, C, H*W)
+            # out (B*F, C, H, W) -> (B*F, C, H*W) += (B*F, C, C) @ tokens (B*F, H*W, C) -> (B*F, C, H*W)
+            out.view(bf, c, h * w).baddbmm_(weight, tokens.transpose(1, 2))
             return out
         # compiled graphs fold the bias into the residual add's kernel; eager, the product's epilogue adds it
         out = with_bias(*_product(lin, tokens, torch.compiler.is_compiling()))

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid import norm_act
+from img2vid.attention import attention
 from img2vid.layers import (
-    attention,
     conv2d,
     conv_epilogue,
     group_norm,
