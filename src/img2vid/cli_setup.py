@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from img2vid.names import REPO_ID, WEIGHT_SUFFIXES
-
-# = img2vid.video.FORMATS, spelled out to keep --help import-free
-FORMATS = ("mp4", "webm", "gif", "webp", "png", "mkv", "mov")
+from img2vid.video_checks import FORMATS  # no PyAV there: --help stays import-free
 
 
 def expand_images(patterns: list[str]) -> list[str]:
     """Paths, URLs and glob patterns (expanded here too, so a quoted pattern works) -> sources, in order."""
     from img2vid.errors import InputError, user_path
+    from img2vid.image_sources import is_url
 
     sources: list[str] = []
     for pattern in patterns:
-        if pattern.lower().startswith(("http://", "https://")):
+        if is_url(pattern):
             sources.append(pattern)
             continue
         path = user_path(pattern)
@@ -42,7 +41,7 @@ def expand_images(patterns: list[str]) -> list[str]:
     # may match) are two images with outputs of their own, as the user named them: not resolved, not refused.
     seen: dict[str, str] = {}
     for source in sources:
-        key = source if source.lower().startswith(("http://", "https://")) else os.path.abspath(source)
+        key = source if is_url(source) else os.path.abspath(source)
         if key in seen:
             also = "" if seen[key] == source else f" (also as {seen[key]})"
             raise InputError(f"{source} is given twice{also}; --videos N makes several videos of one image")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from img2vid import video_checks
 from img2vid.configs import FLOAT16_MAX
 
 if TYPE_CHECKING:
@@ -20,9 +21,9 @@ if TYPE_CHECKING:
 
     from img2vid.pipeline import Pipeline
 
-# The widest frame every encoder but WebP's takes (= video.MAX_SIDE["mp4"]); more fails as an overflow in Pillow or
-# as an allocation of terabytes, not as a message about the size.
-MAX_SIDE = 16384
+# The widest frame every encoder but WebP's takes; more fails as an overflow in Pillow or as an allocation of
+# terabytes, not as a message about the size.
+MAX_SIDE = video_checks.MAX_SIDE["mp4"]
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to this
 # Setting -> (type, least, most). float16's range bounds the guidance scales: the pipeline refuses more, but a server
 # request would learn it only once it has its turn.
