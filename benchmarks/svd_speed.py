@@ -69,6 +69,10 @@ ap.add_argument("--save-folder", default=None, help="with --load: keep the fp16 
 ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script's logic only")
 ap.add_argument("--out", default=os.environ.get("OUT", "."))
 args = ap.parse_args()
+# Every other name used to run the offload recipe, labelled with that name (a "none" row was offload's numbers).
+for _dmode in args.diffusers_modes.split(","):
+    if _dmode not in ("eager", "offload"):
+        ap.error(f"--diffusers-modes: unknown mode {_dmode!r} (eager, offload; --compare none runs no diffusers)")
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
 DT = torch.float16 if DEV.type == "cuda" else torch.float32

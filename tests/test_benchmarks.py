@@ -36,6 +36,20 @@ def test_speed_benchmark_table_and_agreement(tmp_path: Path) -> None:
     assert (tmp_path / "svd_speed.log").exists()
 
 
+def test_speed_benchmark_refuses_unknown_diffusers_mode(tmp_path: Path) -> None:
+    # Any unknown name used to run diffusers' offload recipe under that name (a "none" row of offload's numbers)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "svd_speed.py"), "--tiny", "--out", str(tmp_path)]
+        + ["--diffusers-modes", "eager,none"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown mode 'none'" in proc.stderr
+    assert not (tmp_path / "svd_speed.log").exists()
+
+
 def test_profile_script_runs(tmp_path: Path) -> None:
     out = _run("svd_profile.py", "--skip", "micro,pipe", out=tmp_path)
     assert "UNet step eager" in out and "VAE decode 8 frames eager" in out
