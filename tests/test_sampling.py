@@ -32,6 +32,16 @@ def test_custom_sigmas_used_as_given():
         sampling.custom_sigmas([5.0, -1.0, 0.0])
 
 
+def test_schedule_takes_given_sigmas_over_the_step_count():
+    # diffusers ignores num_inference_steps when sigmas are given; without them it is Karras' schedule
+    given = [700.0, 50.0, 3.0, 0.3, 0.0]
+    assert torch.equal(sampling.schedule(25, 0.002, 700.0, 7.0, given), sampling.custom_sigmas(given))
+    assert torch.equal(sampling.schedule(7, 0.002, 700.0, 7.0, None), sampling.karras_sigmas(7, 0.002, 700.0, 7.0))
+    assert sampling.schedule(3, 0.1, 10.0, 7.0, None)[0].item() == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="at least two"):
+        sampling.schedule(25, 0.002, 700.0, 7.0, [1.0])
+
+
 def test_scaling_and_euler_step_match_scheduler():
     ref = reference_scheduler()
     ref.set_timesteps(4)

@@ -7,36 +7,12 @@ pattern for opaque kernels under torch.compile."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from img2vid import frame_kernel, fused, norm_act
 from img2vid.attention import frame_attention_sdpa
-
-
-class FieldOutput(dict):
-    """diffusers' BaseOutput for outputs of one field: an ordered mapping read by key (out["sample"]), by position
-    (out[0], out[:1]) or as a tuple (out.to_tuple()); each subclass names its field as a property."""
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(self.values())
-
-    def __getitem__(self, key: int | slice | str) -> Any:
-        return dict.__getitem__(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-
-class SampleOutput(FieldOutput):
-    """diffusers' UNetSpatioTemporalConditionOutput and DecoderOutput: the tensor as out.sample, out["sample"] or
-    out[0]."""
-
-    def __init__(self, sample: torch.Tensor) -> None:
-        super().__init__(sample=sample)
-
-    @property
-    def sample(self) -> torch.Tensor:
-        return dict.__getitem__(self, "sample")
 
 
 class Placed(torch.nn.Module):

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,33 +40,14 @@ from img2vid.inputs import (
     resize_for_vae,
     to_tensor,
 )
-from img2vid.layers import FieldOutput
 from img2vid.modes import COMPONENTS, RunModes, orig_module
 from img2vid.offload import SequentialOffload, available_device, weights_dtype
+from img2vid.outputs import PipelineOutput
 from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
 
-
-class PipelineOutput(FieldOutput):
-    """frames: list (videos) of lists of PIL images, or (B, F, H, W, 3) np.float32 for "np", or (B, F, 3, H, W) for
-    "pt", or the final (B, F, 4, H/8, W/8) latents for "latent".
-
-    As diffusers' BaseOutput, an ordered mapping of its one field, read as an attribute, by key or by position:
-    out.frames, out["frames"], out[0], out.to_tuple(), len(out), list(out), dict(out)."""
-
-    def __init__(self, frames: Any) -> None:
-        super().__init__(frames=frames)
-
-    @property
-    def frames(self) -> Any:
-        return dict.__getitem__(self, "frames")
-
-    @frames.setter
-    def frames(self, value: Any) -> None:
-        self["frames"] = value
-
-    def __repr__(self) -> str:
-        return f"PipelineOutput(frames={self.frames!r})"
+if TYPE_CHECKING:
+    import PIL.Image
 
 
 class Pipeline(DiffusersAttributes, RunModes):
@@ -281,108 +262,126 @@ class Pipeline(DiffusersAttributes, RunModes):
         n_img, nv = len(images), num_videos_per_prompt
         batch = n_img * nv
         check_generators(generator, batch)
-        device, dtype = self._device, self.dtype
         # Guided when any frame's scale is over 1: with min > 1 >= max the first frames are (diffusers decides on
         # max_guidance_scale alone, then guides per frame, and fails on that call)
         cfg = max(min_guidance_scale, max_guidance_scale) > 1
         progress = self._progress(progress)
+        emb, image_latents, time_ids = self._conditioning(
+            images, nv, num_frames, height, width, (fps, motion_bucket_id, noise_aug_strength), generator, cfg
+        )
 
-        # 1. CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (batch, 1, D)
+        # The schedule and the initial latents (B, F, 4, h, w); the augmentation noise was drawn before them.
+        sc = self.config.scheduler
+        try:
+            sig = sampling.schedule(num_inference_steps, sc.sigma_min, sc.sigma_max, sc.rho, sigmas).to(self._device)
+        except ValueError as e:  # the sampler's pure functions raise plain ValueErrors; to the user it is input
+            raise InputError(str(e)) from None
+        shape = (batch, num_frames, self.config.unet.out_channels, height // vsf, width // vsf)
+        latents = initial_latents(latents, shape, generator, self._device, self.dtype)
+        latents = latents * sampling.init_noise_sigma(sig)
+        g = sampling.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames).to(self._device, self.dtype)
+        g = g.view(1, num_frames, 1, 1, 1)  # (F,) -> (1, F, 1, 1, 1): per-frame guidance
+        self._set_call_state(g, batch, cfg, sig.numel() - 1)  # diffusers' pipe.guidance_scale, num_timesteps, ...
+
+        self._stage("unet")
+        cond = (image_latents, emb, time_ids)
+        reuse = guidance_reuse if cfg else 1  # without guidance there is no half to skip
+        latents = self._denoise(latents, cond, g, sig, cfg, reuse, callback_on_step_end, names, progress)
+
+        if output_type == "latent":
+            frames: Any = latents
+        else:
+            self._stage("vae")
+            frames = self._frames(latents, decode_chunk_size, output_type, progress)
+        self._stage("none")
+        return PipelineOutput(frames=frames) if return_dict else frames
+
+    def _conditioning(
+        self,
+        images: list[PIL.Image.Image | torch.Tensor],
+        nv: int,
+        num_frames: int,
+        height: int,
+        width: int,
+        micro: tuple[float, float, float],
+        generator: Generator,
+        cfg: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet's conditioning for `nv` videos of each image, F = num_frames: the CLIP embeddings (B', 1, D),
+        the noise-augmented image's latents for every frame (B', F, 4, h, w) and the added time ids (B', 3) from
+        micro = (fps, motion_bucket_id, noise_aug_strength); B' = 2B when guided, in diffusers' order [uncond, cond],
+        where the unconditional half has zero embeddings and zero image latents. Draws the augmentation noise."""
+        device, dtype = self._device, self.dtype
+        fps, motion_bucket_id, noise_aug_strength = micro
+        # CLIP embedding of each ORIGINAL image (not the WxH one): (n_img, 3, 224, 224) -> (B, 1, D)
         self._stage("image_encoder")
         # On the accelerator: its blur and resize took 39 ms on an H100 host's CPU, 7 ms on the card (run 53)
         pixels = torch.cat([preprocess(to_tensor(im)[None].to(device), self.config.image_encoder) for im in images])
         emb = self.image_encoder(pixels.to(dtype))[:, None].repeat_interleave(nv, dim=0)
 
-        # 2. VAE latents of the noise-augmented WxH image. The noise is drawn before the initial latents.
+        # VAE latents of the noise-augmented WxH image. The noise is drawn before the initial latents.
         vae_in = torch.stack([resize_for_vae(im, height, width) for im in images]).to(device)  # (n_img, 3, H, W)
         vae_in = vae_in + noise_aug_strength * randn(vae_in.shape, generator, device, vae_in.dtype)
         self._stage("vae")
-        image_latents = self._encode(vae_in).to(dtype).repeat_interleave(nv, dim=0)  # (batch, 4, h, w)
-        # (batch, 4, h, w) -> (batch, F, 4, h, w): every frame is conditioned on the same image
+        image_latents = self._encode(vae_in).to(dtype).repeat_interleave(nv, dim=0)  # (B, 4, h, w)
+        # (B, 4, h, w) -> (B, F, 4, h, w): every frame is conditioned on the same image
         image_latents = image_latents[:, None].expand(-1, num_frames, -1, -1, -1)
 
-        time_ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=dtype).repeat(batch, 1)
-        time_ids = time_ids.to(device)
+        time_ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=dtype)
+        time_ids = time_ids.repeat(emb.shape[0], 1).to(device)  # (1, 3) -> (B, 3)
         if cfg:  # batch order [uncond, cond]; uncond zeroes both the CLIP embedding and the image latents
             emb = torch.cat([torch.zeros_like(emb), emb])
             image_latents = torch.cat([torch.zeros_like(image_latents), image_latents])
             time_ids = torch.cat([time_ids, time_ids])
+        return emb, image_latents, time_ids
 
-        # 3. Schedule and initial latents (B, F, 4, h, w).
-        sc = self.config.scheduler
-        try:
-            sig = sampling.custom_sigmas(sigmas) if sigmas is not None else None
-        except ValueError as e:  # the sampler's pure functions raise plain ValueErrors; to the user it is input
-            raise InputError(str(e)) from None
-        if sig is None:
-            sig = sampling.karras_sigmas(num_inference_steps, sc.sigma_min, sc.sigma_max, sc.rho)
-        sig = sig.to(device)
-        shape = (batch, num_frames, self.config.unet.out_channels, height // vsf, width // vsf)
-        latents = initial_latents(latents, shape, generator, device, dtype) * sampling.init_noise_sigma(sig)
-        g = sampling.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames).to(device, dtype)
-        g = g.view(1, num_frames, 1, 1, 1)  # (F,) -> (1, F, 1, 1, 1): per-frame guidance
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        g: torch.Tensor,
+        sig: torch.Tensor,
+        cfg: bool,
+        reuse: int,
+        callback: Callable[..., dict] | None,
+        names: list[str],
+        progress: ProgressFn,
+    ) -> torch.Tensor:
+        """The Euler loop over the (S + 1,) sigmas: (B, F, 4, h, w) latents at sig[0] -> at sig[-1]. cond:
+        (image_latents, emb, time_ids) from `_conditioning`; g: (1, F, 1, 1, 1) per-frame guidance; reuse > 1:
+        guidance reuse (APPROXIMATE), the unconditional half only every reuse-th step."""
         n_steps = sig.numel() - 1
-        self._set_call_state(g, batch, cfg, n_steps)  # diffusers' pipe.guidance_scale, num_timesteps, ...
-
-        # 4. Denoise.
-        self._stage("unet")
         timesteps = sampling.c_noise(sig[:-1])
-        reuse, delta = guidance_reuse if cfg else 1, None  # without guidance there is no half to skip
+        delta = None  # v_cond - v_uncond of guidance reuse's last full step
         steered = self._guidance_scale  # what a callback replaces to steer guidance (see below)
         for i in range(n_steps):
             t = timesteps[i]
-            step = (self.unet, latents, image_latents, emb, time_ids, g, sig[i], sig[i + 1], t)
+            step = (self.unet, latents, *cond, g, sig[i], sig[i + 1], t)
             if reuse == 1:
                 latents = self._step(*step, cfg, self._split_guidance)
             elif i % reuse == 0:  # both halves; keeps delta = v_cond - v_uncond for the next reuse - 1 steps
                 latents, delta = self._reuse_steps[0](*step, self._split_guidance)
             else:
                 latents = self._reuse_steps[1](*step, delta)
-            if callback_on_step_end is not None:
-                out = callback_on_step_end(self, i, t, {k: latents for k in names}) or {}  # names: only "latents"
+            if callback is not None:
+                out = callback(self, i, t, {k: latents for k in names}) or {}  # names: only "latents"
                 latents = out.get("latents", latents)
                 if self._guidance_scale is not steered:  # a callback steered guidance, as diffusers' may
                     g = self._callback_guidance(g)
                     steered = self._guidance_scale
             progress("denoise", i + 1, n_steps)
+        return latents
 
-        if output_type == "latent":
-            frames: Any = latents
-        else:
-            self._stage("vae")
-            video = self._decode_videos(latents, decode_chunk_size, progress)  # (B, F, 3, H, W) in [-1, 1]
-            if bool(video.isnan().any()):  # one sync; the frames go to the host next anyway
-                # diffusers gives black frames here (NaN cast to bytes), silently. Infinities clamp to valid pixels.
-                raise NonFiniteVideo(
-                    "the decoded video holds NaN values: the weights hold NaN or infinite values, or float16 "
-                    "overflowed (a large guidance scale can do it; try bfloat16 or float32)"
-                )
-            frames = postprocess(video, output_type)
-        self._stage("none")
-        return PipelineOutput(frames=frames) if return_dict else frames
-
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE posterior mode of (N, 3, H, W) pixels. float16 VAEs whose config says force_upcast encode in float32
-        (the encoder's activations overflow in half precision)."""
-        vae = orig_module(self.vae)
-        dtype = next(vae.parameters()).dtype
-        if dtype == torch.float16 and self.config.vae.force_upcast:
-            if "vae" in self._sequential:  # weights are streamed: cast the streamed copies, not the stored ones
-                self._sequential["vae"].set_compute_dtype(torch.float32)
-                try:
-                    return vae.encode_mean(pixels.float())
-                finally:
-                    self._sequential["vae"].set_compute_dtype(None)
-            # The encoder and quant_conv only: casting the decoder too, there and back, took 8 ms more (run 72)
-            parts = (vae.encoder, vae.quant_conv)
-            for m in parts:
-                m.float()
-            try:
-                return vae.encode_mean(pixels.float())
-            finally:
-                for m in parts:
-                    m.to(dtype)
-        return vae.encode_mean(pixels.to(dtype))
+    def _frames(self, latents: torch.Tensor, decode_chunk_size: int, output_type: str, progress: ProgressFn) -> Any:
+        """Final (B, F, 4, h, w) latents -> the call's frames in output_type (see PipelineOutput)."""
+        video = self._decode_videos(latents, decode_chunk_size, progress)  # (B, F, 3, H, W) in [-1, 1]
+        if bool(video.isnan().any()):  # one sync; the frames go to the host next anyway
+            # diffusers gives black frames here (NaN cast to bytes), silently. Infinities clamp to valid pixels.
+            raise NonFiniteVideo(
+                "the decoded video holds NaN values: the weights hold NaN or infinite values, or float16 "
+                "overflowed (a large guidance scale can do it; try bfloat16 or float32)"
+            )
+        return postprocess(video, output_type)
 
     def decode_latents(self, latents: torch.Tensor, num_frames: int, decode_chunk_size: int = 14) -> torch.Tensor:
         """diffusers' `decode_latents`: (B, F, 4, h, w) latents of num_frames frames -> (B, 3, F, H, W) float32 in

@@ -46,6 +46,16 @@ def custom_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return s
 
 
+def schedule(
+    num_steps: int, sigma_min: float, sigma_max: float, rho: float, sigmas: Sequence[float] | torch.Tensor | None
+) -> torch.Tensor:
+    """A call's (S + 1,) float32 sigmas: the user's own `sigmas` (num_steps is then ignored, as diffusers ignores
+    it), or else the Karras schedule of num_steps steps."""
+    if sigmas is not None:
+        return custom_sigmas(sigmas)
+    return karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+
+
 def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     """The UNet's timestep input for v-prediction EDM: 0.25 ln(sigma), same shape as sigma."""
     return 0.25 * sigma.log()

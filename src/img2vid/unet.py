@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from img2vid.configs import UNetConfig
-from img2vid.layers import Placed, SampleOutput, channels_last_, group_norm, timestep_embedding
+from img2vid.layers import Placed, channels_last_, group_norm, timestep_embedding
+from img2vid.outputs import SampleOutput
 from img2vid.unet_blocks import Downsample, SpatioTemporalResBlock, TimeEmbedding, Upsample
 from img2vid.unet_transformer import SpatialTransformerBlock, SpatioTemporalTransformer, TemporalTransformerBlock
 

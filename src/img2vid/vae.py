@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from img2vid.configs import VAEConfig
-from img2vid.layers import FieldOutput, Placed, SampleOutput, group_norm
+from img2vid.layers import Placed, group_norm
+from img2vid.outputs import FieldOutput, SampleOutput
 from img2vid.vae_blocks import (
     EPS,
     TIME_KERNEL,
