@@ -36,7 +36,7 @@ from img2vid.checkpoint_io import (
     write_json,
     write_safetensors,
 )
-from img2vid.configs import PipelineConfig
+from img2vid.configs import ComponentConfig, PipelineConfig
 from img2vid.errors import CheckpointError, first_line
 from img2vid.folders import check_variant, component_file, component_variants, shard_files
 from img2vid.hub import resolve_pretrained
@@ -161,7 +161,7 @@ def load_into(module: nn.Module, state_dict: StateDict, component: str) -> None:
     module.load_state_dict(sd, strict=True, assign=True)
 
 
-def build(cls: type[nn.Module], config: Any, state_dict: StateDict, component: str) -> nn.Module:
+def build(cls: type[nn.Module], config: ComponentConfig, state_dict: StateDict, component: str) -> nn.Module:
     """`cls(config)` on the meta device, filled with `state_dict` (no random init, no second copy)."""
     try:
         with torch.device("meta"):

@@ -8,10 +8,16 @@ import argparse
 import glob
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from img2vid.names import REPO_ID, WEIGHT_SUFFIXES
 from img2vid.video_checks import FORMATS  # no PyAV there: --help stays import-free
+
+if TYPE_CHECKING:  # annotations only: --help imports no torch or PIL
+    import PIL.Image
+    import torch
+
+    from img2vid.pipeline import Pipeline
 
 
 def expand_images(patterns: list[str]) -> list[str]:
@@ -130,7 +136,7 @@ def output_paths(
     return [(s, seed, path) for (s, seed), path in zip(jobs, paths, strict=True)], fmt
 
 
-def video_size(args: argparse.Namespace, image: Any, multiple: int, fmt: str) -> tuple[int, int]:
+def video_size(args: argparse.Namespace, image: PIL.Image.Image, multiple: int, fmt: str) -> tuple[int, int]:
     """The (width, height) of `image`'s video, checked against the output format's largest frame."""
     from img2vid.images import frame_size
     from img2vid.video_checks import check_frame_size
@@ -190,7 +196,9 @@ def refuse_variant_of_file(variant: str | None, picks_from: str = "a model folde
         raise InputError(f"--variant {variant} picks files of {picks_from}, not of one file")
 
 
-def run_settings(args: argparse.Namespace, pipe: Any, variant: str | None, second: Any) -> dict[str, Any]:
+def run_settings(
+    args: argparse.Namespace, pipe: Pipeline, variant: str | None, second: torch.device | None
+) -> dict[str, Any]:
     """How the loaded model runs, for generate's sidecar and serve's X-Img2vid-Params alike: the revision and variant
     read, the config, and the compile / two-GPU modes (they change the last bits of the numbers)."""
     compiled = bool(args.compile or args.compile_cache)
@@ -205,7 +213,7 @@ def run_settings(args: argparse.Namespace, pipe: Any, variant: str | None, secon
     )
 
 
-def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
+def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     import torch
 
     from img2vid.errors import InputError
@@ -222,7 +230,7 @@ def device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
 
 
-def guidance_device(args: argparse.Namespace, device: Any) -> Any:
+def guidance_device(args: argparse.Namespace, device: torch.device) -> torch.device | None:
     """--guidance-device as a torch.device, or None; what it cannot run with is an error before the model loads."""
     import torch
 
@@ -257,8 +265,8 @@ def check_compile_cache(args: argparse.Namespace) -> None:
 
 
 def load_pipeline(
-    args: argparse.Namespace, kind: str, device: Any, dtype: Any, second: Any = None
-) -> tuple[Any, str | None]:
+    args: argparse.Namespace, kind: str, device: torch.device, dtype: torch.dtype, second: torch.device | None = None
+) -> tuple[Pipeline, str | None]:
     """The pipeline as the runtime options ask; second: guidance_device's checked --guidance-device, or None."""
     import torch
 

@@ -38,7 +38,7 @@ from img2vid.checkpoint_io import (
     read_state_dict,
     stored_config,
 )
-from img2vid.configs import PipelineConfig
+from img2vid.configs import ComponentConfig, PipelineConfig
 from img2vid.errors import CheckpointError, InputError, user_path
 from img2vid.folders import check_variant, component_file, weight_variants
 from img2vid.sgm_convert import cond_encoder_keys, detect_format, detect_sgm_variant, split_sgm
@@ -67,7 +67,7 @@ def check_sources(sources: dict[str, Source | None]) -> dict[str, Source]:
     return given
 
 
-def with_component(config: PipelineConfig, component: str, part: Any, check: bool = True) -> PipelineConfig:
+def with_component(config: PipelineConfig, component: str, part: ComponentConfig, check: bool = True) -> PipelineConfig:
     """The pipeline config with one component's config replaced, checked as a whole (a UNet whose cross-attention
     width is not the image encoder's would fail at the first step). An image encoder keeps the pipeline's
     preprocessing (mean and std are the feature extractor's, which stays)."""
@@ -84,7 +84,7 @@ def with_component(config: PipelineConfig, component: str, part: Any, check: boo
     return new
 
 
-def folder_config(folder: Path, component: str) -> Any:
+def folder_config(folder: Path, component: str) -> ComponentConfig:
     """A component folder's config.json, as the pipeline folder's loader reads it."""
     try:
         data = configs.read_json(folder / "config.json")

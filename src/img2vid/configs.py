@@ -121,6 +121,9 @@ class PipelineConfig:
         return self.vae_scale_factor * 2 ** (len(self.unet.block_out_channels) - 1)
 
 
+# One component's config: what `component_from_config` returns and what each model class is built from.
+ComponentConfig = UNetConfig | VAEConfig | CLIPVisionConfig
+
 TINY_UNET = UNetConfig(
     block_out_channels=(32, 64),
     down_cross_attention=(True, False),
@@ -328,7 +331,7 @@ def clip_to_transformers(c: CLIPVisionConfig) -> dict[str, Any]:
 
 def component_from_config(
     component: str, cfg: dict[str, Any], preprocessor: dict[str, Any] | None = None
-) -> UNetConfig | VAEConfig | CLIPVisionConfig:
+) -> ComponentConfig:
     """A component folder's config.json -> its config: the one place a component's name picks its mapping."""
     if component == "unet":
         return unet_from_diffusers(cfg)

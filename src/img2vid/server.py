@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from img2vid import __version__
@@ -64,6 +64,9 @@ from img2vid.server_requests import (
     parse_params,
     prepare,
 )
+
+if TYPE_CHECKING:
+    from img2vid.pipeline import Pipeline
 
 # the request's side (parameters, image, generation) lives in img2vid.server_requests; its names are also here
 __all__ = ["MAX_BODY_BYTES", "MAX_PIXELS", "MAX_VIDEO_PIXELS", "MAX_INPUT_PIXELS", "FORMATS", "make_server", "serve"]
@@ -297,7 +300,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(
-    pipe: Any,
+    pipe: Pipeline,
     host: str = "127.0.0.1",
     port: int = 8000,
     model: str | None = None,

@@ -14,11 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 
 from img2vid.server_requests import generate
+
+if TYPE_CHECKING:
+    from img2vid.pipeline import Pipeline
 
 TIMEOUT_S = 60  # per socket read/write: a stalled or idle client must not hold its thread and socket forever
 # Uploads decoded at once; more wait their turn. Each takes up to ~1.3 GB at MAX_INPUT_PIXELS (an 8192x8192 image
@@ -88,7 +91,7 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client must not keep the process alive at shutdown
 
     def __init__(
-        self, address: tuple[str, int], handler: type, pipe: Any, model: str | None, max_body: int, quiet: bool
+        self, address: tuple[str, int], handler: type, pipe: Pipeline, model: str | None, max_body: int, quiet: bool
     ) -> None:
         if ":" in address[0]:  # an IPv6 address (`--host ::`); the class default AF_INET cannot bind it
             self.address_family = socket.AF_INET6

@@ -9,7 +9,7 @@ import io
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import PIL.Image
@@ -18,6 +18,10 @@ from img2vid import __version__
 from img2vid.errors import InputError
 from img2vid.images import SIZE_MODES, frame_size, load_image, video_input
 from img2vid.run_params import LIMITS, limited, random_seed, run_params, sample_video
+
+if TYPE_CHECKING:
+    from img2vid.configs import PipelineConfig
+    from img2vid.pipeline import Pipeline
 
 __all__ = [
     "MAX_PIXELS",
@@ -111,7 +115,7 @@ def parse_params(query: str) -> dict[str, Any]:
     return params
 
 
-def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> tuple[int, int]:
+def check_request(cfg: PipelineConfig, image: PIL.Image.Image, params: dict[str, Any]) -> tuple[int, int]:
     """The video's (width, height) once the checks that need the model's config and the image pass (size rule,
     MAX_PIXELS, segments); else a one-line InputError. Cheap, so the handler runs it before waiting for the lock."""
     from img2vid.longer import check_segments
@@ -136,7 +140,9 @@ def check_request(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> t
     return width, height
 
 
-def prepare(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> tuple[PIL.Image.Image, tuple[int, int]]:
+def prepare(
+    cfg: PipelineConfig, image: PIL.Image.Image, params: dict[str, Any]
+) -> tuple[PIL.Image.Image, tuple[int, int]]:
     """`check_request`, then (the image as the model takes it (`video_input`), the video's (width, height)): what a
     request holds while it waits. Cropped, padded or fitted, that image is the video's size (at most MAX_PIXELS,
     not the upload's up to MAX_INPUT_PIXELS); stretched, the pipeline resizes the upload itself, as diffusers."""
@@ -145,7 +151,7 @@ def prepare(cfg: Any, image: PIL.Image.Image, params: dict[str, Any]) -> tuple[P
 
 
 def generate(
-    pipe: Any,
+    pipe: Pipeline,
     image: PIL.Image.Image,
     params: dict[str, Any],
     model: str | None,
