@@ -88,6 +88,36 @@ def test_every_kind_of_source_gives_the_same_unet(tiny_model_dir, finetuned, tmp
     assert module.vae.dtype == torch.float16
 
 
+def test_diffusers_and_transformers_objects_as_components(tiny_model_dir, finetuned, tmp_path):
+    """diffusers' from_pretrained(base, unet=<its UNet object>) works with ours too: the object's config and weights
+    are read as its saved folder would be (the same weights and frames), in the dtype asked for, and the user's
+    object is left as it was (not moved, not cast)."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    ref_unet = UNetSpatioTemporalConditionModel.from_pretrained(finetuned / "ft-unet")
+    ours = Pipeline.from_pretrained(tiny_model_dir, unet=ref_unet)
+    assert isinstance(ours.unet, type(Pipeline.from_pretrained(tiny_model_dir).unet))
+    assert_same_weights(ours.unet, unet_weights(finetuned / "ft-unet"))
+    from_folder = Pipeline.from_pretrained(tiny_model_dir, unet=finetuned / "ft-unet")
+    assert torch.equal(frames(ours), frames(from_folder))
+    half = Pipeline.from_pretrained(tiny_model_dir, unet=ref_unet, torch_dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16 and ref_unet.dtype == torch.float32
+    assert_same_weights(half.unet, {k: t.bfloat16() for k, t in unet_weights(finetuned / "ft-unet").items()})
+    # the VAE and the CLIP tower of another pipeline, as objects: as their saved folders
+    donor = reference_pipeline("a", seed=9)
+    donor.vae.save_pretrained(tmp_path / "vae")
+    donor.image_encoder.save_pretrained(tmp_path / "enc")
+    objects = Pipeline.from_pretrained(tiny_model_dir, vae=donor.vae, image_encoder=donor.image_encoder)
+    folders = Pipeline.from_pretrained(tiny_model_dir, vae=tmp_path / "vae", image_encoder=tmp_path / "enc")
+    assert_same_weights(objects.vae, folders.vae.state_dict())
+    assert_same_weights(objects.image_encoder, folders.image_encoder.state_dict())
+    assert objects.config == folders.config
+    # one of another architecture is refused as its folder is, naming the object
+    other = reference_pipeline("b", seed=0).unet  # 48-wide cross-attention
+    with pytest.raises(CheckpointError, match="cross-attention reads 48-wide"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=other)
+
+
 def test_a_given_component_is_not_read_from_the_base(tiny_model_dir, finetuned, tmp_path):
     """The base's own UNet file is never opened: here it is garbage, and loading still works (a single file too)."""
     base = tmp_path / "base"
@@ -159,8 +189,10 @@ def test_sources_that_do_not_fit_are_refused(tiny_model_dir, tiny_model_dirs, tm
     with pytest.raises(CheckpointError, match=r"^\S*broken/config.json: not valid JSON"):
         Pipeline.from_pretrained(tiny_model_dir, unet=broken)
     ref = UNetSpatioTemporalConditionModel.from_pretrained(tiny_model_dir / "unet")
-    with pytest.raises(InputError, match="img2vid's UNet or the path.*not a UNetSpatioTemporalConditionModel"):
-        Pipeline.from_pretrained(tiny_model_dir, unet=ref)
+    with pytest.raises(InputError, match="vae= takes img2vid's VAE, .*not a UNetSpatioTemporalConditionModel"):
+        Pipeline.from_pretrained(tiny_model_dir, vae=ref)
+    with pytest.raises(InputError, match="unet= takes img2vid's UNet, .*UNetSpatioTemporalConditionModel.*Linear"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=torch.nn.Linear(2, 2))
     with pytest.raises(InputError, match="vae= takes img2vid's VAE"):
         Pipeline.from_pretrained(tiny_model_dir, vae=Pipeline.from_pretrained(tiny_model_dir).unet)
     with pytest.raises(InputError, match="a variant .* not of one file"):

@@ -1,7 +1,9 @@
 """One component from somewhere other than the pipeline's own checkpoint: a fine-tuned UNet (or VAE, or image
 encoder) given to `Pipeline.from_pretrained(..., unet=...)` or `img2vid generate --unet ...`, as
 
-- a module already built (img2vid's UNet / VAE / ImageEncoder, e.g. another pipeline's),
+- a module already built (img2vid's UNet / VAE / ImageEncoder, e.g. another pipeline's), or diffusers' /
+  transformers' model object of that kind (a UNetSpatioTemporalConditionModel fine-tuned in memory, say): its config
+  and weights are read into img2vid's class (told by its class name: img2vid never imports those libraries),
 - a diffusers component folder (`unet.save_pretrained(dir)`: config.json beside the weights) or a pipeline folder
   (its component's subfolder),
 - a single file: diffusers' / transformers' names (`diffusion_pytorch_model.safetensors`, or a sharded index), or
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,12 @@ Source = nn.Module | str | os.PathLike
 FILE_KIND = {"unet": "diffusers-unet", "vae": "diffusers-vae", "image_encoder": "transformers-clip"}
 FILE_COMPONENT = {kind: c for c, kind in FILE_KIND.items()}
 CLASS_NAME = {"unet": "UNet", "vae": "VAE", "image_encoder": "ImageEncoder"}
+# diffusers' and transformers' classes of each component, whose objects are read as their saved folders would be
+FOREIGN_CLASSES = {
+    "unet": ("UNetSpatioTemporalConditionModel",),
+    "vae": ("AutoencoderKLTemporalDecoder", "AutoencoderKL"),
+    "image_encoder": ("CLIPVisionModelWithProjection",),
+}
 
 
 def check_sources(sources: dict[str, Source | None]) -> dict[str, Source]:
@@ -57,10 +64,10 @@ def check_sources(sources: dict[str, Source | None]) -> dict[str, Source]:
     given = {c: getattr(s, "_orig_mod", s) for c, s in sources.items() if s is not None}
     for c, s in given.items():
         cls = model_class(c)
-        if isinstance(s, nn.Module) and not isinstance(s, cls):
+        if isinstance(s, nn.Module) and not isinstance(s, cls) and type(s).__name__ not in FOREIGN_CLASSES[c]:
             raise InputError(
-                f"{c}= takes img2vid's {CLASS_NAME[c]} or the path of its weights, not a {type(s).__name__} module "
-                "(save that one with its save_pretrained and pass the folder)"
+                f"{c}= takes img2vid's {CLASS_NAME[c]}, diffusers' / transformers' {' or '.join(FOREIGN_CLASSES[c])}"
+                f" or the path of its weights, not a {type(s).__name__} module"
             )
         if not isinstance(s, nn.Module | str | os.PathLike):
             raise InputError(f"{c}= takes img2vid's {CLASS_NAME[c]} or a path, not {type(s).__name__}")
@@ -109,7 +116,7 @@ def component_folder_file(folder: Path, component: str, variant: str | None, all
 
 def _from_sgm_file(
     path: Path, component: str, config: PipelineConfig, device: Device, dtype: torch.dtype, allow_pickle: bool
-) -> tuple[Any, StateDict]:
+) -> tuple[ComponentConfig, StateDict]:
     """One component of an sgm-layout file (a whole pipeline's or the component's alone)."""
     header, metadata = read_header(path, allow_pickle)
     stored = stored_config(path, metadata)  # our own single files carry their config
@@ -140,7 +147,7 @@ def load_source(
     dtype: torch.dtype,
     variant: str | None = None,
     allow_pickle: bool = False,
-) -> tuple[Any, StateDict]:
+) -> tuple[ComponentConfig, StateDict]:
     """(the component's config, its state dict on `device` in `dtype`) from a folder or file; `config` is the
     pipeline's, whose component config a file without its own is read against."""
     path = user_path(source)
@@ -180,6 +187,28 @@ def load_source(
     return part, sd
 
 
+def foreign_module(
+    module: nn.Module, component: str, config: PipelineConfig, device: Device, dtype: torch.dtype
+) -> tuple[ComponentConfig, StateDict]:
+    """(config, state dict on `device` in `dtype`) of a diffusers / transformers model object (FOREIGN_CLASSES), read
+    as its save_pretrained folder would be: its config through the config.json mapping, its tensors through the
+    same strict name and shape check. The tensors are copies where the device or dtype differ, else shared."""
+    raw = module.config
+    data = dict(raw) if isinstance(raw, dict) else raw.to_dict()  # diffusers' FrozenDict, transformers' config
+    data["_class_name"] = type(module).__name__  # what a saved config.json names (the VAE mapping reads it)
+    where = f"{component}= ({type(module).__name__}): "
+    try:
+        part = configs.component_from_config(component, data)
+        config_checks.check(part)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}{e}") from None
+    sd = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in module.state_dict().items()}
+    sd = drop_buffers(sd, component)
+    expected = expected_shapes(component, configs.replace(config, **{component: part}), where)
+    check_state_dict(sd, expected, component, where)
+    return part, sd
+
+
 def resolve(
     sources: dict[str, Source],
     config: PipelineConfig,
@@ -195,7 +224,11 @@ def resolve(
         if c not in sources:
             continue
         s = sources[c]
-        if isinstance(s, nn.Module):
+        if isinstance(s, nn.Module) and type(s).__name__ in FOREIGN_CLASSES[c]:
+            part, sd = foreign_module(s, c, config, device, dtype)
+            config = with_component(config, c, part)
+            modules[c] = build(model_class(c), part, sd, c)
+        elif isinstance(s, nn.Module):
             config = with_component(config, c, s.config)
             modules[c] = s.to(device=device, dtype=dtype)
         else:

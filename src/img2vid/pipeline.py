@@ -118,7 +118,8 @@ class Pipeline(DiffusersAttributes, RunModes):
         low_cpu_mem_usage (always: the models are built on the meta device and filled); device_map naming one
         device (as device=; diffusers' "balanced" split across GPUs is not img2vid's: see enable_guidance_parallel).
         unet / vae / image_encoder: a component from elsewhere, e.g. a fine-tuned UNet, instead of the checkpoint's
-        (img2vid.components: a module, a diffusers component or pipeline folder, or a weights file)."""
+        (img2vid.components: an img2vid module, a diffusers / transformers model object, a diffusers component or
+        pipeline folder, or a weights file)."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
         torch_dtype = torch_dtype if torch_dtype is not None else dtype
