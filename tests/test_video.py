@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from img2vid.errors import InputError
-from img2vid.utils import export_to_video
+from img2vid.utils import export_to_gif, export_to_video
 from img2vid.video import FORMATS, apply_loop, export_video, read_metadata, read_video, to_uint8_frames
 from img2vid.video_checks import check_crf
 
@@ -452,6 +452,33 @@ def test_export_to_video_takes_tensors_and_arrays(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=needle):
             export_to_video(bad, str(tmp_path / "bad.mp4"))
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_export_to_gif_writes_what_diffusers_writes(tmp_path: Path) -> None:
+    """diffusers' export_to_gif on PIL frames (AnimateDiff's examples call it): the same frames, frame delays and
+    looping as its file; a temporary .gif without a path; bad frames are a one-line error and write nothing."""
+    from diffusers.utils import export_to_gif as reference
+
+    images = [PIL.Image.fromarray(f) for f in _frames()]
+    ours, theirs = tmp_path / "ours.gif", tmp_path / "theirs.gif"
+    assert export_to_gif(images, str(ours), fps=7) == str(ours)
+    reference(images, str(theirs), fps=7)
+    with PIL.Image.open(ours) as a, PIL.Image.open(theirs) as b:
+        assert a.n_frames == b.n_frames == F
+        assert a.info["loop"] == b.info["loop"] == 0
+        for i in range(F):
+            a.seek(i)
+            b.seek(i)
+            assert a.info["duration"] == b.info["duration"] == 140, i
+            assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))), i
+    temp = export_to_gif(images)
+    try:
+        assert temp.endswith(".gif") and PIL.Image.open(temp).n_frames == F
+    finally:
+        os.unlink(temp)
+    with pytest.raises(InputError, match="export_to_gif got no frames"):
+        export_to_gif([], str(tmp_path / "bad.gif"))
+    assert not (tmp_path / "bad.gif").exists()
 
 
 def test_export_to_video_takes_what_imageio_writes(tmp_path: Path) -> None:

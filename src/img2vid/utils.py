@@ -26,7 +26,7 @@ from img2vid.video import FORMATS, export_video, to_uint8_frames
 if TYPE_CHECKING:  # annotations only: importing utils must not import torch
     import torch
 
-__all__ = ["load_image", "export_to_video"]
+__all__ = ["load_image", "export_to_video", "export_to_gif"]
 
 # imageio-ffmpeg leaves x264 at its own default when quality is None.
 _X264_DEFAULT_CRF = 23
@@ -93,6 +93,26 @@ def _to_macro_blocks(frames: list[np.ndarray], block: int) -> list[np.ndarray]:
     return [np.asarray(PIL.Image.fromarray(f).resize((new_w, new_h), PIL.Image.BICUBIC)) for f in frames]
 
 
+def _uint8_frames(
+    video_frames: Sequence[np.ndarray | PIL.Image.Image | torch.Tensor] | np.ndarray | torch.Tensor, who: str
+) -> list[np.ndarray]:
+    """diffusers' frames (float arrays in [0, 1] or PIL images), or tensors / a (F, H, W, 3) array -> F x (H, W, 3)
+    uint8, as diffusers' export functions take them; anything else is a one-line InputError naming `who`."""
+    if is_tensor(video_frames) or (isinstance(video_frames, (list, tuple)) and any(map(is_tensor, video_frames))):
+        video_frames = list(to_uint8_frames(video_frames))  # F x (H, W, 3) uint8
+    elif isinstance(video_frames, np.ndarray) and video_frames.ndim in (3, 4):
+        # (F, H, W[, C]) -> F frames, what iterating it gives diffusers (a 3-D array is grey frames to imageio)
+        video_frames = list(video_frames)
+    if not isinstance(video_frames, (list, tuple)):
+        raise InputError(f"{who} takes a list of frames, got {type(video_frames).__name__}")
+    if not video_frames:
+        raise InputError(f"{who} got no frames")
+    if not all(isinstance(f, (np.ndarray, PIL.Image.Image)) for f in video_frames):
+        kinds = sorted({type(f).__name__ for f in video_frames})
+        raise InputError(f"{who} takes numpy arrays, PIL images or tensors as frames, got {kinds}")
+    return [_diffusers_uint8(f) for f in video_frames]
+
+
 def export_to_video(
     video_frames: Sequence[np.ndarray | PIL.Image.Image | torch.Tensor] | np.ndarray | torch.Tensor,
     output_video_path: str | None = None,
@@ -111,21 +131,9 @@ def export_to_video(
     frames ((F, 3, H, W) floats in [0, 1], or a list of (3, H, W)); tensors are rounded to bytes as the pipeline's
     PIL output is (`video.to_uint8_frames`), not truncated as diffusers' float arrays are.
     """
-    if is_tensor(video_frames) or (isinstance(video_frames, (list, tuple)) and any(map(is_tensor, video_frames))):
-        video_frames = list(to_uint8_frames(video_frames))  # F x (H, W, 3) uint8
-    elif isinstance(video_frames, np.ndarray) and video_frames.ndim in (3, 4):
-        # (F, H, W[, C]) -> F frames, what iterating it gives diffusers (a 3-D array is grey frames to imageio)
-        video_frames = list(video_frames)
-    if not isinstance(video_frames, (list, tuple)):
-        raise InputError(f"export_to_video takes a list of frames, got {type(video_frames).__name__}")
-    if not video_frames:
-        raise InputError("export_to_video got no frames")
-    if not all(isinstance(f, (np.ndarray, PIL.Image.Image)) for f in video_frames):
-        kinds = sorted({type(f).__name__ for f in video_frames})
-        raise InputError(f"export_to_video takes numpy arrays, PIL images or tensors as frames, got {kinds}")
     if quality is not None and not 0 <= quality <= 10:
         raise InputError(f"quality must be in 0..10, got {quality}")
-    frames = [_diffusers_uint8(f) for f in video_frames]
+    frames = _uint8_frames(video_frames, "export_to_video")
     if macro_block_size is not None and macro_block_size > 1:
         frames = _to_macro_blocks(frames, macro_block_size)
     if output_video_path is None:
@@ -141,3 +149,19 @@ def export_to_video(
     crf = None if bitrate is not None else (int((1 - quality / 10) * 51) if quality is not None else _X264_DEFAULT_CRF)
     export_video(frames, output_video_path, fps=fps, format=suffix, crf=crf, bitrate=bitrate)
     return output_video_path
+
+
+def export_to_gif(
+    image: Sequence[np.ndarray | PIL.Image.Image | torch.Tensor] | np.ndarray | torch.Tensor,
+    output_gif_path: str | None = None,
+    fps: int = 10,
+) -> str:
+    """diffusers' `export_to_gif`: frames -> a GIF that loops forever, at 1000 // fps ms a frame as diffusers writes
+    it (GIF delays are whole centiseconds: fps 7 is 14 cs). Without a path a temporary .gif is created. Returns the
+    path. Beyond diffusers: the frames export_to_video takes (arrays, tensors), and an atomic write."""
+    frames = _uint8_frames(image, "export_to_gif")
+    if output_gif_path is None:
+        fd, output_gif_path = tempfile.mkstemp(suffix=".gif")
+        os.close(fd)
+    export_video(frames, output_gif_path, fps=fps, format="gif")
+    return output_gif_path
