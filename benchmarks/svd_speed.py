@@ -4,6 +4,7 @@
     python benchmarks/svd_speed.py --compare diffusers                 # full SVD-XT, 25 frames, 576x1024, 25 steps
     python benchmarks/svd_speed.py --compare diffusers --modes eager,compiled,low-memory --load
     python benchmarks/svd_speed.py --modes compiled,compiled+fp8,compiled+reuse2   # approximate modes vs exact
+    python benchmarks/svd_speed.py --model svd --size 576x1024 --modes eager   # SVD's 14 frames, portrait
     python benchmarks/svd_speed.py --tiny                              # logic check on CPU in seconds
 
 The full-size SVD-XT architecture is built with seeded random weights (no download), kept on the CPU as one state
@@ -56,7 +57,8 @@ ap.add_argument(
     "one)",
 )
 ap.add_argument("--diffusers-modes", default="eager", help="comma list: eager, offload (model offload+chunk+dec2)")
-ap.add_argument("--model", default="svd-xt")
+ap.add_argument("--model", default="svd-xt", help="a preset: svd (14 frames), svd-xt, svd-xt-1.1 (25 frames)")
+ap.add_argument("--size", default="1024x576", help="WIDTHxHEIGHT of the video, multiples of 64 (e.g. 576x1024)")
 ap.add_argument("--steps", type=int, default=25)
 ap.add_argument("--decode-chunk-size", type=int, default=8)
 ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --modes compiled (default inductor)")
@@ -77,7 +79,13 @@ for _dmode in args.diffusers_modes.split(","):
 DEV = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
 DT = torch.float16 if DEV.type == "cuda" else torch.float32
 CFG = preset("tiny" if args.tiny else args.model)
-H, W = (32, 48) if args.tiny else (576, 1024)
+try:
+    _w, _h = (int(v) for v in args.size.lower().split("x"))
+except ValueError:
+    ap.error(f"--size takes WIDTHxHEIGHT, got {args.size!r}")
+if _w < 64 or _h < 64 or _w % 64 or _h % 64:
+    ap.error(f"--size: width and height must be multiples of 64, got {args.size}")
+H, W = (32, 48) if args.tiny else (_h, _w)
 F = CFG.num_frames
 STEPS = 3 if args.tiny else args.steps
 DCS = 2 if args.tiny else args.decode_chunk_size

@@ -36,7 +36,7 @@ def test_speed_benchmark_table_and_agreement(tmp_path: Path) -> None:
     assert (tmp_path / "svd_speed.log").exists()
 
 
-def test_speed_benchmark_refuses_unknown_diffusers_mode(tmp_path: Path) -> None:
+def test_speed_benchmark_refuses_bad_arguments(tmp_path: Path) -> None:
     # Any unknown name used to run diffusers' offload recipe under that name (a "none" row of offload's numbers)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "svd_speed.py"), "--tiny", "--out", str(tmp_path)]
@@ -48,6 +48,14 @@ def test_speed_benchmark_refuses_unknown_diffusers_mode(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "unknown mode 'none'" in proc.stderr
     assert not (tmp_path / "svd_speed.log").exists()
+    for size, needle in (("576", "takes WIDTHxHEIGHT"), ("100x64", "multiples of 64")):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "svd_speed.py"), "--tiny", "--size", size],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
 def test_profile_script_runs(tmp_path: Path) -> None:
