@@ -313,7 +313,8 @@ def main() -> None:
             )
         except Exception:
             pass
-    log(f"config: {CFG.name} {F} frames {H}x{W} steps {STEPS} decode_chunk {DCS} dtype {DT} argv {sys.argv[1:]}")
+    size = f"{W}x{H} (width x height)"
+    log(f"config: {CFG.name} {F} frames {size} steps {STEPS} decode_chunk {DCS} dtype {DT} argv {sys.argv[1:]}")
     state = make_state()
     img = image()
     gen = lambda: torch.manual_seed(42)  # noqa: E731
