@@ -175,7 +175,7 @@ def model_source(model: str, variant: str | None = None, revision: str | None = 
     return kind, config.size_multiple
 
 
-def component_sources(args: argparse.Namespace) -> dict[str, Any]:
+def component_sources(args: argparse.Namespace) -> dict[str, Path]:
     """--unet / --vae as paths that exist ({component: path} of those given): a hub id is not taken there (download
     it first), and a typo is an error before anything loads. What the path holds is read with the model."""
     from img2vid.errors import InputError, user_path
@@ -282,9 +282,18 @@ def load_pipeline(
     variant = None if variant == "none" else variant  # a hub id's or a single file's
     offload = args.offload or "none"
     load_to = "cpu" if args.low_memory or offload != "none" else device  # offloaded weights wait on the CPU
-    kw = dict(torch_dtype=dtype, variant=variant, local_files_only=args.offline, allow_pickle=args.allow_pickle)
-    kw.update(revision=args.revision)
-    pipe = Pipeline.from_pretrained(args.model, device=load_to, **kw, **component_sources(args))
+    given = component_sources(args)
+    pipe = Pipeline.from_pretrained(
+        args.model,
+        torch_dtype=dtype,
+        variant=variant,
+        device=load_to,
+        local_files_only=args.offline,
+        allow_pickle=args.allow_pickle,
+        revision=args.revision,
+        unet=given.get("unet"),
+        vae=given.get("vae"),
+    )
     if args.low_memory:  # sequential offload, split guidance halves, forward chunking, decode chunks of 2
         pipe.enable_low_memory(device=device)
     elif offload == "model":

@@ -161,7 +161,7 @@ def preset(name: str) -> PipelineConfig:
 # diffusers / transformers config.json <-> our dataclasses. The only place that knows their field names.
 
 
-def _per_block(value: Any, n: int) -> tuple:
+def _per_block(value: Any, n: int) -> tuple[Any, ...]:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"expected {n} per-block values, got {len(value)}: {value}")

@@ -7,11 +7,15 @@ import fnmatch
 import os
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from img2vid.checkpoint_io import WEIGHTS_NAME
 from img2vid.errors import CheckpointError, first_line, user_path
 from img2vid.names import REPO_ID, WEIGHT_SUFFIXES
 from img2vid.sgm_keys import COMPONENTS
+
+if TYPE_CHECKING:  # huggingface_hub is imported where it is used
+    from huggingface_hub import CommitInfo
 
 
 def _weight_patterns(component: str, variant: str | None) -> tuple[str, ...]:
@@ -118,7 +122,7 @@ def push_folder(
     private: bool | None = None,
     token: str | bool | None = None,
     create_pr: bool = False,
-) -> object:
+) -> CommitInfo:
     """Upload a saved pipeline folder to a hub model repo, created if missing (`Pipeline.push_to_hub`); returns
     huggingface_hub's CommitInfo, as diffusers does. Hub failures are one-line CheckpointErrors."""
     from huggingface_hub import HfApi

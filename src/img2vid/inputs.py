@@ -22,6 +22,8 @@ from img2vid.images import check_unit_tensor, load_image
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 Generator = torch.Generator | list[torch.Generator] | None
 ProgressFn = Callable[[str, int, int], None]  # (stage "denoise" | "decode", done, total)
+# diffusers' callback_on_step_end(pipe, step index, timestep, {name: tensor}) -> tensors to replace (or None)
+StepCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
 
 def check_call_args(frames: int, steps: int, chunk: int, nv: int, guidance_reuse: int, output_type: str) -> None:
@@ -99,7 +101,7 @@ def initial_latents(
     return latents.to(device, dtype)
 
 
-def callback_tensor_names(callback: Callable[..., Any] | None, names: Sequence[str] | None) -> list[str]:
+def callback_tensor_names(callback: StepCallback | None, names: Sequence[str] | None) -> list[str]:
     """The tensors a step-end callback is handed: diffusers' default ["latents"], the only name its pipeline lists
     (`_callback_tensor_inputs`). Another name is refused rather than silently left out of the callback's dict."""
     names = ["latents"] if names is None else list(names)

@@ -43,6 +43,26 @@ def available_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def load_target(
+    device: str | torch.device,
+    device_map: str | torch.device | dict | None,
+    torch_dtype: torch.dtype | str | None,
+    dtype: torch.dtype | str | None,
+) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) that from_pretrained loads onto, from diffusers' loading arguments: device_map naming one
+    device stands for device= (a split across devices is refused), dtype is diffusers' newer name for torch_dtype."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
+    if device_map is not None:
+        if str(device_map) in ("balanced", "auto", "sequential") or isinstance(device_map, dict):
+            raise InputError(
+                f"device_map={device_map!r} splits a model across devices, which img2vid does not: load onto one "
+                "device (device=) and see enable_guidance_parallel for two GPUs"
+            )
+        device = device_map
+    return available_device(device), weights_dtype(torch_dtype if torch_dtype is not None else dtype)
+
+
 def weights_dtype(torch_dtype: torch.dtype | str | None, what: str = "torch_dtype") -> torch.dtype:
     """What the weights load or are cast as: float32 by default (as diffusers); a dtype's name ("float16") is taken
     too. Anything else is a one-line error, not torch's "Invalid device string", weights silently cast to integers,

@@ -32,6 +32,15 @@ from img2vid.errors import first_line
 from img2vid.names import PLAIN
 from img2vid.offload import available_device
 
+# What a CUDA graph of a module depends on beyond its inputs (`module_key`): each tensor's (data_ptr, dtype, shape,
+# strides), then each submodule's (type, its plain settings).
+ModuleKey = tuple[
+    tuple[tuple[int, torch.dtype, torch.Size, tuple[int, ...]], ...],
+    tuple[tuple[type, tuple[tuple[str, object], ...]], ...],
+]
+# A graphed half's inputs: each one's (shape, dtype), and the autocast state it was captured under
+GraphKey = tuple[tuple[tuple[torch.Size, torch.dtype], ...], object]
+
 
 class GuidanceParallel:
     """A drop-in for `compiled.denoise_step` (the same arguments) whose guided steps run the unconditional half on
@@ -45,7 +54,9 @@ class GuidanceParallel:
         # weights' layout); made where the original is, then moved, so for a moment both copies are there.
         self.device = device
         self.unet: torch.nn.Module | None = self._copy_of(unet)  # None after a copy that failed (`sync`)
-        self._synced: tuple | None = source_key(unet)  # the UNet as the copy last matched it (`sync`)
+        self._synced: tuple[tuple[int, ModuleKey], torch.Tensor] | None = source_key(
+            unet
+        )  # the UNet as the copy last matched it (`sync`)
         self.velocity: Callable[..., torch.Tensor] = compiled.velocity
         # None: the caller's thread queues both halves (svd_speed.py's +parallel1thread sets it for comparison). Never
         # a worker on the CPU, whose ops run as they are called: two threads' OpenMP teams would fight over the same
@@ -56,13 +67,13 @@ class GuidanceParallel:
         # set on the CPU, the capture is refused with an error)
         self.graphs = cuda_graphs and device.type == "cuda"
         self._graphed: list[HalfGraph] = []  # [second GPU's half, first GPU's half] once captured
-        self._unets_key: tuple | None = None  # both UNets as the graphs captured them (`refresh`)
+        self._unets_key: tuple[ModuleKey, ModuleKey] | None = None  # both UNets as the graphs captured them (`refresh`)
         self._failed: str | None = None  # a failed capture's error: every later step raises it (see _graphed_halves)
 
     def _copy_of(self, unet: torch.nn.Module) -> torch.nn.Module:
         return copy.deepcopy(unet).to(self.device).eval().requires_grad_(False)
 
-    def sync(self, unet: torch.nn.Module) -> tuple:
+    def sync(self, unet: torch.nn.Module) -> ModuleKey:
         """Make the copy the UNet's twin again if the UNet changed since it last was: weights changed in place
         (load_state_dict, copy_, writes through .data such as a LoRA merge: their bits' sums tell) are copied into
         the copy's memory, settings (forward chunking) copied over; a UNet of another build (assigned, or modules
@@ -219,7 +230,9 @@ class HalfGraph:
 
     WARMUPS = 3  # eager calls before capture: lazy set-up (kernel loads, library plans) must not happen in a capture
 
-    def __init__(self, velocity: Callable[..., torch.Tensor], unet: torch.nn.Module, device: torch.device, key: tuple):
+    def __init__(
+        self, velocity: Callable[..., torch.Tensor], unet: torch.nn.Module, device: torch.device, key: GraphKey
+    ) -> None:
         self.velocity, self.unet, self.device, self.key = velocity, unet, device, key
 
     def warm_up(self, args: tuple[torch.Tensor, ...]) -> None:
@@ -252,7 +265,7 @@ class HalfGraph:
 def capture_halves(
     velocity: Callable[..., torch.Tensor],
     halves: list[tuple[torch.nn.Module, torch.device, tuple[torch.Tensor, ...]]],
-    key: tuple,
+    key: GraphKey,
 ) -> list[HalfGraph]:
     """A graph per (unet, device, inputs): the warm-ups of all are queued first, so the GPUs run them at once."""
     for _, device, _ in halves:
@@ -273,7 +286,7 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a tensor's bits as integers
 
 
-def source_key(module: torch.nn.Module) -> tuple[tuple, torch.Tensor]:
+def source_key(module: torch.nn.Module) -> tuple[tuple[int, ModuleKey], torch.Tensor]:
     """What the second GPU's copy must match: (the module, its `module_key`: tensors' memory, dtypes, shapes and
     strides, its modules' settings) and, per tensor, the sum of its bits read as integers. Any change of a weight
     changes its sum but for changes that cancel exactly; version counters would miss writes through .data (PEFT's
@@ -284,7 +297,7 @@ def source_key(module: torch.nn.Module) -> tuple[tuple, torch.Tensor]:
     return (id(module), module_key(module)), (torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.int64))
 
 
-def module_key(module: torch.nn.Module) -> tuple:
+def module_key(module: torch.nn.Module) -> ModuleKey:
     """What a CUDA graph of `module`'s forward depends on beyond its inputs: where each weight lives (dtype, shape,
     strides, memory) and every submodule's plain settings (forward chunking, fused projections, ...). ~10 ms for
     SVD's UNet, so once a call, not once a step."""

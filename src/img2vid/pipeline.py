@@ -29,6 +29,7 @@ from img2vid.inputs import (
     Generator,
     ImageInput,
     ProgressFn,
+    StepCallback,
     as_images,
     callback_tensor_names,
     check_call_args,
@@ -41,13 +42,14 @@ from img2vid.inputs import (
     to_tensor,
 )
 from img2vid.modes import COMPONENTS, RunModes, orig_module
-from img2vid.offload import SequentialOffload, available_device, weights_dtype
+from img2vid.offload import SequentialOffload, available_device, load_target, weights_dtype
 from img2vid.outputs import PipelineOutput
 from img2vid.unet import UNet
 from img2vid.vae import VAE, decode_videos
 
 if TYPE_CHECKING:
     import PIL.Image
+    from huggingface_hub import CommitInfo
 
 
 class Pipeline(DiffusersAttributes, RunModes):
@@ -120,28 +122,33 @@ class Pipeline(DiffusersAttributes, RunModes):
         unet / vae / image_encoder: a component from elsewhere, e.g. a fine-tuned UNet, instead of the checkpoint's
         (img2vid.components: an img2vid module, a diffusers / transformers model object, a diffusers component or
         pipeline folder, or a weights file)."""
-        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-            raise InputError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
-        torch_dtype = torch_dtype if torch_dtype is not None else dtype
         if use_safetensors is False and not allow_pickle:
             raise InputError("use_safetensors=False reads pickled .bin weights, which needs allow_pickle=True")
-        if device_map is not None:
-            if str(device_map) in ("balanced", "auto", "sequential") or isinstance(device_map, dict):
-                raise InputError(
-                    f"device_map={device_map!r} splits a model across devices, which img2vid does not: load onto one "
-                    "device (device=) and see enable_guidance_parallel for two GPUs"
-                )
-            device = device_map
         del low_cpu_mem_usage  # always so
-        dev, dtype = available_device(device), weights_dtype(torch_dtype)  # before any download or read
+        dev, dtype = load_target(device, device_map, torch_dtype, dtype)  # before any download or read
         given = components.check_sources(dict(unet=unet, vae=vae, image_encoder=image_encoder))
         path = Path(pretrained_model_name_or_path)
         if path.is_file():
             return cls.from_single_file(
-                path, torch_dtype=dtype, device=dev, allow_pickle=allow_pickle, variant=variant, **given
+                path,
+                torch_dtype=dtype,
+                device=dev,
+                allow_pickle=allow_pickle,
+                unet=given.get("unet"),
+                vae=given.get("vae"),
+                image_encoder=given.get("image_encoder"),
+                variant=variant,
             )
-        hub = dict(revision=revision, cache_dir=cache_dir, token=token, force_download=force_download, skip=given)
-        folder = checkpoint.resolve_pretrained(str(pretrained_model_name_or_path), variant, local_files_only, **hub)
+        folder = checkpoint.resolve_pretrained(
+            str(pretrained_model_name_or_path),
+            variant,
+            local_files_only,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            force_download=force_download,
+            skip=given,
+        )
         config, sds = checkpoint.load_folder(folder, variant, dev, dtype, allow_pickle=allow_pickle, skip=given)
         config, modules = components.resolve(given, config, dev, dtype, variant, allow_pickle)
         return cls.from_state_dicts(config, sds, device, modules)
@@ -205,7 +212,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         create_pr: bool = False,
         safe_serialization: bool = True,
         variant: str | None = None,
-    ) -> object:
+    ) -> CommitInfo:
         """diffusers' push_to_hub: the pipeline saved as save_pretrained saves it, in a temporary folder, and
         uploaded to a hub model repo (created if missing; needs `hf auth login` or token=). Returns the commit."""
         with tempfile.TemporaryDirectory(prefix="img2vid-push-") as tmp:
@@ -238,7 +245,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         generator: Generator = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
-        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         return_dict: bool = True,
         progress: ProgressFn | None = None,
@@ -344,7 +351,7 @@ class Pipeline(DiffusersAttributes, RunModes):
         sig: torch.Tensor,
         cfg: bool,
         reuse: int,
-        callback: Callable[..., dict] | None,
+        callback: StepCallback | None,
         names: list[str],
         progress: ProgressFn,
     ) -> torch.Tensor:

@@ -89,7 +89,9 @@ def cond_encoder_keys(keys: Iterable[str]) -> list[str]:
     return [k for k in keys if k.startswith((COND_AE + "encoder.", COND_AE + "quant_conv."))]
 
 
-def _temporal_quant_conv(sd: Mapping[str, torch.Tensor], vae: dict[str, torch.Tensor]) -> tuple:
+def _temporal_quant_conv(
+    sd: Mapping[str, torch.Tensor], vae: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' temporal VAE applies quant_conv after the encoder; sgm's video autoencoder has none. sgm itself
     encodes the conditioning frame with conditioner.embedders.3 (encoder + quant_conv). When that encoder is the very
     same as first_stage_model.encoder, its quant_conv is the one that belongs to it; otherwise (or with no

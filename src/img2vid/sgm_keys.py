@@ -166,7 +166,7 @@ def unet_entries(c: UNetConfig) -> list[Entry]:
     return out
 
 
-def _vae_mid(sgm: str, ours: str, resnet: tuple) -> list[Entry]:
+def _vae_mid(sgm: str, ours: str, resnet: tuple[tuple[str, ...], ...]) -> list[Entry]:
     return (
         _block("vae", sgm + "mid.block_1.", ours + "mid_block.resnets.0.", resnet)
         + _block("vae", sgm + "mid.attn_1.", ours + "mid_block.attentions.0.", VAE_ATTENTION)

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -103,7 +104,7 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return np.stack(frames), float(rate or 0.0)  # F x (H, W, 3) -> (F, H, W, 3)
 
 
-def _parse(text: str | bytes | None) -> dict:
+def _parse(text: str | bytes | None) -> dict[str, Any]:
     """Container copies may have been written by other tools: anything that is not a JSON object is ignored."""
     if not text:
         return {}
@@ -114,7 +115,7 @@ def _parse(text: str | bytes | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _container_metadata(source: Path) -> dict:
+def _container_metadata(source: Path) -> dict[str, Any]:
     if source.is_dir():
         with _open_image(_frame_files(source)[0]) as image:
             return _parse(image.info.get(PNG_META_KEY))
@@ -133,7 +134,7 @@ def _container_metadata(source: Path) -> dict:
     return _parse(tags.get("comment"))
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata dict stored by `export_video`: the sidecar JSON, else the copy inside the file, else {}."""
     source = user_path(path)
     if not source.exists():
