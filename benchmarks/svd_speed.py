@@ -46,7 +46,9 @@ ap.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
 ap.add_argument(
     "--modes",
     default="eager,compiled,low-memory",
-    help="comma list: eager, compiled, low-memory, low-memory-nosplit; eager/compiled take the approximate options "
+    help="comma list: eager, compiled, low-memory, low-memory-nosplit, offload, sequential (offload, sequential: the "
+    "reference's memory recipes, model / sequential CPU offload + forward chunking + decode_chunk_size 2, as "
+    "--diffusers-modes offload); eager/compiled take the approximate options "
     "+fp8 and +reuseN (e.g. compiled+fp8, compiled+reuse2), compared with the exact mode run before them, and "
     "+unfused (the GEGLU projections without the fused kernel: an A/B of it) and +notma (the path of a card before "
     "Hopper, which lacks TMA: the GEGLU projections through the kernel that loads through pointers); any img2vid mode "
@@ -377,6 +379,12 @@ def main() -> None:
             if ffchunk is not None:  # another forward-chunking size than enable_low_memory's
                 pipe.unet.enable_forward_chunking(ffchunk)
                 note = f"forward chunks of {ffchunk} frames"
+        elif base in ("offload", "sequential"):  # the recipes of the diffusers offload rows
+            if base == "offload":
+                pipe.enable_model_cpu_offload(device=DEV)
+            else:
+                pipe.enable_sequential_cpu_offload(device=DEV)
+            pipe.unet.enable_forward_chunking()
         else:
             pipe.to(DEV)
         if fp8:
@@ -405,6 +413,8 @@ def main() -> None:
         kw = dict(call_kw, guidance_reuse=reuse)
         if base.startswith("low-memory"):
             kw.pop("decode_chunk_size")
+        if base in ("offload", "sequential"):
+            kw["decode_chunk_size"] = 2
         sync()
         t0 = time.perf_counter()
         pipe(img, num_inference_steps=2, generator=gen(), **kw)  # warm-up (compiles in compiled mode)
@@ -456,7 +466,7 @@ def main() -> None:
             exact_video[base] = frames
         elif exact_video:  # the same base mode's exact video, else any exact one (they agree to ~70 dB)
             row["psnr_exact"] = psnr(frames[:, :F], exact_video.get(base, next(iter(exact_video.values()))))
-        if not base.startswith("low-memory") and reuse == 1 and "unet" in ref:
+        if base in ("eager", "compiled") and reuse == 1 and "unet" in ref:  # the models on the GPU, called directly
             with torch.no_grad():
                 x, t, emb, ids = ref["unet_in"]
                 out = pipe.unet(x, t, emb, ids).sample.float().cpu()

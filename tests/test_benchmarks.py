@@ -27,11 +27,14 @@ def _run(script: str, *args: str, out: Path) -> str:
 
 
 def test_speed_benchmark_table_and_agreement(tmp_path: Path) -> None:
-    out = _run("svd_speed.py", "--compare", "diffusers", "--modes", "eager,low-memory", "--load", out=tmp_path)
+    modes = "eager,low-memory,offload,sequential"
+    out = _run("svd_speed.py", "--compare", "diffusers", "--modes", modes, "--load", out=tmp_path)
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert {"diffusers eager", "img2vid eager", "img2vid low-memory"} <= rows.keys()
     unet_rel, vae_rel, psnr = (float(rows["img2vid eager"][i]) for i in (5, 6, 7))
     assert unet_rel < 1e-4 and vae_rel < 1e-4 and psnr > 80  # float32 on the CPU: the same function
+    for mode in ("low-memory", "offload", "sequential"):  # the memory recipes give diffusers' video too
+        assert float(rows[f"img2vid {mode}"][7]) > 80, mode
     assert out.count("every tensor equals the saved one: True") == 2
     assert (tmp_path / "svd_speed.log").exists()
 
