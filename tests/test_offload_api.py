@@ -198,6 +198,42 @@ def test_another_offload_after_low_memory_drops_its_chunking():
     assert all(m.chunk_size == 3 for m in chunked) and pipe.default_decode_chunk_size == 8
 
 
+def test_model_offload_moves_one_component_at_a_time_on_any_machine(monkeypatch):
+    """The placement the CUDA test below checks on a GPU, on any machine: every move model offload makes is recorded.
+    The run device is `cpu:0` here, which torch runs as the CPU but which compares unequal to the `cpu` that
+    components are sent home to, so the recorded moves show which component was where as each one ran."""
+    import img2vid.modes
+
+    pipe = Pipeline.from_config("tiny")
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe._device = torch.device("cpu", 0)  # the "accelerator": the CPU under another name
+    comps = {"image_encoder": pipe.image_encoder, "unet": pipe.unet, "vae": pipe.vae}
+    names = {id(m): c for c, m in comps.items()}
+    at = dict.fromkeys(comps, "home")
+    seen: list[tuple[str, dict[str, str]]] = []
+    move = img2vid.modes.move_module
+
+    def recording_move(module: torch.nn.Module, device: torch.device) -> None:
+        at[names[id(module)]] = "run" if device == torch.device("cpu", 0) else "home"
+        move(module, device)
+
+    monkeypatch.setattr(img2vid.modes, "move_module", recording_move)
+
+    def record(name: str):  # a forward pre-hook: where every component is as `name` starts
+        return lambda module, args: seen.append((name, dict(at)))
+
+    for name, module in (("image_encoder", pipe.image_encoder), ("unet", pipe.unet)):
+        module.register_forward_pre_hook(record(name))
+    pipe.vae.encoder.register_forward_pre_hook(record("vae"))
+    pipe.vae.decoder.register_forward_pre_hook(record("vae"))
+    out = frames(pipe)
+    assert {name for name, _ in seen} == set(comps)
+    for name, where in seen:
+        assert where == {c: "run" if c == name else "home" for c in comps}, (name, where)
+    assert at == dict.fromkeys(comps, "home")  # all home after the call
+    assert torch.equal(out, frames(Pipeline.from_config("tiny")))  # and the frames of a plain run
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_model_offload_keeps_one_component_on_the_gpu_at_a_time():
     """Model offload's point: while each component runs, it alone is on the GPU (its frames are checked elsewhere;
