@@ -853,3 +853,31 @@ def test_cli_and_server_take_every_setting_in_exactly_the_same_range():
                 else:
                     with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
                         parse(text)
+
+
+def test_every_readme_command_line_parses():
+    """Each `img2vid ...` line of README.md's shell examples (continuation lines joined, comments dropped) is
+    accepted by the CLI's parser as written: a renamed or removed option would leave the README's examples wrong."""
+    import shlex
+
+    from img2vid.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = text.split("```bash")[1:]
+    lines: list[str] = []
+    for block in blocks:
+        joined = block.split("```")[0].replace("\\\n", " ")
+        for line in joined.splitlines():
+            # `pip install -e . && img2vid generate ...`: the part after the last &&
+            command = line.split("&&")[-1].strip()
+            if command.startswith("img2vid "):
+                lines.append(command)
+    assert len(lines) >= 15, lines  # the README's command-line section, at least
+    parser = build_parser()
+    for line in lines:
+        argv = shlex.split(line, comments=True)[1:]
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README's command line does not parse: {line}")
+        assert args.command == argv[0], line
