@@ -881,3 +881,24 @@ def test_every_readme_command_line_parses():
         except SystemExit:
             pytest.fail(f"README's command line does not parse: {line}")
         assert args.command == argv[0], line
+
+
+def test_a_run_on_the_cpu_by_default_says_so(monkeypatch, capsys):
+    """Without a CUDA GPU and without --device, generate and serve run on the CPU: one note on stderr says so (a
+    full-size model there takes very long); --device cpu (asked for) and --quiet leave it out."""
+    from img2vid.cli import build_parser
+    from img2vid.cli_setup import device_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = build_parser()
+    for argv, noted in [
+        (["generate", "a.png", "-o", "a.mp4"], True),
+        (["serve"], True),
+        (["generate", "a.png", "-o", "a.mp4", "--device", "cpu"], False),
+        (["generate", "a.png", "-o", "a.mp4", "--quiet"], False),
+    ]:
+        device, dtype = device_dtype(parser.parse_args(argv))
+        assert (device.type, dtype) == ("cpu", torch.float32)
+        err = capsys.readouterr().err
+        assert ("no CUDA GPU found" in err) == noted, argv
+        assert len(err.splitlines()) == (1 if noted else 0), err

@@ -227,6 +227,15 @@ def device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     from img2vid.offload import available_device
 
     device = available_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device is None and device.type == "cpu" and not args.quiet:
+        # A newcomer on a machine without CUDA would otherwise wait a very long time without knowing why.
+        import sys
+
+        print(
+            "img2vid: no CUDA GPU found, so this runs on the CPU in float32, far slower than on a GPU for SVD's "
+            "models (`img2vid selftest` checks the install in seconds; --device cpu silences this note)",
+            file=sys.stderr,
+        )
     return device, getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
 
 
