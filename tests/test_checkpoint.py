@@ -21,7 +21,7 @@ from img2vid.checkpoint_tools import checkpoint_info, convert
 from img2vid.configs import PipelineConfig, preset, replace
 from img2vid.errors import CheckpointError
 from img2vid.folders import weight_variants
-from img2vid.sgm_convert import components_to_sgm, detect_format, detect_sgm_variant, sgm_to_components
+from img2vid.sgm_convert import components_to_sgm, detect_format, detect_sgm_variant, sgm_to_components, split_sgm
 from img2vid.sgm_keys import COMPONENTS, POSITION_IDS, UNUSED_KEYS, is_unused_sgm_key
 
 # The tensor names and shapes of Stability's svd_xt single-file checkpoints (both decoders), a gzipped copy of the
@@ -968,3 +968,34 @@ def test_an_unknown_component_name_is_an_error_not_the_image_encoder():
         ck.model_class("text_encoder")
     with pytest.raises(ValueError, match="unknown component 'unets'"):
         configs.component_from_config("unets", {})
+
+
+def test_detection_needs_every_signature_key_and_counts_the_unused_ones(real_keys):
+    """A diffusers UNet is told by its time embedding AND conv_in, a VAE by its encoder AND decoder: one of the pair
+    alone (an encoder-only file, a stray conv_in) is "unknown", not a component that then fails to load. split_sgm
+    counts the known-unused tensors it skips (`img2vid info` reports them): svd_xt's 6 text-tower + 248 embedders.3."""
+    vae = meta_state_dicts(TINY, ours=False)["vae"]
+    assert detect_format(["conv_in.weight"]) == "unknown"
+    assert detect_format(["time_embedding.linear_1.weight"]) == "unknown"
+    assert detect_format([k for k in vae if k.startswith("encoder.")]) == "unknown"
+    config = with_decoder(preset("svd-xt"), True)
+    header = {k: torch.empty(tuple(v[0]), device="meta") for k, v in real_keys["svd_xt"]["tensors"].items()}
+    _, unknown, skipped = split_sgm(header, config)
+    assert unknown == [] and skipped == 6 + 248
+
+
+def test_a_conditioning_quant_conv_of_another_shape_is_not_taken():
+    """embedders.3 with the very same encoder but a quant_conv not (n, n, 1, 1) (here stored as a plain (n, n)
+    matrix) is not the temporal VAE's: the identity is, as with no embedders.3 (taking it failed the shape check)."""
+    sds = random_components(TINY, seed=6)
+    sgm = components_to_sgm(sds, TINY)
+    cond = {
+        "conditioner.embedders.3.encoder.encoder." + k.removeprefix("first_stage_model.encoder."): t.clone()
+        for k, t in sgm.items()
+        if k.startswith("first_stage_model.encoder.")
+    }
+    cond["conditioner.embedders.3.encoder.quant_conv.weight"] = torch.randn(8, 8)
+    cond["conditioner.embedders.3.encoder.quant_conv.bias"] = torch.randn(8)
+    vae = sgm_to_components(sgm | cond, TINY)["vae"]
+    assert torch.equal(vae["quant_conv.weight"], torch.eye(8)[:, :, None, None])
+    assert torch.equal(vae["quant_conv.bias"], torch.zeros(8))

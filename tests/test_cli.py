@@ -902,3 +902,27 @@ def test_a_run_on_the_cpu_by_default_says_so(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert ("no CUDA GPU found" in err) == noted, argv
         assert len(err.splitlines()) == (1 if noted else 0), err
+
+
+def test_run_params_fill_in_only_the_settings_not_given() -> None:
+    """run_params takes each setting given and the model's default only where none was: motion bucket 0 (the
+    calmest, inside LIMITS) is a setting, not "not given"; a memory mode's decode chunk never exceeds the frames."""
+    from types import SimpleNamespace
+
+    from img2vid.configs import preset
+    from img2vid.run_params import LIMITS, limited, random_seed, run_params
+
+    pipe = SimpleNamespace(config=preset("svd"), default_decode_chunk_size=None)  # 14 frames, 7 fps, bucket 127
+    given = dict(width=64, height=48, steps=3, min_guidance=1.0, max_guidance=2.5, noise_aug_strength=0.02)
+    run = run_params(pipe, **given)  # type: ignore[arg-type]
+    assert (run.num_frames, run.fps, run.motion_bucket_id, run.decode_chunk_size) == (14, 7, 127, 14)
+    run = run_params(pipe, **given, frames=5, fps=12, motion_bucket_id=0)  # type: ignore[arg-type]
+    assert (run.num_frames, run.fps, run.motion_bucket_id, run.decode_chunk_size) == (5, 12, 0, 5)
+    assert limited("motion_bucket_id")("0") == 0 and LIMITS["motion_bucket_id"][1:] == (0, 1023)
+    pipe.default_decode_chunk_size = 8  # a memory mode's chunk: capped by the frames, kept below them
+    assert run_params(pipe, **given, frames=4).decode_chunk_size == 4  # type: ignore[arg-type]
+    assert run_params(pipe, **given).decode_chunk_size == 8  # type: ignore[arg-type]
+    assert run_params(pipe, **given, decode_chunk_size=3).decode_chunk_size == 3  # type: ignore[arg-type]
+    # a drawn seed is one --seed takes back (printed so the run can be made again)
+    seeds = [random_seed() for _ in range(64)]
+    assert all(limited("seed")(str(s)) == s for s in seeds) and len(set(seeds)) > 1

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, reference_pipeline, rel_err
+from conftest import make_image, perturb_, reference_pipeline, rel_err
 from safetensors.torch import load_file, save_file
 
 from img2vid import config_checks, configs
@@ -273,3 +273,28 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tiny_model_dir, tmp_pat
         CheckpointError, match=r"^me/my-svd: upload failed \(403 Forbidden: you cannot write to me/my-svd\)$"
     ):
         pipe.push_to_hub("me/my-svd")
+
+
+def test_an_image_decoder_vae_in_every_form_and_a_whole_pipeline_s_vae(tiny_model_dir, finetuned, tmp_path):
+    """diffusers' AutoencoderKL (the *_image_decoder VAE) is taken as an object, its folder, the file inside that
+    folder (read with the folder's config.json, not the pipeline's temporal one) and our module built from it: the
+    same weights each time, and the pipeline's config says its decoder is 2D. A pipeline folder gives its own VAE
+    (from its vae/ subfolder); a source that is neither a module nor a path is refused before anything is read."""
+    from diffusers import AutoencoderKL
+
+    vae_2d = configs.replace(configs.TINY_VAE, temporal_decoder=False)
+    torch.manual_seed(0)
+    ref = AutoencoderKL(**{k: v for k, v in configs.vae_to_diffusers(vae_2d).items() if not k.startswith("_")})
+    perturb_(ref, 11)
+    ref.save_pretrained(tmp_path / "vae2d")
+    folder = Pipeline.from_pretrained(tiny_model_dir, vae=tmp_path / "vae2d")
+    assert folder.config.vae.temporal_decoder is False
+    want = {k: t.clone() for k, t in folder.vae.state_dict().items()}
+    for source in (ref, tmp_path / "vae2d" / "diffusion_pytorch_model.safetensors", folder.vae):
+        pipe = Pipeline.from_pretrained(tiny_model_dir, vae=source)
+        assert pipe.config.vae == folder.config.vae, type(source).__name__
+        assert_same_weights(pipe.vae, want)
+    whole = Pipeline.from_pretrained(tiny_model_dir, vae=finetuned / "ft-pipe")
+    assert_same_weights(whole.vae, Pipeline.from_pretrained(finetuned / "ft-pipe").vae.state_dict())
+    with pytest.raises(InputError, match="unet= takes img2vid's UNet or a path, not int"):
+        Pipeline.from_pretrained(tiny_model_dir, unet=5)

@@ -473,3 +473,19 @@ def test_io_modules_import_neither_torch_nor_diffusers() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_url_scheme_in_any_case_escaped_urls_and_empty_responses(http_root: tuple[Path, str]) -> None:
+    """HTTP:// is a URL as http:// is (it was read as a file path); a URL already escaped (%20) is not escaped twice;
+    an empty download is named as such, not as "not an image"."""
+    from img2vid.image_sources import is_url
+
+    assert is_url("HTTP://example.com/x.png") and is_url("Https://example.com/x.png") and not is_url("http.png")
+    root, base = http_root
+    (root / "my photo.png").write_bytes(_png_bytes((8, 6)))
+    assert load_image(base.replace("http://", "HTTP://") + "/my photo.png").size == (8, 6)
+    assert load_image(f"{base}/my%20photo.png").size == (8, 6)
+    (root / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError) as e:
+        load_image(f"{base}/empty.png")
+    _one_line_error(e, "returned an empty response", f"{base}/empty.png")

@@ -78,3 +78,15 @@ def test_guidance_from_delta_is_guidance_along_a_given_direction():
     torch.testing.assert_close(sampling.guidance_from_delta(c, c - u, g), sampling.apply_guidance(u, c, g))
     # frame 0 has scale 1: no guidance, whatever the delta
     assert torch.equal(sampling.guidance_from_delta(c, torch.randn(c.shape, generator=gen), g)[:, 0], c[:, 0])
+
+
+def test_schedule_takes_sigmas_as_a_tensor_refuses_none_given_and_uses_rho() -> None:
+    """Sigmas given as a tensor are used as given (a truth test of a tensor raises); an empty list is a schedule
+    given, and refused, not silently Karras'; the Karras schedule is spaced with the rho asked for, not 7."""
+    given = [700.0, 50.0, 3.0, 0.3, 0.0]
+    assert torch.equal(sampling.schedule(25, 0.002, 700.0, 7.0, torch.tensor(given)), sampling.custom_sigmas(given))
+    with pytest.raises(ValueError, match="at least two"):
+        sampling.schedule(25, 0.002, 700.0, 7.0, [])
+    rho3 = sampling.schedule(4, 0.002, 700.0, 3.0, None)
+    assert torch.equal(rho3, sampling.karras_sigmas(4, 0.002, 700.0, 3.0))
+    assert not torch.equal(rho3, sampling.karras_sigmas(4, 0.002, 700.0, 7.0))

@@ -19,7 +19,7 @@ import torch
 from img2vid.errors import InputError
 from img2vid.utils import export_to_gif, export_to_video
 from img2vid.video import FORMATS, apply_loop, export_video, read_metadata, read_video, to_uint8_frames
-from img2vid.video_checks import check_crf
+from img2vid.video_checks import check_crf, check_fps, check_frame_size, holds_frames, infer_format
 
 F, H, W = 8, 64, 96
 # Mean absolute error allowed after a decode, per format (0-255 scale): lossy codecs on smooth frames.
@@ -536,3 +536,47 @@ def test_export_to_video_quality_and_bitrate(tmp_path: Path) -> None:
         path = export_to_video(frames, str(tmp_path / f"{name}.mp4"), **kwargs)
         sizes[name] = os.path.getsize(path)
     assert sizes["q9"] > sizes["q1"] and sizes["q9"] > sizes["br"]
+
+
+def test_output_limits_take_their_ends_and_formats_any_case(tmp_path: Path) -> None:
+    """Each encoder's largest side and a GIF's slowest delay (65535 cs) are taken, one past refused; an extension or
+    --format in capitals names the same format; only a non-empty folder of our frames holds a frames video."""
+    check_frame_size(16384, 8, "mp4")
+    check_frame_size(8, 16383, "webp")
+    with pytest.raises(InputError, match="at most 16384 pixels a side"):
+        check_frame_size(16385, 8, "mp4")
+    check_fps(Fraction(100, 65535), "gif")  # 655.35 s a frame: the longest 16-bit delay
+    with pytest.raises(InputError, match="too slow for a GIF"):
+        check_fps(Fraction(100, 65536), "gif")
+    assert infer_format(tmp_path / "clip.MP4", None) == "mp4" and infer_format(tmp_path / "x", "WebM") == "webm"
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    assert not holds_frames(folder)  # empty: a place for videos, not an earlier video
+    (folder / "frame_0000.png").write_bytes(b"")
+    (folder / "metadata.json").write_text("{}")
+    assert holds_frames(folder)
+    (folder / "notes.txt").write_text("mine")
+    assert not holds_frames(folder)
+
+
+def test_export_to_video_passes_imageio_s_crf_and_diffusers_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the diffusers stand-ins hand the encoder: quality q is crf int((1 - q/10) * 51) as imageio-ffmpeg truncates
+    it (5 -> 25, 3 -> 35, 0 -> 51), None is x264's own 23, a bitrate replaces crf; export_to_gif's default is 10 fps;
+    a tuple of frames is a sequence too; a .png path (a frames folder) is refused."""
+    import img2vid.utils as utils
+
+    calls: list[dict] = []
+    monkeypatch.setattr(utils, "export_video", lambda frames, path, **kw: calls.append(kw | {"n": len(frames)}))
+    frames = list(_frames(height=16, width=16))  # a multiple of 16: no macro-block resize
+    target = str(tmp_path / "a.mp4")
+    for kwargs, crf in [({}, 25), ({"quality": 3.0}, 35), ({"quality": 0}, 51), ({"quality": None}, 23)]:
+        export_to_video(frames, target, **kwargs)
+        assert (calls[-1]["crf"], calls[-1]["bitrate"], calls[-1]["fps"]) == (crf, None, 10), kwargs
+    export_to_video(tuple(frames), target, bitrate=20_000)
+    assert (calls[-1]["crf"], calls[-1]["bitrate"], calls[-1]["n"]) == (None, 20_000, F)
+    export_to_gif(frames, str(tmp_path / "a.gif"))
+    assert (calls[-1]["fps"], calls[-1]["format"]) == (10, "gif")
+    with pytest.raises(InputError, match="writes .mp4"):
+        export_to_video(frames, str(tmp_path / "frames.png"))
