@@ -343,15 +343,21 @@ def test_learned_quant_conv_round_trips_through_the_conditioning_autoencoder(tmp
     assert torch.equal(loaded["vae"]["quant_conv.weight"], sds["vae"]["quant_conv.weight"])
 
 
-def test_quant_conv_from_conditioning_autoencoder():
-    """When sgm's conditioning autoencoder (embedders.3) has the very same encoder, its quant_conv is the one."""
-    sds = random_components(TINY, seed=6)
-    sgm = components_to_sgm(sds, TINY)
-    cond = {
+def conditioning_encoder_copy(sgm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sgm's conditioning autoencoder (embedders.3) holding the very same encoder as first_stage_model, as
+    Stability's files do: its tensors, cloned, under the embedders.3 names (no quant_conv)."""
+    return {
         "conditioner.embedders.3.encoder.encoder." + k.removeprefix("first_stage_model.encoder."): t.clone()
         for k, t in sgm.items()
         if k.startswith("first_stage_model.encoder.")
     }
+
+
+def test_quant_conv_from_conditioning_autoencoder():
+    """When sgm's conditioning autoencoder (embedders.3) has the very same encoder, its quant_conv is the one."""
+    sds = random_components(TINY, seed=6)
+    sgm = components_to_sgm(sds, TINY)
+    cond = conditioning_encoder_copy(sgm)
     q_w, q_b = torch.randn(8, 8, 1, 1), torch.randn(8)
     cond |= {
         "conditioner.embedders.3.encoder.quant_conv.weight": q_w,
@@ -989,11 +995,7 @@ def test_a_conditioning_quant_conv_of_another_shape_is_not_taken():
     matrix) is not the temporal VAE's: the identity is, as with no embedders.3 (taking it failed the shape check)."""
     sds = random_components(TINY, seed=6)
     sgm = components_to_sgm(sds, TINY)
-    cond = {
-        "conditioner.embedders.3.encoder.encoder." + k.removeprefix("first_stage_model.encoder."): t.clone()
-        for k, t in sgm.items()
-        if k.startswith("first_stage_model.encoder.")
-    }
+    cond = conditioning_encoder_copy(sgm)
     cond["conditioner.embedders.3.encoder.quant_conv.weight"] = torch.randn(8, 8)
     cond["conditioner.embedders.3.encoder.quant_conv.bias"] = torch.randn(8)
     vae = sgm_to_components(sgm | cond, TINY)["vae"]

@@ -31,7 +31,7 @@ from img2vid.cli_setup import (
     video_size,
 )
 from img2vid.cli_tools import cmd_convert, cmd_info, cmd_selftest, sample_video
-from img2vid.run_params import limited, number, random_seed, run_params
+from img2vid.run_params import MAX_SEED, limited, number, random_seed, run_params
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -298,7 +298,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_segments(args.segments, args.frames)  # --frames 1 cannot be chained
     sources = expand_images(args.images)
     seed = args.seed if args.seed is not None else random_seed()
-    if seed + args.videos - 1 > 2**63 - 1:
+    if seed + args.videos - 1 > MAX_SEED:
         raise InputError(f"--seed {seed} with --videos {args.videos} runs past the largest seed, 2**63 - 1")
     jobs, fmt = output_paths(sources, args.output, args.format, list(range(seed, seed + args.videos)), args.crf)
     if args.export_fps or args.fps:  # else the model's default (7 or 6): any format plays it

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,11 +98,17 @@ def folder_config(folder: Path, component: str) -> ComponentConfig:
         data = configs.read_json(folder / "config.json")
     except ValueError as e:  # its message names the file
         raise CheckpointError(str(e)) from None
+    return _component_config(component, data, f"{folder / 'config.json'}: ")
+
+
+def _component_config(component: str, data: dict[str, Any], where: str) -> ComponentConfig:
+    """A config.json's mapping (or a model object's config) -> the component's checked config; a bad value is a
+    one-line CheckpointError that starts with `where`."""
     try:
         part = configs.component_from_config(component, data)
         config_checks.check(part)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+        raise CheckpointError(f"{where}{e}") from None
     return part
 
 
@@ -181,9 +188,7 @@ def load_source(
         raise CheckpointError(
             f"{component} not found: {source} (want a diffusers folder or a weights file; download a hub model first)"
         )
-    check_state_dict(
-        sd, expected_shapes(component, configs.replace(config, **{component: part}), where), component, where
-    )
+    _check_against(sd, component, part, config, where)
     return part, sd
 
 
@@ -197,16 +202,17 @@ def foreign_module(
     data = dict(raw) if isinstance(raw, dict) else raw.to_dict()  # diffusers' FrozenDict, transformers' config
     data["_class_name"] = type(module).__name__  # what a saved config.json names (the VAE mapping reads it)
     where = f"{component}= ({type(module).__name__}): "
-    try:
-        part = configs.component_from_config(component, data)
-        config_checks.check(part)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}{e}") from None
+    part = _component_config(component, data, where)
     sd = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in module.state_dict().items()}
     sd = drop_buffers(sd, component)
+    _check_against(sd, component, part, config, where)
+    return part, sd
+
+
+def _check_against(sd: StateDict, component: str, part: ComponentConfig, config: PipelineConfig, where: str) -> None:
+    """The strict name and shape check of a given component's tensors against its own config `part`."""
     expected = expected_shapes(component, configs.replace(config, **{component: part}), where)
     check_state_dict(sd, expected, component, where)
-    return part, sd
 
 
 def resolve(

@@ -40,6 +40,8 @@ ModuleKey = tuple[
 ]
 # A graphed half's inputs: each one's (shape, dtype), and the autocast state it was captured under
 GraphKey = tuple[tuple[tuple[torch.Size, torch.dtype], ...], object]
+# What the second GPU's copy must match (`source_key`): ((id, ModuleKey), each weight's bit sum)
+SourceKey = tuple[tuple[int, ModuleKey], torch.Tensor]
 
 
 class GuidanceParallel:
@@ -54,9 +56,7 @@ class GuidanceParallel:
         # weights' layout); made where the original is, then moved, so for a moment both copies are there.
         self.device = device
         self.unet: torch.nn.Module | None = self._copy_of(unet)  # None after a copy that failed (`sync`)
-        self._synced: tuple[tuple[int, ModuleKey], torch.Tensor] | None = source_key(
-            unet
-        )  # the UNet as the copy last matched it (`sync`)
+        self._synced: SourceKey | None = source_key(unet)  # the UNet as the copy last matched it (`sync`)
         self.velocity: Callable[..., torch.Tensor] = compiled.velocity
         # None: the caller's thread queues both halves (svd_speed.py's +parallel1thread sets it for comparison). Never
         # a worker on the CPU, whose ops run as they are called: two threads' OpenMP teams would fight over the same
@@ -286,7 +286,7 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # a tensor's bits as integers
 
 
-def source_key(module: torch.nn.Module) -> tuple[tuple[int, ModuleKey], torch.Tensor]:
+def source_key(module: torch.nn.Module) -> SourceKey:
     """What the second GPU's copy must match: (the module, its `module_key`: tensors' memory, dtypes, shapes and
     strides, its modules' settings) and, per tensor, the sum of its bits read as integers. Any change of a weight
     changes its sum but for changes that cancel exactly; version counters would miss writes through .data (PEFT's

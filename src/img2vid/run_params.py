@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import PIL.Image
     import torch
 
+    from img2vid.inputs import ProgressFn
     from img2vid.pipeline import Pipeline
 
 # The widest frame every encoder but WebP's takes; more fails as an overflow in Pillow or as an allocation of
@@ -41,8 +42,6 @@ LIMITS: dict[str, tuple[type, float, float | None]] = {
     "seed": (int, 0, MAX_SEED),
     "guidance_reuse": (int, 1, 1000),  # APPROXIMATE when > 1 (Pipeline.__call__'s guidance_reuse)
 }
-# (stage, done, total): the pipeline's progress reports
-Progress = Callable[[str, int, int], None]
 
 
 def number(kind: type, lo: float, hi: float | None = None) -> Callable[[str], Any]:
@@ -136,7 +135,7 @@ def sample_video(
     run: RunParams,
     segments: int = 1,
     start: Callable[[int, int], None] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """One video's (F, 3, H, W) frames in [0, 1] as the pipeline returns them; with segments > 1 the chained
     (N*(F-1)+1, 3, H, W) on the CPU, one generator continuing from segment to segment (img2vid.longer).
